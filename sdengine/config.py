@@ -1,0 +1,141 @@
+"""Frozen configs for the three networks of Stable Diffusion, with the original (CompVis) parameter names.
+
+The presets describe the published models; `sdengine.weights.detect` builds a ModelConfig from a checkpoint's
+tensor shapes and key set, so variants with fewer blocks load without a preset of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Prediction = Literal["eps", "v"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    # Res blocks per level on the way down; the way up has one more per level (as in the original UNetModel).
+    num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)
+    # Downsampling factors (1, 2, 4, ...) at which blocks get a SpatialTransformer.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    num_heads: int = 8  # used when num_head_channels == -1 (SD1: 8 heads at every level)
+    num_head_channels: int = -1  # SD2: 64 channels per head
+    use_linear_in_transformer: bool = False
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if len(self.num_res_blocks) != len(self.channel_mult):
+            raise ValueError("num_res_blocks needs one entry per channel_mult level")
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError("set exactly one of num_heads and num_head_channels")
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(number of heads, channels per head) of a transformer with `channels` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    # "clip": SD1's CLIP ViT-L/14 text model (transformers layout, cond_stage_model.transformer.text_model.*)
+    # "openclip": SD2's OpenCLIP ViT-H text tower (cond_stage_model.model.*)
+    layout: Literal["clip", "openclip"] = "clip"
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # SD2 conditions on the penultimate layer of the OpenCLIP tower (the original's layer="penultimate");
+    # this counts the trailing layers the model skips by default. A user's clip_skip adds to it.
+    skip_last_layers: int = 0
+    pad_with_eos: bool = True  # SD1's tokenizer pads with the end token; SD2's with 0
+    eos_token_id: int = 49407
+    has_projection: bool = False  # OpenCLIP's text_projection / logit_scale present in the checkpoint
+
+    @property
+    def hidden_layers_used(self) -> int:
+        return self.layers - self.skip_last_layers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prediction: Prediction = "eps"
+
+    @property
+    def family(self) -> str:
+        """A short name for the architecture: sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, or custom-*."""
+        u = self.unet
+        if u.context_dim == 768 and u.model_channels == 320 and self.text.layout == "clip":
+            base = "sd1"
+        elif u.context_dim == 1024 and u.model_channels == 320 and self.text.layout == "openclip":
+            base = "sd2"
+        else:
+            base = "custom"
+        if u.in_channels == 9:
+            return f"{base}-inpaint"
+        if self.prediction == "v":
+            return f"{base}-v"
+        return base
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ModelConfig":
+        def build(cls, values: dict[str, Any]):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return ModelConfig(
+            unet=build(UNetConfig, d.get("unet", {})),
+            vae=build(VAEConfig, d.get("vae", {})),
+            text=build(TextConfig, d.get("text", {})),
+            prediction=d.get("prediction", "eps"),
+        )
+
+
+SD15 = ModelConfig()
+SD21 = ModelConfig(
+    unet=UNetConfig(context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True),
+    text=TextConfig(layout="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
+                    skip_last_layers=1, pad_with_eos=False, has_projection=True),
+    prediction="v",
+)
+SD21_BASE = dataclasses.replace(SD21, prediction="eps")
+PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE}

@@ -1,0 +1,62 @@
+"""StableDiffusion: the three networks under the original checkpoint's top-level names.
+
+`StableDiffusion(cfg).state_dict()` has exactly the keys of an original single-file checkpoint
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), so those files load with strict=True.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .nn.clip import TextEncoderBase, build_text_encoder
+from .nn.unet import UNetModel
+from .nn.vae import AutoencoderKL
+from .tokenizer import CLIPTokenizer
+
+
+class _DiffusionWrapper(nn.Module):
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class StableDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = _DiffusionWrapper(UNetModel(cfg.unet))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.cond_stage_model = build_text_encoder(cfg.text)
+        self.tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.text.pad_with_eos)
+        self.source: str | None = None  # the path it was loaded from, for display
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> TextEncoderBase:
+        return self.cond_stage_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in part.parameters())
+                for name, part in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))}
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
+        """Prompts -> text context (b, 77, width) for the UNet."""
+        ids = self.tokenizer(prompts, max_length=self.config.text.max_positions).to(self.device)
+        return self.text_encoder(ids, clip_skip=clip_skip)[0]

@@ -1,0 +1,112 @@
+"""Architecture detection: a ModelConfig from a checkpoint's tensor shapes and key set, never its file name.
+
+Shapes fix everything except the attention head split (heads do not change any tensor's shape) and the
+prediction type; for those we follow the published families (SD1: 8 heads; SD2: 64 channels per head) unless
+the file's own metadata says otherwise, and SD2's eps/v is probed from the weights by the loader.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .keys import TEXT, UNET, VAE
+
+
+class UnknownArchitecture(ValueError):
+    pass
+
+
+def _indices(keys: list[str], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in sd:
+        raise UnknownArchitecture(f"not a Stable Diffusion checkpoint: missing key {key!r}")
+    return sd[key]
+
+
+def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> UNetConfig:
+    keys = [k[len(UNET):] for k in sd if k.startswith(UNET)]
+    conv_in = _need(sd, UNET + "input_blocks.0.0.weight")
+    mc, in_channels = conv_in.shape[0], conv_in.shape[1]
+    out_channels = _need(sd, UNET + "out.2.weight").shape[0]
+    # Walk the input blocks: a block with a resblock adds to the current level, a downsampler closes it.
+    mults: list[int] = []
+    res_counts: list[int] = []
+    attention: set[int] = set()
+    count, ds, channels = 0, 1, mc
+    for i in _indices(keys, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in keys:
+            mults.append(channels // mc)
+            res_counts.append(count)
+            count, ds = 0, ds * 2
+            continue
+        channels = sd[UNET + f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]
+        count += 1
+        if f"input_blocks.{i}.1.norm.weight" in keys:
+            attention.add(ds)
+    mults.append(channels // mc)
+    res_counts.append(count)
+    proj_in = _need(sd, UNET + "middle_block.1.proj_in.weight")
+    context_dim = _need(sd, UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
+    depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    heads = heads_hint or ({"num_heads": 8, "num_head_channels": -1} if context_dim == 768
+                           else {"num_heads": -1, "num_head_channels": 64})
+    groups = sd[UNET + "out.0.weight"].shape[0]
+    return UNetConfig(
+        in_channels=in_channels, out_channels=out_channels, model_channels=mc, channel_mult=tuple(mults),
+        num_res_blocks=tuple(res_counts), attention_resolutions=tuple(sorted(attention)),
+        transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
+        norm_groups=32 if groups % 32 == 0 else groups, **heads)
+
+
+def detect_vae(sd: dict[str, torch.Tensor], prefix: str = VAE) -> VAEConfig:
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    conv_in = _need(sd, prefix + "encoder.conv_in.weight")
+    ch = conv_in.shape[0]
+    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    mults = tuple(sd[prefix + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+    blocks = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+    return VAEConfig(
+        in_channels=conv_in.shape[1], out_ch=_need(sd, prefix + "decoder.conv_out.weight").shape[0], ch=ch,
+        ch_mult=mults, num_res_blocks=blocks, z_channels=_need(sd, prefix + "decoder.conv_in.weight").shape[1],
+        embed_dim=_need(sd, prefix + "post_quant_conv.weight").shape[1])
+
+
+def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> TextConfig:
+    keys = [k[len(TEXT):] for k in sd if k.startswith(TEXT)]
+    if any(k.startswith("transformer.text_model.") for k in keys):
+        p = TEXT + "transformer.text_model."
+        tok = _need(sd, p + "embeddings.token_embedding.weight")
+        width = tok.shape[1]
+        return TextConfig(
+            layout="clip", vocab_size=tok.shape[0], width=width,
+            max_positions=_need(sd, p + "embeddings.position_embedding.weight").shape[0],
+            layers=len(_indices(keys, r"transformer\.text_model\.encoder\.layers\.(\d+)\.")),
+            heads=heads_hint or width // 64, mlp_width=_need(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0],
+            activation="quick_gelu", skip_last_layers=0, pad_with_eos=True, eos_token_id=tok.shape[0] - 1)
+    if any(k.startswith("model.") for k in keys):
+        p = TEXT + "model."
+        tok = _need(sd, p + "token_embedding.weight")
+        width = tok.shape[1]
+        return TextConfig(
+            layout="openclip", vocab_size=tok.shape[0], width=width,
+            max_positions=_need(sd, p + "positional_embedding").shape[0],
+            layers=len(_indices(keys, r"model\.transformer\.resblocks\.(\d+)\.")),
+            heads=heads_hint or width // 64, mlp_width=_need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+            activation="gelu", skip_last_layers=1, pad_with_eos=False, eos_token_id=tok.shape[0] - 1,
+            has_projection=p + "text_projection" in sd)
+    raise UnknownArchitecture("no text encoder found: expected keys under 'cond_stage_model.transformer.text_model.' "
+                              "(SD1) or 'cond_stage_model.model.' (SD2)")
+
+
+def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
+    """Config of an original-keyed state dict (prediction type 'eps'; the loader probes SD2 for 'v')."""
+    if not any(k.startswith(UNET) for k in sd):
+        sample = ", ".join(sorted(sd)[:5])
+        raise UnknownArchitecture(f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
+    return ModelConfig(unet=detect_unet(sd), vae=detect_vae(sd), text=detect_text(sd))

@@ -1,0 +1,204 @@
+"""diffusers folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/): configs and tensors, both ways.
+
+Tensors are renamed through the one table in keys.py; the folder's config.json files become our frozen
+configs and back. We write what diffusers' StableDiffusionPipeline.from_pretrained reads.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ..tokenizer import CLIPTokenizer
+from .detect import UnknownArchitecture
+from .io import CheckpointError, read_tensors, write_safetensors
+from .keys import from_diffusers, to_diffusers
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"),
+    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"),
+    "text_encoder": ("model", "model.fp16", "pytorch_model", "pytorch_model.fp16"),
+}
+OPENCLIP_EXTRAS = "sdengine_openclip_extras.safetensors"  # what diffusers' CLIPTextModel has no place for
+# SD's training schedule, as in the scheduler/ folder of the published SD1.x/SD2.x pipelines.
+SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+                    "timestep_spacing": "leading"}
+# diffusers UNet features that change the architecture beyond SD1.x/SD2.x (SDXL, LCM-distilled, ...).
+UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim")
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").exists() or (path / "unet").is_dir())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"diffusers folder is missing {path.parent.name}/{path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def _read_part_tensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    d = folder / part
+    if not d.is_dir():
+        raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
+    for stem in WEIGHT_NAMES[part]:
+        for ext in (".safetensors", ".bin"):
+            if (d / (stem + ext)).exists():
+                return read_tensors(d / (stem + ext))[0]
+        index = d / f"{stem}.safetensors.index.json"
+        if index.exists():  # sharded weights
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(_read_json(index)["weight_map"].values())):
+                tensors.update(read_tensors(d / shard)[0])
+            return tensors
+    raise CheckpointError(f"diffusers folder {folder}: no weights file in {part}/")
+
+
+def _per_level(value: Any, levels: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+
+
+def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
+    for name in UNSUPPORTED_UNET:
+        if c.get(name) is not None:
+            raise UnknownArchitecture(f"unsupported UNet: its config sets {name}={c[name]!r} (not SD1.x/SD2.x)")
+    boc = list(c["block_out_channels"])
+    levels = len(boc)
+    mc = boc[0]
+    attention = tuple(2 ** i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t)
+    heads = _per_level(c.get("num_attention_heads") or c.get("attention_head_dim", 8), levels)
+    per_head = {ch // h for ch, h in zip(boc, heads)}
+    if len(set(heads)) == 1:
+        head_args = {"num_heads": heads[0], "num_head_channels": -1}
+    elif len(per_head) == 1:
+        head_args = {"num_heads": -1, "num_head_channels": per_head.pop()}
+    else:
+        raise UnknownArchitecture(f"unsupported attention head layout {heads} for channels {boc}")
+    depth = set(_per_level(c.get("transformer_layers_per_block", 1), levels))
+    if len(depth) != 1:
+        raise UnknownArchitecture("transformer depth differing per level is not supported yet")
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
+        channel_mult=tuple(b // mc for b in boc), num_res_blocks=_per_level(c.get("layers_per_block", 2), levels),
+        attention_resolutions=attention, transformer_depth=depth.pop(), context_dim=c.get("cross_attention_dim", 768),
+        use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
+        norm_groups=c.get("norm_num_groups", 32), **head_args)
+
+
+def unet_config_to_diffusers(u: UNetConfig) -> dict[str, Any]:
+    boc = [u.model_channels * m for m in u.channel_mult]
+    attn = [2 ** i in u.attention_resolutions for i in range(len(boc))]
+    return {
+        "_class_name": "UNet2DConditionModel", "in_channels": u.in_channels, "out_channels": u.out_channels,
+        "block_out_channels": boc, "layers_per_block": list(u.num_res_blocks),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": u.context_dim,
+        "attention_head_dim": [u.heads_for(b)[0] for b in boc], "use_linear_projection": u.use_linear_in_transformer,
+        "transformer_layers_per_block": u.transformer_depth, "norm_num_groups": u.norm_groups, "norm_eps": 1e-5,
+        "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1,
+        "center_input_sample": False, "mid_block_scale_factor": 1, "sample_size": 64,
+    }
+
+
+def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
+    boc = list(c["block_out_channels"])
+    return VAEConfig(in_channels=c.get("in_channels", 3), out_ch=c.get("out_channels", 3), ch=boc[0],
+                     ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=c.get("layers_per_block", 1),
+                     z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
+                     norm_groups=c.get("norm_num_groups", 32), scaling_factor=c.get("scaling_factor", 0.18215))
+
+
+def vae_config_from_tensors(sd: dict[str, torch.Tensor]) -> VAEConfig:
+    """Config of a diffusers-named VAE state dict (a standalone VAE file without its config.json)."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks.")})
+    mults = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch for i in levels)
+    blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
+    z = sd["decoder.conv_in.weight"].shape[1]
+    return VAEConfig(ch=ch, ch_mult=mults, num_res_blocks=blocks, z_channels=z, embed_dim=z,
+                     in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0])
+
+
+def vae_config_to_diffusers(v: VAEConfig) -> dict[str, Any]:
+    n = len(v.ch_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.out_ch,
+            "block_out_channels": [v.ch * m for m in v.ch_mult], "layers_per_block": v.num_res_blocks,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "latent_channels": v.z_channels, "norm_num_groups": v.norm_groups, "act_fn": "silu",
+            "scaling_factor": v.scaling_factor, "sample_size": 512}
+
+
+def text_config_from_diffusers(c: dict[str, Any], extra_layers: int, has_projection: bool) -> TextConfig:
+    act = c.get("hidden_act", "quick_gelu")
+    openclip = act == "gelu"  # SD2's OpenCLIP tower; SD1's OpenAI CLIP uses quick_gelu
+    return TextConfig(
+        layout="openclip" if openclip else "clip", vocab_size=c["vocab_size"], width=c["hidden_size"],
+        max_positions=c.get("max_position_embeddings", 77), layers=c["num_hidden_layers"] + extra_layers,
+        heads=c["num_attention_heads"], mlp_width=c["intermediate_size"], activation=act,
+        skip_last_layers=extra_layers, pad_with_eos=not openclip,
+        eos_token_id=c.get("eos_token_id") or c["vocab_size"] - 1, has_projection=has_projection)
+
+
+def text_config_to_diffusers(t: TextConfig) -> dict[str, Any]:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
+            "hidden_size": t.width, "intermediate_size": t.mlp_width, "num_hidden_layers": t.hidden_layers_used,
+            "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions, "hidden_act": t.activation,
+            "layer_norm_eps": 1e-5, "projection_dim": t.width, "bos_token_id": t.eos_token_id - 1,
+            "eos_token_id": t.eos_token_id, "pad_token_id": 1, "torch_dtype": "float32"}
+
+
+def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
+    """A diffusers folder -> (original-keyed tensors, config, tokenizer)."""
+    for part in PARTS:
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
+    extras_path = folder / "text_encoder" / OPENCLIP_EXTRAS
+    extras = read_tensors(extras_path)[0] if extras_path.exists() else {}
+    extra_layers = len({k.split(".")[3] for k in extras if k.startswith("model.transformer.resblocks.")})
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    cfg = ModelConfig(
+        unet=unet_config_from_diffusers(_read_json(folder / "unet" / "config.json")),
+        vae=vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")),
+        text=text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"), extra_layers,
+                                        "model.text_projection" in extras),
+        prediction="v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
+    parts = {p: _read_part_tensors(folder, p) for p in ("unet", "vae", "text_encoder")}
+    parts["openclip_extras"] = extras
+    parts["text_encoder"] = {k if k.startswith("text_model.") else "text_model." + k: v
+                             for k, v in parts["text_encoder"].items()}
+    tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+    return from_diffusers(parts, cfg), cfg, tokenizer
+
+
+def write_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer, folder: Path) -> None:
+    """Write an original-keyed state dict as a diffusers StableDiffusionPipeline folder (folder must exist)."""
+    parts = to_diffusers(sd, cfg)
+    model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                   "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+                   "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"]}
+    configs = {"unet": unet_config_to_diffusers(cfg.unet), "vae": vae_config_to_diffusers(cfg.vae),
+               "text_encoder": text_config_to_diffusers(cfg.text)}
+    for part, config in configs.items():
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        write_safetensors(parts[part], folder / part / name, metadata={"format": "pt"})
+    if parts["openclip_extras"]:
+        write_safetensors(parts["openclip_extras"], folder / "text_encoder" / OPENCLIP_EXTRAS)
+    (folder / "scheduler").mkdir()
+    scheduler = dict(SCHEDULER_CONFIG, prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    tokenizer.save(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))

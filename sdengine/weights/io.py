@@ -1,0 +1,127 @@
+"""Reading and writing tensor files: .safetensors and restricted-pickle .ckpt/.pt/.bin, atomically on write.
+
+Formats are recognised by content (the first bytes), not by file name. Pickled checkpoints go through
+`torch.load(weights_only=True)`: a pickle that asks for anything but tensors and plain containers is refused
+before any of it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message is one line that says why."""
+
+
+def sniff(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save) or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > os.path.getsize(path) - 8:
+            raise CheckpointError(f"{path}: truncated .safetensors file (header claims {n} bytes)")
+        header = json.loads(f.read(n))
+    return header.get("__metadata__") or {}
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of one file (CPU), with the safetensors metadata ({} for pickles)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a tensor file")
+    kind = sniff(path)
+    if kind == "safetensors":
+        try:
+            meta = _safetensors_metadata(path)
+            return load_file(path), meta
+        except (SafetensorError, ValueError, json.JSONDecodeError, struct.error, OSError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: corrupt .safetensors file ({_first_line(e)})") from None
+    if kind in ("zip", "pickle"):
+        return _read_pickle(path), {}
+    raise CheckpointError(f"{path}: not a checkpoint (neither .safetensors nor a torch.save file)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=sniff(path) == "zip")
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds; each becomes one readable line
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "unpickl" in msg.lower():
+            detail = next((line.strip() for line in msg.splitlines() if "GLOBAL" in line or "global" in line), "")
+            raise CheckpointError(f"{path}: refused: the pickle holds code or objects, not only tensors "
+                                  f"({detail or _first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of dst to write into; it becomes dst only if the block completes.
+
+    On any error (a full disk included) the temporary is removed and dst is left as it was.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists (use --force to replace it)")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"folder {dst.parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    target = tmp if is_dir else tmp / dst.name
+    try:
+        yield target
+        if is_dir:  # mkdtemp makes 0700 folders; give the result the usual permissions
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(target, 0o777 & ~umask)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+        os.replace(target, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses views that share storage; contiguous copies are what a file holds anyway.
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def write_pickle(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    torch.save({"state_dict": {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}, path)
