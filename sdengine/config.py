@@ -138,4 +138,11 @@ SD21 = ModelConfig(
     prediction="v",
 )
 SD21_BASE = dataclasses.replace(SD21, prediction="eps")
-PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE}
+# A small model with SD's layout (f=8 VAE, cross-attention UNet, CLIP text model), for tests and experiments.
+TINY = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), attention_resolutions=(1, 2),
+                    context_dim=64, num_heads=-1, num_head_channels=32, use_linear_in_transformer=True),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+    text=TextConfig(width=64, layers=2, heads=2, mlp_width=256),
+)
+PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY}

@@ -31,6 +31,32 @@ class StableDiffusion(nn.Module):
         self.tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.text.pad_with_eos)
         self.source: str | None = None  # the path it was loaded from, for display
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "StableDiffusion":
+        """Fresh weights for training from scratch: PyTorch's defaults, with the layers the original
+        initialises to zero (UNet output, res-block and transformer output projections) zeroed, so every block
+        starts as an identity, and text embeddings drawn as CLIP draws them."""
+        torch.manual_seed(seed)
+        for module in self.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        unet = self.unet
+        zeroed = [unet.out[2]] + [m.out_layers[3] for m in unet.modules() if hasattr(m, "out_layers")]
+        zeroed += [m.proj_out for m in unet.modules() if hasattr(m, "transformer_blocks")]
+        for layer in zeroed:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        for name, p in self.cond_stage_model.named_parameters():
+            if "token_embedding" in name:
+                p.normal_(0, 0.02)
+            elif "position" in name:
+                p.normal_(0, 0.01)
+            elif name.endswith("in_proj_weight"):
+                torch.nn.init.xavier_uniform_(p)
+            elif name.endswith("text_projection"):
+                p.normal_(0, self.config.text.width ** -0.5)
+        return self
+
     @property
     def unet(self) -> UNetModel:
         return self.model.diffusion_model

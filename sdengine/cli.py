@@ -1,0 +1,125 @@
+"""The `sdengine` command line. Errors are one readable line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An error whose message is meant for the user as it is."""
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .weights import load
+
+    model = load(args.path, dtype=None)
+    counts = model.parameter_counts()
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    info = {
+        "path": str(args.path),
+        "family": model.config.family,
+        "prediction": model.config.prediction,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "parameters": counts,
+        "config": model.config.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['path']}")
+    print(f"  family:     {info['family']}")
+    print(f"  prediction: {info['prediction']}")
+    print(f"  dtype:      {info['dtype']}")
+    for part, n in counts.items():
+        print(f"  {part + ':':<13}{_format_count(n)} parameters")
+    print(f"  total:         {_format_count(sum(counts.values()))} parameters")
+    for part, cfg in info["config"].items():
+        if isinstance(cfg, dict):
+            print(f"  {part} config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .weights import convert
+
+    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force)
+    print(f"wrote {out}")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from .config import PRESETS
+    from .model import StableDiffusion
+    from .weights import save
+    from .weights.checkpoint import DTYPES
+
+    model = StableDiffusion(PRESETS[args.preset]).init_weights(seed=args.seed)
+    out = save(model, args.dst, to=args.to, dtype=DTYPES[args.dtype] if args.dtype else None, force=args.force)
+    print(f"wrote {out} (fresh {args.preset} weights, seed {args.seed})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdengine", description="Stable Diffusion on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="show a checkpoint's detected family, prediction type, sizes and config")
+    p.add_argument("path", type=Path, help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", choices=["diffusers", "single"], required=True)
+    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default=None,
+                   help="cast floating-point weights (default: keep the source's)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_convert)
+
+    from .config import PRESETS
+    p = sub.add_parser("init", help="write a checkpoint of a preset architecture with fresh weights (to train)")
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("dst", type=Path)
+    p.add_argument("--to", choices=["diffusers", "single"], default="single")
+    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print("sdengine: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, OSError, ValueError, KeyError, RuntimeError) as e:
+        if os.environ.get("SDENGINE_DEBUG"):
+            raise
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            message = f"{e.strerror}: {e.filename}"
+        first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        print(f"sdengine: error: {first}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
