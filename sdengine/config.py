@@ -31,6 +31,8 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
+        # Sets, really: one order so that configs compare equal however they were written.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
         if len(self.num_res_blocks) != len(self.channel_mult):
             raise ValueError("num_res_blocks needs one entry per channel_mult level")
         if (self.num_heads == -1) == (self.num_head_channels == -1):

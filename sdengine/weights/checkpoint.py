@@ -90,10 +90,15 @@ def probe_v_prediction(model: StableDiffusion) -> bool:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
          vae: str | Path | None = None, prediction: Literal["eps", "v"] | None = None,
-         use_ema: bool = False) -> StableDiffusion:
-    """Load a single-file checkpoint or diffusers folder. `vae` replaces the checkpoint's VAE with a VAE file."""
+         use_ema: bool = False, config: ModelConfig | None = None) -> StableDiffusion:
+    """Load a single-file checkpoint or diffusers folder.
+
+    vae: a standalone VAE file that replaces the checkpoint's. config: the architecture, for files whose
+    head split or prediction type the detection rules would get wrong (the shapes are still checked).
+    """
     path = Path(path)
     sd, cfg, tokenizer = read_checkpoint(path, use_ema=use_ema)
+    cfg = config or cfg
     if vae is not None:
         vae_sd, vae_cfg = standalone_vae(read_tensors(vae)[0])
         sd = {k: v for k, v in sd.items() if not k.startswith(VAE)} | vae_sd
@@ -101,7 +106,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if prediction is not None:
         cfg = ModelConfig(unet=cfg.unet, vae=cfg.vae, text=cfg.text, prediction=prediction)
     model = build(sd, cfg, tokenizer, device=device, dtype=dtype, source=str(path))
-    if prediction is None and not path.is_dir() and cfg.family == "sd2":
+    if prediction is None and config is None and not path.is_dir() and cfg.family == "sd2":
         if probe_v_prediction(model):
             model.config = ModelConfig(unet=cfg.unet, vae=cfg.vae, text=cfg.text, prediction="v")
     model.source = str(path)

@@ -54,14 +54,25 @@ def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> 
     proj_in = _need(sd, UNET + "middle_block.1.proj_in.weight")
     context_dim = _need(sd, UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
     depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
-    heads = heads_hint or ({"num_heads": 8, "num_head_channels": -1} if context_dim == 768
-                           else {"num_heads": -1, "num_head_channels": 64})
+    heads = heads_hint or _head_rule(context_dim, [mc * m for m in mults])
     groups = sd[UNET + "out.0.weight"].shape[0]
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=mc, channel_mult=tuple(mults),
         num_res_blocks=tuple(res_counts), attention_resolutions=tuple(sorted(attention)),
         transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
         norm_groups=32 if groups % 32 == 0 else groups, **heads)
+
+
+def _head_rule(context_dim: int, level_channels: list[int]) -> dict[str, int]:
+    """SD1 (CLIP-L context) uses 8 heads, SD2 64 channels per head; other layouts take the first that fits."""
+    rules = [{"num_heads": -1, "num_head_channels": 64}, {"num_heads": 8, "num_head_channels": -1}]
+    if context_dim == 768:
+        rules.reverse()
+    for rule in rules + [{"num_heads": 1, "num_head_channels": -1}]:
+        n = rule["num_heads"] if rule["num_heads"] > 0 else rule["num_head_channels"]
+        if all(c % n == 0 for c in level_channels):
+            return rule
+    raise AssertionError("unreachable: one head always fits")
 
 
 def detect_vae(sd: dict[str, torch.Tensor], prefix: str = VAE) -> VAEConfig:

@@ -106,7 +106,12 @@ def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     target = tmp if is_dir else tmp / dst.name
     try:
-        yield target
+        try:
+            yield target
+        except OSError as e:  # a full disk, say: name the destination, not the temporary being written
+            error = OSError(f"cannot write {dst}: {e.strerror or _first_line(e)}")
+            error.errno = e.errno
+            raise error from e
         if is_dir:  # mkdtemp makes 0700 folders; give the result the usual permissions
             umask = os.umask(0)
             os.umask(umask)
@@ -120,8 +125,14 @@ def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> I
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses views that share storage; contiguous copies are what a file holds anyway.
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors; callers and the CLI expect one
+        raise OSError(_first_line(e)) from e
 
 
 def write_pickle(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    torch.save({"state_dict": {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}, path)
+    try:
+        torch.save({"state_dict": {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}, path)
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError from its zip writer
+        raise OSError(_first_line(e)) from e
