@@ -29,14 +29,14 @@ LAYOUTS = {
 }
 
 
-def make_components(layout: str, seed: int = 0) -> dict:
+def make_components(layout: str, seed: int = 0, in_channels: int = 4) -> dict:
     """Random-weight diffusers/transformers components of one layout (weights perturbed away from init)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = LAYOUTS[layout]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=32, **spec["unet"])
+    unet = UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, norm_num_groups=32, **spec["unet"])
     vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
@@ -52,14 +52,14 @@ def make_components(layout: str, seed: int = 0) -> dict:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text.eval(), "scheduler": scheduler}
 
 
-def save_pipeline(layout: str, folder: Path, seed: int = 0) -> dict:
+def save_pipeline(layout: str, folder: Path, seed: int = 0, in_channels: int = 4) -> dict:
     """Write a StableDiffusionPipeline folder of the given layout; returns its components."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer as HFTokenizer
 
     from sdengine.tokenizer import CLIPTokenizer
 
-    parts = make_components(layout, seed)
+    parts = make_components(layout, seed, in_channels)
     tok_dir = folder.parent / f"{folder.name}-tokenizer"
     CLIPTokenizer.default(pad_with_eos=LAYOUTS[layout]["pad"] != "!").save(tok_dir)
     parts["tokenizer"] = HFTokenizer.from_pretrained(tok_dir)

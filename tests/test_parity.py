@@ -125,3 +125,18 @@ def test_our_single_file_loads_in_diffusers(reference, loaded, tmp_path):
     with torch.no_grad():
         assert_close(unet(x, t, encoder_hidden_states=context).sample, reference["parts"]["unet"](x, t, encoder_hidden_states=context).sample)
         assert_close(vae.decode(z).sample, reference["parts"]["vae"].decode(z).sample)
+
+
+def test_inpainting_unet(tmp_path):
+    """9 input channels (latents, mask, masked-image latents), as SD's inpainting checkpoints."""
+    from reference import save_pipeline
+
+    parts = save_pipeline("sd1", tmp_path / "inpaint", in_channels=9)
+    single = tmp_path / "inpaint.safetensors"
+    sdengine.convert(tmp_path / "inpaint", single, to="single")
+    model = sdengine.load(single)
+    assert model.config.unet.in_channels == 9 and model.config.family.endswith("-inpaint")
+    x, context = torch.randn(1, 9, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ref = parts["unet"](x, torch.tensor([100]), encoder_hidden_states=context).sample
+        assert_close(model.unet(x, torch.tensor([100]), context), ref)
