@@ -27,8 +27,7 @@ OPENCLIP_EXTRAS = "sdengine_openclip_extras.safetensors"  # what diffusers' CLIP
 # SD's training schedule, as in the scheduler/ folder of the published SD1.x/SD2.x pipelines.
 SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
-                    "timestep_spacing": "leading"}
+                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
 # diffusers UNet features that change the architecture beyond SD1.x/SD2.x (SDXL, LCM-distilled, ...).
 UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim")
 
