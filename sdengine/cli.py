@@ -114,6 +114,13 @@ def run(argv: list[str] | None = None) -> int:
         first = message.strip().splitlines()[0] if message.strip() else type(e).__name__
         print(f"sdengine: error: {first}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a bug rather than bad input: still one line, as the CLI promises
+        if os.environ.get("SDENGINE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"sdengine: error: internal error: {type(e).__name__}: {first} (SDENGINE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

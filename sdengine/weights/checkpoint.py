@@ -37,11 +37,20 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
     sd = normalize(raw, use_ema=use_ema)
     if CONFIG_METADATA in metadata:
         try:
-            cfg = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA]))
+            fields = json.loads(metadata[CONFIG_METADATA])
+            if not isinstance(fields, dict):  # from_dict would fail on it with an AttributeError
+                raise TypeError(f"a JSON {type(fields).__name__}, not an object")
+            cfg = ModelConfig.from_dict(fields)
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA} metadata ({e})") from None
     else:
-        cfg = detect(sd)
+        try:
+            cfg = detect(sd)
+        except UnknownArchitecture as e:  # name the file, as the other load errors do
+            raise UnknownArchitecture(f"{path}: {e}") from None
+        except (KeyError, IndexError) as e:  # detect() reads the keys and shapes SD's layout implies; a damaged file
+            what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
+            raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
     return sd, cfg, None
 
 
