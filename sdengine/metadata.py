@@ -1,0 +1,112 @@
+"""Generation parameters in PNG text, in AUTOMATIC1111's "parameters" layout (written and parsed).
+
+    <prompt, may span lines>
+    Negative prompt: <negative prompt>
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., ...
+
+Tools that read A1111 images (civitai, ComfyUI importers, A1111's PNG Info) read these.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+# A1111's key order; keys not listed go after these, before Version.
+KEY_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+             "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Seed resize from",
+             "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio",
+             "Init image hash", "RNG", "Tiling")
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+NEGATIVE = "Negative prompt:"
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(c in text for c in ',:\n"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _format_number(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def format_parameters(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
+    """The infotext: prompt, then the negative prompt line (if any), then `Key: value` pairs in A1111's order."""
+    known = [k for k in KEY_ORDER if params.get(k) is not None]
+    extra = [k for k in params if k not in KEY_ORDER and k != "Version" and params[k] is not None]
+    keys = known + extra + (["Version"] if params.get("Version") is not None else [])
+    line = ", ".join(f"{k}: {_quote(_format_number(params[k]))}" for k in keys)
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"{NEGATIVE} {negative_prompt}")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Infotext -> {"Prompt", "Negative prompt", and each parameter}; numbers become int/float, Size gives
+    Size-1/Size-2 too, and an old-style sampler name ("DPM++ 2M Karras") is split into Sampler + Schedule type."""
+    lines = text.strip().split("\n")
+    params: dict[str, Any] = {}
+    if lines and len(_PARAM.findall(lines[-1])) >= 3:
+        for key, value in _PARAM.findall(lines.pop()):
+            value = value.strip()
+            if value.startswith('"') and value.endswith('"'):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    value = value[1:-1]
+            params[key.strip()] = _to_number(value)
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(NEGATIVE):
+            in_negative = True
+            line = line[len(NEGATIVE):].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines), **params}
+    if isinstance(out.get("Size"), str) and re.fullmatch(r"\d+x\d+", out["Size"]):
+        w, h = out["Size"].split("x")
+        out["Size-1"], out["Size-2"] = int(w), int(h)
+    sampler = out.get("Sampler")
+    if isinstance(sampler, str) and "Schedule type" not in out:
+        for schedule in ("Karras", "Exponential"):
+            if sampler.endswith(" " + schedule):
+                out["Sampler"], out["Schedule type"] = sampler[: -len(schedule) - 1], schedule
+    return out
+
+
+def _to_number(value: str) -> Any:
+    if re.fullmatch(r"[+-]?\d+", value):
+        return int(value)
+    if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?", value):
+        return float(value)
+    return value
+
+
+def png_info(parameters: str) -> PngImagePlugin.PngInfo:
+    """A PNG text chunk "parameters": tEXt when Latin-1 can hold it, else iTXt (UTF-8), as A1111 writes."""
+    info = PngImagePlugin.PngInfo()
+    try:
+        parameters.encode("latin-1")
+        info.add_text("parameters", parameters)
+    except UnicodeEncodeError:
+        info.add_itxt("parameters", parameters)
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str) -> None:
+    image.save(path, format="PNG", pnginfo=png_info(parameters))
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The "parameters" text of a PNG, or None when it has none."""
+    with Image.open(path) as img:
+        img.load()
+        return img.info.get("parameters") or (img.text.get("parameters") if hasattr(img, "text") else None)

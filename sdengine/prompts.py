@@ -1,0 +1,187 @@
+"""Prompts as AUTOMATIC1111 reads them: emphasis weights, 75-token chunks, BREAK, and named styles.
+
+Weights: `(word)` x1.1, `((word))` x1.21, `[word]` /1.1, `(word:1.3)` x1.3, `\\(` a literal bracket.
+Long prompts are cut into chunks of 75 tokens (at the last comma within 20 tokens of the boundary when there is
+one), each encoded as its own 77-token window and concatenated along the sequence, so nothing past 75 tokens is
+lost. A prompt of at most 75 tokens with no weights encodes exactly as diffusers' pipeline encodes it.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import CLIPTokenizer
+
+CHUNK = 75  # tokens per window, between the start and end tokens
+COMMA_BACKTRACK = 20  # how far back a chunk boundary may move to land after a comma
+ROUND, SQUARE = 1.1, 1 / 1.1
+
+_TOKENS = re.compile(r"""
+    \\\( | \\\) | \\\[ | \\\] | \\\\ | \\   # escapes
+  | \( | \[                                 # openers
+  | :\s*([+-]?[.\d]+)\s*\)                  # ":1.3)" closes with an explicit weight
+  | \) | \]                                 # closers
+  | [^\\()\[\]:]+ | :                       # text
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; BREAK becomes the run ("BREAK", -1)."""
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for m in _TOKENS.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            runs.append([tok[1:] if len(tok) > 1 else tok, 1.0])
+        elif tok == "(":
+            round_open.append(len(runs))
+        elif tok == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        else:  # text, a stray closer or a ":" outside a weight
+            pieces = _BREAK.split(tok)
+            for i, piece in enumerate(pieces):
+                if i:
+                    runs.append(["BREAK", -1.0])
+                if piece:
+                    runs.append([piece, 1.0])
+    for start in round_open:  # unclosed brackets weigh to the end, as in A1111
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+    merged: list[list] = []
+    for text_, w in runs:
+        if merged and merged[-1][1] == w and w != -1.0:
+            merged[-1][0] += text_
+        else:
+            merged.append([text_, w])
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+@dataclass
+class Chunk:
+    tokens: list[int]
+    weights: list[float]
+
+
+def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
+    """Weighted prompt -> 75-token chunks (at least one, possibly empty)."""
+    chunks: list[Chunk] = []
+    cur = Chunk([], [])
+    last_comma = -1
+    comma = tokenizer.encode(",")[0] if tokenizer.encode(",") else -1
+
+    def close() -> None:
+        nonlocal cur, last_comma
+        chunks.append(cur)
+        cur, last_comma = Chunk([], []), -1
+
+    for piece, weight in parse_weights(text):
+        if weight == -1.0:  # BREAK: start a new chunk
+            close()
+            continue
+        for tok in tokenizer.encode(piece):
+            if tok == comma:
+                last_comma = len(cur.tokens)
+            elif len(cur.tokens) == CHUNK and last_comma != -1 and len(cur.tokens) - last_comma <= COMMA_BACKTRACK:
+                # move the words after the last comma into the next chunk
+                cut = last_comma + 1
+                tail = Chunk(cur.tokens[cut:], cur.weights[cut:])
+                cur = Chunk(cur.tokens[:cut], cur.weights[:cut])
+                close()
+                cur = tail
+            if len(cur.tokens) == CHUNK:
+                close()
+            cur.tokens.append(tok)
+            cur.weights.append(weight)
+    if cur.tokens or not chunks:
+        close()
+    return chunks
+
+
+def chunk_ids(tokenizer: CLIPTokenizer, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk as a 77-token window: start, tokens, end, padding; weights 1 outside the tokens."""
+    pad = CHUNK - len(chunk.tokens)
+    ids = [tokenizer.bos_id] + chunk.tokens + [tokenizer.eos_id] + [tokenizer.pad_id] * pad
+    weights = [1.0] + chunk.weights + [1.0] * (pad + 1)
+    return torch.tensor(ids), torch.tensor(weights)
+
+
+@torch.no_grad()
+def encode_prompts(model, prompts: list[str], clip_skip: int = 1, min_chunks: int = 1) -> torch.Tensor:
+    """Prompts -> context (b, 77 * chunks, width); the batch is padded with empty chunks to one length.
+
+    Emphasis scales each token's hidden state by its weight, then restores the chunk's mean (A1111's
+    "Original" emphasis), so weights move attention between words without changing the overall scale.
+    """
+    tokenizer = model.tokenizer
+    per_prompt = [chunk_prompt(tokenizer, p) for p in prompts]
+    n = max(min_chunks, max(len(c) for c in per_prompt))
+    rows = []
+    for chunks in per_prompt:
+        chunks = chunks + [Chunk([], [])] * (n - len(chunks))
+        ids, weights = zip(*(chunk_ids(tokenizer, c) for c in chunks))
+        ids_t = torch.stack(ids).to(model.device)
+        w = torch.stack(weights).to(model.device)
+        z = model.text_encoder(ids_t, clip_skip=clip_skip)[0].float()
+        if not torch.all(w == 1.0):  # per chunk, as A1111 does
+            mean = z.mean(dim=(1, 2), keepdim=True)
+            z = z * w[..., None]
+            z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+        rows.append(z.reshape(1, -1, z.shape[-1]))
+    return torch.cat(rows)
+
+
+# --- styles ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    prompt: str
+    negative_prompt: str
+
+
+def merge_style(style_text: str, text: str) -> str:
+    """A style's text around the prompt: at its `{prompt}` placeholder, else appended after a comma."""
+    if "{prompt}" in style_text:
+        return style_text.replace("{prompt}", text)
+    return ", ".join(p for p in (text.strip(), style_text.strip()) if p)
+
+
+def load_styles(path: str | Path) -> dict[str, Style]:
+    """Read an A1111 styles.csv (columns name, prompt, negative_prompt)."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "name" not in reader.fieldnames:
+            raise ValueError(f"{path}: not a styles file (needs a 'name' column)")
+        return {row["name"]: Style(row["name"], row.get("prompt") or "", row.get("negative_prompt") or "")
+                for row in reader if row.get("name")}
+
+
+BUNDLED_STYLES = Path(__file__).parent / "assets" / "styles.csv"
+
+
+def apply_styles(prompt: str, negative: str, names: list[str], styles: dict[str, Style]) -> tuple[str, str]:
+    for name in names:
+        if name not in styles:
+            raise ValueError(f"unknown style {name!r}; known: {', '.join(sorted(styles)) or 'none'}")
+        prompt = merge_style(styles[name].prompt, prompt)
+        negative = merge_style(styles[name].negative_prompt, negative)
+    return prompt, negative
