@@ -61,6 +61,7 @@ class SamplerSpec:
     # (schedulers that start from a unit-variance latent). None: as diffusers' scheduler does for the spacing.
     init: Literal["ve", "vp"] | None = None
     diffusers_class: str = ""  # the scheduler it reproduces (tests, docs)
+    diffusers_options: dict = field(default_factory=dict)  # its from_config overrides, e.g. algorithm_type
     options: dict = field(default_factory=dict)  # fixed keyword arguments for fn
 
     def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
