@@ -21,6 +21,8 @@ def _format_count(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    if args.path.is_file() and args.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n":
+        return image_info(args)
     from .weights import load
 
     model = load(args.path, dtype=None)
@@ -49,6 +51,19 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  {part} config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
 
 
+def image_info(args: argparse.Namespace) -> None:
+    """The generation parameters stored in a PNG (ours or AUTOMATIC1111's)."""
+    from .metadata import parse_parameters, read_parameters
+
+    text = read_parameters(args.path)
+    if text is None:
+        raise CLIError(f"{args.path} holds no generation parameters")
+    if args.json:
+        print(json.dumps(parse_parameters(text), indent=2, ensure_ascii=False))
+    else:
+        print(text)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .weights import convert
 
@@ -71,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdengine", description="Stable Diffusion on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="show a checkpoint's detected family, prediction type, sizes and config")
-    p.add_argument("path", type=Path, help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder")
+    from . import generate_cli
+
+    generate_cli.register(sub)
+
+    p = sub.add_parser("info", help="a checkpoint's family, prediction, sizes and config; or a PNG's parameters")
+    p.add_argument("path", type=Path, help="checkpoint (.safetensors/.ckpt), diffusers folder, or PNG image")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -142,9 +142,11 @@ class Pipeline:
         if uncond is not None and uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
             cond = encode_prompts(model, prompts, req.clip_skip, min_chunks=uncond.shape[1] // 77)
 
-        sigmas = torch.from_numpy(spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing))
         if init is not None and req.strength < 1.0:
-            sigmas = sigmas[spec_start(len(sigmas) - 1, req.steps, req.strength):]
+            sigmas = spec.img2img_sigmas(self.schedule, req.steps, req.strength, req.schedule, req.spacing)
+        else:
+            sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
+        sigmas = torch.from_numpy(sigmas)
         inpainting_unet = model.config.unet.in_channels == 9
         image_latents = None
         if init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
@@ -165,8 +167,8 @@ class Pipeline:
         denoise: Callable = CFGDenoiser(denoiser, cond, uncond, req.cfg_scale, concat)
         if latent_mask is not None and not inpainting_unet:
             denoise = known_region_blend(denoise, latent_mask, image_latents, noise, sigmas[0])
-        kwargs = {"noise": noise_source} if spec.stochastic else {}
-        x = spec(denoise, x, sigmas, callback=callback, **kwargs)
+        extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
+        x = spec(denoise, x, sigmas, callback=callback, noise=noise_source, **extra)
         latents = x / (1 + sigmas[-1] ** 2) ** 0.5
         if latent_mask is not None and not inpainting_unet:  # the known region exactly as encoded
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
@@ -226,15 +228,6 @@ class Pipeline:
         fields.setdefault("width", image.width // 8 * 8)
         fields.setdefault("height", image.height // 8 * 8)
         return Request(prompt=prompt, strength=strength, **fields)
-
-
-def spec_start(n_sigmas: int, steps: int, strength: float) -> int:
-    """Index into the sampling schedule where img2img begins: diffusers skips steps - int(steps * strength)
-    steps, scaled for samplers whose schedule holds more than one entry per step (Heun's doubled sigmas)."""
-    init_steps = min(int(steps * strength), steps)
-    skip = max(steps - init_steps, 0)
-    per_step = n_sigmas // steps if n_sigmas >= steps else 1
-    return min(skip * per_step, n_sigmas - 1)
 
 
 def known_region_blend(model: Callable, latent_mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .base import BatchNoise, DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
-from . import euler
+from . import discrete, euler, multistep, unipc
 
-SAMPLERS: dict[str, SamplerSpec] = {**euler.SAMPLERS}
+SAMPLERS: dict[str, SamplerSpec] = {**euler.SAMPLERS, **multistep.SAMPLERS, **discrete.SAMPLERS, **unipc.SAMPLERS}
 
 
 def get_sampler(name: str) -> SamplerSpec:

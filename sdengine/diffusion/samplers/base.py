@@ -63,11 +63,22 @@ class SamplerSpec:
     diffusers_class: str = ""  # the scheduler it reproduces (tests, docs)
     diffusers_options: dict = field(default_factory=dict)  # its from_config overrides, e.g. algorithm_type
     options: dict = field(default_factory=dict)  # fixed keyword arguments for fn
+    uses_prediction: bool = False  # fn takes the model's prediction type (PLMS combines raw outputs as diffusers)
 
     def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
                spacing: Spacing | None = None) -> np.ndarray:
         """The sigma list (final sigma appended) for `steps` steps."""
         return schedule.sampling_sigmas(steps, schedule_type, spacing or self.default_spacing, self.final_sigma)[0]
+
+    def img2img_sigmas(self, schedule: NoiseSchedule, steps: int, strength: float,
+                       schedule_type: ScheduleType = "normal", spacing: Spacing | None = None) -> np.ndarray:
+        """The tail of the schedule that img2img runs: diffusers skips steps - int(steps * strength) steps (scaled
+        for samplers with more than one sigma per step, such as Heun's doubled ones)."""
+        full = self.sigmas(schedule, steps, schedule_type, spacing)
+        n = len(full) - 1
+        skip = max(steps - min(int(steps * strength), steps), 0)
+        per_step = n // steps if n >= steps else 1
+        return full[min(skip * per_step, n - 1):]
 
     def initial_scale(self, sigma_max: float, spacing: Spacing | None = None) -> float:
         init = self.init

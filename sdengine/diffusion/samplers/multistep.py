@@ -1,0 +1,193 @@
+"""Multistep samplers (LMS, DPM-Solver++ 2M and 2M SDE) and DPM-Solver++'s SDE sampler, over sigmas.
+
+k-diffusion's formulation: x = x0 + sigma * eps, the half-log-SNR lambda = -log(sigma) as the DPM-Solver time
+variable; each matches a diffusers scheduler built from SD1.5's scheduler config (see SAMPLERS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.polynomial import polynomial as P
+
+from ..schedule import NoiseSchedule, ScheduleType, Spacing
+from .base import DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
+from .euler import get_ancestral_step
+
+
+def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
+    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial through sigma_i .. sigma_{i-order+1}
+    that is 1 at sigma_{i-j}: the weight of d_{i-j} in the linear multistep (Adams-Bashforth) step. The
+    integrand is a polynomial, so it is integrated exactly (diffusers and k-diffusion use scipy's quad)."""
+    others = [sigmas[i - k] for k in range(order) if k != j]
+    poly = P.polyfromroots(others) / np.prod([sigmas[i - j] - s for s in others]) if others else np.ones(1)
+    antiderivative = P.polyint(poly)
+    return float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative))
+
+
+@torch.no_grad()
+def sample_lms(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, callback: StepCallback | None = None,
+               order: int = 4) -> torch.Tensor:
+    """Linear multistep on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022's
+    ODE; k-diffusion's LMS): up to `order` past derivatives, weighted by their interpolating polynomial's integral
+    over the step (Adams-Bashforth on the uneven sigma grid). The order ramps up from 1 over the first steps."""
+    s = sigmas.double().cpu().numpy()
+    n = len(sigmas) - 1
+    ds: list[torch.Tensor] = []
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        ds.append(to_d(x, sigmas[i], denoised))
+        if len(ds) > order:
+            ds.pop(0)
+        cur = min(i + 1, order)
+        coeffs = [lms_coefficient(s, cur, i, j) for j in range(cur)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        if callback is not None:
+            callback(i, n, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                    callback: StepCallback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): exact integration of the linear part in
+    lambda = -log(sigma), the data prediction extrapolated linearly in lambda from the last two evaluations.
+    First order on the first step and on the final step to sigma = 0, where the update is x = D(x)
+    (diffusers' lower_order_final with final_sigmas_type="zero")."""
+    n = len(sigmas) - 1
+    old_denoised, h_last = None, None
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = (sigmas[i] / sigmas[i + 1]).log()  # lambda_{i+1} - lambda_i
+            denoised_d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * denoised_d
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, n, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, noise: NoiseSource,
+                        callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0,
+                        solver_type: str = "midpoint") -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Appendix: the second-order multistep solver of the
+    diffusion SDE in data-prediction form; k-diffusion's dpmpp_2m_sde). eta = 1 is diffusers' sde-dpmsolver++;
+    eta = 0 is the ODE. One noise() draw per step before the last, in diffusers' order."""
+    n = len(sigmas) - 1
+    old_denoised, h_last = None, None
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = (sigmas[i] / sigmas[i + 1]).log()
+            eta_h = eta * h
+            phi = -torch.expm1(-h - eta_h)  # 1 - exp(-2h) at eta = 1
+            x = (sigmas[i + 1] / sigmas[i]) * (-eta_h).exp() * x + phi * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (phi / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * phi * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise() * (sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise)
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback(i, n, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, noise: NoiseSource,
+                     callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2S) with ancestral noise (Lu et al. 2022, "DPM-Solver++", Algorithm 1, r = 1/2; k-diffusion's
+    dpmpp_sde, diffusers' DPMSolverSDEScheduler): an ancestral first-order half step to the midpoint in lambda,
+    then the full step from the start using the midpoint's data prediction. Two model calls a step; the step to
+    sigma = 0 is a plain Euler step. eta = 0 is the deterministic DPM-Solver++(2S).
+
+    The two noises of a step are increments of one Brownian motion W(sigma), over [s_mid, s] and [s_next, s],
+    built from two noise() draws: the joint law of diffusers' BrownianTree noise, not its bits (torchsde).
+    """
+    n = len(sigmas) - 1
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        else:
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            sigma_mid = (sigma * sigma_next).sqrt()  # midpoint in lambda = -log(sigma)
+            z1, z2 = (noise(), noise()) if eta else (None, None)
+            # Stage 1: ancestral DPM-Solver++(1) step sigma -> sigma_mid.
+            sd, su = get_ancestral_step(sigma, sigma_mid, eta)
+            x_2 = (sd / sigma) * x - torch.expm1((sd / sigma).log()) * denoised
+            if eta:
+                x_2 = x_2 + z1 * (su * s_noise)
+            denoised_2 = model(x_2, sigma_mid)
+            # Stage 2: sigma -> sigma_next with the midpoint's prediction (fac = 1 / (2r) = 1).
+            sd, su = get_ancestral_step(sigma, sigma_next, eta)
+            x = (sd / sigma) * x - torch.expm1((sd / sigma).log()) * denoised_2
+            if eta:
+                d1, d2 = sigma - sigma_mid, sigma_mid - sigma_next
+                w = (d1.sqrt() * z1 + d2.sqrt() * z2) / (d1 + d2).sqrt()  # (W(s) - W(s_next)) / sqrt(s - s_next)
+                x = x + w * (su * s_noise)
+        if callback is not None:
+            callback(i, n, x, denoised)
+    return x
+
+
+def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> np.ndarray:
+    """DPMSolverMultistepScheduler's integer timesteps: linspace and leading space steps + 1 points and drop the
+    last (t = 0); trailing is the usual one."""
+    n = schedule.num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy()
+    if spacing == "leading":
+        if n // (steps + 1) == 0:
+            raise ValueError(f"leading spacing allows at most {n - 1} steps, got {steps}")
+        return (np.arange(steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + schedule.steps_offset
+    return schedule.timesteps(steps, spacing)
+
+
+@dataclass(frozen=True)
+class DPMSolverSpec(SamplerSpec):
+    """The sigmas of diffusers' DPMSolverMultistepScheduler: its own timestep spacing, and karras / exponential
+    over the whole training range [sigma(t=0), sigma(t=999)] whatever the spacing."""
+
+    def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
+               spacing: Spacing | None = None) -> np.ndarray:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        lo, hi = schedule.sigma_min, schedule.sigma_max
+        if schedule_type == "normal":
+            sigmas = schedule.t_to_sigma(dpm_solver_timesteps(schedule, steps, spacing or self.default_spacing))
+        elif schedule_type == "karras":  # Karras et al. 2022, eq. 5, rho = 7
+            ramp = np.linspace(0, 1, steps)
+            sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        elif schedule_type == "exponential":
+            sigmas = np.exp(np.linspace(np.log(hi), np.log(lo), steps))
+        else:
+            raise ValueError(f"unknown schedule {schedule_type!r}")
+        return np.concatenate([sigmas, [lo if self.final_sigma == "sigma_min" else 0.0]]).astype(np.float32)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "lms": SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), diffusers_class="LMSDiscreteScheduler"),
+    "dpmpp_2m": DPMSolverSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), init="vp",
+                              diffusers_class="DPMSolverMultistepScheduler"),
+    "dpmpp_2m_sde": DPMSolverSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
+                                  stochastic=True, init="vp", diffusers_class="DPMSolverMultistepScheduler",
+                                  diffusers_options={"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_sde": SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), stochastic=True,
+                             diffusers_class="DPMSolverSDEScheduler"),
+}

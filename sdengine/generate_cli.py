@@ -1,0 +1,240 @@
+"""`sdengine generate | img2img | inpaint | models`: the generation commands of the CLI.
+
+Everything a run needs is checked before the model loads (sizes, sampler, output folder, input images), so a
+mistake costs a second, not a model load and a generation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedule import SCHEDULES, SPACINGS
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("SDENGINE_HOME", Path.home() / ".cache" / "sdengine")) / "models"
+
+
+def default_model() -> Path | None:
+    """The model shipped with the package, when this install has one."""
+    shipped = Path(__file__).parent / "models" / "default" / "model.safetensors"
+    return shipped if shipped.exists() else None
+
+
+def list_models(folder: Path | None = None) -> list[Path]:
+    folder = folder or models_dir()
+    if not folder.is_dir():
+        return []
+    found = [p for p in sorted(folder.iterdir())
+             if (p.is_file() and p.suffix in MODEL_SUFFIXES) or (p.is_dir() and (p / "model_index.json").exists())]
+    return found
+
+
+def resolve_model(name: str | None) -> Path:
+    """A path, or the name of a model in the models folder (with or without its suffix)."""
+    if name is None:
+        shipped = default_model()
+        if shipped is None:
+            raise UsageError("no --model given and no default model is installed; pass --model PATH or NAME "
+                             f"(models folder: {models_dir()})")
+        return shipped
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    for candidate in list_models():
+        if name in (candidate.name, candidate.stem):
+            return candidate
+    known = ", ".join(p.name for p in list_models()) or "none"
+    raise UsageError(f"no model {name!r}: not a path, and not in {models_dir()} (found: {known})")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return PRECISIONS[precision]
+
+
+def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
+    """One path per image: --out as given for one image, NAME-SEED.png for a batch; default sdengine-SEED.png."""
+    if out is None:
+        return [Path(f"sdengine-{s}.png") for s in seeds]
+    if out.is_dir():
+        return [out / f"sdengine-{s}.png" for s in seeds]
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    if len(seeds) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{s}{out.suffix or '.png'}") for s in seeds]
+
+
+def open_image(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{what} {path} is not a readable image ({e.__class__.__name__})") from None
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (A1111 weighting: (word:1.2), [word], BREAK)")
+    p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
+    p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
+    p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="euler", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--schedule", default="normal", choices=SCHEDULES)
+    p.add_argument("--spacing", default=None, choices=SPACINGS, help="timestep spacing (default: the sampler's)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=-1, help="-1 picks one (and reports it)")
+    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: 512, or the init image's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_generation(args: argparse.Namespace, mode: str) -> None:
+    from .metadata import save_png
+    from .pipeline import Request
+    from .prompts import BUNDLED_STYLES, apply_styles, load_styles
+
+    init = mask = None
+    if mode in ("img2img", "inpaint"):
+        init = open_image(args.image, "init image")
+    if mode == "inpaint":
+        mask = open_image(args.mask, "mask")
+        if mask.size != init.size:
+            print(f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
+                  f"{init.size[0]}x{init.size[1]}", file=sys.stderr)
+            mask = mask.resize(init.size)
+    width = args.width or (init.width // 8 * 8 if init else 512)
+    height = args.height or (init.height // 8 * 8 if init else 512)
+    prompt, negative = args.prompt, args.negative
+    if args.style:
+        styles = load_styles(args.styles_file or BUNDLED_STYLES)
+        prompt, negative = apply_styles(prompt, negative, args.style, styles)
+    strength = getattr(args, "strength", 1.0)
+    req = Request(prompt, negative, args.steps, args.sampler, args.schedule, args.spacing, args.cfg, args.seed,
+                  width, height, args.batch, args.clip_skip, strength)
+    paths = output_paths(args.out, req.seeds)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    model_path = resolve_model(args.model)
+
+    from .pipeline import Pipeline, image_to_tensor, mask_to_tensor
+    from .weights import load
+
+    model = load(model_path, device=device, dtype=dtype, vae=args.vae)
+    pipe = Pipeline(model)
+    callback, bar = progress(req.steps, args.quiet, strength)
+    init_t = image_to_tensor(init, width, height) if init is not None else None
+    mask_t = mask_to_tensor(mask, width, height) if mask is not None else None
+    try:
+        latents = pipe.sample(req, init=init_t, mask=mask_t, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    images = pipe.to_images(latents, req)
+    for image, path in zip(images, paths):
+        save_png(image, path, image.info["parameters"])
+        print(f"wrote {path} (seed {image.info['seed']})")
+
+
+def progress(steps: int, quiet: bool, strength: float):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True, desc="sampling")
+
+    def callback(i: int, n: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if bar.total != n:
+            bar.reset(total=n)
+        bar.update(1)
+
+    return callback, bar
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    run_generation(args, "txt2img")
+
+
+def cmd_img2img(args: argparse.Namespace) -> None:
+    run_generation(args, "img2img")
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    run_generation(args, "inpaint")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .weights import read_checkpoint
+
+    found = list_models()
+    if not found:
+        print(f"no models in {models_dir()} (set SDENGINE_HOME or copy checkpoints there)")
+        return
+    for path in found:
+        try:
+            family = read_checkpoint(path)[1].family
+        except (OSError, ValueError, KeyError) as e:
+            family = f"unreadable: {str(e).splitlines()[0]}"
+        print(f"{path.name:<48} {family}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="text to image")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("img2img", help="image + text to image")
+    p.add_argument("image", type=Path)
+    add_generation_args(p)
+    p.add_argument("--strength", type=float, default=0.75, help="how much to change: 0 < s <= 1")
+    p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    p.add_argument("image", type=Path)
+    p.add_argument("mask", type=Path)
+    add_generation_args(p)
+    p.add_argument("--strength", type=float, default=1.0)
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("models", help="list the models folder with each model's detected family")
+    p.set_defaults(func=cmd_models)
