@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import generate_cli
 
     generate_cli.register(sub)
+    from .train import cli as train_cli
+
+    train_cli.register(sub)
 
     p = sub.add_parser("info", help="a checkpoint's family, prediction, sizes and config; or a PNG's parameters")
     p.add_argument("path", type=Path, help="checkpoint (.safetensors/.ckpt), diffusers folder, or PNG image")

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from .attention import SpatialTransformer, normalization
@@ -132,6 +133,14 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch, groups), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        # Recompute block activations in the backward pass instead of storing them (training memory).
+        self.gradient_checkpointing = False
+
+    def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+             size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, size, use_reentrant=False)
+        return block(h, emb, context, size)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context."""
@@ -143,12 +152,12 @@ class UNetModel(nn.Module):
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             skip = skips.pop()
             # The next skip (if any) gives the size an upsampler in this block must reach.
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(torch.cat([h, skip], dim=1), emb, context, size)
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, size)
         return self.out(h)

@@ -21,6 +21,8 @@ from .keys import TEXT, UNET, VAE
 from .single import normalize, standalone_vae
 
 CONFIG_METADATA = "sdengine_config"  # our safetensors metadata: what shapes cannot tell (heads, eps/v)
+TOKENIZER_METADATA = "sdengine_tokenizer"  # a model's own (non-CLIP) vocabulary, so one file is the whole model
+CLIP_VOCAB_SIZE = 49408
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -43,6 +45,8 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
             cfg = ModelConfig.from_dict(fields)
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA} metadata ({e})") from None
+        tokenizer = _tokenizer_from_metadata(metadata, cfg, path)
+        return sd, cfg, tokenizer
     else:
         try:
             cfg = detect(sd)
@@ -52,6 +56,23 @@ def read_checkpoint(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
             what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
             raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
     return sd, cfg, None
+
+
+def _tokenizer_from_metadata(metadata: dict[str, str], cfg: ModelConfig, path: Path) -> CLIPTokenizer | None:
+    if TOKENIZER_METADATA not in metadata:
+        return None
+    try:
+        spec = json.loads(metadata[TOKENIZER_METADATA])
+        return CLIPTokenizer(spec["vocab"], spec["merges"], pad_with_eos=cfg.text.pad_with_eos)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid {TOKENIZER_METADATA} metadata ({e})") from None
+
+
+def tokenizer_metadata(tokenizer: CLIPTokenizer) -> dict[str, str]:
+    """Metadata entry carrying a custom vocabulary (the standard CLIP one ships with the package)."""
+    if len(tokenizer.vocab) == CLIP_VOCAB_SIZE:
+        return {}
+    return {TOKENIZER_METADATA: json.dumps({"vocab": tokenizer.vocab, "merges": [" ".join(m) for m in tokenizer.merges]})}
 
 
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -161,7 +182,9 @@ def save(model: StableDiffusion, dst: str | Path, to: Literal["single", "diffuse
         if dst.suffix in (".ckpt", ".pt", ".pth"):
             write_pickle(sd, tmp)
         else:
-            write_safetensors(sd, tmp, metadata={CONFIG_METADATA: single_file_config(model).to_json(), "format": "pt"})
+            metadata = {CONFIG_METADATA: single_file_config(model).to_json(), "format": "pt",
+                        **tokenizer_metadata(model.tokenizer)}
+            write_safetensors(sd, tmp, metadata=metadata)
     return dst
 
 

@@ -1,0 +1,122 @@
+"""`sdengine train vae | text | unet`: one stage per command, each resumable, each leaving a file the next reads.
+
+    sdengine train vae  --data shapes --out runs/vae
+    sdengine train text --data shapes --out runs/text
+    sdengine train unet --data shapes --out runs/unet --vae runs/vae/vae.safetensors --text runs/text/text.safetensors
+    sdengine train unet --data DIR --out runs/ft --init model.safetensors      (fine-tune a whole model)
+
+Under `torchrun --nproc_per_node N` the same commands train data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import TextConfig, UNetConfig, VAEConfig
+
+# Architectures sized for the shapes world on a CPU: 64x64 images, f=4 latents (16x16x4).
+ARCH = {
+    "shapes": {
+        "vae": VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        "text": TextConfig(width=256, layers=4, heads=4, mlp_width=1024),
+        "unet": UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=(2, 2, 2),
+                           attention_resolutions=(2, 4), num_heads=-1, num_head_channels=32,
+                           use_linear_in_transformer=True),
+    },
+    "tiny": {  # for tests: seconds per hundred steps
+        "vae": VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1),
+        "text": TextConfig(width=32, layers=1, heads=2, mlp_width=64),
+        "unet": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), attention_resolutions=(2,),
+                           num_heads=-1, num_head_channels=16, use_linear_in_transformer=True),
+    },
+}
+DEFAULTS = {  # steps, batch, lr per stage
+    "vae": (6000, 32, 2e-4), "text": (3000, 128, 3e-4), "unet": (40000, 64, 2e-4),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a stage: vae, text (encoder) or unet")
+    p.add_argument("stage", choices=["vae", "text", "unet"])
+    p.add_argument("--data", default="shapes", help="'shapes' (the procedural world) or a folder of images+captions")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, pictures, result)")
+    p.add_argument("--arch", default="shapes", choices=sorted(ARCH), help="architecture preset for fresh models")
+    p.add_argument("--size", type=int, default=64, help="image size")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.999 for unet, off otherwise)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--sample-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--vae", type=Path, default=None, help="unet: the trained VAE (vae.safetensors)")
+    p.add_argument("--text", type=Path, default=None, help="unet: the trained text encoder (text.safetensors)")
+    p.add_argument("--init", type=Path, default=None, help="unet: fine-tune this whole model (any SD checkpoint)")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def build_stage(args: argparse.Namespace):
+    from . import stages
+    from .data import ShapesSource, make_source
+
+    source = make_source(args.data, args.size, args.seed)
+    arch = ARCH[args.arch]
+    if args.stage == "vae":
+        return stages.VAEStage(arch["vae"], source, seed=args.seed)
+    if args.stage == "text":
+        captions = source.captions() if isinstance(source, ShapesSource) else [source.item(i)[1] for i in
+                                                                                  range(len(source.items))]
+        tokenizer_dir = args.out / "tokenizer"
+        if args.resume and tokenizer_dir.exists():  # the vocabulary is part of the run: reuse it
+            from ..tokenizer import CLIPTokenizer
+            tokenizer = CLIPTokenizer.from_dir(tokenizer_dir)
+        else:
+            tokenizer = stages.train_tokenizer(captions)
+            args.out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(tokenizer_dir)
+        return stages.TextStage(arch["text"], source, tokenizer, seed=args.seed)
+    if args.init is not None:
+        from ..weights import load
+        model = load(args.init)
+        model.requires_grad_(True)
+    else:
+        if args.vae is None or args.text is None:
+            raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
+        model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction)
+    return stages.UNetStage(model, source, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .trainer import TrainConfig, Trainer
+
+    steps, batch, lr = DEFAULTS[args.stage]
+    if args.out.exists() and any(args.out.glob("step-*")) and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue, or choose a new --out")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    stage = build_stage(args)
+    if args.grad_checkpointing and hasattr(stage, "model"):
+        stage.model.unet.gradient_checkpointing = True
+    ema = args.ema if args.ema is not None else (0.999 if args.stage == "unet" else 0.0)
+    cfg = TrainConfig(run_dir=args.out, steps=args.steps or steps, batch_size=args.batch or batch, lr=args.lr or lr,
+                      warmup=args.warmup, grad_accum=args.grad_accum, ema_decay=ema, precision=args.precision,
+                      save_every=args.save_every, keep=args.keep, sample_every=args.sample_every, seed=args.seed,
+                      quiet=args.quiet)
+    trainer = Trainer(stage, cfg, device)
+    modules = trainer.run(resume=args.resume)
+    if trainer.stop_requested:
+        return
+    if trainer.rank == 0:
+        stage.export(modules, args.out)
+        print(f"trained {args.stage} for {trainer.step} steps ({trainer.skipped} skipped); wrote {args.out}")

@@ -1,0 +1,119 @@
+"""Training data: image-caption sources with deterministic, index-addressed items.
+
+`source.item(i)` returns item i of an endless stream, always the same, so a global batch is the items
+[step * B, (step + 1) * B) and any process can compute its slice. Sources: the procedural shapes world
+(`--data shapes`) and a folder of images with captions (`--data DIR`: same-name .txt files, or a metadata.jsonl
+with file_name/text as in Hugging Face's imagefolder).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class Source(Protocol):
+    size: int
+
+    def item(self, index: int) -> tuple[np.ndarray, str]:
+        """(uint8 image (size, size, 3), caption) of item `index`."""
+        ...
+
+
+def item_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for item `index` of a run seeded `seed` (SplitMix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+class ShapesSource:
+    """The procedural shapes world; held-out attribute combinations never appear (they are for evaluation)."""
+
+    def __init__(self, size: int = 64, seed: int = 0):
+        from ..data import shapes
+
+        self.size, self.seed = size, seed
+        self._shapes = shapes
+
+    def item(self, index: int) -> tuple[np.ndarray, str]:
+        rng = np.random.default_rng(item_seed(self.seed, index))
+        image, caption, _ = self._shapes.random_training_example(rng, size=self.size)
+        return np.asarray(image, dtype=np.uint8), caption
+
+    def captions(self, n: int = 20000) -> list[str]:
+        return [self.item(i)[1] for i in range(n)]
+
+
+class FolderSource:
+    """Images with captions from a folder; unreadable images and images without a caption are skipped and
+    counted (stop if none is usable). Images are center-cropped to a square and resized to `size`."""
+
+    def __init__(self, folder: str | Path, size: int = 64, seed: int = 0):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+        self.size, self.seed = size, seed
+        pairs = self._pairs(folder)
+        self.items: list[tuple[Path, str]] = []
+        unreadable = 0
+        for path, caption in pairs:
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+                self.items.append((path, caption))
+            except (UnidentifiedImageError, OSError, SyntaxError):
+                unreadable += 1
+        skipped = self._missing_captions + unreadable
+        if skipped:
+            print(f"sdengine: skipped {self._missing_captions} images without a caption and {unreadable} unreadable "
+                  f"images in {folder}", file=sys.stderr)
+        if not self.items:
+            raise ValueError(f"no usable image-caption pairs in {folder} ({skipped} skipped)")
+
+    def _pairs(self, folder: Path) -> list[tuple[Path, str]]:
+        self._missing_captions = 0
+        meta = folder / "metadata.jsonl"
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if meta.exists():
+            captions: dict[str, str] = {}
+            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    captions[row["file_name"]] = str(row["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{meta}:{n}: expected a JSON object with file_name and text") from None
+            pairs = [(p, captions[str(p.relative_to(folder))]) for p in images if str(p.relative_to(folder)) in captions]
+        else:
+            pairs = []
+            for p in images:
+                txt = p.with_suffix(".txt")
+                if txt.exists():
+                    pairs.append((p, txt.read_text(encoding="utf-8").strip()))
+        self._missing_captions = len(images) - len(pairs)
+        return pairs
+
+    def item(self, index: int) -> tuple[np.ndarray, str]:
+        n = len(self.items)
+        epoch, position = divmod(index, n)
+        order = np.random.default_rng(item_seed(self.seed, epoch)).permutation(n)  # a fresh order each epoch
+        path, caption = self.items[order[position]]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.LANCZOS)
+            return np.asarray(img, dtype=np.uint8), caption
+
+
+def make_source(data: str, size: int, seed: int) -> Source:
+    return ShapesSource(size, seed) if data == "shapes" else FolderSource(data, size, seed)

@@ -1,0 +1,326 @@
+"""The three training stages of Stable Diffusion, as the trainer sees them: modules, batches, a loss, pictures and
+what each leaves behind.
+
+  vae:  KL autoencoder; L1 reconstruction weighted up on foreground pixels (objects, not the background that
+        fills most of the image) + KL to N(0, I). Leaves vae.safetensors (with the latent scaling factor).
+  text: CLIP-style contrastive pretraining of the text encoder against a small image encoder, on its own BPE
+        vocabulary. Leaves text.safetensors with the tokenizer inside; the image encoder is discarded.
+  unet: the denoiser on latents of the frozen VAE, conditioned on the frozen text encoder, captions dropped 10%
+        of the time so classifier-free guidance works; eps or v target, min-SNR weighting. Leaves model.safetensors:
+        the whole model in the original single-file layout.
+Random draws inside a loss come from per-item generators, so results do not depend on how a batch is split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ..diffusion.schedule import SD_SCHEDULE
+from ..model import StableDiffusion
+from ..nn.clip import CLIPTextEncoder
+from ..nn.vae import AutoencoderKL
+from ..tokenizer import CLIPTokenizer
+from ..weights.checkpoint import TOKENIZER_METADATA, tokenizer_metadata
+from ..weights.io import atomic_path, read_tensors, write_safetensors
+from ..weights.keys import TEXT, VAE
+from .data import Source, item_seed
+from .plots import image_grid
+
+
+def to_pixels(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    from PIL import Image
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def generators(seed: int, step: int, indices: range, salt: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(item_seed(seed + salt, step * 1_000_003 + i)) for i in indices]
+
+
+def randn(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
+
+
+def save_part(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    with atomic_path(path, force=True) as tmp:
+        write_safetensors(tensors, tmp, metadata=metadata)
+
+
+# --- VAE ----------------------------------------------------------------------------------------------------
+
+
+class VAEStage:
+    name = "vae"
+
+    def __init__(self, cfg: VAEConfig, source: Source, seed: int = 0, fg_weight: float = 10.0,
+                 kl_weight: float = 1e-6):
+        self.cfg, self.source, self.seed = cfg, source, seed
+        self.fg_weight, self.kl_weight = fg_weight, kl_weight
+        self.vae = AutoencoderKL(cfg)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae}
+
+    def batch(self, step: int, indices: range, device: torch.device):
+        images = [self.source.item(step * 1_000_003 + i)[0] for i in indices]
+        return to_pixels(images, device), generators(self.seed, step, indices, 1)
+
+    @staticmethod
+    def foreground(x: torch.Tensor) -> torch.Tensor:
+        """Pixels that differ from the image's background, taken as its corner colour (b, 1, h, w)."""
+        corner = x[:, :, :1, :1]
+        return ((x - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+    def loss(self, batch, step: int):
+        x, gens = batch
+        post = self.vae.encode(x)
+        z = post.mean + post.std * randn(gens, tuple(post.mean.shape[1:]), x.device).to(post.mean.dtype)
+        rec = self.vae.decode(z)
+        weight = 1 + self.fg_weight * self.foreground(x)
+        rec_loss = ((rec.float() - x).abs() * weight).mean()
+        kl = post.kl().float().mean() / x[0].numel()  # LDM's ratio: summed KL vs summed reconstruction error
+        return rec_loss + self.kl_weight * kl, {"rec": rec_loss.item(), "kl": kl.item()}
+
+    def eval_images(self, n: int = 16) -> list[np.ndarray]:
+        return [self.source.item(10 ** 12 + i)[0] for i in range(n)]  # far from any training index
+
+    @torch.no_grad()
+    def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
+        vae = modules["vae"]
+        was = vae.training
+        vae.eval()
+        x = to_pixels(self.eval_images(), next(vae.parameters()).device)
+        rec = vae.decode(vae.encode(x).mode())
+        image_grid(to_pil(x) + to_pil(rec), columns=len(x)).save(out)
+        vae.train(was)
+
+    @torch.no_grad()
+    def scaling_factor(self, vae: AutoencoderKL, n: int = 256) -> float:
+        """1 / std of the latents, SD's recipe, so diffused latents have unit variance."""
+        x = to_pixels([self.source.item(10 ** 12 + i)[0] for i in range(n)], next(vae.parameters()).device)
+        return float(1.0 / vae.encode(x).mode().float().std())
+
+    def export(self, modules: dict[str, nn.Module], out: Path) -> None:
+        vae = modules["vae"]
+        cfg = dataclasses.replace(self.cfg, scaling_factor=round(self.scaling_factor(vae), 5))
+        tensors = {VAE + k: v for k, v in vae.state_dict().items()}
+        save_part(tensors, out / "vae.safetensors", {"sdengine_vae_config": json.dumps(dataclasses.asdict(cfg))})
+
+
+def load_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
+    tensors, meta = read_tensors(path)
+    if "sdengine_vae_config" not in meta:
+        raise ValueError(f"{path}: not a VAE written by `sdengine train vae`")
+    fields = json.loads(meta["sdengine_vae_config"])
+    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    vae = AutoencoderKL(cfg)
+    vae.load_state_dict({k[len(VAE):]: v for k, v in tensors.items()})
+    return vae.eval().requires_grad_(False), cfg
+
+
+# --- text encoder -------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(captions: list[str], extra_words: list[str] = ()) -> CLIPTokenizer:
+    """A small byte-level BPE vocabulary in CLIP's format, learned from the captions (whole words become
+    single tokens; anything else still encodes, byte by byte)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, Regex
+
+    from ..tokenizer import _SPLIT_PATTERN, vocab_from_merges
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    words = sorted({w for c in captions for w in c.lower().split()} | set(extra_words))
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(captions) + words * 2, trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    return CLIPTokenizer(vocab_from_merges(merges), merges)
+
+
+class ImageEncoder(nn.Module):
+    """A small CNN for contrastive pretraining only: image -> embedding of the text width."""
+
+    def __init__(self, width: int, channels: int = 64):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU(),
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU())
+        self.pos = nn.Parameter(torch.zeros(1, 4 * c, 8, 8))  # where things are matters in this world
+        self.proj = nn.Linear(4 * c * 4, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        h = h + F.interpolate(self.pos, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        h = F.adaptive_avg_pool2d(h, 2).flatten(1)
+        return self.proj(h)
+
+
+class ContrastiveHead(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.text_proj = nn.Linear(width, width, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+
+class TextStage:
+    name = "text"
+
+    def __init__(self, cfg: TextConfig, source: Source, tokenizer: CLIPTokenizer, seed: int = 0):
+        self.cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer.vocab), eos_token_id=tokenizer.eos_id)
+        self.source, self.tokenizer, self.seed = source, tokenizer, seed
+        self.text = CLIPTextEncoder(self.cfg)
+        self.image = ImageEncoder(cfg.width)
+        self.head = ContrastiveHead(cfg.width)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"text": self.text, "image": self.image, "head": self.head}
+
+    def batch(self, step: int, indices: range, device: torch.device):
+        items = [self.source.item(step * 1_000_003 + i) for i in indices]
+        ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions).to(device)
+        return to_pixels([im for im, _ in items], device), ids, [c for _, c in items]
+
+    def loss(self, batch, step: int):
+        x, ids, captions = batch
+        text = F.normalize(self.head.text_proj(self.text(ids)[1]).float(), dim=-1)
+        image = F.normalize(self.image(x).float(), dim=-1)
+        logits = self.head.logit_scale.clamp(max=np.log(100)).exp() * image @ text.T
+        # Identical captions are positives too (soft targets), not false negatives.
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=x.device)
+        targets = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
+        acc = (logits.argmax(1) == torch.arange(len(x), device=x.device)).float().mean().item()
+        return loss, {"acc": acc}
+
+    def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
+        return None  # nothing to look at; the retrieval accuracy is in the log
+
+    def export(self, modules: dict[str, nn.Module], out: Path) -> None:
+        tensors = {TEXT + k: v for k, v in modules["text"].state_dict().items()}
+        meta = {"sdengine_text_config": json.dumps(dataclasses.asdict(self.cfg)), **tokenizer_metadata(self.tokenizer)}
+        save_part(tensors, out / "text.safetensors", meta)
+        self.tokenizer.save(out / "tokenizer")
+
+
+def load_text(path: Path) -> tuple[CLIPTextEncoder, TextConfig, CLIPTokenizer]:
+    tensors, meta = read_tensors(path)
+    if "sdengine_text_config" not in meta:
+        raise ValueError(f"{path}: not a text encoder written by `sdengine train text`")
+    cfg = TextConfig(**json.loads(meta["sdengine_text_config"]))
+    if TOKENIZER_METADATA in meta:  # its own vocabulary
+        spec = json.loads(meta[TOKENIZER_METADATA])
+        tokenizer = CLIPTokenizer(spec["vocab"], spec["merges"], pad_with_eos=cfg.pad_with_eos)
+    else:
+        tokenizer = CLIPTokenizer.default(pad_with_eos=cfg.pad_with_eos)
+    text = CLIPTextEncoder(cfg)
+    text.load_state_dict({k[len(TEXT):]: v for k, v in tensors.items()})
+    return text.eval().requires_grad_(False), cfg, tokenizer
+
+
+# --- UNet ----------------------------------------------------------------------------------------------------
+
+
+class UNetStage:
+    name = "unet"
+
+    def __init__(self, model: StableDiffusion, source: Source, seed: int = 0, caption_dropout: float = 0.1,
+                 snr_gamma: float = 5.0, sample_prompts: list[str] | None = None):
+        self.model, self.source, self.seed = model, source, seed
+        self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
+        self.sample_prompts = sample_prompts or ["a red circle", "two blue squares", "a green triangle above a "
+                                                 "yellow circle", "a big purple square on a black background"]
+        model.vae.requires_grad_(False).eval()
+        model.text_encoder.requires_grad_(False).eval()
+        self.alphas_cumprod = SD_SCHEDULE.alphas_cumprod
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.unet}
+
+    @torch.no_grad()
+    def batch(self, step: int, indices: range, device: torch.device):
+        items = [self.source.item(step * 1_000_003 + i) for i in indices]
+        gens = generators(self.seed, step, indices, 2)
+        # caption dropout decided per item, deterministically
+        captions = ["" if torch.rand((), generator=g).item() < self.caption_dropout else c
+                    for g, (_, c) in zip(gens, items)]
+        vae = self.model.vae
+        vae.to(device)
+        post = vae.encode(to_pixels([im for im, _ in items], device).to(next(vae.parameters()).dtype))
+        z0 = (post.mean + post.std * randn(gens, tuple(post.mean.shape[1:]), device)).float()
+        z0 = z0 * self.model.config.vae.scaling_factor
+        ids = self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device)
+        context = self.model.text_encoder.to(device)(ids)[0].float()
+        t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]).to(device)
+        noise = randn(gens, tuple(z0.shape[1:]), device)
+        return z0, context, t, noise
+
+    def loss(self, batch, step: int):
+        z0, context, t, noise = batch
+        x_t = SD_SCHEDULE.q_sample(z0, t, noise)
+        target = noise if self.model.config.prediction == "eps" else SD_SCHEDULE.velocity(z0, t, noise)
+        out = self.model.unet(x_t, t, context)
+        per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+        if self.snr_gamma > 0:  # min-SNR weighting (Hang et al. 2023): no step dominates the gradient
+            abar = self.alphas_cumprod.to(z0.device)[t]
+            snr = abar / (1 - abar)
+            weight = snr.clamp(max=self.snr_gamma) / (snr if self.model.config.prediction == "eps" else snr + 1)
+            per_item = per_item * weight
+        return per_item.mean(), {}
+
+    @torch.no_grad()
+    def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
+        from ..pipeline import Pipeline
+
+        unet = modules["unet"]
+        was = unet.training
+        unet.eval()
+        size = self.source.size
+        images = []
+        for prompt in self.sample_prompts:
+            images += Pipeline(self.model).generate(prompt, steps=20, cfg_scale=5.0, seed=0, width=size, height=size,
+                                                    batch_size=2)
+        image_grid(images, columns=len(images) // 2 if len(images) > 4 else len(images),
+                   labels=[p for p in self.sample_prompts for _ in range(2)]).save(out)
+        unet.train(was)
+
+    def export(self, modules: dict[str, nn.Module], out: Path) -> None:
+        from ..weights import save
+
+        save(self.model, out / "model.safetensors", dtype=torch.float16, force=True)
+
+
+def assemble(unet_cfg: UNetConfig, vae_path: Path, text_path: Path, prediction: str = "eps") -> StableDiffusion:
+    """A StableDiffusion from a trained VAE and text encoder and a fresh UNet with the given config."""
+    vae, vae_cfg = load_vae(vae_path)
+    text, text_cfg, tokenizer = load_text(text_path)
+    unet_cfg = dataclasses.replace(unet_cfg, context_dim=text_cfg.width)
+    cfg = ModelConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, prediction=prediction)
+    model = StableDiffusion(cfg, tokenizer)
+    model.init_weights()
+    model.first_stage_model.load_state_dict(vae.state_dict())
+    model.cond_stage_model.load_state_dict(text.state_dict())
+    return model
+
+
+__all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "train_tokenizer", "load_vae", "load_text"]

@@ -1,0 +1,279 @@
+"""The training loop shared by every stage: optimizer, warmup + cosine LR, bf16 autocast, accumulation, EMA,
+atomic checkpoints with resume, SIGTERM, NaN/inf guards, logs and pictures, and data parallelism under torchrun.
+
+A stage (stages.py) supplies the modules to train, a loss over a batch, and a deterministic batch stream:
+batch(step, indices) returns the items `indices` of global step `step`, so under torchrun each rank takes its
+slice of the same global batch and N processes compute what one process with the same global batch computes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import ResumeError, load_latest, rng_state, save_checkpoint, set_rng_state
+from .plots import write_loss_curve
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Path
+    steps: int = 1000
+    batch_size: int = 32  # global batch, over all processes and accumulation steps
+    lr: float = 1e-4
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables the EMA
+    precision: str = "bf16"  # autocast dtype: bf16 | fp16 | fp32
+    grad_checkpointing: bool = False
+    save_every: int = 500
+    keep: int = 3
+    log_every: int = 20
+    sample_every: int = 0  # 0: only at the end
+    seed: int = 0
+    max_bad_steps: int = 20  # consecutive non-finite losses before aborting
+    quiet: bool = False
+
+
+class Stage(Protocol):
+    name: str
+
+    def trainable(self) -> dict[str, nn.Module]: ...
+
+    def batch(self, step: int, indices: range, device: torch.device) -> Any: ...
+
+    def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None: ...
+
+    def export(self, modules: dict[str, nn.Module], out: Path) -> None: ...
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from 1 down to min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warmup of the decay (1 + n) / (10 + n)."""
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {name: {k: v.detach().clone().float() for k, v in m.state_dict().items()}
+                       for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name, m in modules.items():
+            for k, v in m.state_dict().items():
+                s = self.shadow[name][k]
+                if v.is_floating_point():
+                    s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+                else:
+                    s.copy_(v)
+
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in self.shadow[name].items()})
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initializes the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class Trainer:
+    def __init__(self, stage: Stage, cfg: TrainConfig, device: torch.device):
+        self.stage, self.cfg, self.device = stage, cfg, device
+        self.rank, self.world = distributed()
+        per_step = cfg.batch_size // cfg.grad_accum
+        if cfg.batch_size % (cfg.grad_accum * self.world) or per_step < self.world:
+            raise ValueError(f"batch size {cfg.batch_size} must divide into {cfg.grad_accum} accumulation steps "
+                             f"x {self.world} processes")
+        self.micro = per_step // self.world  # items per process per micro-step
+        torch.manual_seed(cfg.seed)  # fresh weights are the same in every process ...
+        self.modules = stage.trainable()
+        if self.world > 1:  # ... and rank 0's are authoritative
+            for m in self.modules.values():
+                for t in m.state_dict().values():
+                    dist.broadcast(t, 0)
+        for m in self.modules.values():
+            m.to(device).train()
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.ema = EMA(self.modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped = 0
+        self.stop_requested = False
+        self.history: list[dict[str, float]] = []
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": self.skipped,
+                "modules": {n: m.state_dict() for n, m in self.modules.items()},
+                "ema": self.ema.shadow if self.ema else None, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "config": {k: str(v) for k, v in asdict(self.cfg).items()}}
+
+    def resume(self) -> None:
+        path, state = load_latest(self.cfg.run_dir)
+        missing = set(self.modules) - set(state.get("modules", {}))
+        if missing:
+            raise ResumeError(f"--resume: {path} has no state for {sorted(missing)} (another stage's run?)")
+        for name, m in self.modules.items():
+            m.load_state_dict(state["modules"][name])
+        if self.ema and state.get("ema"):
+            self.ema.shadow = state["ema"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.cfg.run_dir, self.step, self.state(), keep=self.cfg.keep)
+        if self.world > 1:
+            dist.barrier()
+
+    def log(self, message: str) -> None:
+        if self.rank == 0 and not self.cfg.quiet:
+            print(message, file=sys.stderr)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum, frame) -> None:  # finish the step, save, leave
+        self.stop_requested = True
+
+    def train_step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over the global batch; returns the mean loss (NaN if it was skipped)."""
+        cfg = self.cfg
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, logs = 0.0, {}
+        finite = True
+        per_step = cfg.batch_size // cfg.grad_accum
+        for micro in range(cfg.grad_accum):
+            start = micro * per_step + self.rank * self.micro
+            batch = self.stage.batch(self.step, range(start, start + self.micro), self.device)
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                loss, parts = self.stage.loss(batch, self.step)
+            finite &= bool(torch.isfinite(loss).item())
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.world > 1:  # average gradients (and the finiteness verdict) over processes
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        if finite and cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            finite = bool(torch.isfinite(norm).item())
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), logs
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.modules, self.step)
+        return total, logs
+
+    def run(self, resume: bool = False) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        log_path = cfg.run_dir / "log.jsonl"
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        bar = None
+        if self.rank == 0 and not cfg.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                       desc=self.stage.name)
+        last_time, images = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps and not self.stop_requested:
+                loss, parts = self.train_step()
+                images += cfg.batch_size
+                if not math.isfinite(loss):
+                    self.bad_steps += 1
+                    self.skipped += 1
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        raise TrainingAborted(f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                                              f"stopped (the last good checkpoint in {cfg.run_dir} is intact)")
+                    continue
+                self.bad_steps = 0
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "images_per_s": images / (now - last_time), "skipped": self.skipped, **parts}
+                    last_time, images = now, 0
+                    self.history.append(record)
+                    if self.rank == 0:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.save_every == 0:
+                    self.save()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
+                    self.pictures()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if bar is not None:
+                bar.close()
+        self.save()
+        if self.rank == 0:
+            self.pictures()
+        if self.stop_requested:
+            self.log(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume with --resume")
+        return self.final_modules()
+
+    def final_modules(self) -> dict[str, nn.Module]:
+        """The trained modules, with EMA weights when an EMA is kept."""
+        if self.ema:
+            self.ema.copy_to(self.modules)
+        for m in self.modules.values():
+            m.eval()
+        return self.modules
+
+    def pictures(self) -> None:
+        write_loss_curve(self.cfg.run_dir / "log.jsonl", self.cfg.run_dir / "loss.png")
+        self.stage.samples(self.modules, self.step, self.cfg.run_dir / f"samples-{self.step:09d}.png")
