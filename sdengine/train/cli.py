@@ -10,6 +10,7 @@ Under `torchrun --nproc_per_node N` the same commands train data-parallel.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from ..config import TextConfig, UNetConfig, VAEConfig
 # Architectures sized for the shapes world on a CPU: 64x64 images, f=4 latents (16x16x4).
 ARCH = {
     "shapes": {
-        "vae": VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+        # 16 channels at full resolution: flat-colour shapes need little there, and it is where the FLOPs are.
+        "vae": VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
         "text": TextConfig(width=256, layers=4, heads=4, mlp_width=1024),
         "unet": UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=(2, 2, 2),
                            attention_resolutions=(2, 4), num_heads=-1, num_head_channels=32,
@@ -52,7 +54,9 @@ def register(sub) -> None:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.999 for unet, off otherwise)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log.jsonl records")
+    p.add_argument("--max-bad-steps", type=int, default=20, help="non-finite losses in a row before giving up")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--sample-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -98,21 +102,35 @@ def build_stage(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .checkpoint import ResumeError, checkpoints
     from .trainer import TrainConfig, Trainer
 
     steps, batch, lr = DEFAULTS[args.stage]
+    for name, value in (("--steps", args.steps), ("--batch", args.batch), ("--grad-accum", args.grad_accum),
+                        ("--log-every", args.log_every), ("--max-bad-steps", args.max_bad_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (got {value})")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be 0 or more (got {args.save_every})")
     if args.out.exists() and any(args.out.glob("step-*")) and not args.resume:
         raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue, or choose a new --out")
+    if args.resume and not checkpoints(args.out):  # before building anything (the text stage writes a tokenizer)
+        raise ResumeError(f"--resume: no complete checkpoint in {args.out} (nothing to resume; drop --resume "
+                          "to start fresh)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
     stage = build_stage(args)
     if args.grad_checkpointing and hasattr(stage, "model"):
         stage.model.unet.gradient_checkpointing = True
     ema = args.ema if args.ema is not None else (0.999 if args.stage == "unet" else 0.0)
     cfg = TrainConfig(run_dir=args.out, steps=args.steps or steps, batch_size=args.batch or batch, lr=args.lr or lr,
                       warmup=args.warmup, grad_accum=args.grad_accum, ema_decay=ema, precision=args.precision,
-                      save_every=args.save_every, keep=args.keep, sample_every=args.sample_every, seed=args.seed,
-                      quiet=args.quiet)
+                      save_every=args.save_every, keep=args.keep, log_every=args.log_every,
+                      sample_every=args.sample_every, seed=args.seed, max_bad_steps=args.max_bad_steps, quiet=args.quiet)
     trainer = Trainer(stage, cfg, device)
     modules = trainer.run(resume=args.resume)
     if trainer.stop_requested:

@@ -8,6 +8,7 @@ with file_name/text as in Hugging Face's imagefolder).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -38,15 +39,14 @@ class ShapesSource:
     """The procedural shapes world; held-out attribute combinations never appear (they are for evaluation)."""
 
     def __init__(self, size: int = 64, seed: int = 0):
-        from ..data import shapes
+        from ..data.shapes import SceneSampler
 
         self.size, self.seed = size, seed
-        self._shapes = shapes
+        self.sampler = SceneSampler(seed=seed, resolution=size, mode="train")
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
-        rng = np.random.default_rng(item_seed(self.seed, index))
-        image, caption, _ = self._shapes.random_training_example(rng, size=self.size)
-        return np.asarray(image, dtype=np.uint8), caption
+        sample = self.sampler.sample(index)
+        return np.asarray(sample.image, dtype=np.uint8), sample.caption
 
     def captions(self, n: int = 20000) -> list[str]:
         return [self.item(i)[1] for i in range(n)]
@@ -72,7 +72,7 @@ class FolderSource:
             except (UnidentifiedImageError, OSError, SyntaxError):
                 unreadable += 1
         skipped = self._missing_captions + unreadable
-        if skipped:
+        if skipped and os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
             print(f"sdengine: skipped {self._missing_captions} images without a caption and {unreadable} unreadable "
                   f"images in {folder}", file=sys.stderr)
         if not self.items:

@@ -1,0 +1,164 @@
+"""ShapesEval: a fixed GenEval-style benchmark for the shapes world, judged exactly by checker.check.
+
+Categories follow GenEval: single_object ("a star"), two_object ("a circle and a square"), counting ("three
+crosses"), colors ("a purple diamond"), position ("a circle to the left of a star"), color_attr ("a red circle
+and a blue square"). Like GenEval, objects in single_object / two_object / counting carry no colour; about a
+quarter of the coloured prompts use a HELD_OUT colour-shape binding (tagged held_out) that the training
+stream never shows, so compositional generalization is measured separately from memorization.
+
+The list is built from a fixed rng: the same prompts, in the same order, for every run and every machine.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shapes import (
+    COLORS,
+    DEFAULT_BACKGROUND,
+    HELD_OUT,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Group,
+    PromptError,
+    Scene,
+    SceneSpec,
+    describe,
+    realize,
+    render,
+)
+
+EVAL_CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position",
+                                    "color_attr")
+# Prompts per category (520 in all); single_object is small because the world has few unstated-colour forms.
+CATEGORY_SIZES: dict[str, int] = {"single_object": 60, "two_object": 90, "counting": 90, "colors": 80,
+                                  "position": 100, "color_attr": 100}
+HELD_OUT_SHARE = 0.25
+_COLORED = ("colors", "position", "color_attr")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    category: str
+    prompt: str
+    spec: SceneSpec
+    seed: int          # the generation seed; each prompt comes with seeds 0 .. seeds_per_prompt-1
+    held_out: bool     # the prompt names a HELD_OUT colour-shape binding
+
+    def scene(self, resolution: int = 64) -> Scene:
+        """A ground-truth scene for this prompt and seed (what a perfect model could draw)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(self.prompt.encode())])
+        return realize(self.spec, rng, resolution)
+
+    def render(self, resolution: int = 64) -> np.ndarray:
+        return render(self.scene(resolution))
+
+
+def _background(rng: np.random.Generator) -> str:
+    return DEFAULT_BACKGROUND if rng.random() < 0.7 else str(rng.choice([c for c in COLORS if c != "white"]))
+
+
+def _size(rng: np.random.Generator) -> str | None:
+    return None if rng.random() < 0.6 else str(rng.choice(SIZES))
+
+
+def _two_shapes(rng: np.random.Generator) -> tuple[str, str]:
+    a, b = rng.choice(len(SHAPES), 2, replace=False)
+    return SHAPES[int(a)], SHAPES[int(b)]
+
+
+def _colored_group(rng: np.random.Generator, shape: str, held: bool) -> Group:
+    """A coloured object; held: its binding is one of HELD_OUT (shape ignored), else never one."""
+    if held:
+        color, shape = sorted(HELD_OUT)[int(rng.integers(len(HELD_OUT)))]
+    else:
+        color = str(rng.choice([c for c in COLORS if (c, shape) not in HELD_OUT]))
+    return Group(shape, color, _size(rng))
+
+
+def _single_object(rng: np.random.Generator, held: bool) -> SceneSpec:
+    return SceneSpec((Group(str(rng.choice(SHAPES)), None, _size(rng)),), None, _background(rng))
+
+
+def _two_object(rng: np.random.Generator, held: bool) -> SceneSpec:
+    a, b = _two_shapes(rng)
+    return SceneSpec((Group(a, None, _size(rng)), Group(b, None, _size(rng))), None, _background(rng))
+
+
+def _counting(rng: np.random.Generator, held: bool) -> SceneSpec:
+    g = Group(str(rng.choice(SHAPES)), None, _size(rng), int(rng.integers(2, 5)))
+    return SceneSpec((g,), None, _background(rng))
+
+
+def _colors(rng: np.random.Generator, held: bool) -> SceneSpec:
+    return SceneSpec((_colored_group(rng, str(rng.choice(SHAPES)), held),), None, _background(rng))
+
+
+def _position(rng: np.random.Generator, held: bool) -> SceneSpec:
+    a, b = _two_shapes(rng)
+    rel = str(rng.choice(RELATIONS))
+    if not held and rng.random() < 0.5:   # GenEval's form: no colours, only where things are
+        groups = (Group(a, None, _size(rng)), Group(b, None, _size(rng)))
+    else:
+        first_held = held and rng.random() < 0.5
+        groups = (_colored_group(rng, a, first_held), _colored_group(rng, b, held and not first_held))
+    return SceneSpec(groups, rel, _background(rng))
+
+
+def _color_attr(rng: np.random.Generator, held: bool) -> SceneSpec:
+    a, b = _two_shapes(rng) if rng.random() < 0.8 else (str(rng.choice(SHAPES)),) * 2
+    first_held = held and rng.random() < 0.5
+    ga, gb = _colored_group(rng, a, first_held), _colored_group(rng, b, held and not first_held)
+    return SceneSpec((ga, gb), None, _background(rng))
+
+
+_MAKERS: dict[str, Callable[[np.random.Generator, bool], SceneSpec]] = {
+    "single_object": _single_object, "two_object": _two_object, "counting": _counting, "colors": _colors,
+    "position": _position, "color_attr": _color_attr}
+
+
+def eval_prompts(seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
+    """The distinct prompts: (category, prompt, spec, held_out), no two with the same meaning."""
+    rng = np.random.default_rng(seed)
+    seen: set[SceneSpec] = set()
+    out: list[tuple[str, str, SceneSpec, bool]] = []
+    for cat in EVAL_CATEGORIES:
+        made = 0
+        while made < CATEGORY_SIZES[cat]:
+            held = cat in _COLORED and rng.random() < HELD_OUT_SHARE
+            spec = _MAKERS[cat](rng, held)
+            try:
+                spec.validate()
+            except PromptError:        # e.g. the shape's colour drawn equal to the background
+                continue
+            if spec.held_out() != held or spec.normalized() in seen:
+                continue
+            seen.add(spec.normalized())
+            out.append((cat, describe(spec), spec, held))
+            made += 1
+    return out
+
+
+def shapes_eval(seeds_per_prompt: int = 4, seed: int = 2024) -> list[EvalItem]:
+    """Every prompt of eval_prompts() with generation seeds 0 .. seeds_per_prompt-1 (GenEval uses 4)."""
+    return [EvalItem(cat, prompt, spec, s, held)
+            for cat, prompt, spec, held in eval_prompts(seed) for s in range(seeds_per_prompt)]
+
+
+def summarize(items: list[EvalItem], passed: list[bool]) -> dict[str, float]:
+    """Pass rate per category, GenEval's overall score (mean over categories), and held-out vs seen."""
+    scores: dict[str, float] = {}
+    for cat in EVAL_CATEGORIES:
+        r = [p for it, p in zip(items, passed) if it.category == cat]
+        if r:
+            scores[cat] = float(np.mean(r))
+    scores["overall"] = float(np.mean([scores[c] for c in EVAL_CATEGORIES if c in scores]))
+    for name, want in (("held_out", True), ("seen_colored", False)):
+        r = [p for it, p in zip(items, passed) if it.held_out == want and it.category in _COLORED]
+        if r:
+            scores[name] = float(np.mean(r))
+    return scores
