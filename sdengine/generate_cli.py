@@ -218,7 +218,38 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{path.name:<48} {family}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import format_table, run_eval, write_report
+    from .pipeline import Pipeline
+    from .weights import load
+
+    device = pick_device(args.device)
+    model_path = resolve_model(args.model)
+    model = load(model_path, device=device, dtype=pick_dtype(args.precision, device))
+    scores, records, images = run_eval(Pipeline(model), seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+                                       cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet)
+    meta = {"model": str(model_path), "seeds": args.seeds, "steps": args.steps, "sampler": args.sampler,
+            "cfg_scale": args.cfg, "limit": args.limit}
+    write_report(scores, records, images, args.out, meta)
+    print(format_table(scores))
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'examples.png'}")
+
+
 def register(sub) -> None:
+    p = sub.add_parser("eval", help="ShapesEval: prompt adherence judged by the exact checker")
+    p.add_argument("--model", default=None, help="checkpoint path or name (default: the shipped model)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each category")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--out", type=Path, default=Path("shapes-eval"), help="folder for report.json and examples.png")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("generate", help="text to image")
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
