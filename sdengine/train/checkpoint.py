@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,15 @@ import torch
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
+_NAME = re.compile(rf"{PREFIX}(\d+)")
 
 
 class ResumeError(RuntimeError):
     """--resume cannot go on: no checkpoint, or none that is complete and readable."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the previous ones are left as they were."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,15 +56,35 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder's name (`step-000001234`), None for any other name."""
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (folders without COMPLETE and `.partial` ones are not)."""
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in run_dir.iterdir() if p.is_dir() and step_of(p) is not None and (p / MARKER).exists()]
+    return sorted(found, key=step_of)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep` complete ones.
+
+    Checkpoints of later steps are removed: they belong to a run abandoned by resuming from an older one (a newer
+    checkpoint that could not be read), and would otherwise count as the newest when pruning."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(f".{PREFIX}*.partial*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -65,21 +92,31 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial", dir=run_dir))
     try:
         torch.save(state, tmp / "state.pt")
+        _fsync(tmp / "state.pt")  # the data on disk before COMPLETE says it is
         (tmp / MARKER).write_text(f"{step}\n")
-        with open(tmp / MARKER) as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
+        _fsync(tmp / MARKER)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+        _fsync(run_dir)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        reason = (f"{os.strerror(e.errno)}" if isinstance(e, OSError) and e.errno else
+                  (str(e).strip().splitlines() or [type(e).__name__])[0])
+        previous = checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"could not save the checkpoint of step {step} in {run_dir}: {reason} "
+                              f"({kept})") from e
+    for newer in [p for p in checkpoints(run_dir) if step_of(p) > step]:
+        shutil.rmtree(newer, ignore_errors=True)
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_latest(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+def load_latest(run_dir: Path, quiet: bool = False) -> tuple[Path, dict[str, Any]]:
     """The newest complete checkpoint that reads back; skips (and names) ones that are corrupt."""
     found = checkpoints(run_dir)
     if not found:
@@ -88,7 +125,14 @@ def load_latest(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     errors = []
     for path in reversed(found):
         try:
-            return path, torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a training checkpoint")
         except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
-            errors.append(f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            errors.append(f"{path.name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            continue
+        if errors and not quiet:
+            print(f"sdengine: warning: skipped unreadable checkpoints ({'; '.join(errors)}); resuming from the older "
+                  f"{path.name}", file=sys.stderr)
+        return path, state
     raise ResumeError(f"--resume: no readable checkpoint in {run_dir} ({'; '.join(errors)})")

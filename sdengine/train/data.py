@@ -65,11 +65,12 @@ class FolderSource:
         self.items: list[tuple[Path, str]] = []
         unreadable = 0
         for path, caption in pairs:
-            try:
+            try:  # decoded once, at the scale we need: verify() alone passes truncated JPEGs
                 with Image.open(path) as img:
-                    img.verify()
+                    img.draft("RGB", (size, size))
+                    img.load()
                 self.items.append((path, caption))
-            except (UnidentifiedImageError, OSError, SyntaxError):
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 unreadable += 1
         skipped = self._missing_captions + unreadable
         if skipped and os.environ.get("RANK", "0") == "0":  # once, not once per process under torchrun
@@ -89,10 +90,14 @@ class FolderSource:
                     continue
                 try:
                     row = json.loads(line)
-                    captions[row["file_name"]] = str(row["text"])
+                    if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
+                        raise TypeError
+                    captions[row["file_name"].removeprefix("./")] = row["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{meta}:{n}: expected a JSON object with file_name and text") from None
-            pairs = [(p, captions[str(p.relative_to(folder))]) for p in images if str(p.relative_to(folder)) in captions]
+                    raise ValueError(f"{meta}:{n}: expected a JSON object with file_name and text "
+                                     f"strings, got {line.strip()[:60]!r}") from None
+            names = {p: p.relative_to(folder).as_posix() for p in images}
+            pairs = [(p, captions[names[p]]) for p in images if names[p] in captions]
         else:
             pairs = []
             for p in images:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import ResumeError, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import ResumeError, checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from .plots import write_loss_curve
 
 
@@ -43,7 +44,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables the EMA
     precision: str = "bf16"  # autocast dtype: bf16 | fp16 | fp32
     grad_checkpointing: bool = False
-    save_every: int = 500
+    save_every: int = 500  # 0: only at the end (and on SIGTERM)
     keep: int = 3
     log_every: int = 20
     sample_every: int = 0  # 0: only at the end
@@ -98,27 +99,27 @@ class EMA:
             m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in self.shadow[name].items()})
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initializes the process group when launched by torchrun."""
+def distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); initializes the process group when launched by torchrun (NCCL for CUDA, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 class Trainer:
     def __init__(self, stage: Stage, cfg: TrainConfig, device: torch.device):
         self.stage, self.cfg, self.device = stage, cfg, device
-        self.rank, self.world = distributed()
+        self.rank, self.world = distributed(device)
         per_step = cfg.batch_size // cfg.grad_accum
         if cfg.batch_size % (cfg.grad_accum * self.world) or per_step < self.world:
             raise ValueError(f"batch size {cfg.batch_size} must divide into {cfg.grad_accum} accumulation steps "
                              f"x {self.world} processes")
         self.micro = per_step // self.world  # items per process per micro-step
-        torch.manual_seed(cfg.seed)  # fresh weights are the same in every process ...
+        torch.manual_seed(cfg.seed)
         self.modules = stage.trainable()
-        if self.world > 1:  # ... and rank 0's are authoritative
+        if self.world > 1:  # rank 0's fresh weights are authoritative (the stage built them before we were called)
             for m in self.modules.values():
                 for t in m.state_dict().values():
                     dist.broadcast(t, 0)
@@ -129,9 +130,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ema = EMA(self.modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
+        self.saved_step = -1  # the step of the newest checkpoint written or resumed from
         self.bad_steps = 0
         self.skipped = 0
-        self.stop_requested = False
+        self.sigterm = False  # set by the signal handler, in this process
+        self.stop_requested = False  # agreed by all processes: stop after this step
         self.history: list[dict[str, float]] = []
 
     # --- state -------------------------------------------------------------------------------------------------
@@ -144,25 +147,34 @@ class Trainer:
                 "config": {k: str(v) for k, v in asdict(self.cfg).items()}}
 
     def resume(self) -> None:
-        path, state = load_latest(self.cfg.run_dir)
+        path, state = load_latest(self.cfg.run_dir, quiet=self.rank != 0)
         missing = set(self.modules) - set(state.get("modules", {}))
         if missing:
             raise ResumeError(f"--resume: {path} has no state for {sorted(missing)} (another stage's run?)")
         for name, m in self.modules.items():
             m.load_state_dict(state["modules"][name])
         if self.ema and state.get("ema"):
-            self.ema.shadow = state["ema"]
+            self.ema.shadow = {n: {k: v.to(self.device) for k, v in sd.items()} for n, sd in state["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
+        self.saved_step = self.step
+        if self.rank == 0:  # log records past the checkpoint are from steps that will be trained again
+            log_path = self.cfg.run_dir / "log.jsonl"
+            if log_path.exists():
+                kept = [line for line in log_path.read_text().splitlines() if _logged_step(line) <= self.step]
+                log_path.write_text("".join(line + "\n" for line in kept))
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
+        if self.step == self.saved_step:
+            return
         if self.rank == 0:
             save_checkpoint(self.cfg.run_dir, self.step, self.state(), keep=self.cfg.keep)
         if self.world > 1:
             dist.barrier()
+        self.saved_step = self.step
 
     def log(self, message: str) -> None:
         if self.rank == 0 and not self.cfg.quiet:
@@ -171,10 +183,11 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def _on_sigterm(self, signum, frame) -> None:  # finish the step, save, leave
-        self.stop_requested = True
+        self.sigterm = True
 
     def train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step over the global batch; returns the mean loss (NaN if it was skipped)."""
+        """One optimizer step over the global batch; returns the mean loss (NaN if it was skipped: a non-finite
+        loss or gradient leaves the weights, the optimizer state and the EMA as they were)."""
         cfg = self.cfg
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.optimizer.zero_grad(set_to_none=True)
@@ -192,31 +205,45 @@ class Trainer:
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.world > 1:  # average gradients (and the finiteness verdict) over processes
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0
+        if self.world > 1:  # average gradients, loss and logged parts; agree on finiteness and on a SIGTERM
+            keys = sorted(logs)
+            flags = torch.tensor([0.0 if finite else 1.0, float(self.sigterm), total if finite else 0.0,
+                                  *(logs[k] if finite else 0.0 for k in keys)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(flags)
+            finite, total = flags[0].item() == 0, flags[2].item() / self.world
+            logs = {k: flags[3 + i].item() / self.world for i, k in enumerate(keys)}
+            self.stop_requested = flags[1].item() > 0  # torchrun signals all; they stop after the same step
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
-        if finite and cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if finite:  # also catches inf/NaN gradients from a finite loss; clips when grad_clip > 0
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             finite = bool(torch.isfinite(norm).item())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # (a skipped first step: "scheduler.step() before optimizer.step()")
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the LR follows the step count, skipped steps included
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
             return float("nan"), logs
-        self.optimizer.step()
-        self.scheduler.step()
         if self.ema:
             self.ema.update(self.modules, self.step)
         return total, logs
 
-    def run(self, resume: bool = False) -> dict[str, nn.Module]:
+    def run(self, resume: bool = False, stop_at: int | None = None) -> dict[str, nn.Module]:
+        """Train to cfg.steps (from the newest checkpoint with resume=True). stop_at pauses earlier, as SIGTERM
+        does: a checkpoint of that step, and a later run(resume=True) goes on exactly as if never paused.
+
+        A step whose loss or gradients are not finite is skipped (its batch is passed over, the weights are left
+        as they were, and `skipped` counts it); cfg.max_bad_steps of them in a row raise TrainingAborted."""
         cfg = self.cfg
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
+        elif checkpoints(cfg.run_dir):
+            raise ResumeError(f"{cfg.run_dir} already holds checkpoints: resume from them, or choose a new folder")
         log_path = cfg.run_dir / "log.jsonl"
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = None
@@ -225,23 +252,31 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                        desc=self.stage.name)
         last_time, images = time.perf_counter(), 0
+        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
         try:
-            while self.step < cfg.steps and not self.stop_requested:
+            while self.step < end and not self.stop_requested:
                 loss, parts = self.train_step()
+                if self.world == 1:
+                    self.stop_requested = self.sigterm
                 images += cfg.batch_size
-                if not math.isfinite(loss):
+                self.step += 1  # a skipped step still uses up its batch: the same data would fail again
+                if math.isfinite(loss):
+                    self.bad_steps = 0
+                else:
                     self.bad_steps += 1
                     self.skipped += 1
                     if self.bad_steps >= cfg.max_bad_steps:
-                        raise TrainingAborted(f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
-                                              f"stopped (the last good checkpoint in {cfg.run_dir} is intact)")
-                    continue
-                self.bad_steps = 0
-                self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        last = checkpoints(cfg.run_dir) if self.rank == 0 else []
+                        raise TrainingAborted(
+                            f"{self.bad_steps} non-finite losses in a row (steps {self.step - self.bad_steps + 1}.."
+                            f"{self.step}); training stopped: "
+                            + (f"the last good checkpoint {last[-1]} is intact" if last else
+                               "no checkpoint had been saved yet") + " (lower --lr, or check the data)")
+                if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == cfg.steps:
                     now = time.perf_counter()
-                    record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                              "images_per_s": images / (now - last_time), "skipped": self.skipped, **parts}
+                    record = {"step": self.step, "loss": loss if math.isfinite(loss) else None,
+                              "lr": self.scheduler.get_last_lr()[0], "images_per_s": images / (now - last_time),
+                              "skipped": self.skipped, **parts}
                     last_time, images = now, 0
                     self.history.append(record)
                     if self.rank == 0:
@@ -251,7 +286,8 @@ class Trainer:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.save_every == 0:
+                # checkpoints only after a good step: the last one before a run of bad steps stays the newest
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_steps == 0:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
                     self.pictures()
@@ -261,7 +297,7 @@ class Trainer:
                 bar.close()
         self.save()
         if self.rank == 0:
-            self.pictures()
+            self.pictures(samples=self.step >= cfg.steps)  # a pause (SIGTERM, stop_at) leaves promptly
         if self.stop_requested:
             self.log(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume with --resume")
         return self.final_modules()
@@ -274,6 +310,15 @@ class Trainer:
             m.eval()
         return self.modules
 
-    def pictures(self) -> None:
+    def pictures(self, samples: bool = True) -> None:
         write_loss_curve(self.cfg.run_dir / "log.jsonl", self.cfg.run_dir / "loss.png")
-        self.stage.samples(self.modules, self.step, self.cfg.run_dir / f"samples-{self.step:09d}.png")
+        if samples:
+            self.stage.samples(self.modules, self.step, self.cfg.run_dir / f"samples-{self.step:09d}.png")
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut by a kill: dropped
+
