@@ -82,9 +82,17 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {out} (fresh {args.preset} weights, seed {args.seed})")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes get the same one-line form as every other error (and argparse's exit code 2)."""
+
+    def error(self, message: str):
+        print(f"sdengine: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdengine", description="Stable Diffusion on PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="sdengine", description="Stable Diffusion on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     from . import generate_cli
 

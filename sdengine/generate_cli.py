@@ -134,17 +134,18 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     from .pipeline import Request
     from .prompts import BUNDLED_STYLES, apply_styles, load_styles
 
-    init = mask = None
+    init = mask = note = None
     if mode in ("img2img", "inpaint"):
         init = open_image(args.image, "init image")
     if mode == "inpaint":
         mask = open_image(args.mask, "mask")
         if mask.size != init.size:
-            print(f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
-                  f"{init.size[0]}x{init.size[1]}", file=sys.stderr)
+            note = (f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
+                    f"{init.size[0]}x{init.size[1]}")
             mask = mask.resize(init.size)
-    width = args.width or (init.width // 8 * 8 if init else 512)
-    height = args.height or (init.height // 8 * 8 if init else 512)
+    # `is None`, not `or`: an explicit --width 0 must be refused by Request, not replaced by the default
+    width = args.width if args.width is not None else (init.width // 8 * 8 if init else 512)
+    height = args.height if args.height is not None else (init.height // 8 * 8 if init else 512)
     prompt, negative = args.prompt, args.negative
     if args.style:
         styles = load_styles(args.styles_file or BUNDLED_STYLES)
@@ -156,6 +157,8 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     model_path = resolve_model(args.model)
+    if note:  # only once every check has passed, so an error stays the one line on stderr
+        print(note, file=sys.stderr)
 
     from .pipeline import Pipeline, image_to_tensor, mask_to_tensor
     from .weights import load

@@ -51,8 +51,9 @@ def format_parameters(prompt: str, negative_prompt: str, params: dict[str, Any])
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
-    """Infotext -> {"Prompt", "Negative prompt", and each parameter}; numbers become int/float, Size gives
-    Size-1/Size-2 too, and an old-style sampler name ("DPM++ 2M Karras") is split into Sampler + Schedule type."""
+    """Infotext -> {"Prompt", "Negative prompt", and each parameter}; numbers become int/float, a WxH value
+    (Size) gives Size-1/Size-2 too, and an old-style sampler name ("DPM++ 2M Karras") is split into Sampler +
+    Schedule type."""
     lines = text.strip().split("\n")
     params: dict[str, Any] = {}
     if lines and len(_PARAM.findall(lines[-1])) >= 3:
@@ -66,14 +67,16 @@ def parse_parameters(text: str) -> dict[str, Any]:
             params[key.strip()] = _to_number(value)
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in lines:
+        line = line.strip()  # as A1111 does: "a, b, \n" (a trailing ", " is common) reads as "a, b,"
         if line.startswith(NEGATIVE):
             in_negative = True
-            line = line[len(NEGATIVE):].lstrip()
+            line = line[len(NEGATIVE):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines), **params}
-    if isinstance(out.get("Size"), str) and re.fullmatch(r"\d+x\d+", out["Size"]):
-        w, h = out["Size"].split("x")
-        out["Size-1"], out["Size-2"] = int(w), int(h)
+    for key, value in params.items():  # every WxH value, as A1111 does ("Size", "Hires resize", "Seed resize from")
+        if isinstance(value, str) and re.fullmatch(r"\d+x\d+", value):
+            w, h = value.split("x")
+            out[f"{key}-1"], out[f"{key}-2"] = int(w), int(h)
     sampler = out.get("Sampler")
     if isinstance(sampler, str) and "Schedule type" not in out:
         for schedule in ("Karras", "Exponential"):
@@ -85,7 +88,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
 def _to_number(value: str) -> Any:
     if re.fullmatch(r"[+-]?\d+", value):
         return int(value)
-    if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?", value):
+    # the exponent may follow an integer mantissa: str(1e-05) is "1e-05"
+    if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][+-]?\d+)?", value):
         return float(value)
     return value
 

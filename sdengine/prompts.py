@@ -23,7 +23,8 @@ ROUND, SQUARE = 1.1, 1 / 1.1
 _TOKENS = re.compile(r"""
     \\\( | \\\) | \\\[ | \\\] | \\\\ | \\   # escapes
   | \( | \[                                 # openers
-  | :\s*([+-]?[.\d]+)\s*\)                  # ":1.3)" closes with an explicit weight
+  | :\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)     # ":1.3)" closes with an explicit weight (a valid number:
+                                            # A1111's [.\d]+ lets "(a:1.2.3)" reach float() and fail)
   | \) | \]                                 # closers
   | [^\\()\[\]:]+ | :                       # text
 """, re.VERBOSE)
@@ -36,9 +37,12 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     round_open: list[int] = []
     square_open: list[int] = []
 
+    breaks: set[int] = set()  # indices of BREAK runs: brackets around a BREAK must not weigh it
+
     def scale(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
+        for i in range(start, len(runs)):
+            if i not in breaks:
+                runs[i][1] *= factor
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
@@ -58,6 +62,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
             pieces = _BREAK.split(tok)
             for i, piece in enumerate(pieces):
                 if i:
+                    breaks.add(len(runs))
                     runs.append(["BREAK", -1.0])
                 if piece:
                     runs.append([piece, 1.0])
@@ -66,8 +71,8 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale(start, SQUARE)
     merged: list[list] = []
-    for text_, w in runs:
-        if merged and merged[-1][1] == w and w != -1.0:
+    for i, (text_, w) in enumerate(runs):
+        if merged and merged[-1][1] == w and i not in breaks and i - 1 not in breaks:
             merged[-1][0] += text_
         else:
             merged.append([text_, w])
@@ -93,7 +98,7 @@ def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
         cur, last_comma = Chunk([], []), -1
 
     for piece, weight in parse_weights(text):
-        if weight == -1.0:  # BREAK: start a new chunk
+        if piece == "BREAK" and weight == -1.0:  # BREAK (not a run weighted -1, as "(cat:-1)" is): new chunk
             close()
             continue
         for tok in tokenizer.encode(piece):

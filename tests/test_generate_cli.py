@@ -1,0 +1,232 @@
+"""`sdengine generate | img2img | inpaint | models`: outputs and their parameters text, seeds and batches, the
+models folder, and bad input (one stderr line, non-zero exit, nothing written); plus the VAE fp32 fallback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdengine
+from sdengine.cli import run
+from sdengine.metadata import parse_parameters, read_parameters
+from sdengine.pipeline import Pipeline
+
+FAST = ["--steps", "2", "--width", "24", "--height", "16", "--quiet"]  # the tiny VAE: 12x8 latents
+
+
+@pytest.fixture
+def cli(sd1_folder, tmp_path, monkeypatch, capsys):
+    """run(["generate", ...]) in this process against the tiny model, in an empty cwd and models folder;
+    returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SDENGINE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SDENGINE_DEBUG", raising=False)
+
+    def call(*args, model: bool = True):
+        argv = [str(a) for a in args] + (["--model", str(sd1_folder)] if model else [])
+        code = run(argv)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def params_of(path) -> dict:
+    return parse_parameters(read_parameters(path))
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def write_image(path, w=40, h=32, mode="RGB", seed=0):
+    rng = np.random.RandomState(seed)
+    arr = (rng.rand(h, w, 3) * 255).astype(np.uint8) if mode == "RGB" else \
+        ((np.arange(w)[None, :].repeat(h, 0) >= w // 2) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_generate_writes_png_with_a1111_parameters(cli, tmp_path):
+    out = tmp_path / "cat.png"
+    code, stdout, _ = cli("generate", "a red cat, (sharp:1.2)", "--negative", "blurry", "--sampler", "dpmpp_2m",
+                          "--schedule", "karras", "--cfg", "6.5", "--seed", "42", "--out", out, *FAST)
+    assert code == 0 and f"wrote {out} (seed 42)" in stdout
+    with Image.open(out) as img:
+        assert img.size == (24, 16) and img.format == "PNG"
+    p = params_of(out)
+    assert (p["Prompt"], p["Negative prompt"]) == ("a red cat, (sharp:1.2)", "blurry")
+    assert (p["Steps"], p["Sampler"], p["Schedule type"], p["CFG scale"], p["Seed"], p["Size"]) == (
+        2, "DPM++ 2M", "Karras", 6.5, 42, "24x16")
+    assert "Denoising strength" not in p and "Clip skip" not in p
+
+
+def test_random_seed_is_picked_and_reported(cli, tmp_path):
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    code, stdout, _ = cli("generate", "a cat", "--seed", "-1", "--out", folder, *FAST)  # --out FOLDER
+    assert code == 0
+    seed = int(stdout.rsplit("(seed ", 1)[1].split(")")[0])
+    assert 0 <= seed < 2 ** 32 and [p.name for p in folder.iterdir()] == [f"sdengine-{seed}.png"]
+    assert params_of(folder / f"sdengine-{seed}.png")["Seed"] == seed
+
+
+def test_batch_seeds_and_image_two_equals_single_run(cli, tmp_path):
+    code, stdout, _ = cli("generate", "a cat", "--seed", "10", "--batch", "2", "--out", tmp_path / "b.png", *FAST)
+    assert code == 0
+    first, second = tmp_path / "b-10.png", tmp_path / "b-11.png"
+    assert sorted(p.name for p in tmp_path.glob("b*.png")) == ["b-10.png", "b-11.png"]
+    assert [params_of(p)["Seed"] for p in (first, second)] == [10, 11]
+    assert cli("generate", "a cat", "--seed", "11", "--out", tmp_path / "s.png", *FAST)[0] == 0
+    assert np.abs(pixels(second) - pixels(tmp_path / "s.png")).max() <= 1  # batched math may round differently
+    assert np.abs(pixels(first) - pixels(second)).max() > 10
+
+
+def test_img2img_and_inpaint(cli, tmp_path):
+    init = write_image(tmp_path / "init.png", 44, 36)  # not a multiple of 8: rounded down to 40x32
+    code, _, _ = cli("img2img", init, "a cat", "--strength", "0.5", "--steps", "4", "--seed", "1", "--quiet",
+                     "--out", tmp_path / "i2i.png")
+    assert code == 0
+    p = params_of(tmp_path / "i2i.png")
+    assert p["Size"] == "40x32" and p["Denoising strength"] == 0.5
+    mask = write_image(tmp_path / "mask.png", 20, 16, mode="L")
+    code, _, stderr = cli("inpaint", init, mask, "a dog", "--steps", "2", "--seed", "1", "--quiet",
+                          "--out", tmp_path / "inp.png")
+    assert code == 0 and (tmp_path / "inp.png").exists()
+    assert stderr.startswith("sdengine: note: mask 20x16 resized") and len(stderr.strip().splitlines()) == 1
+    inp, src = pixels(tmp_path / "inp.png"), np.asarray(Image.open(init).convert("RGB").resize((40, 32)), np.int16)
+    # the left half (mask black) is kept (up to the VAE's round trip); the right half is repainted
+    assert np.abs(inp[:, :16] - src[:, :16]).mean() < np.abs(inp[:, 24:] - src[:, 24:]).mean()
+
+
+def test_progress_bar_unless_quiet(cli, tmp_path):
+    args = ["generate", "a cat", "--steps", "2", "--width", "16", "--height", "16", "--seed", "1"]
+    code, _, stderr = cli(*args, "--out", tmp_path / "a.png")
+    assert code == 0 and "sampling" in stderr and "2/2" in stderr
+    code, _, stderr = cli(*args, "--quiet", "--out", tmp_path / "b.png")
+    assert code == 0 and stderr == ""
+
+
+def test_style_and_empty_prompt(cli, tmp_path):
+    assert cli("generate", "a cat", "--style", "oil painting", "--style", "quality", "--clip-skip", "2",
+               "--out", tmp_path / "s.png", *FAST)[0] == 0
+    p = params_of(tmp_path / "s.png")
+    assert p["Clip skip"] == 2
+    assert p["Prompt"] == "oil painting of a cat, visible brush strokes, rich texture"
+    assert p["Negative prompt"].startswith("photo, 3d render, blurry, lowres, worst quality")
+    assert cli("generate", "", "--out", tmp_path / "e.png", *FAST)[0] == 0
+    assert params_of(tmp_path / "e.png")["Prompt"] == ""
+
+
+def test_bf16_on_cpu(cli, tmp_path):
+    code, _, _ = cli("generate", "a cat", "--precision", "bf16", "--device", "cpu", "--seed", "3",
+                     "--out", tmp_path / "h.png", *FAST)
+    assert code == 0
+    assert cli("generate", "a cat", "--precision", "fp32", "--seed", "3", "--out", tmp_path / "f.png", *FAST)[0] == 0
+    assert np.abs(pixels(tmp_path / "h.png") - pixels(tmp_path / "f.png")).mean() < 20  # same image, roughly
+
+
+def test_models_folder_by_name(cli, sd1_folder, tmp_path):
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    sdengine.convert(sd1_folder, models / "tiny.safetensors", to="single")
+    (models / "notes.txt").write_text("not a model")
+    code, stdout, _ = cli("models", model=False)
+    assert code == 0 and stdout.split() == ["tiny.safetensors", "custom"]  # the tiny model is no SD1.x size
+    code, _, _ = cli("generate", "a cat", "--model", "tiny", "--seed", "5", "--out", tmp_path / "m.png", *FAST,
+                     model=False)
+    assert code == 0
+    p = params_of(tmp_path / "m.png")
+    assert p["Model"] == "tiny" and len(str(p["Model hash"])) == 10
+    code, _, stderr = cli("generate", "a cat", "--model", "nosuch", "--out", tmp_path / "x.png", model=False)
+    assert code == 1 and "no model 'nosuch'" in stderr and "tiny.safetensors" in stderr
+
+
+def test_models_folder_empty(cli):
+    code, stdout, _ = cli("models", model=False)
+    assert code == 0 and stdout.startswith("no models in")
+
+
+BAD = [
+    (["generate", "a", "--width", "36"], "width must be a positive multiple of 8"),
+    (["generate", "a", "--height", "0"], "height must be a positive multiple of 8"),  # was: 0 became 512
+    (["generate", "a", "--height", "-8"], "height must be"),
+    (["generate", "a", "--width", "8200"], "up to 8192"),
+    (["generate", "a", "--steps", "0"], "steps must be a positive integer"),
+    (["generate", "a", "--cfg", "nan"], "cfg scale must be a finite number"),
+    (["generate", "a", "--batch", "0"], "batch size"),
+    (["generate", "a", "--seed", "-2"], "seed must be -1 or in"),
+    (["generate", "a", "--clip-skip", "0"], "clip skip must be >= 1"),
+    (["generate", "a", "--sampler", "bogus"], "unknown sampler 'bogus'; valid: euler, euler_a, heun"),
+    (["generate", "a", "--style", "nope"], "unknown style 'nope'"),
+    (["img2img", "{notimage}", "a"], "init image {notimage} is not a readable image"),
+    (["img2img", "{missing}", "a"], "init image {missing} does not exist"),
+    (["img2img", "{init}", "a", "--strength", "0"], "strength must be in (0, 1]"),
+    (["inpaint", "{init}", "{missing}", "a"], "mask {missing} does not exist"),
+    (["inpaint", "{init}", "{smallmask}", "a", "--width", "12"], "width must be"),  # no resize note either
+    (["generate", "a", "--out", "{nofolder}"], "does not exist"),
+    (["generate", "a", "--model", "nosuchmodel"], "no model 'nosuchmodel'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[:1] + a[2:]) for a, _ in BAD])
+def test_bad_input_one_line_no_output(cli, sd1_folder, tmp_path, argv, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = {"notimage": tmp_path / "fake.png", "missing": tmp_path / "missing.png",
+             "init": write_image(tmp_path / "init.png"), "smallmask": write_image(tmp_path / "m.png", 8, 8, "L"),
+             "nofolder": tmp_path / "no" / "such" / "x.png"}
+    paths["notimage"].write_text("not an image")
+    argv = [a.format(**paths) for a in argv]
+    for flag, value in {"--out": out / "x.png", "--steps": 1, "--width": 16, "--height": 16}.items():
+        if flag not in argv:  # small and fast, should a check be missing and the run go ahead
+            argv += [flag, str(value)]
+    code, stdout, stderr = cli(*argv, "--quiet", model="--model" not in argv)
+    lines = stderr.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("sdengine: error:"), stderr
+    assert message.format(**paths) in lines[0]
+    assert list(out.iterdir()) == [] and not list(tmp_path.glob("sdengine-*.png")) and stdout == ""
+
+
+def test_bad_input_real_process(sd1_folder, tmp_path):
+    """The installed entry point: exit status 1, one line, no traceback, nothing written."""
+    env = {k: v for k, v in os.environ.items() if k != "SDENGINE_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "sdengine.cli", "generate", "a cat", "--model", str(sd1_folder),
+                           "--width", "36", "--out", str(tmp_path / "x.png")], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == "sdengine: error: width must be a positive multiple of 8 up to 8192, got 36\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- VAE half-precision fallback ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vae_decode_falls_back_to_fp32_on_overflow(sd1_folder, monkeypatch, dtype):
+    model = sdengine.load(sd1_folder, dtype=dtype)
+    decoder = model.vae.decoder
+    real = decoder.forward
+    calls = []
+
+    def overflowing(z):  # what an SD1.5 VAE does in fp16 on some latents
+        calls.append(z.dtype)
+        out = real(z)
+        return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
+
+    monkeypatch.setattr(decoder, "forward", overflowing)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = Pipeline(model).decode(latents)
+    assert calls == [dtype, torch.float32]
+    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all() and 0 <= pixels.min() <= pixels.max() <= 1
+    assert pixels.std() > 0.01  # a real decode, not a clamp of inf/nan
+    assert next(model.vae.parameters()).dtype == dtype  # the VAE is back in its precision
+    assert all(p.dtype == dtype for p in model.unet.parameters())
+    monkeypatch.setattr(decoder, "forward", real)
+    reference = Pipeline(model.float()).decode(latents)  # the same (rounded) weights, all in fp32
+    assert torch.equal(pixels, reference)  # the fallback is a full fp32 decode
