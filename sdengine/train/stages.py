@@ -154,6 +154,17 @@ def train_tokenizer(captions: list[str], extra_words: list[str] = ()) -> CLIPTok
     return CLIPTokenizer(vocab_from_merges(merges), merges)
 
 
+def meaning(caption: str) -> str:
+    """What a caption says, independent of phrasing: the shapes world's parsed scene when it parses, else the
+    text itself."""
+    from ..data.shapes import PromptError, parse_prompt
+
+    try:
+        return repr(parse_prompt(caption).normalized())
+    except (PromptError, ValueError):
+        return caption.strip().lower()
+
+
 class ImageEncoder(nn.Module):
     """A small CNN for contrastive pretraining only: image -> embedding of the text width."""
 
@@ -197,16 +208,20 @@ class TextStage:
 
     def batch(self, step: int, indices: range, device: torch.device):
         items = [self.source.item(step * 1_000_003 + i) for i in indices]
-        ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions).to(device)
-        return to_pixels([im for im, _ in items], device), ids, [c for _, c in items]
+        ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions)
+        # The pooled output is read at the end token and attention is causal, so positions after the longest
+        # caption's end cannot change it: cut them (captions here are far shorter than 77 tokens).
+        length = int((ids == self.tokenizer.eos_id).int().argmax(dim=1).max()) + 1
+        keys = [meaning(c) for _, c in items]
+        return to_pixels([im for im, _ in items], device), ids[:, :length].to(device), keys
 
     def loss(self, batch, step: int):
-        x, ids, captions = batch
+        x, ids, keys = batch
         text = F.normalize(self.head.text_proj(self.text(ids)[1]).float(), dim=-1)
         image = F.normalize(self.image(x).float(), dim=-1)
         logits = self.head.logit_scale.clamp(max=np.log(100)).exp() * image @ text.T
-        # Identical captions are positives too (soft targets), not false negatives.
-        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=x.device)
+        # Captions that mean the same scene are positives too (soft targets), not false negatives.
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=x.device)
         targets = same / same.sum(dim=1, keepdim=True)
         loss = 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
                       + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
