@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import cli as train_cli
 
     train_cli.register(sub)
+    from .server import cli as server_cli
+
+    server_cli.register(sub)
 
     p = sub.add_parser("info", help="a checkpoint's family, prediction, sizes and config; or a PNG's parameters")
     p.add_argument("path", type=Path, help="checkpoint (.safetensors/.ckpt), diffusers folder, or PNG image")

@@ -1,0 +1,245 @@
+"""AUTOMATIC1111-compatible routes under /sdapi/v1: the same request fields, defaults and response shapes.
+
+Every field A1111 accepts is accepted (unknown extra fields too); the ones we do not implement are ignored and
+named in info["warnings"]. Fields are optional and null means the default, as clients often send nulls.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..diffusion.samplers import SAMPLERS
+from ..metadata import parse_parameters
+from .app import error_response
+from .engine import AUTOMATIC_SCHEDULE, Service
+from .images import BadInput, decode_image
+from .jobs import Job
+
+TASK_ID = re.compile(r"^[A-Za-z0-9_\-()]{1,64}$")
+
+
+class Txt2ImgBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int | None = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int | None = 1
+    n_iter: int | None = 1
+    steps: int | None = 50
+    cfg_scale: float | None = 7.0
+    width: int | None = 512
+    height: int | None = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool | None = False
+    firstphase_width: int | None = 0
+    firstphase_height: int | None = 0
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = 0
+    hr_resize_x: int | None = 0
+    hr_resize_y: int | None = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] | None = Field(default_factory=list)
+    send_images: bool | None = True
+    save_images: bool | None = False
+    alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
+    infotext: str | None = None
+
+
+class Img2ImgBody(Txt2ImgBody):
+    init_images: list[str] | None = None
+    resize_mode: int | None = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int | None = 4
+    mask_blur_y: int | None = 4
+    mask_blur: int | None = None
+    mask_round: bool | None = True
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool | None = False
+    denoising_strength: float | None = 0.75
+
+
+class PNGInfoBody(BaseModel):
+    image: str
+
+
+# Options a client may set: none of them names a path, a folder or anything outside the server's models.
+SETTABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_previews_enable",
+            "show_progress_every_n_steps", "samples_format")
+
+
+def echo(body: BaseModel) -> dict[str, Any]:
+    """The request as A1111 echoes it in "parameters"; init images and mask left out unless asked for."""
+    params = body.model_dump()
+    if "init_images" in params and not params.get("include_init_images"):
+        params["init_images"], params["mask"] = None, None
+    return params
+
+
+async def generate(service: Service, mode: str, body: Txt2ImgBody) -> JSONResponse:
+    data = body.model_dump()
+    try:
+        spec = await run_in_threadpool(service.build_spec, data, mode)  # image decoding is CPU work
+        job = Job(mode, spec, ephemeral=True)
+        task_id = data.get("force_task_id")
+        if task_id and TASK_ID.match(task_id) and service.queue.get(task_id) is None:
+            job.id = task_id
+        service.queue.submit(job)
+        result = await asyncio.wrap_future(job.future)
+    except Exception as e:  # noqa: BLE001 - mapped to 4xx/5xx with the message; the server goes on
+        return error_response(e)
+    return JSONResponse({"images": result["images"], "parameters": echo(body), "info": result["info"]})
+
+
+def router(service: Service) -> APIRouter:
+    api = APIRouter(prefix="/sdapi/v1")
+
+    @api.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody) -> JSONResponse:
+        return await generate(service, "txt2img", body)
+
+    @api.post("/img2img")
+    async def img2img(body: Img2ImgBody) -> JSONResponse:
+        return await generate(service, "img2img", body)
+
+    @api.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": s.display, "aliases": [*s.aliases, s.name],
+                 "options": {"scheduler": AUTOMATIC_SCHEDULE[s.name]} if s.name in AUTOMATIC_SCHEDULE else {}}
+                for s in SAMPLERS.values()]
+
+    @api.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        rows = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                 "need_inner_model": False}]
+        for name, label in (("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+                            ("normal", "Normal")):
+            rows.append({"name": name, "label": label, "aliases": None,
+                         "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False})
+        return rows
+
+    @api.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [service.registry.describe(e) for e in service.registry.entries()]
+
+    @api.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        return None  # the folder is read on every listing: nothing is cached to refresh
+
+    @api.get("/prompt-styles")
+    def prompt_styles() -> list[dict[str, str]]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in service.styles.values()]
+
+    @api.get("/options")
+    def get_options() -> dict[str, Any]:
+        reg = service.registry
+        name = reg.current.name if reg.current else reg.default_name
+        title, sha = None, None
+        if name is not None:
+            try:
+                described = reg.describe(reg.find(name))
+                title, sha = described["title"], described["sha256"]
+            except BadInput:  # the file went away since
+                title = name
+        return {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha, "sd_vae": "Automatic",
+                "samples_format": "png", "eta_noise_seed_delta": 0, **service.settings}
+
+    @api.post("/options")
+    async def set_options(body: dict[str, Any]) -> Any:
+        changes: dict[str, Any] = {}
+        try:
+            for key, value in body.items():  # everything checked before anything changes
+                if key not in SETTABLE:
+                    names_a_path = re.search(r"dir|path|folder|file", key, re.IGNORECASE)
+                    why = "paths and folders are never settable" if names_a_path else f"settable: {', '.join(SETTABLE)}"
+                    raise BadInput(f"option {key!r} cannot be set through the API ({why})")
+                if key == "sd_model_checkpoint":
+                    changes[key] = service.registry.find(value).name
+                elif key == "CLIP_stop_at_last_layers":
+                    changes[key] = service.check_clip_skip(value)
+                elif key == "sd_vae" and value not in ("Automatic", "None"):
+                    raise BadInput("sd_vae: only 'Automatic' or 'None' (the checkpoint's own VAE)")
+                elif key == "samples_format" and value != "png":
+                    raise BadInput("samples_format: only 'png'")
+                elif key == "live_previews_enable" and not isinstance(value, bool):
+                    raise BadInput("live_previews_enable must be true or false")
+                elif key == "show_progress_every_n_steps" and (not isinstance(value, int) or value < -1):
+                    raise BadInput("show_progress_every_n_steps must be an integer >= -1 (-1, 0: no live preview)")
+            if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it
+                job = service.queue.submit(Job("load", changes.pop("sd_model_checkpoint")))
+                await asyncio.wrap_future(job.future)
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+        service.settings.update({k: v for k, v in changes.items() if k in service.settings})
+        return None
+
+    @api.get("/progress")
+    def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
+        return service.progress(skip_current_image)
+
+    @api.post("/interrupt")
+    def interrupt() -> dict[str, Any]:
+        job = service.queue.interrupt()
+        return {"interrupted": job.id if job else None}
+
+    @api.post("/skip")
+    def skip() -> dict[str, Any]:
+        job = service.queue.skip()
+        return {"skipped": job.id if job else None}
+
+    @api.post("/png-info")
+    def png_info(body: PNGInfoBody) -> Any:
+        try:
+            image = decode_image(body.image, "image", service.limits.max_image_pixels)
+        except BadInput as e:
+            return error_response(e)
+        items = {k: v for k, v in (image.info or {}).items() if isinstance(v, (str, int, float))}
+        text = items.pop("parameters", None) or ""
+        return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}
+
+    return api

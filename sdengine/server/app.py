@@ -1,0 +1,128 @@
+"""The FastAPI application: HTTP basic auth and a body-size cap around every route, error mapping, the routers.
+
+Status codes: 401 without credentials (when --api-auth is set), 413 for an oversized body, 422 for a request
+the client must fix (with a message), 429 when the queue is full, 409 for a cancelled job, 500 only when a
+job itself failed (the server goes on with the next one).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from .. import __version__
+from .engine import ModelLoadError, Service
+from .images import BadInput
+from .jobs import JobCancelled, QueueFull
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """One mapping from what went wrong to a status code and a JSON body with a readable `detail`."""
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, QueueFull):
+        return JSONResponse({"error": "QueueFull", "detail": message}, status_code=429, headers={"Retry-After": "5"})
+    if isinstance(exc, JobCancelled):
+        return JSONResponse({"error": "Cancelled", "detail": message}, status_code=409)
+    if isinstance(exc, ModelLoadError):
+        return JSONResponse({"error": "ModelLoadError", "detail": message}, status_code=500)
+    if isinstance(exc, ValueError):  # BadInput, and anything the engine refuses about the request
+        return JSONResponse({"error": type(exc).__name__, "detail": message}, status_code=422)
+    return JSONResponse({"error": type(exc).__name__, "detail": message}, status_code=500)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: basic auth on every HTTP route (docs and / included) and a cap on request bodies."""
+
+    def __init__(self, app: Any, credentials: list[tuple[str, str]] | None, max_body: int):
+        self.app = app
+        self.credentials = [(u.encode(), p.encode()) for u, p in credentials or []]
+        self.max_body = max_body
+
+    def authorized(self, header: bytes | None) -> bool:
+        if not header or header[:6].lower() != b"basic ":
+            return False
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        ok = False
+        for u, p in self.credentials:  # compare_digest on both parts of every pair: no early exit to time
+            ok |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p) & bool(sep)
+        return ok
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.credentials and not self.authorized(headers.get(b"authorization")):
+            return await self._reply(send, 401, {"detail": "Not authenticated"},
+                                     [(b"www-authenticate", b'Basic realm="sdengine"')])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await self._reply(send, 413, {"detail": f"request body over {self.max_body} bytes"})
+        received, too_large = 0, False
+
+        async def counted_receive() -> dict:
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # a chunked body without a length: stop reading it
+                too_large = True
+                raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if not too_large:
+                return await send(message)
+            if message["type"] == "http.response.start":  # whatever the app made of the cut body: 413
+                await self._reply(send, 413, {"detail": f"request body over {self.max_body} bytes"})
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except BodyTooLarge:
+            await self._reply(send, 413, {"detail": f"request body over {self.max_body} bytes"})
+
+    @staticmethod
+    async def _reply(send: Any, status: int, body: dict, headers: list | None = None) -> None:
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode()), *(headers or [])]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def create_app(service: Service, credentials: list[tuple[str, str]] | None = None) -> FastAPI:
+    from . import a1111, native
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.queue.start()
+        yield
+        service.queue.stop()
+
+    app = FastAPI(title="sdengine", version=__version__, lifespan=lifespan)
+    app.state.service = service
+
+    for exc_type in (BadInput, QueueFull, JobCancelled, ModelLoadError):
+        app.add_exception_handler(exc_type, lambda request, exc: error_response(exc))
+
+    @app.get("/", include_in_schema=False)
+    def root() -> dict[str, Any]:  # placeholder until the web page exists
+        return {"name": "sdengine", "version": __version__, "api": "/sdapi/v1", "jobs": "/api/v1/jobs",
+                "docs": "/docs"}
+
+    app.include_router(a1111.router(service))
+    app.include_router(native.router(service))
+    app.add_middleware(Guard, credentials=credentials, max_body=service.limits.max_body_bytes)
+    return app

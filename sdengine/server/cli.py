@@ -1,0 +1,125 @@
+"""`sdengine serve`: the HTTP API on FastAPI + uvicorn (the optional `server` extra, imported only here).
+
+The model loads before the port opens, so a bad --model fails in a second with one line, and a server that
+answers is ready to generate.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import sys
+import threading
+from pathlib import Path
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """"user:pass" or several, comma-separated (as A1111's --api-auth)."""
+    if text is None:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--api-auth takes user:password (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"sdengine serve needs {' and '.join(missing)}: pip install 'sdengine[server]'")
+    import uvicorn
+
+    from ..generate_cli import default_model, models_dir, pick_device, pick_dtype
+    from ..prompts import BUNDLED_STYLES, load_styles
+    from .app import create_app
+    from .engine import Limits, ModelRegistry, Service
+
+    credentials = parse_auth(args.api_auth)
+    limits = Limits(args.max_width, args.max_height, args.max_steps, args.max_batch, args.max_prompt_chars,
+                    args.queue_size)
+    for name in ("max_width", "max_height", "max_steps", "max_batch", "max_prompt_chars", "queue_size"):
+        if getattr(limits, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    folder = args.models_dir if args.models_dir is not None else models_dir()
+    if args.models_dir is not None and not folder.is_dir():
+        raise ValueError(f"--models-dir {folder} is not a folder")
+    device = pick_device(args.device)
+    pinned = None  # a model outside the folder, served under its file name
+    if args.model is None:
+        pinned = default_model()  # the shipped model, when this install has one
+    elif Path(args.model).expanduser().exists():
+        pinned = Path(args.model).expanduser()
+    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device, pick_dtype(args.precision, device))
+    name = pinned.name if pinned is not None else args.model  # else a name in the folder
+    if name is None:
+        entries = registry.entries()
+        name = entries[0].name if entries else None
+    if name is not None:
+        registry.ensure(name)  # BadInput/ModelLoadError: one line from the CLI, before the port opens
+        registry.default_name = registry.current.name
+    service = Service(registry, limits, load_styles(args.styles_file or BUNDLED_STYLES), threads=args.threads)
+    app = create_app(service, credentials)
+    if not is_loopback(args.host) and credentials is None:
+        print(f"sdengine: warning: serving on {args.host} without --api-auth: anyone who can reach it can use it",
+              file=sys.stderr)
+    model = registry.current.name if registry.current else "no model (set sd_model_checkpoint)"
+    print(f"sdengine: serving {model} on http://{args.host}:{args.port} (API: /sdapi/v1, jobs: /api/v1/jobs)",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    _server_class()(config, service.queue.stop).run()
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """On SIGINT/SIGTERM stop the queue first, so waiting requests are answered before the shutdown."""
+
+        def __init__(self, config: uvicorn.Config, stop_jobs) -> None:
+            super().__init__(config)
+            self.stop_jobs = stop_jobs
+
+        def handle_exit(self, sig, frame) -> None:
+            threading.Thread(target=self.stop_jobs, daemon=True).start()  # not in the signal handler: locks
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API compatible with AUTOMATIC1111's /sdapi/v1, with a job queue")
+    p.add_argument("--model", default=None,
+                   help="checkpoint path or name in the models folder (default: the shipped model, else the "
+                        "folder's first)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="the folder clients choose models from, by name (default: $SDENGINE_HOME/models)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
+                        "machine busy with other work")
+    p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
+    p.add_argument("--max-width", type=int, default=1024)
+    p.add_argument("--max-height", type=int, default=1024)
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch_size, and largest n_iter")
+    p.add_argument("--max-prompt-chars", type=int, default=4000)
+    p.add_argument("--queue-size", type=int, default=16, help="jobs waiting behind the running one (then 429)")
+    p.set_defaults(func=cmd_serve)

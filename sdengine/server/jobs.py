@@ -1,0 +1,234 @@
+"""The job queue: one generation at a time per device, first in first out, with a bounded wait list.
+
+A worker thread takes jobs in order and runs them with the runner it was given. Each job carries its own
+result future, progress counters and stop flags, so concurrent requests never see each other's seeds or
+images, and stopping one job (interrupt, skip, cancel) touches no other. The pipeline is stopped by raising
+from its per-step callback (see `Job.check`), so a stop takes effect within one sampler step.
+
+Nothing here imports the web framework: the queue is plain threads and futures.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+QUEUED, RUNNING, SUCCEEDED, INTERRUPTED, CANCELLED, FAILED = (
+    "queued", "running", "succeeded", "interrupted", "cancelled", "failed")
+FINISHED = (SUCCEEDED, INTERRUPTED, CANCELLED, FAILED)
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the server accepts (HTTP 429)."""
+
+
+class StopSampling(Exception):
+    """Raised from the step callback to end sampling early; `kind` says why."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind  # "interrupt" | "skip" | "cancel"
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it produced a result."""
+
+
+@dataclass
+class Job:
+    mode: str  # "txt2img" | "img2img" | "load" (a model switch queued like any job)
+    spec: Any  # what the runner needs; opaque here
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ephemeral: bool = False  # an /sdapi/v1 request waiting on the future: forgotten once finished
+    status: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    future: Future = field(default_factory=Future)
+    echo: dict[str, Any] | None = None  # the request as responses echo it ("parameters")
+    # progress, written by the worker thread only
+    job_no: int = 0  # which n_iter batch is sampling
+    job_count: int = 1
+    step: int = 0
+    steps: int = 0
+    job_timestamp: str = "0"
+    # the latest denoised estimate (first image of the batch), for previews; replaced every step
+    preview: torch.Tensor | None = None
+    preview_step: int = -1
+    # stop requests, set by any thread; checked by the worker at each step
+    interrupt: bool = False
+    skip: bool = False
+    cancel: bool = False
+
+    def check(self) -> None:
+        """Called at every sampler step: end sampling if someone asked to."""
+        if self.cancel:
+            raise StopSampling("cancel")
+        if self.interrupt:
+            raise StopSampling("interrupt")
+        if self.skip:
+            raise StopSampling("skip")
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all n_iter batches (A1111's formula)."""
+        if self.status in (SUCCEEDED, INTERRUPTED):
+            return 1.0
+        if self.status != RUNNING or self.job_count <= 0:
+            return 0.0
+        within = self.step / self.steps if self.steps else 0.0
+        return min((self.job_no + within) / self.job_count, 1.0)
+
+
+class JobQueue:
+    """FIFO of jobs run one at a time by a worker thread. `runner(job)` returns the job's result or raises."""
+
+    def __init__(self, runner: Callable[[Job], Any], max_waiting: int = 16, keep_finished: int = 32):
+        self.runner = runner
+        self.max_waiting = max_waiting
+        self.keep_finished = keep_finished
+        self._waiting: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job a client may ask about by id
+        self._finished: deque[str] = deque()  # ids of finished jobs still kept, oldest first
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name="sdengine-worker", daemon=True)
+
+    # --- clients -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Shutting down: the running job stops at its next step and waiting clients are answered, not left hanging."""
+        with self._cond:
+            self._stopped = True
+            if self._running is not None:
+                self._running.cancel = True
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._finish(job, CANCELLED, error="the server is shutting down")
+                job.future.set_exception(JobCancelled("the server is shutting down"))
+            self._cond.notify_all()
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopped:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"the queue is full ({self.max_waiting} jobs waiting); try again later")
+            if job.id in self._jobs:
+                raise ValueError(f"a job with id {job.id!r} exists already")
+            self._waiting.append(job)
+            self._jobs[job.id] = job
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._cond:
+            return list(self._jobs.values())
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def position(self, job: Job) -> int:
+        """0 while running, k for the k-th job waiting, -1 when finished."""
+        with self._cond:
+            if job is self._running:
+                return 0
+            for i, other in enumerate(self._waiting):
+                if other is job:
+                    return i + 1
+            return -1
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A waiting job is dropped at once; a running one stops at its next step. Finished jobs stay as they are."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.status == QUEUED:
+                self._waiting.remove(job)
+                self._finish(job, CANCELLED, error="cancelled before it started")
+                job.future.set_exception(JobCancelled("cancelled before it started"))
+            elif job.status == RUNNING:
+                job.cancel = True
+            return job
+
+    def interrupt(self) -> Job | None:
+        """A1111's /interrupt: stop the running job (it returns what it has); waiting jobs are untouched."""
+        job = self._running
+        if job is not None:
+            job.interrupt = True
+        return job
+
+    def skip(self) -> Job | None:
+        """A1111's /skip: end the running job's current n_iter batch; it goes on with the next one."""
+        job = self._running
+        if job is not None:
+            job.skip = True
+        return job
+
+    # --- the worker ------------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                job = self._waiting.popleft()
+                job.status, job.started = RUNNING, time.time()
+                self._running = job
+            try:
+                result = self.runner(job)
+            except StopSampling as e:  # cancelled, or stopped before any image existed
+                cancelled = e.kind == "cancel"
+                self._done(job, CANCELLED if cancelled else INTERRUPTED, exc=JobCancelled(
+                    "cancelled while running" if cancelled else "stopped before the first step finished"))
+            except BaseException as e:  # noqa: BLE001 - one job's failure must not stop the worker
+                message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self._done(job, FAILED, exc=e, error=f"{type(e).__name__}: {message}")
+            else:
+                status = INTERRUPTED if job.interrupt else SUCCEEDED  # a cancel after the last step came too late
+                self._done(job, status, result=result)
+
+    def _done(self, job: Job, status: str, result: Any = None, exc: BaseException | None = None,
+              error: str | None = None) -> None:
+        with self._cond:
+            self._running = None
+            job.preview = None  # the latent preview is only for progress while running
+            self._finish(job, status, error)
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        """With the lock held: mark finished and keep at most `keep_finished` finished jobs for clients to read."""
+        job.status, job.finished, job.error = status, time.time(), error
+        if job.ephemeral:  # its client holds the future; nobody asks for it by id afterwards
+            self._jobs.pop(job.id, None)
+            return
+        self._finished.append(job.id)
+        while len(self._finished) > self.keep_finished:
+            self._jobs.pop(self._finished.popleft(), None)
