@@ -1,8 +1,24 @@
-"""sdengine: Stable Diffusion on PyTorch, in readable code: models, checkpoints, samplers and training."""
-from .config import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .model import StableDiffusion
-from .weights import CheckpointError, UnknownArchitecture, convert, load, save
+"""sdengine: Stable Diffusion on PyTorch, in readable code: models, checkpoints, samplers and training.
+
+The public names load lazily, so `sdengine.cli` can set up the process (OpenMP's wait policy) before torch loads.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "convert", "StableDiffusion", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig",
-           "PRESETS", "CheckpointError", "UnknownArchitecture"]
+_EXPORTS = {
+    "load": "weights", "save": "weights", "convert": "weights", "CheckpointError": "weights",
+    "UnknownArchitecture": "weights", "StableDiffusion": "model", "ModelConfig": "config", "UNetConfig": "config",
+    "VAEConfig": "config", "TextConfig": "config", "PRESETS": "config", "Pipeline": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sdengine' has no attribute {name!r}")

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny reference pipelines (diffusers folders) of both layouts, built once per session."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads (here and in every subprocess a test starts): idle OpenMP threads sleep instead of spinning,
+# which keeps a shared CPU from stalling (see sdengine/cli.py main).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
