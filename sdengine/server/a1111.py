@@ -175,6 +175,10 @@ def router(service: Service) -> APIRouter:
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
                 for s in service.styles.values()]
 
+    @api.get("/scripts")
+    def scripts() -> dict[str, list[str]]:  # clients ask at start which extensions exist (webuiapi does): none
+        return {"txt2img": [], "img2img": []}
+
     @api.get("/options")
     def get_options() -> dict[str, Any]:
         reg = service.registry

@@ -12,15 +12,27 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from .engine import ModelLoadError, Service
 from .images import BadInput
 from .jobs import JobCancelled, QueueFull
+
+STATIC = Path(__file__).with_name("static")  # the web page: plain HTML/JS/CSS, no build step
+# The page loads nothing from elsewhere and may not be framed by another site (clickjacking).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+                               "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -118,11 +130,11 @@ def create_app(service: Service, credentials: list[tuple[str, str]] | None = Non
         app.add_exception_handler(exc_type, lambda request, exc: error_response(exc))
 
     @app.get("/", include_in_schema=False)
-    def root() -> dict[str, Any]:  # placeholder until the web page exists
-        return {"name": "sdengine", "version": __version__, "api": "/sdapi/v1", "jobs": "/api/v1/jobs",
-                "docs": "/docs"}
+    def root() -> FileResponse:  # the web page; it calls /sdapi/v1 like any client (basic auth: see Guard)
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
     app.include_router(a1111.router(service))
     app.include_router(native.router(service))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, credentials=credentials, max_body=service.limits.max_body_bytes)
     return app

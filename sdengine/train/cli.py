@@ -23,9 +23,9 @@ ARCH = {
         # 16 channels at full resolution: flat-colour shapes need little there, and it is where the FLOPs are.
         "vae": VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
         "text": TextConfig(width=256, layers=4, heads=4, mlp_width=1024),
-        # ~13 M parameters: one res block per level, cross-attention at every level (16x16 too, where positions
+        # ~12 M parameters: one res block per level, cross-attention at every level (16x16 too, where positions
         # and colour-shape bindings are decided); ~34 training images/s on this CPU (DESIGN.md's budget).
-        "unet": UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=(1, 1, 1),
+        "unet": UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=(1, 1, 1),
                            attention_resolutions=(1, 2, 4), num_heads=-1, num_head_channels=32,
                            use_linear_in_transformer=True),
     },
