@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Trains the model sdengine ships (sdengine/models/default/), stage by stage, on the procedural shapes world.
+# Every stage resumes from its newest checkpoint when run again, so this script can be stopped and rerun.
+#   scripts/train_default_model.sh [RUNS_DIR]        (default /work/runs; hours of CPU)
+set -euo pipefail
+RUNS=${1:-/work/runs}
+export OMP_WAIT_POLICY=PASSIVE
+mkdir -p "$RUNS"
+
+stage() {  # stage NAME ARGS...: train, resuming when the run folder already has checkpoints
+  local name=$1; shift
+  local out="$RUNS/$name"
+  local resume=()
+  if compgen -G "$out/step-*" > /dev/null; then resume=(--resume); fi
+  if [ -f "$out/DONE" ]; then return; fi
+  sdengine train "$name" --data shapes --out "$out" "${resume[@]}" "$@"
+  touch "$out/DONE"
+}
+
+stage vae --steps 4000 --batch 32 --lr 3e-4 --save-every 200 --sample-every 500
+sdengine eval --help > /dev/null
+python - "$RUNS/vae/vae.safetensors" <<'PY'
+import sys
+from sdengine.evaluate import reconstruction_pass_rate
+from sdengine.train.stages import load_vae
+rate = reconstruction_pass_rate(load_vae(sys.argv[1])[0], n=500)
+print(f"VAE reconstruction pass rate: {rate:.3f}")
+if rate < 0.98:
+    sys.exit("the VAE must reconstruct >= 98% of ShapesEval images before the UNet is trained")
+PY
+stage text --steps 1500 --batch 128 --lr 3e-4 --save-every 250
+stage unet --steps 40000 --batch 32 --lr 2e-4 --save-every 500 --sample-every 2000 \
+  --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors"
+sdengine eval --model "$RUNS/unet/model.safetensors" --out "$RUNS/eval"
