@@ -7,18 +7,17 @@ RUNS=${1:-/work/runs}
 export OMP_WAIT_POLICY=PASSIVE
 mkdir -p "$RUNS"
 
-stage() {  # stage NAME ARGS...: train, resuming when the run folder already has checkpoints
-  local name=$1; shift
+stage() {  # stage NAME RESULT ARGS...: train unless RESULT exists (written only when a stage completes);
+  local name=$1 result=$2; shift 2  # resume when the run folder has checkpoints (a stop saves one)
   local out="$RUNS/$name"
   local resume=()
+  if [ -f "$out/$result" ]; then return; fi
   if compgen -G "$out/step-*" > /dev/null; then resume=(--resume); fi
-  if [ -f "$out/DONE" ]; then return; fi
   sdengine train "$name" --data shapes --out "$out" "${resume[@]}" "$@"
-  touch "$out/DONE"
+  [ -f "$out/$result" ] || { echo "stage $name stopped before the end; run this script again to resume"; exit 1; }
 }
 
-stage vae --steps 4000 --batch 32 --lr 3e-4 --save-every 200 --sample-every 500
-sdengine eval --help > /dev/null
+stage vae vae.safetensors --steps 4000 --batch 32 --lr 3e-4 --save-every 200 --sample-every 500
 python - "$RUNS/vae/vae.safetensors" <<'PY'
 import sys
 from sdengine.evaluate import reconstruction_pass_rate
@@ -28,7 +27,7 @@ print(f"VAE reconstruction pass rate: {rate:.3f}")
 if rate < 0.98:
     sys.exit("the VAE must reconstruct >= 98% of ShapesEval images before the UNet is trained")
 PY
-stage text --steps 1500 --batch 128 --lr 3e-4 --save-every 250
-stage unet --steps 40000 --batch 32 --lr 2e-4 --save-every 500 --sample-every 2000 \
+stage text text.safetensors --steps 1500 --batch 128 --lr 3e-4 --save-every 250
+stage unet model.safetensors --steps 40000 --batch 32 --lr 2e-4 --save-every 500 --sample-every 2000 \
   --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors"
 sdengine eval --model "$RUNS/unet/model.safetensors" --out "$RUNS/eval"
