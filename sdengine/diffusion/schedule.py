@@ -21,6 +21,18 @@ SPACINGS = ("leading", "linspace", "trailing")
 SCHEDULES = ("normal", "karras", "exponential")
 
 
+def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType) -> np.ndarray:
+    """`steps` sigmas from hi down to lo: karras (Karras et al. 2022, eq. 5, rho = 7) or exponential (even in
+    log sigma), as diffusers' use_karras_sigmas / use_exponential_sigmas space them."""
+    if schedule_type == "karras":
+        rho = 7.0
+        ramp = np.linspace(0, 1, steps)
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    if schedule_type == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+    raise ValueError(f"unknown schedule {schedule_type!r}; valid: {', '.join(SCHEDULES)}")
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     beta_start: float = 0.00085
@@ -70,6 +82,20 @@ class NoiseSchedule:
             return np.round(np.arange(n, 0, -n / steps)).astype(np.float32) - 1
         raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
 
+    def multistep_timesteps(self, steps: int, spacing: Spacing) -> np.ndarray:
+        """The timesteps of diffusers' multistep solvers (DPMSolverMultistep, UniPC): linspace and leading space
+        steps + 1 points and drop the last (t = 0); trailing is the usual spacing."""
+        n = self.num_train_timesteps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if spacing == "linspace":
+            return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy()
+        if spacing == "leading":
+            if n // (steps + 1) == 0:
+                raise ValueError(f"leading spacing allows at most {n - 1} steps, got {steps}")
+            return (np.arange(steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + self.steps_offset
+        return self.timesteps(steps, spacing).astype(np.float64)
+
     def t_to_sigma(self, t: np.ndarray) -> np.ndarray:
         """Sigma at (possibly fractional) timesteps, interpolating linearly between training steps."""
         return np.interp(t, np.arange(len(self.sigmas)), self.sigmas)
@@ -104,14 +130,8 @@ class NoiseSchedule:
         """
         t = self.timesteps(steps, spacing)
         sigmas = self.t_to_sigma(t)
-        if schedule == "karras":
-            rho = 7.0
-            ramp = np.linspace(0, 1, steps)
-            lo, hi = sigmas[-1].item() ** (1 / rho), sigmas[0].item() ** (1 / rho)
-            sigmas = (hi + ramp * (lo - hi)) ** rho
-            t = self.sigma_to_t(sigmas)
-        elif schedule == "exponential":
-            sigmas = np.exp(np.linspace(math.log(sigmas[0].item()), math.log(sigmas[-1].item()), steps))
+        if schedule in ("karras", "exponential"):
+            sigmas = spaced_sigmas(sigmas[0].item(), sigmas[-1].item(), steps, schedule)
             t = self.sigma_to_t(sigmas)
         elif schedule != "normal":
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")

@@ -12,7 +12,7 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 import torch
 
-from ..schedule import NoiseSchedule, ScheduleType, Spacing
+from ..schedule import NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(step_index, total_steps, x, denoised): progress bars and previews.
@@ -94,3 +94,18 @@ class SamplerSpec:
         if self.stochastic:
             kwargs["noise"] = noise
         return self.fn(model, x, sigmas, callback=callback, **kwargs)
+
+
+@dataclass(frozen=True)
+class MultistepSpec(SamplerSpec):
+    """The sigmas of diffusers' multistep solvers (DPMSolverMultistep, UniPC): their own timestep spacing, and
+    karras / exponential over the whole training range [sigma(t=0), sigma(t=999)] whatever the spacing."""
+
+    def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
+               spacing: Spacing | None = None) -> np.ndarray:
+        if schedule_type == "normal":
+            sigmas = schedule.t_to_sigma(schedule.multistep_timesteps(steps, spacing or self.default_spacing))
+        else:
+            sigmas = spaced_sigmas(schedule.sigma_max, schedule.sigma_min, steps, schedule_type)
+        last = schedule.sigma_min if self.final_sigma == "sigma_min" else 0.0
+        return np.concatenate([sigmas, [last]]).astype(np.float32)

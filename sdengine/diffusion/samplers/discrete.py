@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..schedule import SD_SCHEDULE, NoiseSchedule, ScheduleType, Spacing
+from ..schedule import SD_SCHEDULE, NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 from .base import DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 
 # --- timesteps ------------------------------------------------------------------------------------------------
@@ -29,18 +29,6 @@ def discrete_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) ->
             raise ValueError(f"steps must be >= 1, got {steps}")
         return np.linspace(0, schedule.num_train_timesteps - 1, steps).round()[::-1].copy()
     return schedule.timesteps(steps, spacing).astype(np.float64)
-
-
-def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType) -> np.ndarray:
-    """`steps` sigmas from hi down to lo: karras (Karras et al. 2022, rho = 7) or exponential, as diffusers'
-    use_karras_sigmas / use_exponential_sigmas space them."""
-    if schedule_type == "karras":
-        rho = 7.0
-        ramp = np.linspace(0, 1, steps)
-        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    if schedule_type == "exponential":
-        return np.exp(np.linspace(math.log(hi), math.log(lo), steps))
-    raise ValueError(f"unknown schedule {schedule_type!r}; valid: normal, karras, exponential")
 
 
 def respace(sigmas: np.ndarray, schedule_type: ScheduleType) -> np.ndarray:

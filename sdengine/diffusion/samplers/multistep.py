@@ -5,14 +5,12 @@ variable; each matches a diffusers scheduler built from SD1.5's scheduler config
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P
 
-from ..schedule import NoiseSchedule, ScheduleType, Spacing
-from .base import DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
+from .base import DenoiseFn, MultistepSpec, NoiseSource, SamplerSpec, StepCallback, to_d
 from .euler import get_ancestral_step
 
 
@@ -146,46 +144,11 @@ def sample_dpmpp_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
     return x
 
 
-def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> np.ndarray:
-    """DPMSolverMultistepScheduler's integer timesteps: linspace and leading space steps + 1 points and drop the
-    last (t = 0); trailing is the usual one."""
-    n = schedule.num_train_timesteps
-    if spacing == "linspace":
-        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy()
-    if spacing == "leading":
-        if n // (steps + 1) == 0:
-            raise ValueError(f"leading spacing allows at most {n - 1} steps, got {steps}")
-        return (np.arange(steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + schedule.steps_offset
-    return schedule.timesteps(steps, spacing)
-
-
-@dataclass(frozen=True)
-class DPMSolverSpec(SamplerSpec):
-    """The sigmas of diffusers' DPMSolverMultistepScheduler: its own timestep spacing, and karras / exponential
-    over the whole training range [sigma(t=0), sigma(t=999)] whatever the spacing."""
-
-    def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
-               spacing: Spacing | None = None) -> np.ndarray:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        lo, hi = schedule.sigma_min, schedule.sigma_max
-        if schedule_type == "normal":
-            sigmas = schedule.t_to_sigma(dpm_solver_timesteps(schedule, steps, spacing or self.default_spacing))
-        elif schedule_type == "karras":  # Karras et al. 2022, eq. 5, rho = 7
-            ramp = np.linspace(0, 1, steps)
-            sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
-        elif schedule_type == "exponential":
-            sigmas = np.exp(np.linspace(np.log(hi), np.log(lo), steps))
-        else:
-            raise ValueError(f"unknown schedule {schedule_type!r}")
-        return np.concatenate([sigmas, [lo if self.final_sigma == "sigma_min" else 0.0]]).astype(np.float32)
-
-
 SAMPLERS: dict[str, SamplerSpec] = {
     "lms": SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), diffusers_class="LMSDiscreteScheduler"),
-    "dpmpp_2m": DPMSolverSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), init="vp",
+    "dpmpp_2m": MultistepSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",), init="vp",
                               diffusers_class="DPMSolverMultistepScheduler"),
-    "dpmpp_2m_sde": DPMSolverSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
+    "dpmpp_2m_sde": MultistepSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
                                   stochastic=True, init="vp", diffusers_class="DPMSolverMultistepScheduler",
                                   diffusers_options={"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_sde": SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), stochastic=True,

@@ -9,39 +9,12 @@ becomes x_t = (sigma_t / sigma_s) x_s - (e^-h - 1) m0 - B(h) sum rho_k D_k in VE
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
-from ..schedule import NoiseSchedule, ScheduleType, Spacing
-from .base import DenoiseFn, SamplerSpec, StepCallback
-from .discrete import spaced_sigmas
-
-
-def unipc_timesteps(schedule: NoiseSchedule, steps: int, spacing: Spacing) -> np.ndarray:
-    """UniPCMultistepScheduler's timesteps: linspace and leading space steps + 1 points and drop the last (t=0)."""
-    n = schedule.num_train_timesteps
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if spacing == "linspace":
-        return np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy()
-    if spacing == "leading":
-        ratio = n // (steps + 1)
-        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1] + schedule.steps_offset
-    return schedule.timesteps(steps, spacing).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class UniPCSpec(SamplerSpec):
-    def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
-               spacing: Spacing | None = None) -> np.ndarray:
-        if schedule_type == "normal":
-            sigmas = schedule.t_to_sigma(unipc_timesteps(schedule, steps, spacing or self.default_spacing))
-        else:  # diffusers spans the whole training range here, whatever the spacing
-            sigmas = spaced_sigmas(schedule.sigma_max, schedule.sigma_min, steps, schedule_type)
-        return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+from .base import DenoiseFn, MultistepSpec, SamplerSpec, StepCallback
 
 
 def _coefficients(rks: Sequence[float], hh: float, variant: str) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -111,6 +84,6 @@ def sample_unipc(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, cal
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "unipc": UniPCSpec("unipc", sample_unipc, "UniPC", default_spacing="linspace", init="vp",
+    "unipc": MultistepSpec("unipc", sample_unipc, "UniPC", default_spacing="linspace", init="vp",
                        diffusers_class="UniPCMultistepScheduler"),
 }
