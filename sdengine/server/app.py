@@ -130,11 +130,15 @@ def create_app(service: Service, credentials: list[tuple[str, str]] | None = Non
         app.add_exception_handler(exc_type, lambda request, exc: error_response(exc))
 
     @app.get("/", include_in_schema=False)
-    def root() -> FileResponse:  # the web page; it calls /sdapi/v1 like any client (basic auth: see Guard)
-        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+    def root() -> Any:  # the web page; it calls /sdapi/v1 like any client (basic auth: see Guard)
+        page = STATIC / "index.html"
+        if not page.is_file():  # an install without the package data: the API still serves
+            return JSONResponse({"detail": "the web page is not installed; the API is at /sdapi/v1"}, status_code=404)
+        return FileResponse(page, media_type="text/html", headers=PAGE_HEADERS)
 
     app.include_router(a1111.router(service))
     app.include_router(native.router(service))
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, credentials=credentials, max_body=service.limits.max_body_bytes)
     return app

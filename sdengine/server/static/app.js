@@ -1,0 +1,550 @@
+// The sdengine web page: a plain script over the server's own AUTOMATIC1111-compatible API (same origin).
+// Paths are relative, so the page also works behind a reverse proxy under a sub-path.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    form: $("gen-form"), prompt: $("prompt"), negative: $("negative_prompt"), model: $("model"),
+    sampler: $("sampler"), scheduler: $("scheduler"), steps: $("steps"), cfg: $("cfg_scale"),
+    batch: $("batch_size"), width: $("width"), height: $("height"), seed: $("seed"), seedRandom: $("seed-random"),
+    sourceSection: $("source-section"), sourceFile: $("source-file"), sourceEmpty: $("source-empty"),
+    sourcePreview: $("source-preview"), maskEditor: $("mask-editor"), maskImage: $("mask-image"),
+    maskCanvas: $("mask-canvas"), brush: $("brush-size"), brushValue: $("brush-size-value"), eraser: $("eraser"),
+    maskClear: $("mask-clear"), maskFill: $("mask-fill"), maskInvert: $("mask-invert"),
+    strength: $("denoising_strength"), strengthValue: $("strength-value"), matchSize: $("match-size"),
+    generate: $("generate"), interrupt: $("interrupt"), progress: $("progress"), progressText: $("progress-text"),
+    announce: $("announce"), preview: $("live-preview"), error: $("error"), gallery: $("gallery"),
+    galleryEmpty: $("gallery-empty"), galleryClear: $("gallery-clear"),
+  };
+  const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
+  const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
+  const POLL_MS = 600;
+  const SAVED_KEY = "sdengine.settings";
+  const SAVED_FIELDS = ["prompt", "negative", "model", "sampler", "scheduler", "steps", "cfg", "batch", "width",
+    "height", "seed"];
+
+  const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
+    urls: [] };
+
+  // --- the API -----------------------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+
+  function detailText(data, fallback) {
+    const detail = data && (data.detail ?? data.error);
+    if (Array.isArray(detail)) { // FastAPI's validation errors
+      return detail.map((e) => `${(e.loc || []).filter((x) => x !== "body").join(".")}: ${e.msg}`).join("; ");
+    }
+    return typeof detail === "string" && detail ? detail : fallback;
+  }
+
+  async function api(path, body) {
+    const options = { method: body === undefined ? "GET" : "POST", credentials: "same-origin", headers: {} };
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(path, options);
+    } catch (_) {
+      throw new ApiError(0, "The server cannot be reached. Is sdengine still running?");
+    }
+    let data = null;
+    try { data = await response.json(); } catch (_) { /* an empty or non-JSON body */ }
+    if (!response.ok) {
+      throw new ApiError(response.status, detailText(data, `${response.status} ${response.statusText}`));
+    }
+    return data;
+  }
+
+  // --- messages ----------------------------------------------------------------------------------------------
+
+  function showError(message) {
+    el.error.textContent = message instanceof Error ? message.message : String(message);
+    el.error.hidden = false;
+  }
+  function clearError() { el.error.hidden = true; el.error.textContent = ""; }
+  function announce(text) { el.announce.textContent = text; }
+  function seconds(s) { return s < 60 ? `${Math.max(1, Math.round(s))} s` : `${Math.round(s / 60)} min`; }
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  // --- settings: the lists from the server, saved between visits ---------------------------------------------
+
+  function fillSelect(select, items, wanted, fallback) {
+    select.replaceChildren(...items.map(([value, text]) => new Option(text, value)));
+    const values = items.map(([value]) => value);
+    select.value = values.includes(wanted) ? wanted : values.includes(fallback) ? fallback : values[0] ?? "";
+  }
+
+  function saved() {
+    try { return JSON.parse(localStorage.getItem(SAVED_KEY)) || {}; } catch (_) { return {}; }
+  }
+
+  function save() {
+    const data = { seedRandom: el.seedRandom.checked };
+    for (const key of SAVED_FIELDS) data[key] = el[key].value;
+    try { localStorage.setItem(SAVED_KEY, JSON.stringify(data)); } catch (_) { /* private mode: not kept */ }
+  }
+
+  function restore(data) {
+    for (const key of SAVED_FIELDS) {
+      if (typeof data[key] === "string" && el[key].tagName !== "SELECT") el[key].value = data[key];
+    }
+    if (typeof data.seedRandom === "boolean") el.seedRandom.checked = data.seedRandom;
+    syncSeed();
+  }
+
+  async function loadLists() {
+    const keep = saved();
+    const [samplers, schedulers, models, options] = await Promise.allSettled([
+      api("sdapi/v1/samplers"), api("sdapi/v1/schedulers"), api("sdapi/v1/sd-models"), api("sdapi/v1/options")]);
+    const failed = [samplers, schedulers, models, options].find((r) => r.status === "rejected");
+    if (failed) showError(`Could not load the server's settings: ${failed.reason.message}`);
+    if (samplers.status === "fulfilled") {
+      fillSelect(el.sampler, samplers.value.map((s) => [s.name, s.name]), keep.sampler, "Euler a");
+    }
+    if (schedulers.status === "fulfilled") {
+      fillSelect(el.scheduler, schedulers.value.map((s) => [s.name, s.label || s.name]), keep.scheduler, "automatic");
+    }
+    state.currentModel = options.status === "fulfilled" ? options.value.sd_model_checkpoint : null;
+    if (models.status === "fulfilled") {
+      fillSelect(el.model, models.value.map((m) => [m.title, m.model_name]), keep.model, state.currentModel);
+    }
+  }
+
+  function syncSeed() {
+    el.seed.disabled = el.seedRandom.checked;
+    if (!el.seedRandom.checked && Number(el.seed.value) < 0) el.seed.value = String(Math.floor(Math.random() * 2 ** 32));
+  }
+
+  // --- modes and the source image ----------------------------------------------------------------------------
+
+  const mode = () => el.form.elements.mode.value;
+
+  function applyMode() {
+    const m = mode();
+    const hasSource = state.source !== null;
+    el.sourceSection.hidden = m === "txt2img";
+    el.sourceEmpty.hidden = hasSource;
+    el.sourcePreview.hidden = m !== "img2img" || !hasSource;
+    el.maskEditor.hidden = m !== "inpaint" || !hasSource;
+  }
+
+  function loadSource(dataURL, name) {
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => {
+        state.source = { dataURL, img, width: img.naturalWidth, height: img.naturalHeight, name };
+        el.sourcePreview.src = dataURL;
+        setupMask();
+        applyMode();
+        resolve();
+      };
+      img.onerror = () => reject(new Error("That file is not an image this browser can read (PNG, JPEG, WebP)."));
+      img.src = dataURL;
+    });
+  }
+
+  function readFile(file) {
+    const reader = new FileReader();
+    reader.onload = () => { clearError(); loadSource(reader.result, file.name).catch(showError); };
+    reader.onerror = () => showError("The file could not be read.");
+    reader.readAsDataURL(file);
+  }
+
+  function matchSize() {
+    const src = state.source;
+    if (!src) return;
+    const long = Math.max(parseInt(el.width.value, 10) || 512, parseInt(el.height.value, 10) || 512);
+    const ratio = src.width / src.height;
+    const round8 = (v) => Math.max(64, Math.round(v / 8) * 8);
+    el.width.value = String(round8(ratio >= 1 ? long : long * ratio));
+    el.height.value = String(round8(ratio >= 1 ? long / ratio : long));
+    save();
+  }
+
+  // --- the inpainting mask -----------------------------------------------------------------------------------
+
+  const maskCtx = () => el.maskCanvas.getContext("2d");
+
+  function setupMask() {
+    const src = state.source;
+    const scale = Math.min(1, MASK_MAX_SIDE / Math.max(src.width, src.height));
+    const w = Math.max(1, Math.round(src.width * scale));
+    const h = Math.max(1, Math.round(src.height * scale));
+    for (const canvas of [el.maskImage, el.maskCanvas]) { canvas.width = w; canvas.height = h; }
+    el.maskImage.getContext("2d").drawImage(src.img, 0, 0, w, h);
+    clearMask();
+  }
+
+  function clearMask() { maskCtx().clearRect(0, 0, el.maskCanvas.width, el.maskCanvas.height); }
+
+  function fillMask() {
+    const ctx = maskCtx();
+    ctx.globalCompositeOperation = "source-over";
+    ctx.fillStyle = MASK_COLOR;
+    ctx.fillRect(0, 0, el.maskCanvas.width, el.maskCanvas.height);
+  }
+
+  function invertMask() {
+    const copy = document.createElement("canvas");
+    copy.width = el.maskCanvas.width;
+    copy.height = el.maskCanvas.height;
+    copy.getContext("2d").drawImage(el.maskCanvas, 0, 0);
+    fillMask();
+    const ctx = maskCtx();
+    ctx.globalCompositeOperation = "destination-out";
+    ctx.drawImage(copy, 0, 0);
+    ctx.globalCompositeOperation = "source-over";
+  }
+
+  function maskIsEmpty() {
+    const { width, height } = el.maskCanvas;
+    const pixels = maskCtx().getImageData(0, 0, width, height).data;
+    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) return false;
+    return true;
+  }
+
+  function maskDataURL() { // white where painted, black elsewhere (A1111: white = repaint)
+    const { width, height } = el.maskCanvas;
+    const white = document.createElement("canvas");
+    white.width = width;
+    white.height = height;
+    const wctx = white.getContext("2d");
+    wctx.drawImage(el.maskCanvas, 0, 0);
+    wctx.globalCompositeOperation = "source-in";
+    wctx.fillStyle = "#fff";
+    wctx.fillRect(0, 0, width, height);
+    const out = document.createElement("canvas");
+    out.width = width;
+    out.height = height;
+    const ctx = out.getContext("2d");
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, width, height);
+    ctx.drawImage(white, 0, 0);
+    return out.toDataURL("image/png");
+  }
+
+  let stroke = null; // the last point of the stroke being painted
+
+  function canvasPoint(event) {
+    const rect = el.maskCanvas.getBoundingClientRect();
+    const scale = el.maskCanvas.width / rect.width;
+    return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * scale, scale };
+  }
+
+  function paint(from, to) {
+    const ctx = maskCtx();
+    const size = Number(el.brush.value) * to.scale;
+    ctx.globalCompositeOperation = el.eraser.checked ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = MASK_COLOR;
+    ctx.lineWidth = size;
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    ctx.moveTo(from.x, from.y);
+    ctx.lineTo(to.x, to.y);
+    ctx.stroke();
+    ctx.beginPath(); // a dot where a stroke starts or the pointer rests (zero-length lines draw nothing)
+    ctx.arc(to.x, to.y, size / 2, 0, 2 * Math.PI);
+    ctx.fill();
+    ctx.globalCompositeOperation = "source-over";
+  }
+
+  el.maskCanvas.addEventListener("pointerdown", (event) => {
+    if (event.button !== 0) return;
+    event.preventDefault();
+    el.maskCanvas.setPointerCapture(event.pointerId);
+    stroke = canvasPoint(event);
+    paint(stroke, stroke);
+  });
+  el.maskCanvas.addEventListener("pointermove", (event) => {
+    if (!stroke) return;
+    const point = canvasPoint(event);
+    paint(stroke, point);
+    stroke = point;
+  });
+  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) {
+    el.maskCanvas.addEventListener(type, () => { stroke = null; });
+  }
+
+  // --- generating --------------------------------------------------------------------------------------------
+
+  function buildRequest() {
+    const m = mode();
+    const body = {
+      prompt: el.prompt.value, negative_prompt: el.negative.value, sampler_name: el.sampler.value || undefined,
+      scheduler: el.scheduler.value || undefined, steps: parseInt(el.steps.value, 10),
+      cfg_scale: parseFloat(el.cfg.value), width: parseInt(el.width.value, 10), height: parseInt(el.height.value, 10),
+      batch_size: parseInt(el.batch.value, 10), n_iter: 1,
+      seed: el.seedRandom.checked ? -1 : parseInt(el.seed.value, 10),
+      // our own id: the progress shown is this request's, and a request still waiting can be cancelled
+      force_task_id: `web-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`,
+    };
+    if (el.model.value && el.model.value !== state.currentModel) {
+      body.override_settings = { sd_model_checkpoint: el.model.value }; // this request only
+    }
+    if (m !== "txt2img") {
+      if (!state.source) {
+        el.sourceFile.focus();
+        throw new Error("Choose a source image first.");
+      }
+      body.init_images = [state.source.dataURL];
+      body.denoising_strength = parseFloat(el.strength.value);
+      if (m === "inpaint") {
+        if (maskIsEmpty()) {
+          el.maskFill.focus();
+          throw new Error("Paint over the part of the image to repaint first (or choose \"Repaint everything\").");
+        }
+        body.mask = maskDataURL();
+        body.mask_blur = 4;
+        body.inpainting_fill = 1; // start from the original pixels, as A1111's page does by default
+      }
+    }
+    return [m === "txt2img" ? "sdapi/v1/txt2img" : "sdapi/v1/img2img", body];
+  }
+
+  function setBusy(busy) {
+    state.busy = busy;
+    el.generate.disabled = busy;
+    el.generate.textContent = busy ? "Generating…" : "Generate";
+    el.interrupt.disabled = !busy;
+    el.form.setAttribute("aria-busy", String(busy));
+    if (busy) {
+      el.progress.removeAttribute("value"); // indeterminate until the first step
+      el.progressText.textContent = "Starting…";
+      el.preview.hidden = true;
+      el.preview.removeAttribute("src");
+    } else {
+      el.preview.hidden = true;
+    }
+  }
+
+  function onProgress(p) {
+    if (!state.busy) return;
+    state.running = p.current_task === state.taskId;
+    if (!state.running) {
+      el.progress.removeAttribute("value");
+      el.progressText.textContent = p.current_task ? "Waiting: another job is running first…" : "Starting…";
+      return;
+    }
+    const s = p.state || {};
+    el.progress.value = Math.min(1, Math.max(0, p.progress || 0));
+    let text = s.sampling_steps ? `Step ${s.sampling_step}/${s.sampling_steps}` : "Starting…";
+    if (s.job_count > 1) text += ` · batch ${s.job_no + 1} of ${s.job_count}`;
+    if (p.eta_relative > 0.5) text += ` · about ${seconds(p.eta_relative)} left`;
+    el.progressText.textContent = text;
+    if (p.current_image) {
+      el.preview.src = `data:image/png;base64,${p.current_image}`;
+      el.preview.hidden = false;
+    }
+  }
+
+  async function pollProgress(taskId) {
+    while (state.busy && state.taskId === taskId) {
+      try { onProgress(await api("sdapi/v1/progress")); } catch (_) { /* the next poll may do better */ }
+      await sleep(POLL_MS);
+    }
+  }
+
+  async function generate() {
+    if (state.busy) return;
+    clearError();
+    let route, body;
+    try {
+      [route, body] = buildRequest();
+    } catch (e) {
+      showError(e);
+      return;
+    }
+    state.taskId = body.force_task_id;
+    state.running = false;
+    state.started = performance.now();
+    setBusy(true);
+    announce("Generating…");
+    const box = el.progress.getBoundingClientRect();
+    if (box.top < 0 || box.bottom > window.innerHeight) el.progress.scrollIntoView({ block: "center" });
+    pollProgress(body.force_task_id);
+    try {
+      const data = await api(route, body);
+      let info = {};
+      try { info = JSON.parse(data.info); } catch (_) { /* shown without its settings */ }
+      addResults(data.images || [], info, body);
+      const took = seconds((performance.now() - state.started) / 1000);
+      const count = (data.images || []).length;
+      const what = `${count} image${count === 1 ? "" : "s"}`;
+      el.progress.value = 1;
+      el.progressText.textContent = info.interrupted ? `Interrupted: kept ${what} so far (${took}).`
+        : `Done: ${what} in ${took}.`;
+      announce(el.progressText.textContent);
+    } catch (e) {
+      el.progress.value = 0;
+      if (e.status === 409) {
+        el.progressText.textContent = "Cancelled.";
+        announce("Cancelled.");
+      } else {
+        el.progressText.textContent = "Failed.";
+        showError(e);
+      }
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function interrupt() {
+    if (!state.busy) return;
+    el.interrupt.disabled = true;
+    el.progressText.textContent = "Stopping…";
+    try {
+      const p = await api("sdapi/v1/progress?skip_current_image=true");
+      if (p.current_task === state.taskId) {
+        await api("sdapi/v1/interrupt", {}); // keeps what it has, as A1111 does
+      } else {
+        await api(`api/v1/jobs/${encodeURIComponent(state.taskId)}/cancel`, {}); // still waiting: not run at all
+      }
+    } catch (e) {
+      showError(e);
+      el.interrupt.disabled = !state.busy;
+    }
+  }
+
+  // --- results -----------------------------------------------------------------------------------------------
+
+  function base64ToBlob(data, type) {
+    const bytes = atob(data);
+    const array = new Uint8Array(bytes.length);
+    for (let i = 0; i < bytes.length; i++) array[i] = bytes.charCodeAt(i);
+    return new Blob([array], { type });
+  }
+
+  function fileName(info, seed, prompt, index) {
+    const slug = (prompt || "image").toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "")
+      .slice(0, 48).replace(/-+$/, "") || "image";
+    const stamp = info.job_timestamp && info.job_timestamp !== "0" ? info.job_timestamp
+      : new Date().toISOString().replace(/\D/g, "").slice(0, 14);
+    return `sdengine-${stamp}-${seed ?? index}-${slug}.png`;
+  }
+
+  function button(text, onClick, label) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "small";
+    b.textContent = text;
+    if (label) b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  async function copyText(text, b) {
+    try {
+      await navigator.clipboard.writeText(text);
+      b.textContent = "Copied";
+    } catch (_) {
+      b.textContent = "Copy failed";
+    }
+    setTimeout(() => { b.textContent = "Copy settings"; }, 1500);
+  }
+
+  function addResults(images, info, body) {
+    const texts = info.infotexts || [];
+    const seeds = info.all_seeds || [];
+    const prompt = info.prompt ?? body.prompt;
+    const items = document.createDocumentFragment();
+    images.forEach((data, i) => {
+      const seed = seeds[i];
+      const url = URL.createObjectURL(base64ToBlob(data, "image/png"));
+      state.urls.push(url);
+      const item = document.createElement("li");
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `Generated image${seed !== undefined ? ` (seed ${seed})` : ""}: ${prompt || "no prompt"}`;
+      if (info.width && info.height) { img.width = info.width; img.height = info.height; }
+      const caption = document.createElement("figcaption");
+      if (info.interrupted) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = "Interrupted";
+        caption.append(badge);
+      }
+      const text = document.createElement("p");
+      text.className = "infotext";
+      text.textContent = texts[i] || prompt || "";
+      const actions = document.createElement("div");
+      actions.className = "item-actions";
+      const link = document.createElement("a");
+      link.href = url;
+      link.download = fileName(info, seed, prompt, i);
+      link.textContent = "Download PNG";
+      link.title = "The PNG carries these settings, readable by A1111-compatible tools";
+      actions.append(link);
+      if (seed !== undefined) {
+        actions.append(button("Reuse seed", () => {
+          el.seedRandom.checked = false;
+          el.seed.value = String(seed);
+          syncSeed();
+          save();
+          el.seed.focus();
+        }, `Reuse seed ${seed}`));
+      }
+      actions.append(button("Use as source", async () => {
+        try {
+          await loadSource(`data:image/png;base64,${data}`, link.download);
+          if (mode() === "txt2img") el.form.elements.mode.value = "img2img";
+          applyMode();
+          el.sourceSection.scrollIntoView({ block: "start" });
+          el.strength.focus();
+        } catch (e) { showError(e); }
+      }));
+      const copy = button("Copy settings", () => copyText(text.textContent, copy));
+      actions.append(copy);
+      caption.append(text, actions);
+      figure.append(img, caption);
+      item.append(figure);
+      items.append(item);
+    });
+    el.gallery.prepend(items);
+    el.galleryEmpty.hidden = el.gallery.children.length > 0;
+    el.galleryClear.hidden = el.gallery.children.length === 0;
+  }
+
+  function clearGallery() {
+    el.gallery.replaceChildren();
+    for (const url of state.urls) URL.revokeObjectURL(url);
+    state.urls = [];
+    el.galleryEmpty.hidden = false;
+    el.galleryClear.hidden = true;
+    el.generate.focus();
+  }
+
+  // --- wiring ------------------------------------------------------------------------------------------------
+
+  el.form.addEventListener("submit", (event) => { event.preventDefault(); generate(); });
+  el.form.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      el.form.requestSubmit();
+    }
+  });
+  el.form.addEventListener("change", (event) => {
+    if (event.target.name === "mode") applyMode();
+    save();
+  });
+  el.seedRandom.addEventListener("change", syncSeed);
+  el.sourceFile.addEventListener("change", () => { if (el.sourceFile.files[0]) readFile(el.sourceFile.files[0]); });
+  el.strength.addEventListener("input", () => { el.strengthValue.textContent = Number(el.strength.value).toFixed(2); });
+  el.brush.addEventListener("input", () => { el.brushValue.textContent = el.brush.value; });
+  el.maskClear.addEventListener("click", clearMask);
+  el.maskFill.addEventListener("click", fillMask);
+  el.maskInvert.addEventListener("click", invertMask);
+  el.matchSize.addEventListener("click", matchSize);
+  el.interrupt.addEventListener("click", interrupt);
+  el.galleryClear.addEventListener("click", clearGallery);
+
+  restore(saved());
+  applyMode();
+  loadLists().finally(() => document.body.setAttribute("data-ready", "true"));
+})();

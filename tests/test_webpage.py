@@ -1,0 +1,273 @@
+"""The web page at /, driven end to end in headless Chromium against a real `sdengine serve` process (tiny model).
+
+Checked: the page loads its lists from the API, generates from the form (gallery item with the infotext, a PNG
+download that carries the parameters), shows live progress with a preview and interrupts, sends img2img and an
+inpainting mask painted with the mouse, and with --api-auth loads only with credentials.
+
+Uses Debian's chromium (/usr/bin/chromium) through Playwright; no browser is downloaded. Skipped without it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from server_helpers import serve
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+expect = sync_api.expect
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="no /usr/bin/chromium: apt-get install chromium (Debian's; .ci/run does)")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+AUTH = ("painter", "p4ss-word")
+SCREENSHOT = Path("/tmp/sdengine-webpage.png")
+INPAINT_SCREENSHOT = Path("/tmp/sdengine-webpage-inpaint.png")
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("web"), extra=["--max-steps", "5000"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("webauth"), auth=AUTH) as running:
+        yield running
+
+
+class Page:
+    """A fresh browser context and page; JavaScript errors on the page fail the test."""
+
+    def __init__(self, browser, strict: bool = True, **context_args):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, **context_args)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        if strict:
+            self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+            self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+
+    def open(self, url: str):
+        response = self.page.goto(url)
+        assert response is not None and response.status == 200, response and response.status
+        self.page.wait_for_selector("body[data-ready=true]")
+        expect(self.page.locator("#sampler option")).not_to_have_count(0)
+        return self.page
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def web(browser):
+    pages: list[Page] = []
+
+    def make(strict: bool = True, **context_args) -> Page:
+        pages.append(Page(browser, strict, **context_args))
+        return pages[-1]
+
+    yield make
+    for p in pages:
+        p.close()
+    for p in pages:
+        assert not p.errors, p.errors
+
+
+def fill_small(page, prompt: str, steps: int = 2, seed: int | None = None) -> None:
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_label("Steps").fill(str(steps))
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    if seed is not None:
+        page.get_by_label("Random").uncheck()
+        page.get_by_label("Seed", exact=True).fill(str(seed))
+
+
+def png_text(data: bytes) -> str:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image.info["parameters"]
+
+
+def test_generate_from_the_page(server, web, tmp_path):
+    start = time.perf_counter()
+    page = web().open(server.url)
+    assert page.title() == "sdengine"
+    samplers = page.locator("#sampler option").all_inner_texts()
+    assert "Euler a" in samplers and "DPM++ 2M" in samplers
+    assert page.get_by_label("Sampler").input_value() == "Euler a"
+    assert "automatic" in [o.get_attribute("value") for o in page.locator("#scheduler option").all()]
+    assert page.get_by_label("Model").input_value().startswith("tiny.safetensors")
+    assert page.get_by_label("Seed", exact=True).is_disabled()  # random by default: -1
+    prompt = "a lighthouse on a cliff at dawn"
+    fill_small(page, prompt, seed=1234)
+    page.get_by_label("Schedule").select_option("karras")
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert body["prompt"] == prompt and body["steps"] == 2 and body["seed"] == 1234 and body["width"] == 64
+    assert body["sampler_name"] == "Euler a" and body["scheduler"] == "karras" and "override_settings" not in body
+
+    item = page.locator("#gallery li").first
+    expect(item.locator(".infotext")).to_contain_text("Steps:", timeout=WAIT_MS)
+    text = item.locator(".infotext").inner_text()
+    assert text.startswith(prompt) and "Steps: 2, Sampler: Euler a, Schedule type: Karras" in text
+    assert "Seed: 1234," in text and "Size: 64x64" in text
+    expect(page.locator("#progress-text")).to_contain_text("Done: 1 image")
+    expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(page.get_by_role("button", name="Interrupt")).to_be_disabled()
+    image = item.locator("img")
+    assert "seed 1234" in image.get_attribute("alt") and prompt in image.get_attribute("alt")
+    assert page.evaluate("img => img.complete && img.naturalWidth", image.element_handle()) == 64
+
+    link = item.get_by_role("link", name="Download PNG")
+    href = link.get_attribute("href")
+    assert href.startswith("blob:") or href.startswith("data:image/png;base64,"), href
+    assert link.get_attribute("download") .endswith("-1234-a-lighthouse-on-a-cliff-at-dawn.png")
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert png_text(saved.read_bytes()) == text  # the file carries the parameters shown
+
+    shot = tmp_path / "webpage.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, SCREENSHOT)
+    assert Image.open(shot).size[0] == 1280
+
+    item.get_by_role("button", name="Reuse seed 1234").click()  # the seed goes back into the form
+    assert page.get_by_label("Seed", exact=True).input_value() == "1234"
+    print(f"\nwebpage: generated through the page in {time.perf_counter() - start:.1f} s; screenshot {SCREENSHOT}")
+
+
+def test_live_progress_and_interrupt(server, web):
+    page = web().open(server.url)
+    fill_small(page, "an endless staircase", steps=5000, seed=7)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#progress-text")).to_contain_text("/5000", timeout=WAIT_MS)
+    preview = page.locator("#live-preview")
+    expect(preview).to_be_visible(timeout=WAIT_MS)
+    assert preview.get_attribute("src").startswith("data:image/png;base64,")
+    assert 0 < float(page.locator("#progress").get_attribute("value") or page.evaluate(
+        "document.getElementById('progress').value")) < 1
+    page.get_by_role("button", name="Interrupt").click()
+    item = page.locator("#gallery li").first
+    expect(item.locator(".badge")).to_have_text("Interrupted", timeout=WAIT_MS)
+    assert "Steps: 5000," in item.locator(".infotext").inner_text()
+    expect(page.locator("#progress-text")).to_contain_text("Interrupted")
+    expect(preview).to_be_hidden()
+
+
+def source_png(path: Path) -> Path:
+    image = Image.new("RGB", (128, 128), (30, 90, 200))
+    image.paste((240, 200, 40), (32, 32, 96, 96))
+    image.save(path)
+    return path
+
+
+def decode_data_url(url: str) -> Image.Image:
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64", head
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def test_img2img_and_inpaint_from_the_page(server, web, tmp_path):
+    page = web().open(server.url)
+    fill_small(page, "a yellow square, oil painting", seed=99)
+    page.get_by_label("Change an image").check()
+    page.get_by_role("button", name="Generate").click()  # no image yet: said so, nothing sent
+    expect(page.get_by_role("alert")).to_contain_text("Choose a source image")
+    page.get_by_label("Upload an image").set_input_files(str(source_png(tmp_path / "source.png")))
+    expect(page.get_by_alt_text("The uploaded source image")).to_be_visible()
+    page.get_by_label("Strength").fill("0.5")
+    with page.expect_request("**/sdapi/v1/img2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert body["denoising_strength"] == 0.5 and "mask" not in body
+    assert decode_data_url(body["init_images"][0]).size == (128, 128)
+    expect(page.locator("#gallery li .infotext").first).to_contain_text("Denoising strength: 0.5", timeout=WAIT_MS)
+    expect(page.get_by_role("alert")).to_be_hidden()
+
+    page.get_by_label("Repaint part of an image").check()
+    canvas = page.get_by_role("img", name="Mask painting area")
+    expect(canvas).to_be_visible()
+    page.get_by_role("button", name="Generate").click()  # an empty mask would repaint nothing
+    expect(page.get_by_role("alert")).to_contain_text("Paint over the part")
+    page.get_by_label("Brush size").fill("16")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.1)
+    page.mouse.down()
+    for i in range(1, 11):  # a stroke down the left quarter
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * (0.1 + 0.08 * i), steps=2)
+    page.mouse.up()
+    with page.expect_request("**/sdapi/v1/img2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    mask = decode_data_url(body["mask"]).convert("L")
+    assert mask.size == (128, 128) and body["denoising_strength"] == 0.5
+    assert mask.getpixel((25, 64)) == 255 and mask.getpixel((100, 64)) == 0  # white = repaint, the rest black
+    assert mask.getextrema() == (0, 255)
+    expect(page.locator("#gallery li")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#gallery li .infotext").first).to_contain_text("Seed: 99,")
+    page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
+    shutil.copyfile(tmp_path / "inpaint.png", INPAINT_SCREENSHOT)
+
+    page.get_by_role("button", name="Invert").click()  # the keyboard-usable mask tools
+    with page.expect_request("**/sdapi/v1/img2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    inverted = decode_data_url(sent.value.post_data_json["mask"]).convert("L")
+    assert inverted.getpixel((25, 64)) == 0 and inverted.getpixel((100, 64)) == 255
+    expect(page.locator("#gallery li")).to_have_count(3, timeout=WAIT_MS)
+    page.get_by_role("button", name="Clear results").click()
+    expect(page.locator("#gallery li")).to_have_count(0)
+
+
+def refused(page, url: str) -> None:
+    """Chromium either shows the 401 answer or, having no (right) credentials to retry with, gives up with
+    ERR_INVALID_AUTH_CREDENTIALS: both are a refusal, and the page's form never appears."""
+    try:
+        response = page.goto(url)
+    except sync_api.Error as e:
+        assert "ERR_INVALID_AUTH_CREDENTIALS" in str(e), e
+    else:
+        assert response.status == 401 and response.headers["www-authenticate"].startswith("Basic")
+    assert page.locator("#gen-form").count() == 0
+
+
+def test_page_needs_credentials(auth_server, web):
+    anonymous = web(strict=False)  # the browser logs each 401 as a console error
+    refused(anonymous.page, auth_server.url)
+    for path in ("/", "/static/app.js", "/static/style.css", "/sdapi/v1/samplers"):
+        assert anonymous.context.request.get(auth_server.url + path).status == 401, path
+    wrong = web(strict=False, http_credentials={"username": AUTH[0], "password": "nope"})
+    refused(wrong.page, auth_server.url)
+    assert wrong.context.request.get(auth_server.url + "/").status == 401
+
+    page = web(http_credentials={"username": AUTH[0], "password": AUTH[1]}).open(auth_server.url)
+    assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # the page's API calls pass too
+    fill_small(page, "a locked door")
+    page.get_by_label("Prompt", exact=True).press("Control+Enter")  # the keyboard shortcut generates
+    expect(page.locator("#gallery li .infotext").first).to_contain_text("a locked door", timeout=WAIT_MS)
+    assert page.get_by_label("Seed", exact=True).input_value() == "-1"
