@@ -120,8 +120,6 @@ def test_key_variants_in_the_wild(sd1_folder, tmp_path):
 def test_standalone_vae_replaces_the_checkpoints(single, tmp_path):
     """A separate VAE file in original naming (with its loss entries) or diffusers naming."""
     other = make_components("sd1", seed=7)["vae"]
-    other_model = StableDiffusion(TINY)  # just for its VAE-naming conversion below
-    del other_model
     diffusers_file = tmp_path / "vae_diffusers.safetensors"
     save_file(other.state_dict(), diffusers_file)
     z = torch.randn(1, 4, 8, 8)

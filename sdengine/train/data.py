@@ -107,10 +107,16 @@ class FolderSource:
         self._missing_captions = len(images) - len(pairs)
         return pairs
 
+    def _order(self, epoch: int) -> np.ndarray:
+        """A fresh order each epoch; kept, so each item costs no O(n) shuffle."""
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng(item_seed(self.seed, epoch)).permutation(len(self.items))
+        return self._perm
+
     def item(self, index: int) -> tuple[np.ndarray, str]:
         n = len(self.items)
         epoch, position = divmod(index, n)
-        order = np.random.default_rng(item_seed(self.seed, epoch)).permutation(n)  # a fresh order each epoch
+        order = self._order(epoch)
         path, caption = self.items[order[position]]
         with Image.open(path) as img:
             img = img.convert("RGB")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import VAEConfig
-from .keys import IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers, vae_pairs
+from ..config import ModelConfig, VAEConfig
+from .keys import IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers
 from .detect import UnknownArchitecture, detect_vae
 
 
@@ -53,13 +53,9 @@ def standalone_vae(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     if any(".down_blocks." in k or ".up_blocks." in k for k in sd):
         from .diffusers_folder import vae_config_from_tensors  # diffusers naming: map through the table
         cfg = vae_config_from_tensors(sd)
-        from ..config import ModelConfig
         sd = {k[len(VAE):]: v for k, v in from_diffusers({"vae": sd}, ModelConfig(vae=cfg)).items()}
     sd = {VAE + k: v for k, v in sd.items() if not k.startswith("loss.") and not k.startswith("model_ema.")}
     sd = normalize(sd)
     if VAE + "encoder.conv_in.weight" not in sd:
         raise UnknownArchitecture("not a VAE file: no encoder.conv_in.weight")
-    cfg = detect_vae(sd)
-    expected = {VAE + o for o, _ in vae_pairs(cfg)}
-    del expected  # the strict load of the assembled model names any mismatch
-    return sd, cfg
+    return sd, detect_vae(sd)  # the strict load of the assembled model names any mismatch
