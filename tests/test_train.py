@@ -392,3 +392,39 @@ def test_bf16_autocast_runs(tmp_path, data):
     after = t.modules["vae"].state_dict()
     assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(start[k], after[k])
                                                                           for k in start)
+
+
+# ---- data workers and the time budget -----------------------------------------------------------------------------
+
+def test_data_workers_train_exactly_as_in_process(tmp_path, data):
+    """Batches prepared by worker processes are the same items: the weights come out bit for bit the same."""
+    results = []
+    for workers in (0, 2):
+        t = trainer(tmp_path / f"w{workers}", data, steps=3, batch_size=4, grad_accum=2, workers=workers)
+        results.append({k: v.clone() for k, v in t.run()["vae"].state_dict().items()})
+        assert t.prefetcher is None  # closed (its processes ended) when the run ends
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_time_budget_fits_the_step_count(tmp_path, data):
+    """A budget far too small for --steps: the count is refitted to the measured speed and the run, LR schedule
+    included, finishes early instead of being cut."""
+    t = trainer(tmp_path / "budget", data, steps=100_000, time_budget=1.0, log_every=2)
+    t.run()
+    records = logged(tmp_path / "budget")
+    assert 6 <= t.step < 100_000 and t.cfg.steps == t.step and records[-1]["step"] == t.step
+    assert records[-1]["planned_steps"] == t.step
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * t.cfg.min_lr_ratio, rel=0.05)  # the cosine's end
+    assert ckpt_steps(tmp_path / "budget") == [t.step]
+
+
+def test_workers_and_budget_arguments(capsys, tmp_path, data):
+    rc, err = train(capsys, "vae", tmp_path / "a", data, "--workers", "-1")
+    assert rc != 0 and one_error(err, "--workers")
+    rc, err = train(capsys, "vae", tmp_path / "b", data, "--time-budget", "0")
+    assert rc != 0 and one_error(err, "--time-budget")
+    rc, err = train(capsys, "vae", tmp_path / "c", data, "--steps", "2", "--batch", "4", "--workers", "1",
+                    "--time-budget", "5")
+    assert rc == 0, err
+    assert [r["step"] for r in logged(tmp_path / "c")] == [1, 2] and (tmp_path / "c" / "vae.safetensors").exists()

@@ -30,7 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from ..weights.checkpoint import TOKENIZER_METADATA, tokenizer_metadata
 from ..weights.io import atomic_path, read_tensors, write_safetensors
 from ..weights.keys import TEXT, VAE
-from .data import Source, item_seed
+from .data import Source, batch_items, item_seed
 from .plots import image_grid
 
 
@@ -72,8 +72,8 @@ class VAEStage:
     def trainable(self) -> dict[str, nn.Module]:
         return {"vae": self.vae}
 
-    def batch(self, step: int, indices: range, device: torch.device):
-        images = [self.source.item(step * 1_000_003 + i)[0] for i in indices]
+    def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
+        images = [image for image, _ in items or batch_items(self.source, step, indices)]
         return to_pixels(images, device), generators(self.seed, step, indices, 1)
 
     @staticmethod
@@ -206,8 +206,8 @@ class TextStage:
     def trainable(self) -> dict[str, nn.Module]:
         return {"text": self.text, "image": self.image, "head": self.head}
 
-    def batch(self, step: int, indices: range, device: torch.device):
-        items = [self.source.item(step * 1_000_003 + i) for i in indices]
+    def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
+        items = items or batch_items(self.source, step, indices)
         ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions)
         # The pooled output is read at the end token and attention is causal, so positions after the longest
         # caption's end cannot change it: cut them (captions here are far shorter than 77 tokens).
@@ -273,8 +273,8 @@ class UNetStage:
         return {"unet": self.model.unet}
 
     @torch.no_grad()
-    def batch(self, step: int, indices: range, device: torch.device):
-        items = [self.source.item(step * 1_000_003 + i) for i in indices]
+    def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
+        items = items or batch_items(self.source, step, indices)
         gens = generators(self.seed, step, indices, 2)
         # caption dropout decided per item, deterministically
         captions = ["" if torch.rand((), generator=g).item() < self.caption_dropout else c

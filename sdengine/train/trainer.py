@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import ResumeError, checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
+from .data import Prefetcher, Source
 from .plots import write_loss_curve
 
 
@@ -51,14 +52,19 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 20  # consecutive non-finite losses before aborting
     quiet: bool = False
+    workers: int = 0  # processes preparing the data of coming steps (0: in the training process)
+    time_budget: float = 0.0  # seconds; > 0 fits the step count to the measured speed (see Trainer.run)
 
 
 class Stage(Protocol):
     name: str
+    source: Source
 
     def trainable(self) -> dict[str, nn.Module]: ...
 
-    def batch(self, step: int, indices: range, device: torch.device) -> Any: ...
+    def batch(self, step: int, indices: range, device: torch.device, items: list | None = None) -> Any:
+        """The batch of global step `step`, items `indices`; `items` are those items when a worker prepared them."""
+        ...
 
     def loss(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
@@ -86,13 +92,18 @@ class EMA:
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
+        shadows, values = [], []
         for name, m in modules.items():
             for k, v in m.state_dict().items():
                 s = self.shadow[name][k]
                 if v.is_floating_point():
-                    s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+                    shadows.append(s)
+                    values.append(v.detach().float())
                 else:
                     s.copy_(v)
+        if shadows:  # one fused update instead of two kernels per tensor (it matters on a GPU)
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, values, alpha=1 - d)
 
     def copy_to(self, modules: dict[str, nn.Module]) -> None:
         for name, m in modules.items():
@@ -117,6 +128,8 @@ class Trainer:
             raise ValueError(f"batch size {cfg.batch_size} must divide into {cfg.grad_accum} accumulation steps "
                              f"x {self.world} processes")
         self.micro = per_step // self.world  # items per process per micro-step
+        # Forked before any module moves to the device (the workers never touch torch).
+        self.prefetcher = Prefetcher(stage.source, cfg.workers) if cfg.workers > 0 else None
         torch.manual_seed(cfg.seed)
         self.modules = stage.trainable()
         if self.world > 1:  # rank 0's fresh weights are authoritative (the stage built them before we were called)
@@ -193,10 +206,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, logs = 0.0, {}
         finite = True
-        per_step = cfg.batch_size // cfg.grad_accum
-        for micro in range(cfg.grad_accum):
-            start = micro * per_step + self.rank * self.micro
-            batch = self.stage.batch(self.step, range(start, start + self.micro), self.device)
+        for micro, key in enumerate(self._slices(self.step)):
+            items = None
+            if self.prefetcher is not None:
+                ahead = max(2, -(-2 * self.prefetcher.workers // cfg.grad_accum))  # keep every worker busy
+                self.prefetcher.request([k for s in range(self.step + 1, min(cfg.steps, self.step + 1 + ahead))
+                                         for k in self._slices(s)])
+                items = self.prefetcher.take(key)
+            batch = self.stage.batch(self.step, range(key[1], key[2]), self.device, items)
             with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                 loss, parts = self.stage.loss(batch, self.step)
             finite &= bool(torch.isfinite(loss).item())
@@ -232,13 +249,36 @@ class Trainer:
             self.ema.update(self.modules, self.step)
         return total, logs
 
+    def _slices(self, step: int) -> list[tuple[int, int, int]]:
+        """(step, start, stop) of this process's micro-batches of global step `step`."""
+        per_step = self.cfg.batch_size // self.cfg.grad_accum
+        starts = [micro * per_step + self.rank * self.micro for micro in range(self.cfg.grad_accum)]
+        return [(step, start, start + self.micro) for start in starts]
+
+    def _fit_to_budget(self, requested: int, started: tuple[int, float], deadline: float) -> None:
+        """Set cfg.steps so the run ends at the deadline, from the speed measured since `started` (step, time);
+        never above the requested steps, never below the current step. All processes take the smallest."""
+        now = time.monotonic()
+        rate = (self.step - started[0]) / max(now - started[1], 1e-9)
+        fit = torch.tensor(self.step + int(rate * (deadline - now)), dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(fit, op=dist.ReduceOp.MIN)
+        self.cfg.steps = max(self.step, min(requested, int(fit.item())))
+
     def run(self, resume: bool = False, stop_at: int | None = None) -> dict[str, nn.Module]:
         """Train to cfg.steps (from the newest checkpoint with resume=True). stop_at pauses earlier, as SIGTERM
         does: a checkpoint of that step, and a later run(resume=True) goes on exactly as if never paused.
 
         A step whose loss or gradients are not finite is skipped (its batch is passed over, the weights are left
-        as they were, and `skipped` counts it); cfg.max_bad_steps of them in a row raise TrainingAborted."""
+        as they were, and `skipped` counts it); cfg.max_bad_steps of them in a row raise TrainingAborted.
+
+        With cfg.time_budget, the step count is refitted at every log step from the speed measured so far (after
+        a few warm-up steps), so the run, its LR schedule included, ends within the budget: cfg.steps is then an
+        upper bound, and the count reached is in the log."""
         cfg = self.cfg
+        requested = cfg.steps
+        deadline = time.monotonic() + cfg.time_budget if cfg.time_budget > 0 else None
+        timing_from: tuple[int, float] | None = None
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
@@ -253,8 +293,11 @@ class Trainer:
                        desc=self.stage.name)
         last_time, images = time.perf_counter(), 0
         end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+        start_step = self.step
         try:
             while self.step < end and not self.stop_requested:
+                if deadline is not None and timing_from is None and self.step >= start_step + 5:
+                    timing_from = (self.step, time.monotonic())  # after warm-up (allocations, autotuning)
                 loss, parts = self.train_step()
                 if self.world == 1:
                     self.stop_requested = self.sigterm
@@ -272,11 +315,18 @@ class Trainer:
                             f"{self.step}); training stopped: "
                             + (f"the last good checkpoint {last[-1]} is intact" if last else
                                "no checkpoint had been saved yet") + " (lower --lr, or check the data)")
+                if deadline is not None and timing_from is not None and self.step % cfg.log_every == 0:
+                    self._fit_to_budget(requested, timing_from, deadline)
+                    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+                    if bar is not None:
+                        bar.total = cfg.steps
                 if (cfg.log_every and self.step % cfg.log_every == 0) or self.step == cfg.steps:
                     now = time.perf_counter()
                     record = {"step": self.step, "loss": loss if math.isfinite(loss) else None,
                               "lr": self.scheduler.get_last_lr()[0], "images_per_s": images / (now - last_time),
                               "skipped": self.skipped, **parts}
+                    if deadline is not None:
+                        record["planned_steps"] = cfg.steps
                     last_time, images = now, 0
                     self.history.append(record)
                     if self.rank == 0:
@@ -295,6 +345,9 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             if bar is not None:
                 bar.close()
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+                self.prefetcher = None
         self.save()
         if self.rank == 0:
             self.pictures(samples=self.step >= cfg.steps)  # a pause (SIGTERM, stop_at) leaves promptly
@@ -311,9 +364,13 @@ class Trainer:
         return self.modules
 
     def pictures(self, samples: bool = True) -> None:
-        write_loss_curve(self.cfg.run_dir / "log.jsonl", self.cfg.run_dir / "loss.png")
-        if samples:
-            self.stage.samples(self.modules, self.step, self.cfg.run_dir / f"samples-{self.step:09d}.png")
+        """The loss curve and a grid of samples. Only pictures: a failure is reported, never costs the run."""
+        try:
+            write_loss_curve(self.cfg.run_dir / "log.jsonl", self.cfg.run_dir / "loss.png")
+            if samples:
+                self.stage.samples(self.modules, self.step, self.cfg.run_dir / f"samples-{self.step:09d}.png")
+        except Exception as e:  # noqa: BLE001 - any failure to draw must leave training alone
+            print(f"sdengine: could not write pictures at step {self.step}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _logged_step(line: str) -> float:
