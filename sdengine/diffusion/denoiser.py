@@ -30,7 +30,9 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  concat: torch.Tensor | None = None) -> torch.Tensor:
         """x0 estimate. sigma: (b,) or scalar; concat: extra input channels (inpainting UNets' mask + image)."""
-        sigma = sigma.to(torch.float32).expand(x.shape[0]) if sigma.ndim == 0 else sigma.to(torch.float32)
+        # Sigmas live on the CPU (schedules are numpy); move them to x, which may be on a GPU.
+        sigma = sigma.to(x.device, torch.float32)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         s = append_dims(sigma, x.ndim)
         c_in = 1.0 / (s ** 2 + 1.0) ** 0.5
         t = self.schedule.sigma_to_t_torch(sigma)
