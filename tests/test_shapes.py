@@ -229,3 +229,24 @@ def test_preview_grid(tmp_path) -> None:
     grid = preview_grid([(x.image, x.caption) for x in samples], cols=8)
     grid.save(tmp_path / "preview.png")
     assert grid.size[0] >= 8 * 64 * 3
+
+
+def test_sampler_draws_another_scene_when_one_cannot_be_placed(monkeypatch):
+    """A scene whose objects find no placement (rare: big objects bound by a relation) must not stop training:
+    the stream draws another, deterministically."""
+    import sdengine.data.shapes as shapes
+
+    real, calls = shapes.realize, []
+
+    def flaky(spec, rng, resolution=64, exclude=frozenset()):
+        calls.append(spec)
+        if len(calls) == 1:
+            raise shapes.PromptError("cannot place")
+        return real(spec, rng, resolution, exclude)
+
+    monkeypatch.setattr(shapes, "realize", flaky)
+    first = shapes.SceneSampler(seed=1).scene(7)
+    assert len(calls) == 2
+    calls.clear()
+    again = shapes.SceneSampler(seed=1).scene(7)
+    assert again[1] == first[1] and again[0].objects == first[0].objects

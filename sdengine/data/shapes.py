@@ -448,10 +448,12 @@ class SceneSampler:
                 continue
             if self.mode == "held_out" and not full.held_out(self.held):
                 continue
-            break
-        said = _drop_attributes(full, rng)
-        scene = replace(realize(full, rng, self.resolution), spec=said)
-        return scene, describe(said, rng)
+            said = _drop_attributes(full, rng)
+            try:  # rarely (big objects bound by a relation) no placement is found: draw another scene
+                scene = replace(realize(full, rng, self.resolution), spec=said)
+            except PromptError:
+                continue
+            return scene, describe(said, rng)
 
     def sample(self, index: int) -> Sample:
         scene, caption = self.scene(index)
