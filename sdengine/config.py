@@ -92,6 +92,13 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     prediction: Prediction = "eps"
+    # The image size (pixels) the model was trained at, when known (our trained models record it); generation
+    # defaults to it. None: 512, as A1111 does for any SD checkpoint.
+    sample_size: int | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.sample_size or 512
 
     @property
     def family(self) -> str:
@@ -129,6 +136,7 @@ class ModelConfig:
             vae=build(VAEConfig, d.get("vae", {})),
             text=build(TextConfig, d.get("text", {})),
             prediction=d.get("prediction", "eps"),
+            sample_size=d.get("sample_size"),
         )
 
 

@@ -6,7 +6,9 @@ mistake costs a second, not a model load and a generation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -31,6 +33,19 @@ def default_model() -> Path | None:
     """The model shipped with the package, when this install has one."""
     shipped = Path(__file__).parent / "models" / "default" / "model.safetensors"
     return shipped if shipped.exists() else None
+
+
+def native_size(path: Path) -> int:
+    """The image size a model file records (our trained models do), else 512; read from the header only."""
+    from .config import ModelConfig
+    from .weights.checkpoint import CONFIG_METADATA
+    from .weights.io import safetensors_metadata
+
+    try:
+        meta = safetensors_metadata(path) if path.is_file() and path.suffix == ".safetensors" else {}
+        return ModelConfig.from_dict(json.loads(meta[CONFIG_METADATA])).image_size
+    except (KeyError, ValueError, TypeError, OSError, struct.error):
+        return 512  # no or unreadable config here: loading the model reports real problems
 
 
 def list_models(folder: Path | None = None) -> list[Path]:
@@ -143,9 +158,11 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
             note = (f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
                     f"{init.size[0]}x{init.size[1]}")
             mask = mask.resize(init.size)
+    model_path = resolve_model(args.model)
+    native = None if init else native_size(model_path)
     # `is None`, not `or`: an explicit --width 0 must be refused by Request, not replaced by the default
-    width = args.width if args.width is not None else (init.width // 8 * 8 if init else 512)
-    height = args.height if args.height is not None else (init.height // 8 * 8 if init else 512)
+    width = args.width if args.width is not None else (init.width // 8 * 8 if init else native)
+    height = args.height if args.height is not None else (init.height // 8 * 8 if init else native)
     prompt, negative = args.prompt, args.negative
     if args.style:
         styles = load_styles(args.styles_file or BUNDLED_STYLES)
@@ -156,7 +173,6 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     paths = output_paths(args.out, req.seeds)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
-    model_path = resolve_model(args.model)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
 

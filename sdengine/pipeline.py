@@ -97,10 +97,13 @@ class Pipeline:
     # --- public API ---------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str = "", negative_prompt: str = "", steps: int = 20, sampler: str = "euler",
-                 schedule: str = "normal", cfg_scale: float = 7.5, seed: int = 0, width: int = 512,
-                 height: int = 512, batch_size: int = 1, clip_skip: int = 1, spacing: str | None = None,
+                 schedule: str = "normal", cfg_scale: float = 7.5, seed: int = 0, width: int | None = None,
+                 height: int | None = None, batch_size: int = 1, clip_skip: int = 1, spacing: str | None = None,
                  callback: Callback | None = None) -> list[Image.Image]:
-        """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"]."""
+        """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
+        Width and height default to the model's training size (512 unless its file says otherwise)."""
+        size = self.model.config.image_size
+        width, height = width or size, height or size
         req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,
                       batch_size, clip_skip)
         return self.to_images(self.sample(req, callback=callback), req)

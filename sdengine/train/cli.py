@@ -107,7 +107,7 @@ def build_stage(args: argparse.Namespace):
     else:
         if args.vae is None or args.text is None:
             raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
-        model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction)
+        model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction, sample_size=args.size)
     return stages.UNetStage(model, source, seed=args.seed)
 
 

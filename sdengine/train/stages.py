@@ -325,12 +325,14 @@ class UNetStage:
         save(self.model, out / "model.safetensors", dtype=torch.float16, force=True)
 
 
-def assemble(unet_cfg: UNetConfig, vae_path: Path, text_path: Path, prediction: str = "eps") -> StableDiffusion:
-    """A StableDiffusion from a trained VAE and text encoder and a fresh UNet with the given config."""
+def assemble(unet_cfg: UNetConfig, vae_path: Path, text_path: Path, prediction: str = "eps",
+             sample_size: int | None = None) -> StableDiffusion:
+    """A StableDiffusion from a trained VAE and text encoder and a fresh UNet with the given config; sample_size
+    (the training image size) is recorded in the model's config, so generation defaults to it."""
     vae, vae_cfg = load_vae(vae_path)
     text, text_cfg, tokenizer = load_text(text_path)
     unet_cfg = dataclasses.replace(unet_cfg, context_dim=text_cfg.width)
-    cfg = ModelConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, prediction=prediction)
+    cfg = ModelConfig(unet=unet_cfg, vae=vae_cfg, text=text_cfg, prediction=prediction, sample_size=sample_size)
     model = StableDiffusion(cfg, tokenizer)
     model.init_weights()
     model.first_stage_model.load_state_dict(vae.state_dict())

@@ -37,7 +37,7 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
+def safetensors_metadata(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > os.path.getsize(path) - 8:
@@ -56,7 +56,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     kind = sniff(path)
     if kind == "safetensors":
         try:
-            meta = _safetensors_metadata(path)
+            meta = safetensors_metadata(path)
             return load_file(path), meta
         except (SafetensorError, ValueError, json.JSONDecodeError, struct.error, OSError) as e:
             if isinstance(e, CheckpointError):
