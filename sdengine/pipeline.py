@@ -102,8 +102,8 @@ class Pipeline:
                  callback: Callback | None = None) -> list[Image.Image]:
         """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
         Width and height default to the model's training size (512 unless its file says otherwise)."""
-        size = self.model.config.image_size
-        width, height = width or size, height or size
+        size = self.model.config.image_size  # `is None`, not `or`: a width of 0 must be refused, not replaced
+        width, height = size if width is None else width, size if height is None else height
         req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,
                       batch_size, clip_skip)
         return self.to_images(self.sample(req, callback=callback), req)

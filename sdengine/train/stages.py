@@ -73,7 +73,8 @@ class VAEStage:
         return {"vae": self.vae}
 
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
-        images = [image for image, _ in items or batch_items(self.source, step, indices)]
+        items = items if items is not None else batch_items(self.source, step, indices)
+        images = [image for image, _ in items]
         return to_pixels(images, device), generators(self.seed, step, indices, 1)
 
     @staticmethod
@@ -207,7 +208,7 @@ class TextStage:
         return {"text": self.text, "image": self.image, "head": self.head}
 
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
-        items = items or batch_items(self.source, step, indices)
+        items = items if items is not None else batch_items(self.source, step, indices)
         ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions)
         # The pooled output is read at the end token and attention is causal, so positions after the longest
         # caption's end cannot change it: cut them (captions here are far shorter than 77 tokens).
@@ -274,7 +275,7 @@ class UNetStage:
 
     @torch.no_grad()
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
-        items = items or batch_items(self.source, step, indices)
+        items = items if items is not None else batch_items(self.source, step, indices)
         gens = generators(self.seed, step, indices, 2)
         # caption dropout decided per item, deterministically
         captions = ["" if torch.rand((), generator=g).item() < self.caption_dropout else c

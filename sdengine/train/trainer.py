@@ -206,13 +206,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total, logs = 0.0, {}
         finite = True
-        for micro, key in enumerate(self._slices(self.step)):
-            items = None
-            if self.prefetcher is not None:
-                ahead = max(2, -(-2 * self.prefetcher.workers // cfg.grad_accum))  # keep every worker busy
-                self.prefetcher.request([k for s in range(self.step + 1, min(cfg.steps, self.step + 1 + ahead))
-                                         for k in self._slices(s)])
-                items = self.prefetcher.take(key)
+        if self.prefetcher is not None:  # queue the coming steps' slices, enough to keep every worker busy
+            ahead = max(2, -(-2 * self.prefetcher.workers // cfg.grad_accum))
+            self.prefetcher.request([k for s in range(self.step + 1, min(cfg.steps, self.step + 1 + ahead))
+                                     for k in self._slices(s)])
+        for key in self._slices(self.step):
+            items = self.prefetcher.take(key) if self.prefetcher is not None else None
             batch = self.stage.batch(self.step, range(key[1], key[2]), self.device, items)
             with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                 loss, parts = self.stage.loss(batch, self.step)
