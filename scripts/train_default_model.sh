@@ -4,7 +4,7 @@
 #   scripts/train_default_model.sh [RUNS_DIR]        (default /work/runs; hours of CPU)
 set -euo pipefail
 RUNS=${1:-/work/runs}
-export OMP_WAIT_POLICY=PASSIVE
+# The only job on the machine: OpenMP threads may spin (OMP_WAIT_POLICY=PASSIVE halves the speed when idle).
 mkdir -p "$RUNS"
 
 stage() {  # stage NAME RESULT ARGS...: train unless RESULT exists (written only when a stage completes);

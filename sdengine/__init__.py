@@ -1,6 +1,6 @@
 """sdengine: Stable Diffusion on PyTorch, in readable code: models, checkpoints, samplers and training.
 
-The public names load lazily, so `sdengine.cli` can set up the process (OpenMP's wait policy) before torch loads.
+The public names load lazily, so `import sdengine` (and `sdengine --help`) stays fast until torch is needed.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _EXPORTS = {
     "load": "weights", "save": "weights", "convert": "weights", "CheckpointError": "weights",
     "UnknownArchitecture": "weights", "StableDiffusion": "model", "ModelConfig": "config", "UNetConfig": "config",
     "VAEConfig": "config", "TextConfig": "config", "PRESETS": "config", "Pipeline": "pipeline",
+    "compile_unet": "compile",
 }
 __all__ = sorted(_EXPORTS)
 

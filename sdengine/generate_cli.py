@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .compile import check_compiler, compile_unet
 from .diffusion.samplers import SAMPLERS
 from .diffusion.schedule import SCHEDULES, SPACINGS
 
@@ -140,6 +141,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with TorchInductor: faster steps after a slow first call")
     p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -173,6 +176,8 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     paths = output_paths(args.out, req.seeds)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
+    if args.compile:
+        check_compiler(device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
 
@@ -180,6 +185,8 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     from .weights import load
 
     model = load(model_path, device=device, dtype=dtype, vae=args.vae)
+    if args.compile:
+        compile_unet(model)
     pipe = Pipeline(model)
     callback, bar = progress(req.steps, args.quiet, strength)
     init_t = image_to_tensor(init, width, height) if init is not None else None
@@ -245,6 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model_path = resolve_model(args.model)
     model = load(model_path, device=device, dtype=pick_dtype(args.precision, device))
+    if args.compile:
+        compile_unet(model)
     scores, records, images = run_eval(Pipeline(model), seeds=args.seeds, steps=args.steps, sampler=args.sampler,
                                        cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet)
     meta = {"model": str(model_path), "seeds": args.seeds, "steps": args.steps, "sampler": args.sampler,
@@ -265,6 +274,8 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with TorchInductor: faster steps after a slow first call")
     p.add_argument("--out", type=Path, default=Path("shapes-eval"), help="folder for report.json and examples.png")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

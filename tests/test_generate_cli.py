@@ -132,6 +132,30 @@ def test_bf16_on_cpu(cli, tmp_path):
     assert np.abs(pixels(tmp_path / "h.png") - pixels(tmp_path / "f.png")).mean() < 20  # same image, roughly
 
 
+def test_compile_gives_the_eager_image(cli, tmp_path):
+    """--compile (TorchInductor) changes speed, not the picture: same seed, same pixels up to float noise."""
+    args = ("generate", "a cat", "--seed", "4", *FAST)
+    assert cli(*args, "--out", tmp_path / "eager.png")[0] == 0
+    code, stdout, stderr = cli(*args, "--compile", "--out", tmp_path / "compiled.png")
+    assert code == 0, stderr
+    assert np.abs(pixels(tmp_path / "eager.png") - pixels(tmp_path / "compiled.png")).max() <= 2
+
+
+def test_compile_without_a_compiler_is_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr("sdengine.compile.shutil.which", lambda name: None)
+    code, _, stderr = cli("generate", "a cat", "--compile", "--device", "cpu", "--out", tmp_path / "x.png", *FAST)
+    assert code == 1 and stderr.strip() == "sdengine: error: --compile on CPU needs a C++ compiler (g++ or clang++) " \
+        "on PATH"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_compile_unet_keeps_the_module_and_its_keys(sd1_folder):
+    model = sdengine.load(sd1_folder)
+    keys = list(model.state_dict())
+    assert sdengine.compile_unet(model) is model
+    assert list(model.state_dict()) == keys and type(model.unet).__name__ == "UNetModel"
+
+
 def test_models_folder_by_name(cli, sd1_folder, tmp_path):
     models = tmp_path / "home" / "models"
     models.mkdir(parents=True)

@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise RuntimeError(f"sdengine serve needs {' and '.join(missing)}: pip install 'sdengine[server]'")
     import uvicorn
 
+    from ..compile import check_compiler
     from ..generate_cli import default_model, models_dir, pick_device, pick_dtype
     from ..prompts import BUNDLED_STYLES, load_styles
     from .app import create_app
@@ -63,7 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pinned = default_model()  # the shipped model, when this install has one
     elif Path(args.model).expanduser().exists():
         pinned = Path(args.model).expanduser()
-    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device, pick_dtype(args.precision, device))
+    if args.compile:
+        check_compiler(device)
+    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device, pick_dtype(args.precision, device),
+                             compile=args.compile)
     name = pinned.name if pinned is not None else args.model  # else a name in the folder
     if name is None:
         entries = registry.entries()
@@ -112,6 +116,8 @@ def register(sub) -> None:
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="compile each model's UNet with TorchInductor: faster steps after a slow first request")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")

@@ -72,8 +72,10 @@ class ModelEntry:
 class ModelRegistry:
     """The models a client may choose (the models folder, plus the --model file) and the one loaded now."""
 
-    def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype):
+    def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype,
+                 compile: bool = False):
         self.folder, self.pinned, self.device, self.dtype = folder, pinned, device, dtype
+        self.compile = compile  # compile each loaded model's UNet (sdengine serve --compile)
         self.default_name: str | None = None  # sd_model_checkpoint
         self.current: ModelEntry | None = None
         self.pipeline: Pipeline | None = None
@@ -142,6 +144,10 @@ class ModelRegistry:
         except Exception as e:  # noqa: BLE001 - any failure to load is reported as the model's
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelLoadError(f"model {entry.name} could not be loaded: {first}") from None
+        if self.compile:
+            from ..compile import compile_unet
+
+            compile_unet(model)
         pipe = Pipeline(model)
         pipe._model_hash = sha[:10] if sha else None  # already read the file once; don't read it again
         self.pipeline, self.current = pipe, entry

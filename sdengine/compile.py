@@ -1,0 +1,43 @@
+"""Optional TorchInductor compilation of the UNet for generation (`--compile`, `compile_unet`).
+
+Why: at the small sizes the shipped model runs at (16x16 latents), a UNet call is ~700 small ops and their
+per-op overhead, not arithmetic, sets the speed. Inductor fuses the elementwise work around the convolutions
+and, with freezing, pre-packs the weights for oneDNN: measured on this project's 2-core CPU, a 64x64 image in
+20 steps went from ~0.85 s to ~0.51 s (fp32) and ~0.45 s (bf16). The first call pays for the compilation
+(20-45 s on 2 cores; ~14 s when the on-disk cache is warm), so it pays off for batches, eval and the server,
+not for one image.
+"""
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import StableDiffusion
+
+
+def check_compiler(device: torch.device) -> None:
+    """Inductor writes C++ for CPU kernels: say so up front instead of failing mid-generation."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise RuntimeError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
+
+
+def compile_unet(model: StableDiffusion) -> StableDiffusion:
+    """Compile the UNet's forward in place; the module, its parameters and its state_dict keys are unchanged.
+
+    The weights are folded into the compiled code (inductor "freezing") when it first runs without gradients, so
+    load or change weights before generating: later changes are not seen by inference calls. Calls with
+    gradients enabled (training) use the compiled graph without freezing. Returns `model`.
+    """
+    check_compiler(model.device)
+    unet = model.unet
+    if getattr(unet, "_sdengine_compiled", False):
+        return model
+    unet.forward = torch.compile(unet.forward, options={"freezing": True})
+    unet._sdengine_compiled = True
+    return model
+
+
+__all__ = ["compile_unet", "check_compiler"]
