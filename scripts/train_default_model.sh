@@ -28,6 +28,7 @@ if rate < 0.98:
     sys.exit("the VAE must reconstruct >= 98% of ShapesEval images before the UNet is trained")
 PY
 stage text text.safetensors --steps 1500 --batch 128 --lr 3e-4 --save-every 250
+# On 200k pre-encoded items (~35 min to build on 2 cores, 0.8 GB; then 1.4x the images/s of encoding every step).
 stage unet model.safetensors --steps 40000 --batch 32 --lr 2e-4 --save-every 500 --sample-every 2000 \
-  --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors"
+  --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors" --cache-latents 200000
 sdengine eval --model "$RUNS/unet/model.safetensors" --out "$RUNS/eval"

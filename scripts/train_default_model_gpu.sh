@@ -5,7 +5,9 @@
 #   scripts/train_default_model_gpu.sh RUNS_DIR
 # A text encoder already in RUNS_DIR/text/text.safetensors (from the CPU recipe, say) is reused.
 # Knobs (environment): VAE_MIN, UNET_MIN (minutes per stage), VAE_BATCH, UNET_BATCH, WORKERS, DEVICE, GATE=warn (go on to the UNet
-# even if the VAE misses the 98% reconstruction gate; default: stop), SDENGINE (how to run the CLI).
+# even if the VAE misses the 98% reconstruction gate; default: stop), SDENGINE (how to run the CLI),
+# UNET_CACHE=N (train the UNet on N pre-encoded items, --cache-latents; built before the UNet's time budget starts;
+# default 0: encode the endless stream on the fly).
 set -euo pipefail
 RUNS=${1:?usage: train_default_model_gpu.sh RUNS_DIR}
 SD=${SDENGINE:-sdengine}
@@ -42,6 +44,7 @@ PY
 if [ ! -f "$RUNS/unet/model.safetensors" ]; then
   say "UNet: $UNET_MIN minutes"
   $SD train unet --out "$RUNS/unet" "${COMMON[@]}" --steps 200000 --batch "${UNET_BATCH:-256}" --lr 3e-4 --time-budget "$UNET_MIN" \
-    --save-every 2000 --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors"
+    --save-every 2000 --vae "$RUNS/vae/vae.safetensors" --text "$RUNS/text/text.safetensors" \
+    $( [ "${UNET_CACHE:-0}" -gt 0 ] && echo --cache-latents "$UNET_CACHE" )
 fi
 say "done: $RUNS/unet/model.safetensors"

@@ -76,6 +76,9 @@ def register(sub) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="end the run (LR schedule included) within this wall time: the step count is fitted to the "
                         "measured speed, --steps becomes an upper bound")
+    p.add_argument("--cache-latents", type=int, default=None, metavar="N",
+                   help="unet: encode N training images with the VAE once (a folder: all of it at most) and train "
+                        "on those latents; kept in the run folder for --resume")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -141,8 +144,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     workers = args.workers if args.workers is not None else (
         min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0)
+    if args.cache_latents is not None and args.stage != "unet":
+        raise ValueError("--cache-latents is for train unet (the VAE's latents are what the UNet learns from)")
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
     stage = build_stage(args)
+    if args.cache_latents is not None:
+        from .latent_cache import prepare_cache
+
+        data = args.data if args.data == "shapes" else str(Path(args.data).resolve())
+        cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed},
+                              args.cache_latents, stage.model.vae, stage.model.tokenizer,
+                              stage.model.config.text.max_positions, device, workers, args.quiet)
+        stage.use_cache(cache)
+        workers = 0  # the steps read the cache: nothing left to prepare in other processes
     if args.grad_checkpointing and hasattr(stage, "model"):
         stage.model.unet.gradient_checkpointing = True
     ema = args.ema if args.ema is not None else (0.999 if args.stage == "unet" else 0.0)

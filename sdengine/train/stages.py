@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,9 +34,13 @@ from ..weights.keys import TEXT, VAE
 from .data import Source, batch_items, item_seed
 from .plots import image_grid
 
+if TYPE_CHECKING:
+    from .latent_cache import LatentCache
+
 
 def to_pixels(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    # uint8 crosses to the device (4x fewer bytes) and is converted there: the same values, less host work
+    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def to_pil(pixels: torch.Tensor) -> list:
@@ -136,7 +141,7 @@ def load_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
 def train_tokenizer(captions: list[str], extra_words: list[str] = ()) -> CLIPTokenizer:
     """A small byte-level BPE vocabulary in CLIP's format, learned from the captions (whole words become
     single tokens; anything else still encodes, byte by byte)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers, Regex
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     from ..tokenizer import _SPLIT_PATTERN, vocab_from_merges
 
@@ -269,12 +274,21 @@ class UNetStage:
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(False).eval()
         self.alphas_cumprod = SD_SCHEDULE.alphas_cumprod
+        self.cache: LatentCache | None = None  # set by use_cache: batches come from it instead of the source
+
+    def use_cache(self, cache: LatentCache) -> None:
+        """Train on pre-encoded latents (latent_cache.py): each item of a step is a row of the cache drawn
+        from the item's own generator, so the batches stay deterministic and independent of the process count."""
+        self.cache = cache
+        self.empty_ids = self.model.tokenizer([""], max_length=cache.ids.shape[1])[0].to(cache.ids.device)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"unet": self.model.unet}
 
     @torch.no_grad()
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
+        if self.cache is not None:
+            return self._cached_batch(step, indices, device)
         items = items if items is not None else batch_items(self.source, step, indices)
         gens = generators(self.seed, step, indices, 2)
         # caption dropout decided per item, deterministically
@@ -286,6 +300,20 @@ class UNetStage:
         z0 = (post.mean + post.std * randn(gens, tuple(post.mean.shape[1:]), device)).float()
         z0 = z0 * self.model.config.vae.scaling_factor
         ids = self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device)
+        context = self.model.text_encoder.to(device)(ids)[0].float()
+        t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]).to(device)
+        noise = randn(gens, tuple(z0.shape[1:]), device)
+        return z0, context, t, noise
+
+    def _cached_batch(self, step: int, indices: range, device: torch.device):
+        cache = self.cache
+        gens = generators(self.seed, step, indices, 2)
+        drop = torch.tensor([torch.rand((), generator=g).item() < self.caption_dropout for g in gens])
+        rows = torch.cat([torch.randint(0, len(cache), (1,), generator=g) for g in gens]).to(cache.mean.device)
+        mean, std = cache.mean[rows].to(device).float(), cache.std[rows].to(device).float()
+        z0 = (mean + std * randn(gens, tuple(mean.shape[1:]), device)) * self.model.config.vae.scaling_factor
+        ids = cache.ids[rows].to(device).long()
+        ids[drop.to(device)] = self.empty_ids.to(device).long()
         context = self.model.text_encoder.to(device)(ids)[0].float()
         t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]).to(device)
         noise = randn(gens, tuple(z0.shape[1:]), device)

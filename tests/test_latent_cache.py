@@ -1,0 +1,92 @@
+"""`sdengine train unet --cache-latents N`: the cache holds the VAE posterior and token ids of the training items,
+is reused by --resume, and rebuilt when damaged or built from other inputs; bad arguments are one line."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import TINY, logged, make_images, one_error, train
+
+from sdengine.train.data import FolderSource
+from sdengine.train.latent_cache import CACHE_FILE
+from sdengine.train.stages import load_text, load_vae, to_pixels
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A folder of 8 captioned images and the trained tiny VAE and text encoder a UNet run needs."""
+    from sdengine import cli
+
+    root = tmp_path_factory.mktemp("cache")
+    data = make_images(root / "data")
+    for stage in ("vae", "text"):
+        assert cli.run(["train", stage, "--data", str(data), "--out", str(root / stage), *TINY, "--quiet",
+                        "--steps", "2", "--batch", "4"]) == 0
+    return data, root / "vae" / "vae.safetensors", root / "text" / "text.safetensors"
+
+
+def unet_args(stages, *extra: str) -> list[str]:
+    _, vae, text = stages
+    return ["--vae", str(vae), "--text", str(text), "--batch", "4", *extra]
+
+
+def test_cache_holds_the_vae_posterior_and_the_captions(capsys, tmp_path, stages):
+    data, vae_path, text_path = stages
+    rc, err = train(capsys, "unet", tmp_path / "run", data, *unet_args(stages, "--steps", "2", "--cache-latents", "5"))
+    assert rc == 0, err
+    cache = load_file(tmp_path / "run" / CACHE_FILE)
+    assert cache["mean"].shape == cache["std"].shape == (5, 4, 16, 16) and cache["ids"].shape == (5, 77)
+    vae = load_vae(vae_path)[0]
+    _, _, tokenizer = load_text(text_path)
+    source = FolderSource(data, 32, seed=0)  # the run's --seed 0: the same order
+    items = [source.item(i) for i in range(5)]
+    with torch.no_grad():
+        post = vae.encode(to_pixels([im for im, _ in items], torch.device("cpu")))
+    torch.testing.assert_close(cache["mean"].float(), post.mean, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cache["std"].float(), post.std, atol=2e-3, rtol=2e-3)
+    assert torch.equal(cache["ids"].long(), tokenizer([c for _, c in items], max_length=77))
+    assert [r["step"] for r in logged(tmp_path / "run")] == [1, 2]
+
+
+def test_resume_reuses_the_cache_and_a_damaged_one_is_rebuilt(capsys, tmp_path, stages):
+    data = stages[0]
+    run = tmp_path / "run"
+    args = unet_args(stages, "--cache-latents", "100", "--save-every", "1")  # 100 > the folder's 8: all of it
+    assert train(capsys, "unet", run, data, *args, "--steps", "2")[0] == 0
+    path = run / CACHE_FILE
+    assert load_file(path)["mean"].shape[0] == 8
+    built = path.stat().st_mtime_ns
+    rc, err = train(capsys, "unet", run, data, *args, "--steps", "3", "--resume", quiet=False)
+    assert rc == 0, err
+    assert path.stat().st_mtime_ns == built and "reusing" in err
+    path.write_bytes(path.read_bytes()[:1000])  # killed while written by hand, say: derived data, rebuilt
+    rc, err = train(capsys, "unet", run, data, *args, "--steps", "4", "--resume", quiet=False)
+    assert rc == 0, err
+    assert "8/8 items encoded" in err and load_file(path)["mean"].shape[0] == 8
+    assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
+
+
+def test_cache_built_from_other_inputs_is_not_used(capsys, tmp_path, stages):
+    data = stages[0]
+    rc, err = train(capsys, "unet", tmp_path / "a", data, *unet_args(stages, "--steps", "1", "--cache-latents", "4"))
+    assert rc == 0, err
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / CACHE_FILE).write_bytes((tmp_path / "a" / CACHE_FILE).read_bytes())
+    rc, err = train(capsys, "unet", tmp_path / "b", data, *unet_args(stages, "--steps", "1", "--cache-latents", "6"),
+                    quiet=False)
+    assert rc == 0 and "6/6 items encoded" in err and load_file(tmp_path / "b" / CACHE_FILE)["ids"].shape[0] == 6
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["vae", "--cache-latents", "10"], ("--cache-latents", "train unet")),
+    (["unet", "--cache-latents", "0"], ("--cache-latents", "at least 1")),
+])
+def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words):
+    stage, *extra = argv
+    rc, err = train(capsys, stage, tmp_path / "run", stages[0], *(unet_args(stages) if stage == "unet" else []),
+                    *extra)
+    assert rc == 1
+    one_error(err, *words)
+    assert not (tmp_path / "run" / CACHE_FILE).exists()
