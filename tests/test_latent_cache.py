@@ -90,3 +90,25 @@ def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words):
     assert rc == 1
     one_error(err, *words)
     assert not (tmp_path / "run" / CACHE_FILE).exists()
+
+
+def test_batch_positions_draw_the_same_numbers_however_the_batch_is_split(stages):
+    """Processes and accumulation steps split a step's batch; each position must get the same row, timestep,
+    noise and dropout either way (also across the generator blocks of DRAW_BLOCK positions)."""
+    from sdengine.train.cli import ARCH
+    from sdengine.train.latent_cache import LatentCache
+    from sdengine.train.stages import DRAW_BLOCK, UNetStage, assemble
+
+    _, vae, text = stages
+    stage = UNetStage(assemble(ARCH["tiny"]["unet"], vae, text), source=None, seed=5)
+    g = torch.Generator().manual_seed(0)
+    stage.use_cache(LatentCache(torch.randn(50, 4, 16, 16, generator=g).half(), torch.rand(50, 4, 16, 16).half(),
+                                torch.randint(0, 100, (50, 77), dtype=torch.int32), "key"))
+    cpu = torch.device("cpu")
+    whole = stage.batch(3, range(0, 2 * DRAW_BLOCK), cpu)
+    stage._block_cache.clear()
+    parts = [stage.batch(3, range(a, b), cpu) for a, b in ((0, DRAW_BLOCK - 5), (DRAW_BLOCK - 5, 2 * DRAW_BLOCK))]
+    for w, *p in zip(whole, *parts):
+        torch.testing.assert_close(w, torch.cat(p), atol=1e-5, rtol=1e-5)  # the text encoder batched differently
+    other_step = stage.batch(4, range(0, 2 * DRAW_BLOCK), cpu)
+    assert not torch.equal(whole[3], other_step[3]) and whole[2].unique().numel() > 50  # fresh noise, varied t
