@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from server_helpers import free_port, write_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -61,20 +61,6 @@ def test_serve_without_the_extra_is_one_line():
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "pip install 'sdengine[server]'" in r.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_model(path: Path, seed: int) -> None:
-    from sdengine.config import TINY
-    from sdengine.model import StableDiffusion
-    from sdengine.weights import save
-
-    save(StableDiffusion(TINY).init_weights(seed=seed), path)
 
 
 @pytest.fixture(scope="module")
