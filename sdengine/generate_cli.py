@@ -96,6 +96,22 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def add_runtime_args(p: argparse.ArgumentParser, first: str = "call") -> None:
+    """Where and how the networks run: --device, --precision, --compile (generation, eval and serve alike)."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help=f"compile the UNet with TorchInductor: faster steps after a slow first {first}")
+
+
+def load_for_inference(path: Path, args: argparse.Namespace, device: torch.device, vae: Path | None = None):
+    """The model at `path` on `device` in --precision, its UNet compiled with --compile."""
+    from .weights import load
+
+    model = load(path, device=device, dtype=pick_dtype(args.precision, device), vae=vae)
+    return compile_unet(model) if args.compile else model
+
+
 def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
     """One path per image: --out as given for one image, NAME-SEED.png for a batch; default sdengine-SEED.png."""
     if out is None:
@@ -139,10 +155,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true",
-                   help="compile the UNet with TorchInductor: faster steps after a slow first call")
+    add_runtime_args(p)
     p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -175,19 +188,14 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
                   width, height, args.batch, args.clip_skip, strength)
     paths = output_paths(args.out, req.seeds)
     device = pick_device(args.device)
-    dtype = pick_dtype(args.precision, device)
     if args.compile:
         check_compiler(device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
 
     from .pipeline import Pipeline, image_to_tensor, mask_to_tensor
-    from .weights import load
 
-    model = load(model_path, device=device, dtype=dtype, vae=args.vae)
-    if args.compile:
-        compile_unet(model)
-    pipe = Pipeline(model)
+    pipe = Pipeline(load_for_inference(model_path, args, device, vae=args.vae))
     callback, bar = progress(req.steps, args.quiet, strength)
     init_t = image_to_tensor(init, width, height) if init is not None else None
     mask_t = mask_to_tensor(mask, width, height) if mask is not None else None
@@ -247,14 +255,11 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import format_table, run_eval, write_report
     from .pipeline import Pipeline
-    from .weights import load
 
     device = pick_device(args.device)
     model_path = resolve_model(args.model)
-    model = load(model_path, device=device, dtype=pick_dtype(args.precision, device))
-    if args.compile:
-        compile_unet(model)
-    scores, records, images = run_eval(Pipeline(model), seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+    pipe = Pipeline(load_for_inference(model_path, args, device))
+    scores, records, images = run_eval(pipe, seeds=args.seeds, steps=args.steps, sampler=args.sampler,
                                        cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet)
     meta = {"model": str(model_path), "seeds": args.seeds, "steps": args.steps, "sampler": args.sampler,
             "cfg_scale": args.cfg, "limit": args.limit}
@@ -272,10 +277,7 @@ def register(sub) -> None:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true",
-                   help="compile the UNet with TorchInductor: faster steps after a slow first call")
+    add_runtime_args(p)
     p.add_argument("--out", type=Path, default=Path("shapes-eval"), help="folder for report.json and examples.png")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

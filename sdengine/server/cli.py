@@ -105,6 +105,8 @@ def _server_class():
 
 
 def register(sub) -> None:
+    from ..generate_cli import add_runtime_args
+
     p = sub.add_parser("serve", help="HTTP API compatible with AUTOMATIC1111's /sdapi/v1, with a job queue")
     p.add_argument("--model", default=None,
                    help="checkpoint path or name in the models folder (default: the shipped model, else the "
@@ -114,10 +116,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true",
-                   help="compile each model's UNet with TorchInductor: faster steps after a slow first request")
+    add_runtime_args(p, first="request")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")

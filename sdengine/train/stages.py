@@ -317,7 +317,7 @@ class UNetStage:
         mean, std = cache.mean[rows].to(device).float(), cache.std[rows].to(device).float()
         z0 = (mean + std * draws["posterior"]) * self.model.config.vae.scaling_factor
         ids = cache.ids[rows].to(device).long()
-        ids = torch.where((draws["drop"] < self.caption_dropout)[:, None], self.empty_ids.to(device).long(), ids)
+        ids = torch.where((draws["drop"] < self.caption_dropout)[:, None], self.empty_ids.to(device), ids)
         context = self.model.text_encoder.to(device)(ids)[0].float()
         return z0, context, draws["t"], draws["noise"]
 
