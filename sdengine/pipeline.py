@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -128,8 +128,13 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               callback: Callback | None = None) -> torch.Tensor:
-        """Latents (b, 4, h/8, w/8), VP-scaled as the VAE expects after dividing by the scaling factor."""
+               callback: Callback | None = None, masked_latents: str = "original") -> torch.Tensor:
+        """Latents (b, 4, h/8, w/8), VP-scaled as the VAE expects after dividing by the scaling factor.
+
+        masked_latents: what the encoded init image holds under the mask before noising: "original", "noise"
+        (unit Gaussian noise: AUTOMATIC1111's "latent noise") or "zeros" ("latent nothing")."""
+        if masked_latents not in ("original", "noise", "zeros"):
+            raise ValueError(f"masked_latents must be original, noise or zeros, not {masked_latents!r}")
         model, device = self.model, self.model.device
         spec = req.sampler_spec
         f = model.config.vae.downscale
@@ -155,14 +160,18 @@ class Pipeline:
         if init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
             image_latents = self.encode_image(init, generators)
         noise = noise_source()
+        concat, latent_mask = None, None
+        if mask is not None:
+            latent_mask = F.interpolate(mask.to(device), size=shape[-2:]).expand(shape[0], 1, -1, -1)
+            if image_latents is not None and masked_latents != "original":  # "noise": the seed's own noise, as A1111
+                hole = torch.zeros_like(image_latents) if masked_latents == "zeros" else noise
+                image_latents = image_latents * (1 - latent_mask) + hole * latent_mask
         if image_latents is not None and req.strength < 1.0:
             x = image_latents + noise * sigmas[0]
         else:
             x = noise * spec.initial_scale(float(sigmas[0]), req.spacing)
 
-        concat, latent_mask = None, None
         if mask is not None:
-            latent_mask = F.interpolate(mask.to(device), size=shape[-2:]).expand(shape[0], 1, -1, -1)
             if inpainting_unet:
                 concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators)], dim=1)
 
@@ -200,18 +209,20 @@ class Pipeline:
             vae.to(dtype)
         return (pixels / 2 + 0.5).clamp(0, 1)
 
-    def to_images(self, latents: torch.Tensor, req: Request) -> list[Image.Image]:
+    def to_images(self, latents: torch.Tensor, req: Request, extra: dict[str, Any] | None = None
+                  ) -> list[Image.Image]:
+        """Decoded images, each with its infotext; `extra` adds infotext fields (before Version)."""
         pixels = self.decode(latents)
         arrays = (pixels.cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         images = []
         for i, arr in enumerate(arrays):
             img = Image.fromarray(arr)
-            img.info["parameters"] = self.infotext(req, req.seeds[i])
+            img.info["parameters"] = self.infotext(req, req.seeds[i], extra)
             img.info["seed"] = req.seeds[i]
             images.append(img)
         return images
 
-    def infotext(self, req: Request, seed: int) -> str:
+    def infotext(self, req: Request, seed: int, extra: dict[str, Any] | None = None) -> str:
         if self._model_hash is False:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
@@ -222,6 +233,7 @@ class Pipeline:
             "Model hash": self._model_hash, "Model": source.stem if source else None,
             "Denoising strength": req.strength if req.strength < 1.0 else None,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            **(extra or {}),
             "Version": f"sdengine {__version__}",
         }
         return format_parameters(req.prompt, req.negative_prompt, params)

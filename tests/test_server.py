@@ -231,11 +231,35 @@ def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
         assert [unb64(d).size for d in r.json()["images"]] == [(64, 64)] * 2
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    r = server.post("/sdapi/v1/img2img", {**body, "mask": b64png(mask), "inpainting_mask_invert": 1,
-                                          "mask_blur": 0, "denoising_strength": 0.75, "inpainting_fill": 1})
-    direct = pipe.inpaint(image, ImageOps.invert(mask), SMALL["prompt"], strength=0.75, steps=4, seed=7,
-                          cfg_scale=7.0)[0]
-    assert same(unb64(r.json()["images"][0]), direct)
+    for only_masked in (False, True):  # the inverted mask's box (the right half) fits to the whole 64x64 image
+        r = server.post("/sdapi/v1/img2img", {**body, "mask": b64png(mask), "inpainting_mask_invert": 1,
+                                              "mask_blur": 0, "denoising_strength": 0.75, "inpainting_fill": 1,
+                                              "inpaint_full_res": only_masked})
+        direct = pipe.inpaint(image, ImageOps.invert(mask), SMALL["prompt"], strength=0.75, steps=4, seed=7,
+                              cfg_scale=7.0)[0]
+        direct.paste(image.crop((0, 0, 32, 64)), (0, 0))  # A1111 pastes the unmasked original back
+        assert same(unb64(r.json()["images"][0]), direct)
+        assert "Mask mode: Inpaint not masked" in info_of(r)["infotexts"][0]
+
+
+def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server: Server):
+    """A1111's API default (inpaint_full_res): the mask's padded box is generated at width x height and pasted
+    back into the original, whatever its size; everything outside the blurred mask is the original's."""
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (96, 160, 3), dtype=np.uint8))  # 160 wide, 96 high
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (100, 40, 116, 56))
+    r = server.post("/sdapi/v1/img2img", {**SMALL, "steps": 3, "seed": 11, "init_images": [b64png(image)],
+                                          "mask": b64png(mask), "inpaint_full_res_padding": 8})
+    out = unb64(r.json()["images"][0])
+    assert out.size == (160, 96)
+    arr, orig = np.asarray(out.convert("RGB")).astype(int), np.asarray(image).astype(int)
+    far = np.ones((96, 160), bool)
+    far[40 - 12:56 + 12, 100 - 12:116 + 12] = False  # the mask blurred by 4 reaches ~3 sigma
+    assert (arr[far] == orig[far]).all()
+    assert np.abs(arr[44:52, 104:112] - orig[44:52, 104:112]).mean() > 20  # the masked box was repainted
+    info = info_of(r)["infotexts"][0]
+    assert "Mask blur: 4" in info and "Inpaint area: Only masked" in info and "Masked area padding: 8" in info
 
 
 def wait_for(server: Server, ok, timeout: float = 120) -> dict:

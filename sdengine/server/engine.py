@@ -27,6 +27,7 @@ from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..generate_cli import list_models
 from ..pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
 from ..prompts import Style, apply_styles
+from . import inpaint
 from .images import BadInput, decode_image, encode_png, prepare_mask, resize_image
 from .jobs import Job, JobQueue, StopSampling
 
@@ -180,6 +181,7 @@ class GenSpec:
     denoising_strength: float | None = None
     init: list[Image.Image] | None = None  # already resized to width x height
     mask: Image.Image | None = None
+    masked: inpaint.MaskedPlan | None = None  # a masked request's crop, fill and paste-back (server/inpaint.py)
     model: str | None = None  # entry name; None: the default
     persist: dict[str, Any] = field(default_factory=dict)  # settings kept after the job (restore_afterwards=False)
     send_images: bool = True
@@ -323,23 +325,30 @@ class Service:
         if mode == 3:
             spec.warnings.append("resize_mode 3 (latent upscale) is done in pixel space, as resize_mode 0")
         max_pixels = self.limits.max_image_pixels
+        masked = _get(body, "mask", None) is not None
         with self._decoding:  # one full-size image alive at a time, two requests decoding at a time
-            spec.init = [resize_image(decode_image(s, f"init_images[{i}]", max_pixels).convert("RGB"), spec.width,
-                                      spec.height, mode) for i, s in enumerate(sources)]
+            originals = [decode_image(s, f"init_images[{i}]", max_pixels).convert("RGB") for i, s in enumerate(sources)]
+            if not masked:  # the originals are needed only for a masked request's paste-back
+                originals = [resize_image(im, spec.width, spec.height, mode) for im in originals]
         if len(sources) > 1:  # A1111: several init images make the batch, one per image
             spec.batch_size = len(sources)
         strength = _get(body, "denoising_strength", 0.75)
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise BadInput(f"denoising_strength must be in (0, 1] for img2img, got {strength!r}")
         spec.strength = spec.denoising_strength = float(strength)
-        if _get(body, "mask", None) is not None:
-            blur = _get(body, "mask_blur", None)
-            blur_x = _int(body, "mask_blur_x", 4, 0, 64) if blur is None else _int(body, "mask_blur", 4, 0, 64)
-            blur_y = _int(body, "mask_blur_y", 4, 0, 64) if blur is None else blur_x
-            invert = _int(body, "inpainting_mask_invert", 0, 0, 1) == 1
-            with self._decoding:
-                spec.mask = prepare_mask(decode_image(body["mask"], "mask", max_pixels), spec.width, spec.height,
-                                         mode, invert, blur_x, blur_y)
+        if not masked:
+            spec.init = originals
+            return
+        blur = _get(body, "mask_blur", None)
+        blur_x = _int(body, "mask_blur_x", 4, 0, 64) if blur is None else _int(body, "mask_blur", 4, 0, 64)
+        blur_y = _int(body, "mask_blur_y", 4, 0, 64) if blur is None else blur_x
+        invert = _int(body, "inpainting_mask_invert", 0, 0, 1) == 1
+        with self._decoding:
+            mask = prepare_mask(decode_image(body["mask"], "mask", max_pixels), invert, blur_x, blur_y)
+        spec.init, spec.mask, spec.masked = inpaint.plan(
+            originals, mask, spec.width, spec.height, mode, bool(_get(body, "inpaint_full_res", True)),
+            _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
+            max(blur_x, blur_y), invert, spec.warnings)
 
     def check_clip_skip(self, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
@@ -384,12 +393,16 @@ class Service:
             req = spec.request(n)
             latest.clear()
             try:
-                latents = pipe.sample(req, init=init, mask=mask, callback=callback)
+                latents = pipe.sample(req, init=init, mask=mask, callback=callback,
+                                      masked_latents=spec.masked.latent_fill if spec.masked else "original")
             except StopSampling as stop:  # interrupt/skip keep the last estimate, as A1111 does
                 if stop.kind == "cancel" or not latest:
                     raise
                 latents = latest[0]
-            for image in pipe.to_images(latents, req):
+            extra = spec.masked.extra if spec.masked else None
+            for i, image in enumerate(pipe.to_images(latents, req, extra)):
+                if spec.masked is not None:
+                    image = spec.masked.finish(image, i)
                 infotexts.append(image.info["parameters"])
                 if spec.send_images:
                     images.append(encode_png(image, image.info["parameters"]))

@@ -102,9 +102,8 @@ def resize_image(image: Image.Image, width: int, height: int, mode: int) -> Imag
     raise BadInput(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3, got {mode}")
 
 
-def prepare_mask(mask: Image.Image, width: int, height: int, resize_mode: int, invert: bool, blur_x: int,
-                 blur_y: int) -> Image.Image:
-    """A1111's order: greyscale, invert, blur, then the image's resize mode."""
+def prepare_mask(mask: Image.Image, invert: bool, blur_x: int, blur_y: int) -> Image.Image:
+    """A1111's order: greyscale, invert, blur (then inpaint.plan crops or resizes it as it does the image)."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):  # A1111: a transparent mask's alpha is it
         mask = mask.getchannel("A")
     mask = mask.convert("L")
@@ -112,4 +111,4 @@ def prepare_mask(mask: Image.Image, width: int, height: int, resize_mode: int, i
         mask = ImageOps.invert(mask)
     if blur_x > 0 or blur_y > 0:
         mask = mask.filter(ImageFilter.GaussianBlur((max(blur_x, 0), max(blur_y, 0))))
-    return resize_image(mask, width, height, resize_mode)
+    return mask

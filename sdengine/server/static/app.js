@@ -302,6 +302,7 @@
         body.mask = maskDataURL();
         body.mask_blur = 4;
         body.inpainting_fill = 1; // start from the original pixels, as A1111's page does by default
+        body.inpaint_full_res = false; // "Whole picture", the page's default there (the API's is "Only masked")
       }
     }
     return [m === "txt2img" ? "sdapi/v1/txt2img" : "sdapi/v1/img2img", body];
