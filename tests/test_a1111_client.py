@@ -5,9 +5,9 @@ as data URLs, basic auth through a requests session) and reads the responses the
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
-
 from server_helpers import serve
 
 pytest.importorskip("fastapi")
@@ -60,8 +60,12 @@ def test_img2img_and_inpaint(api):
     mask.paste(255, (0, 0, 48, 96))  # white: repaint the left half
     inpainted = api.img2img(images=[source], mask_image=mask, inpainting_fill=1, prompt="a yellow square",
                             denoising_strength=0.75, seed=8, **SMALL)
-    assert inpainted.image.size == (64, 64) and inpainted.info["all_seeds"] == [8]
-    assert inpainted.image.tobytes() != result.image.tobytes()
+    # webuiapi asks for "Only masked" (inpaint_full_res) as A1111's API does: the original's size comes back,
+    # its unmasked half as it was (beyond the blur of 4 px), the masked half repainted
+    assert inpainted.image.size == (96, 96) and inpainted.info["all_seeds"] == [8]
+    out, src = np.asarray(inpainted.image.convert("RGB")).astype(int), np.asarray(source).astype(int)
+    assert (out[:, 60:] == src[:, 60:]).all() and np.abs(out[:, :36] - src[:, :36]).mean() > 5
+    assert "Inpaint area: Only masked" in inpainted.info["infotexts"][0]
 
 
 def test_listings_options_and_progress(api):
