@@ -37,8 +37,9 @@ class MaskedPlan:
         """The generated image `index` of the batch, scaled into its box and with the original pasted back."""
         overlay = self.overlays[index % len(self.overlays)]
         box = self.paste_to[index % len(self.paste_to)]
-        base = image.convert("RGBA")
-        if box is not None:
+        if box is None:
+            base = image.convert("RGBA")
+        else:
             x, y, w, h = box
             base = Image.new("RGBA", overlay.size)
             base.paste(resize_image(image, w, h, 1).convert("RGBA"), (x, y))
@@ -91,8 +92,8 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     pixels = np.asarray(image.convert("RGB"), np.float32)
     if known.max() <= 0:  # nothing known: nothing to borrow from
         return image.convert("RGB")
-    small = (max(1, round(image.width * min(1.0, FILL_WORK_SIZE / max(image.size)))),
-             max(1, round(image.height * min(1.0, FILL_WORK_SIZE / max(image.size)))))
+    scale = min(1.0, FILL_WORK_SIZE / max(image.size))
+    small = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     colour_small, known_small = _resize(pixels * known, small), _resize(known, small)
     estimate = np.broadcast_to(colour_small.sum((0, 1)) / known_small.sum(), colour_small.shape).copy()
     for radius in (32.0, 8.0, 2.0, 0.5):
@@ -142,8 +143,11 @@ def plan(originals: list[Image.Image], mask: Image.Image, width: int, height: in
     if only_masked:
         inits, overlays, boxes = [], [], []
         crop_mask = None
+        resized: dict[tuple[int, int], Image.Image] = {mask.size: mask}  # the mask at each init image's size
         for image in originals:
-            full_mask = mask if mask.size == image.size else mask.resize(image.size, Image.LANCZOS)
+            if image.size not in resized:
+                resized[image.size] = mask.resize(image.size, Image.LANCZOS)
+            full_mask = resized[image.size]
             region = crop_region(full_mask, padding)
             if region is None:
                 warnings.append("the mask is blank: nothing to inpaint in 'Only masked' mode, so the whole picture "
