@@ -202,7 +202,7 @@ def _perturb(scene: Scene, rng: np.random.Generator) -> tuple[str, SceneSpec]:
 def test_checker_rejects_near_misses_and_mismatches() -> None:
     rng = np.random.default_rng(1)
     passes, kinds = 0, collections.Counter()
-    samples = SceneSampler(31, mode="all").take(240)
+    samples = SceneSampler(31, mode="all").take(300)
     for x in samples:
         kind, wrong = _perturb(x.scene, rng)
         kinds[kind] += 1
