@@ -128,17 +128,22 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               callback: Callback | None = None, masked_latents: str = "original") -> torch.Tensor:
+               callback: Callback | None = None, masked_latents: str = "original",
+               latent_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (b, 4, h/8, w/8), VP-scaled as the VAE expects after dividing by the scaling factor.
 
         masked_latents: what the encoded init image holds under the mask before noising: "original", "noise"
-        (unit Gaussian noise: AUTOMATIC1111's "latent noise") or "zeros" ("latent nothing")."""
+        (unit Gaussian noise: AUTOMATIC1111's "latent noise") or "zeros" ("latent nothing").
+        latent_mask: (1, 1, h/8, w/8) in [0, 1], where the latents are repainted; default: `mask` resized nearest.
+        A soft one blends the known region in gradually (AUTOMATIC1111 without mask_round)."""
         if masked_latents not in ("original", "noise", "zeros"):
             raise ValueError(f"masked_latents must be original, noise or zeros, not {masked_latents!r}")
         model, device = self.model, self.model.device
         spec = req.sampler_spec
         f = model.config.vae.downscale
         shape = (req.batch_size, 4, req.height // f, req.width // f)
+        if latent_mask is not None and latent_mask.shape[-2:] != shape[-2:]:
+            raise ValueError(f"latent_mask must be {tuple(shape[-2:])}, got {tuple(latent_mask.shape[-2:])}")
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         noise_source = BatchNoise(generators, shape, device)
 
@@ -160,9 +165,13 @@ class Pipeline:
         if init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
             image_latents = self.encode_image(init, generators)
         noise = noise_source()
-        concat, latent_mask = None, None
-        if mask is not None:
-            latent_mask = F.interpolate(mask.to(device), size=shape[-2:]).expand(shape[0], 1, -1, -1)
+        concat = None
+        if mask is None:
+            latent_mask = None
+        else:
+            if latent_mask is None:
+                latent_mask = F.interpolate(mask.to(device), size=shape[-2:])
+            latent_mask = latent_mask.to(device).expand(shape[0], 1, -1, -1)
             if image_latents is not None and masked_latents != "original":  # "noise": the seed's own noise, as A1111
                 hole = torch.zeros_like(image_latents) if masked_latents == "zeros" else noise
                 image_latents = image_latents * (1 - latent_mask) + hole * latent_mask

@@ -106,3 +106,37 @@ def test_latent_fills_change_only_the_masked_start(sd1_folder):
         assert not torch.allclose(out[fill][..., :f], out["original"][..., :f])
     with pytest.raises(ValueError, match="masked_latents"):
         pipe.sample(req, init=init, mask=mask, masked_latents="blur")
+
+
+@pytest.mark.parametrize("round_mask", [True, False])
+def test_latent_mask_is_rounded_unless_mask_round_is_off(round_mask):
+    """A1111's latent mask: the blurred work mask resized bicubic to latent size, then 0/1 (mask_round) or soft."""
+    from PIL import ImageFilter
+    mask = box_mask((128, 128), (32, 32, 96, 96)).filter(ImageFilter.GaussianBlur(4))
+    _, work_mask, plan = inpaint.plan([Image.new("RGB", (128, 128))], mask, 128, 128, 0, only_masked=False,
+                                      padding=0, fill=1, blur=4, inverted=False, warnings=[], round_mask=round_mask)
+    latent = plan.latent_mask(work_mask, 8)
+    assert latent.shape == (1, 1, 16, 16) and latent[0, 0, 8, 8] > 0.99 and latent[0, 0, 0, 0] < 0.01
+    soft = ((latent > 0.01) & (latent < 0.99)).any()
+    assert bool(soft) is not round_mask
+    assert set(latent.unique().tolist()) <= {0.0, 1.0} or not round_mask
+
+
+def test_sample_blends_with_a_given_latent_mask(sd1_folder):
+    """Pipeline.sample(latent_mask=...) overrides the nearest-resized mask: known latents come back where it is 0,
+    and a wrong size is a clear error."""
+    import sdengine
+    from sdengine.pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
+    pipe = Pipeline(sdengine.load(sd1_folder))
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    init, mask = image_to_tensor(image, 64, 64), mask_to_tensor(box_mask((64, 64), (0, 0, 64, 64)), 64, 64)
+    req = Request("a red circle", steps=3, cfg_scale=3.0, seed=5, width=64, height=64, strength=0.6)
+    f = pipe.model.config.vae.downscale
+    known = torch.ones(1, 1, 64 // f, 64 // f)
+    known[..., : 64 // f // 2] = 0   # the whole image is masked, but the latent mask keeps the left half
+    out = pipe.sample(req, init=init, mask=mask, latent_mask=known)
+    plain = pipe.sample(req, init=init, mask=mask * 0)  # nothing repainted: the encoded image itself
+    half = 64 // f // 2
+    assert torch.equal(out[..., :half], plain[..., :half]) and not torch.allclose(out[..., half:], plain[..., half:])
+    with pytest.raises(ValueError, match="latent_mask"):
+        pipe.sample(req, init=init, mask=mask, latent_mask=torch.ones(1, 1, 3, 3))

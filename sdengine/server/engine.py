@@ -348,7 +348,7 @@ class Service:
         spec.init, spec.mask, spec.masked = inpaint.plan(
             originals, mask, spec.width, spec.height, mode, bool(_get(body, "inpaint_full_res", True)),
             _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
-            max(blur_x, blur_y), invert, spec.warnings)
+            max(blur_x, blur_y), invert, spec.warnings, bool(_get(body, "mask_round", True)))
 
     def check_clip_skip(self, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
@@ -373,6 +373,9 @@ class Service:
         job.job_count, job.job_timestamp = spec.n_iter, datetime.now().strftime("%Y%m%d%H%M%S")
         init = torch.cat([image_to_tensor(img, spec.width, spec.height) for img in spec.init]) if spec.init else None
         mask = mask_to_tensor(spec.mask, spec.width, spec.height) if spec.mask is not None else None
+        latent_mask = None
+        if spec.masked is not None and spec.mask is not None:
+            latent_mask = spec.masked.latent_mask(spec.mask, pipe.model.config.vae.downscale)
         images: list[str] = []
         infotexts: list[str] = []
         latest: list[torch.Tensor] = []  # the current batch's last denoised estimate
@@ -393,7 +396,7 @@ class Service:
             req = spec.request(n)
             latest.clear()
             try:
-                latents = pipe.sample(req, init=init, mask=mask, callback=callback,
+                latents = pipe.sample(req, init=init, mask=mask, callback=callback, latent_mask=latent_mask,
                                       masked_latents=spec.masked.latent_fill if spec.masked else "original")
             except StopSampling as stop:  # interrupt/skip keep the last estimate, as A1111 does
                 if stop.kind == "cancel" or not latest:

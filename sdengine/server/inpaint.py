@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from .images import resize_image
@@ -31,6 +32,7 @@ class MaskedPlan:
     overlays: list[Image.Image]  # RGBA at the output size: the original, transparent where it is repainted
     paste_to: list[tuple[int, int, int, int] | None]  # (x, y, w, h) of the crop in the original, or None
     latent_fill: str = "original"  # for Pipeline.sample: "original", "noise" or "zeros"
+    round_mask: bool = True  # A1111's mask_round: the latent mask is 0/1, else it keeps the blurred edge
     extra: dict[str, Any] = field(default_factory=dict)  # infotext additions ("Mask blur", "Inpaint area", ...)
 
     def finish(self, image: Image.Image, index: int) -> Image.Image:
@@ -47,6 +49,12 @@ class MaskedPlan:
         out = base.convert("RGB")
         out.info.update(image.info)
         return out
+
+    def latent_mask(self, mask: Image.Image, downscale: int) -> torch.Tensor:
+        """The work mask at latent resolution as A1111 makes it: a bicubic resize, rounded when mask_round."""
+        small = mask.convert("L").resize((mask.width // downscale, mask.height // downscale), Image.BICUBIC)
+        arr = np.asarray(small, dtype=np.float32) / 255.0
+        return torch.from_numpy(np.round(arr) if self.round_mask else arr)[None, None]
 
 
 def crop_region(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | None:
@@ -131,8 +139,8 @@ def _overlay(image: Image.Image, repaint: Image.Image) -> Image.Image:
 
 
 def plan(originals: list[Image.Image], mask: Image.Image, width: int, height: int, resize_mode: int,
-         only_masked: bool, padding: int, fill: int, blur: int, inverted: bool, warnings: list[str]
-         ) -> tuple[list[Image.Image], Image.Image | None, MaskedPlan | None]:
+         only_masked: bool, padding: int, fill: int, blur: int, inverted: bool, warnings: list[str],
+         round_mask: bool = True) -> tuple[list[Image.Image], Image.Image | None, MaskedPlan | None]:
     """(init images at width x height, mask at width x height, plan) for a masked img2img request.
 
     `mask` is the request's mask already greyscale, inverted and blurred (images.prepare_mask without resizing).
@@ -168,4 +176,4 @@ def plan(originals: list[Image.Image], mask: Image.Image, width: int, height: in
     if fill != 1:
         inits = [fill_masked(im, work_mask) for im in inits]
     extra["Masked content"] = FILLS[fill]
-    return inits, work_mask, MaskedPlan(overlays, boxes, LATENT_FILLS.get(fill, "original"), extra)
+    return inits, work_mask, MaskedPlan(overlays, boxes, LATENT_FILLS.get(fill, "original"), round_mask, extra)
