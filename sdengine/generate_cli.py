@@ -155,9 +155,23 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--variation-seed", type=int, default=-1, help="A1111's variation seed (-1 picks one)")
+    p.add_argument("--variation-strength", type=float, default=0.0,
+                   help="0..1: how far the seed's noise moves towards the variation seed's")
+    p.add_argument("--seed-resize-from", type=size_pair, default=None, metavar="WxH",
+                   help="keep the composition the seed had at this size (noise drawn there, centred)")
     add_runtime_args(p)
     p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
+    return w, h
 
 
 def run_generation(args: argparse.Namespace, mode: str) -> None:
@@ -185,7 +199,8 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
         prompt, negative = apply_styles(prompt, negative, args.style, styles)
     strength = getattr(args, "strength", 1.0)
     req = Request(prompt, negative, args.steps, args.sampler, args.schedule, args.spacing, args.cfg, args.seed,
-                  width, height, args.batch, args.clip_skip, strength)
+                  width, height, args.batch, args.clip_skip, strength, args.variation_seed, args.variation_strength,
+                  args.seed_resize_from)
     paths = output_paths(args.out, req.seeds)
     device = pick_device(args.device)
     if args.compile:

@@ -22,6 +22,7 @@ from . import __version__
 from .diffusion.denoiser import CFGDenoiser, Denoiser
 from .diffusion.samplers import SAMPLERS, BatchNoise, SamplerSpec, get_sampler
 from .diffusion.schedule import SCHEDULES, SD_SCHEDULE, SPACINGS, NoiseSchedule
+from .diffusion.variation import Variation, initial_noise
 from .metadata import format_parameters
 from .model import StableDiffusion
 from .prompts import encode_prompts
@@ -48,7 +49,11 @@ class Request:
     batch_size: int = 1
     clip_skip: int = 1
     strength: float = 1.0  # img2img / inpaint: the share of the schedule that is run
+    subseed: int = -1  # variation seed (A1111's): image i's noise is slerped towards subseed + i's
+    subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
     seeds: list[int] = field(init=False, default_factory=list)
+    subseeds: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -75,6 +80,27 @@ class Request:
         if not 0 <= self.seed < 2 ** 64 - 64:
             raise ValueError(f"seed must be -1 or in [0, 2^64), got {self.seed}")
         self.seeds = [self.seed + i for i in range(self.batch_size)]
+        if self.subseed == -1:
+            self.subseed = random.randrange(2 ** 32)
+        if not 0 <= self.subseed < 2 ** 64 - 64:
+            raise ValueError(f"variation seed must be -1 or in [0, 2^64), got {self.subseed}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ValueError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
+        self.subseeds = [self.subseed + i for i in range(self.batch_size)]
+        if self.seed_resize_from is not None:
+            w, h = self.seed_resize_from
+            if not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in (w, h)):
+                raise ValueError(f"seed resize from must be two sizes from 1 to {MAX_SIDE}, got {w}x{h}")
+
+    def variation(self, downscale: int) -> Variation | None:
+        """The variation seeds for a model whose latents are `downscale` times smaller, or None if there are none."""
+        if self.subseed_strength == 0 and self.seed_resize_from is None:
+            return None
+        resize = None
+        if self.seed_resize_from is not None:
+            w, h = self.seed_resize_from
+            resize = (max(1, h // downscale), max(1, w // downscale))
+        return Variation(self.subseeds, self.subseed_strength, resize)
 
 
 def model_hash(path: str | Path | None) -> str | None:
@@ -99,13 +125,16 @@ class Pipeline:
     def generate(self, prompt: str = "", negative_prompt: str = "", steps: int = 20, sampler: str = "euler",
                  schedule: str = "normal", cfg_scale: float = 7.5, seed: int = 0, width: int | None = None,
                  height: int | None = None, batch_size: int = 1, clip_skip: int = 1, spacing: str | None = None,
-                 callback: Callback | None = None) -> list[Image.Image]:
+                 callback: Callback | None = None, subseed: int = -1, subseed_strength: float = 0.0,
+                 seed_resize_from: tuple[int, int] | None = None) -> list[Image.Image]:
         """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
-        Width and height default to the model's training size (512 unless its file says otherwise)."""
+        Width and height default to the model's training size (512 unless its file says otherwise).
+        subseed/subseed_strength/seed_resize_from: A1111's variation seeds (see diffusion/variation.py)."""
         size = self.model.config.image_size  # `is None`, not `or`: a width of 0 must be refused, not replaced
         width, height = size if width is None else width, size if height is None else height
         req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,
-                      batch_size, clip_skip)
+                      batch_size, clip_skip, subseed=subseed, subseed_strength=subseed_strength,
+                      seed_resize_from=seed_resize_from)
         return self.to_images(self.sample(req, callback=callback), req)
 
     def img2img(self, image: Image.Image, prompt: str = "", strength: float = 0.75, **kwargs) -> list[Image.Image]:
@@ -164,7 +193,8 @@ class Pipeline:
         image_latents = None
         if init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
             image_latents = self.encode_image(init, generators)
-        noise = noise_source()
+        variation = req.variation(f)
+        noise = noise_source() if variation is None else initial_noise(noise_source, req.seeds, variation)
         concat = None
         if mask is None:
             latent_mask = None
@@ -226,20 +256,24 @@ class Pipeline:
         images = []
         for i, arr in enumerate(arrays):
             img = Image.fromarray(arr)
-            img.info["parameters"] = self.infotext(req, req.seeds[i], extra)
+            img.info["parameters"] = self.infotext(req, i, extra)
             img.info["seed"] = req.seeds[i]
             images.append(img)
         return images
 
-    def infotext(self, req: Request, seed: int, extra: dict[str, Any] | None = None) -> str:
+    def infotext(self, req: Request, index: int, extra: dict[str, Any] | None = None) -> str:
+        """Image `index` of the batch's A1111 parameters line."""
         if self._model_hash is False:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
         params = {
             "Steps": req.steps, "Sampler": req.sampler_spec.display,
             "Schedule type": {"normal": None, "karras": "Karras", "exponential": "Exponential"}[req.schedule],
-            "CFG scale": req.cfg_scale, "Seed": seed, "Size": f"{req.width}x{req.height}",
+            "CFG scale": req.cfg_scale, "Seed": req.seeds[index], "Size": f"{req.width}x{req.height}",
             "Model hash": self._model_hash, "Model": source.stem if source else None,
+            "Variation seed": req.subseeds[index] if req.subseed_strength else None,
+            "Variation seed strength": req.subseed_strength or None,
+            "Seed resize from": "{}x{}".format(*req.seed_resize_from) if req.seed_resize_from else None,
             "Denoising strength": req.strength if req.strength < 1.0 else None,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             **(extra or {}),

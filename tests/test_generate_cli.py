@@ -176,6 +176,22 @@ def test_models_folder_empty(cli):
     code, stdout, _ = cli("models", model=False)
     assert code == 0 and stdout.startswith("no models in")
 
+def test_variation_seed(cli, tmp_path, capsys):
+    """--variation-seed/--variation-strength/--seed-resize-from reach the image and its parameters; strength 1
+    is the variation seed's own image."""
+    out, ref = tmp_path / "v.png", tmp_path / "ref.png"
+    code, _, _ = cli("generate", "a cat", "--seed", "3", "--variation-seed", "8", "--variation-strength", "1",
+                     "--seed-resize-from", "24x16", "--out", out, *FAST)
+    assert code == 0 and cli("generate", "a cat", "--seed", "8", "--out", ref, *FAST)[0] == 0
+    p = params_of(out)
+    assert (p["Variation seed"], p["Variation seed strength"], p["Seed resize from"]) == (8, 1, "24x16")
+    assert np.abs(pixels(out) - pixels(ref)).max() <= 1
+    with pytest.raises(SystemExit) as exit_:  # a usage mistake: argparse's exit, in the one-line form
+        run(["generate", "a", "--seed-resize-from", "512"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("sdengine: error:") and "expected WIDTHxHEIGHT" in err
+    assert len(err.splitlines()) == 1
+
 
 BAD = [
     (["generate", "a", "--width", "36"], "width must be a positive multiple of 8"),
@@ -187,6 +203,7 @@ BAD = [
     (["generate", "a", "--batch", "0"], "batch size"),
     (["generate", "a", "--seed", "-2"], "seed must be -1 or in"),
     (["generate", "a", "--clip-skip", "0"], "clip skip must be >= 1"),
+    (["generate", "a", "--variation-strength", "2"], "variation strength must be in [0, 1]"),
     (["generate", "a", "--sampler", "bogus"], "unknown sampler 'bogus'; valid: euler, euler_a, heun"),
     (["generate", "a", "--style", "nope"], "unknown style 'nope'"),
     (["img2img", "{notimage}", "a"], "init image {notimage} is not a readable image"),

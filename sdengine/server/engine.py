@@ -177,6 +177,7 @@ class GenSpec:
     subseed: int
     subseed_strength: float
     clip_skip: int
+    seed_resize_from: tuple[int, int] | None = None  # (width, height)
     strength: float = 1.0
     denoising_strength: float | None = None
     init: list[Image.Image] | None = None  # already resized to width x height
@@ -188,10 +189,11 @@ class GenSpec:
     warnings: list[str] = field(default_factory=list)
 
     def request(self, n: int) -> Request:
-        """Batch n of n_iter: seeds continue from the previous batch, as A1111's do."""
+        """Batch n of n_iter: seeds and variation seeds continue from the previous batch, as A1111's do."""
         return Request(self.styled_prompt, self.styled_negative, self.steps, self.sampler, self.schedule, None,
                        self.cfg_scale, self.seed + n * self.batch_size, self.width, self.height, self.batch_size,
-                       self.clip_skip, self.strength)
+                       self.clip_skip, self.strength, self.subseed + n * self.batch_size, self.subseed_strength,
+                       self.seed_resize_from)
 
 
 def _get(body: dict, key: str, default: Any) -> Any:
@@ -273,8 +275,15 @@ class Service:
         seed = random.randrange(4294967294) if seed == -1 else seed
         subseed = _int(body, "subseed", -1, -1, MAX_SEED)
         subseed = random.randrange(4294967294) if subseed == -1 else subseed
-        if seed + batch_size * n_iter > MAX_SEED:
-            raise BadInput(f"seed {seed} + {batch_size * n_iter} images runs past the largest seed {MAX_SEED}")
+        for name, value in (("seed", seed), ("subseed", subseed)):
+            if value + batch_size * n_iter > MAX_SEED:
+                raise BadInput(f"{name} {value} + {batch_size * n_iter} images runs past the largest seed {MAX_SEED}")
+        subseed_strength = _get(body, "subseed_strength", 0)
+        if not isinstance(subseed_strength, (int, float)) or not 0 <= subseed_strength <= 1:
+            raise BadInput(f"subseed_strength must be a number from 0 to 1, got {subseed_strength!r}")
+        resize_w = _int(body, "seed_resize_from_w", -1, -1, lim.max_width)
+        resize_h = _int(body, "seed_resize_from_h", -1, -1, lim.max_height)
+        seed_resize_from = (resize_w, resize_h) if resize_w > 0 and resize_h > 0 else None  # A1111: both or none
         sampler, schedule = resolve_sampler(_get(body, "sampler_name", None) or _get(body, "sampler_index", None),
                                             _get(body, "scheduler", None))
 
@@ -297,13 +306,12 @@ class Service:
                           ("save_images", "saving on the server")):
             if _get(body, key, False):
                 warnings.append(f"{key}: {note} is not supported; ignored")
-        if _get(body, "subseed_strength", 0):
-            warnings.append("subseed_strength: variation seeds are not supported; ignored")
         if _get(body, "alwayson_scripts", {}):
             warnings.append("alwayson_scripts ignored: " + ", ".join(map(str, body["alwayson_scripts"])))
 
         spec = GenSpec(mode, prompt, negative, styled_prompt, styled_negative, styles, sampler, schedule, steps,
-                       float(cfg_scale), width, height, batch_size, n_iter, seed, subseed, 0.0, clip_skip,
+                       float(cfg_scale), width, height, batch_size, n_iter, seed, subseed, float(subseed_strength),
+                       clip_skip, seed_resize_from,
                        denoising_strength=_get(body, "denoising_strength", None), model=model, persist=persist,
                        send_images=bool(_get(body, "send_images", True)), warnings=warnings)
         if mode == "img2img":
@@ -415,6 +423,7 @@ class Service:
         count = spec.batch_size * spec.n_iter
         sha = self.registry.sha256(entry)
         inpainting_unet = pipe.model.config.unet.in_channels == 9
+        resize_from = spec.seed_resize_from or (-1, -1)
         return {
             "prompt": spec.prompt, "all_prompts": [spec.styled_prompt] * count,
             "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.styled_negative] * count,
@@ -424,7 +433,8 @@ class Service:
             "sampler_name": SAMPLERS[spec.sampler].display, "scheduler": spec.schedule, "cfg_scale": spec.cfg_scale,
             "steps": spec.steps, "batch_size": spec.batch_size, "restore_faces": False,
             "face_restoration_model": None, "sd_model_name": entry.stem, "sd_model_hash": sha[:10] if sha else None,
-            "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": resize_from[0],
+            "seed_resize_from_h": resize_from[1],
             "denoising_strength": spec.denoising_strength,
             "extra_generation_params": {"Schedule type": SCHEDULE_LABELS[spec.schedule]},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": spec.styles,
