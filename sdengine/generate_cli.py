@@ -113,7 +113,8 @@ def load_for_inference(path: Path, args: argparse.Namespace, device: torch.devic
 
 
 def output_paths(out: Path | None, seeds: list[int]) -> list[Path]:
-    """One path per image: --out as given for one image, NAME-SEED.png for a batch; default sdengine-SEED.png."""
+    """One path per image: --out as given for one image, NAME-SEED.png for a batch; default sdengine-SEED.png.
+    `seeds`: what tells the images apart (the variation seeds when there is a variation)."""
     if out is None:
         return [Path(f"sdengine-{s}.png") for s in seeds]
     if out.is_dir():
@@ -201,7 +202,7 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     req = Request(prompt, negative, args.steps, args.sampler, args.schedule, args.spacing, args.cfg, args.seed,
                   width, height, args.batch, args.clip_skip, strength, args.variation_seed, args.variation_strength,
                   args.seed_resize_from)
-    paths = output_paths(args.out, req.seeds)
+    paths = output_paths(args.out, req.subseeds if req.subseed_strength else req.seeds)
     device = pick_device(args.device)
     if args.compile:
         check_compiler(device)
@@ -220,9 +221,10 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
         if bar is not None:
             bar.close()
     images = pipe.to_images(latents, req)
-    for image, path in zip(images, paths):
+    for i, (image, path) in enumerate(zip(images, paths)):
         save_png(image, path, image.info["parameters"])
-        print(f"wrote {path} (seed {image.info['seed']})")
+        variation = f", variation seed {req.subseeds[i]}" if req.subseed_strength else ""
+        print(f"wrote {path} (seed {image.info['seed']}{variation})")
 
 
 def progress(steps: int, quiet: bool, strength: float):

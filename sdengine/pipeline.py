@@ -79,13 +79,14 @@ class Request:
             self.seed = random.randrange(2 ** 32)
         if not 0 <= self.seed < 2 ** 64 - 64:
             raise ValueError(f"seed must be -1 or in [0, 2^64), got {self.seed}")
-        self.seeds = [self.seed + i for i in range(self.batch_size)]
         if self.subseed == -1:
             self.subseed = random.randrange(2 ** 32)
         if not 0 <= self.subseed < 2 ** 64 - 64:
             raise ValueError(f"variation seed must be -1 or in [0, 2^64), got {self.subseed}")
         if not 0.0 <= self.subseed_strength <= 1.0:
             raise ValueError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
+        # A1111: with a variation, every image keeps the seed and the variation seed counts up instead
+        self.seeds = [self.seed + (0 if self.subseed_strength else i) for i in range(self.batch_size)]
         self.subseeds = [self.subseed + i for i in range(self.batch_size)]
         if self.seed_resize_from is not None:
             w, h = self.seed_resize_from
@@ -129,7 +130,8 @@ class Pipeline:
                  seed_resize_from: tuple[int, int] | None = None) -> list[Image.Image]:
         """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
         Width and height default to the model's training size (512 unless its file says otherwise).
-        subseed/subseed_strength/seed_resize_from: A1111's variation seeds (see diffusion/variation.py)."""
+        subseed/subseed_strength/seed_resize_from: A1111's variation seeds (see diffusion/variation.py); with a
+        variation, image i keeps the seed and uses subseed + i."""
         size = self.model.config.image_size  # `is None`, not `or`: a width of 0 must be refused, not replaced
         width, height = size if width is None else width, size if height is None else height
         req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,

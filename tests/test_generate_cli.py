@@ -186,6 +186,9 @@ def test_variation_seed(cli, tmp_path, capsys):
     p = params_of(out)
     assert (p["Variation seed"], p["Variation seed strength"], p["Seed resize from"]) == (8, 1, "24x16")
     assert np.abs(pixels(out) - pixels(ref)).max() <= 1
+    code, stdout, _ = cli("generate", "a cat", "--seed", "3", "--variation-seed", "8", "--variation-strength", "0.5",
+                          "--batch", "2", "--out", tmp_path / "b.png", *FAST)
+    assert code == 0 and "b-9.png (seed 3, variation seed 9)" in stdout  # the seed stays, the variation counts
     with pytest.raises(SystemExit) as exit_:  # a usage mistake: argparse's exit, in the one-line form
         run(["generate", "a", "--seed-resize-from", "512"])
     err = capsys.readouterr().err.strip()

@@ -165,17 +165,18 @@ def test_listing_routes(server: Server):
 
 
 def test_txt2img_variation_seeds(server: Server, pipe):
-    """subseed/subseed_strength/seed_resize_from_w,h as A1111: the variation seed counts up across the batches
-    of n_iter, and the image equals the Python API's with the same values."""
+    """subseed/subseed_strength/seed_resize_from_w,h as A1111: with a variation every image keeps the seed and the
+    variation seed counts up across the batches of n_iter; the image equals the Python API's with the same values."""
     body = {**SMALL, "seed": 3, "subseed": 20, "subseed_strength": 0.4, "seed_resize_from_w": 96,
             "seed_resize_from_h": 72, "batch_size": 1, "n_iter": 2}
     r = server.post("/sdapi/v1/txt2img", body)
     info = info_of(r)
-    assert info["all_subseeds"] == [20, 21] and info["subseed_strength"] == 0.4
+    assert info["all_subseeds"] == [20, 21] and info["all_seeds"] == [3, 3] and info["subseed_strength"] == 0.4
     assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (96, 72)
+    assert "Seed: 3, Size: 64x64" in info["infotexts"][1]
     assert "Variation seed: 21, Variation seed strength: 0.4, Seed resize from: 96x72" in info["infotexts"][1]
     assert not any("subseed" in w for w in info["warnings"])
-    expected = pipe.generate(SMALL["prompt"], steps=2, cfg_scale=7.0, seed=4, width=64, height=64, subseed=21,
+    expected = pipe.generate(SMALL["prompt"], steps=2, cfg_scale=7.0, seed=3, width=64, height=64, subseed=21,
                              subseed_strength=0.4, seed_resize_from=(96, 72))[0]
     assert same(unb64(r.json()["images"][1]), expected)
     bad = server.post("/sdapi/v1/txt2img", {**SMALL, "subseed_strength": 2})

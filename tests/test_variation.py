@@ -92,7 +92,9 @@ def test_generation_with_variation_seeds(sd1_folder):
                            seed_resize_from=(96, 80))
     texts = [im.info["parameters"] for im in images]
     assert "Variation seed: 9, Variation seed strength: 0.5, Seed resize from: 96x80" in texts[0]
-    assert "Variation seed: 10," in texts[1]
+    assert "Seed: 5," in texts[1] and "Variation seed: 10," in texts[1]  # A1111: the seed stays, the variation counts
+    second = pipe.generate("a red circle", **kw, seed=5, subseed=10, subseed_strength=0.5, seed_resize_from=(96, 80))
+    assert np.abs(np.asarray(images[1], np.int16) - np.asarray(second[0], np.int16)).max() <= 1
     assert "Variation seed" not in pipe.generate("a red circle", **kw, seed=5)[0].info["parameters"]
 
 

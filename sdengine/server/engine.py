@@ -189,9 +189,10 @@ class GenSpec:
     warnings: list[str] = field(default_factory=list)
 
     def request(self, n: int) -> Request:
-        """Batch n of n_iter: seeds and variation seeds continue from the previous batch, as A1111's do."""
+        """Batch n of n_iter: seeds (variation seeds, if any) continue from the previous batch, as A1111's do."""
+        first = self.seed + (0 if self.subseed_strength else n * self.batch_size)
         return Request(self.styled_prompt, self.styled_negative, self.steps, self.sampler, self.schedule, None,
-                       self.cfg_scale, self.seed + n * self.batch_size, self.width, self.height, self.batch_size,
+                       self.cfg_scale, first, self.width, self.height, self.batch_size,
                        self.clip_skip, self.strength, self.subseed + n * self.batch_size, self.subseed_strength,
                        self.seed_resize_from)
 
@@ -427,7 +428,7 @@ class Service:
         return {
             "prompt": spec.prompt, "all_prompts": [spec.styled_prompt] * count,
             "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.styled_negative] * count,
-            "seed": spec.seed, "all_seeds": [spec.seed + i for i in range(count)],
+            "seed": spec.seed, "all_seeds": [spec.seed + (0 if spec.subseed_strength else i) for i in range(count)],
             "subseed": spec.subseed, "all_subseeds": [spec.subseed + i for i in range(count)],
             "subseed_strength": spec.subseed_strength, "width": spec.width, "height": spec.height,
             "sampler_name": SAMPLERS[spec.sampler].display, "scheduler": spec.schedule, "cfg_scale": spec.cfg_scale,
