@@ -425,11 +425,12 @@ class Service:
         sha = self.registry.sha256(entry)
         inpainting_unet = pipe.model.config.unet.in_channels == 9
         resize_from = spec.seed_resize_from or (-1, -1)
+        requests = [spec.request(n) for n in range(spec.n_iter)]  # their seeds follow A1111's rules (Request)
         return {
             "prompt": spec.prompt, "all_prompts": [spec.styled_prompt] * count,
             "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.styled_negative] * count,
-            "seed": spec.seed, "all_seeds": [spec.seed + (0 if spec.subseed_strength else i) for i in range(count)],
-            "subseed": spec.subseed, "all_subseeds": [spec.subseed + i for i in range(count)],
+            "seed": spec.seed, "all_seeds": [s for req in requests for s in req.seeds],
+            "subseed": spec.subseed, "all_subseeds": [s for req in requests for s in req.subseeds],
             "subseed_strength": spec.subseed_strength, "width": spec.width, "height": spec.height,
             "sampler_name": SAMPLERS[spec.sampler].display, "scheduler": spec.schedule, "cfg_scale": spec.cfg_scale,
             "steps": spec.steps, "batch_size": spec.batch_size, "restore_faces": False,
