@@ -161,9 +161,42 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="0..1: how far the seed's noise moves towards the variation seed's")
     p.add_argument("--seed-resize-from", type=size_pair, default=None, metavar="WxH",
                    help="keep the composition the seed had at this size (noise drawn there, centred)")
+    p.add_argument("--tiling", action="store_true", help="seamless: the image tiles (its edges wrap around)")
     add_runtime_args(p)
     p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_hires_args(p: argparse.ArgumentParser) -> None:
+    from .hires import UPSCALERS
+
+    g = p.add_argument_group("hires fix", "generate, upscale, then refine at the larger size with img2img "
+                                          "(A1111's Hires. fix); on with any --hires option")
+    g.add_argument("--hires-scale", type=float, default=None, help="upscale by this factor (A1111 default: 2)")
+    g.add_argument("--hires-resize", type=size_pair, default=None, metavar="WxH",
+                   help="upscale to this size instead (0 for a side: keep the aspect ratio)")
+    g.add_argument("--hires-steps", type=int, default=None, help="steps of the second pass (default: --steps)")
+    g.add_argument("--hires-strength", type=float, default=None,
+                   help="denoising strength of the second pass (default: 0.7)")
+    g.add_argument("--hires-upscaler", default=None, metavar="NAME", help=f"one of: {', '.join(UPSCALERS)} "
+                   "(default: Latent)")
+    g.add_argument("--hires-sampler", default=None, help="sampler of the second pass (default: --sampler)")
+
+
+def hires_from_args(args: argparse.Namespace):
+    """The HiresFix the --hires-* options ask for, or None."""
+    from .hires import HiresFix
+
+    options = ("scale", "resize", "steps", "strength", "upscaler", "sampler")
+    if all(getattr(args, f"hires_{name}", None) is None for name in options):
+        return None
+    resize_x, resize_y = args.hires_resize or (0, 0)
+    strength = 0.7 if args.hires_strength is None else args.hires_strength
+    try:
+        return HiresFix(2.0 if args.hires_scale is None else args.hires_scale, resize_x, resize_y,
+                        args.hires_upscaler, args.hires_steps or 0, strength, args.hires_sampler)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def size_pair(text: str) -> tuple[int, int]:
@@ -176,6 +209,7 @@ def size_pair(text: str) -> tuple[int, int]:
 
 
 def run_generation(args: argparse.Namespace, mode: str) -> None:
+    from .hires import hires_pass, second_pass_request
     from .metadata import save_png
     from .pipeline import Request
     from .prompts import BUNDLED_STYLES, apply_styles, load_styles
@@ -201,7 +235,10 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     strength = getattr(args, "strength", 1.0)
     req = Request(prompt, negative, args.steps, args.sampler, args.schedule, args.spacing, args.cfg, args.seed,
                   width, height, args.batch, args.clip_skip, strength, args.variation_seed, args.variation_strength,
-                  args.seed_resize_from)
+                  args.seed_resize_from, args.tiling)
+    hires = hires_from_args(args)
+    if hires is not None:  # the second pass's size is refused now, not after the first pass
+        second_pass_request(req, hires, *hires.output_size(width, height))
     paths = output_paths(args.out, req.subseeds if req.subseed_strength else req.seeds)
     device = pick_device(args.device)
     if args.compile:
@@ -217,10 +254,12 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
     mask_t = mask_to_tensor(mask, width, height) if mask is not None else None
     try:
         latents = pipe.sample(req, init=init_t, mask=mask_t, callback=callback)
+        if hires is not None:
+            latents, _ = hires_pass(pipe, req, latents, hires, callback)
     finally:
         if bar is not None:
             bar.close()
-    images = pipe.to_images(latents, req)
+    images = pipe.to_images(latents, req, hires.infotext(req) if hires else None)
     for i, (image, path) in enumerate(zip(images, paths)):
         save_png(image, path, image.info["parameters"])
         variation = f", variation seed {req.subseeds[i]}" if req.subseed_strength else ""
@@ -301,6 +340,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("generate", help="text to image")
     add_generation_args(p)
+    add_hires_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("img2img", help="image + text to image")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +24,10 @@ from .diffusion.denoiser import CFGDenoiser, Denoiser
 from .diffusion.samplers import SAMPLERS, BatchNoise, SamplerSpec, get_sampler
 from .diffusion.schedule import SCHEDULES, SD_SCHEDULE, SPACINGS, NoiseSchedule
 from .diffusion.variation import Variation, initial_noise
+from .hires import HiresFix, hires_pass, second_pass_request
 from .metadata import format_parameters
 from .model import StableDiffusion
+from .nn.seamless import circular_padding
 from .prompts import encode_prompts
 
 MAX_SIDE = 8192
@@ -52,6 +55,7 @@ class Request:
     subseed: int = -1  # variation seed (A1111's): image i's noise is slerped towards subseed + i's
     subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
     seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
+    tiling: bool = False  # seamless: the image tiles (A1111's Tiling: every padded convolution wraps around)
     seeds: list[int] = field(init=False, default_factory=list)
     subseeds: list[int] = field(init=False, default_factory=list)
 
@@ -127,17 +131,26 @@ class Pipeline:
                  schedule: str = "normal", cfg_scale: float = 7.5, seed: int = 0, width: int | None = None,
                  height: int | None = None, batch_size: int = 1, clip_skip: int = 1, spacing: str | None = None,
                  callback: Callback | None = None, subseed: int = -1, subseed_strength: float = 0.0,
-                 seed_resize_from: tuple[int, int] | None = None) -> list[Image.Image]:
+                 seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
+                 hires: HiresFix | None = None) -> list[Image.Image]:
         """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
         Width and height default to the model's training size (512 unless its file says otherwise).
         subseed/subseed_strength/seed_resize_from: A1111's variation seeds (see diffusion/variation.py); with a
-        variation, image i keeps the seed and uses subseed + i."""
+        variation, image i keeps the seed and uses subseed + i. tiling: seamless images. hires: a second,
+        larger img2img pass over the upscaled first one (sdengine/hires.py)."""
         size = self.model.config.image_size  # `is None`, not `or`: a width of 0 must be refused, not replaced
         width, height = size if width is None else width, size if height is None else height
         req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,
                       batch_size, clip_skip, subseed=subseed, subseed_strength=subseed_strength,
-                      seed_resize_from=seed_resize_from)
-        return self.to_images(self.sample(req, callback=callback), req)
+                      seed_resize_from=seed_resize_from, tiling=tiling)
+        if hires is not None:  # fail on a too-large target before the first pass, not after it
+            hires_size = hires.output_size(width, height, self.model.config.vae.downscale)
+            second_pass_request(req, hires, *hires_size)
+        latents = self.sample(req, callback=callback)
+        if hires is None:
+            return self.to_images(latents, req)
+        latents, _ = hires_pass(self, req, latents, hires, callback)
+        return self.to_images(latents, req, hires.infotext(req))
 
     def img2img(self, image: Image.Image, prompt: str = "", strength: float = 0.75, **kwargs) -> list[Image.Image]:
         """Start from `image` noised to the point `strength` of the way up the schedule (diffusers' convention:
@@ -157,16 +170,27 @@ class Pipeline:
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
+    def tiling(self, req: Request) -> AbstractContextManager[None]:
+        """The networks as `req` wants them: wrapping around for a seamless request, as loaded otherwise."""
+        return circular_padding([self.model.unet, self.model.vae], req.tiling)
+
     @torch.no_grad()
     def sample(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                callback: Callback | None = None, masked_latents: str = "original",
-               latent_mask: torch.Tensor | None = None) -> torch.Tensor:
+               latent_mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (b, 4, h/8, w/8), VP-scaled as the VAE expects after dividing by the scaling factor.
 
         masked_latents: what the encoded init image holds under the mask before noising: "original", "noise"
         (unit Gaussian noise: AUTOMATIC1111's "latent noise") or "zeros" ("latent nothing").
         latent_mask: (1, 1, h/8, w/8) in [0, 1], where the latents are repainted; default: `mask` resized nearest.
-        A soft one blends the known region in gradually (AUTOMATIC1111 without mask_round)."""
+        A soft one blends the known region in gradually (AUTOMATIC1111 without mask_round).
+        init_latents: (b, 4, h/8, w/8) scaled latents to start img2img from instead of encoding `init`."""
+        with self.tiling(req):
+            return self._sample(req, init, mask, callback, masked_latents, latent_mask, init_latents)
+
+    def _sample(self, req: Request, init: torch.Tensor | None, mask: torch.Tensor | None, callback: Callback | None,
+                masked_latents: str, latent_mask: torch.Tensor | None, init_latents: torch.Tensor | None
+                ) -> torch.Tensor:
         if masked_latents not in ("original", "noise", "zeros"):
             raise ValueError(f"masked_latents must be original, noise or zeros, not {masked_latents!r}")
         model, device = self.model, self.model.device
@@ -175,6 +199,8 @@ class Pipeline:
         shape = (req.batch_size, 4, req.height // f, req.width // f)
         if latent_mask is not None and latent_mask.shape[-2:] != shape[-2:]:
             raise ValueError(f"latent_mask must be {tuple(shape[-2:])}, got {tuple(latent_mask.shape[-2:])}")
+        if init_latents is not None and tuple(init_latents.shape) != shape:
+            raise ValueError(f"init_latents must be {shape}, got {tuple(init_latents.shape)}")
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         noise_source = BatchNoise(generators, shape, device)
 
@@ -186,14 +212,16 @@ class Pipeline:
         if uncond is not None and uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
             cond = encode_prompts(model, prompts, req.clip_skip, min_chunks=uncond.shape[1] // 77)
 
-        if init is not None and req.strength < 1.0:
+        if (init is not None or init_latents is not None) and req.strength < 1.0:
             sigmas = spec.img2img_sigmas(self.schedule, req.steps, req.strength, req.schedule, req.spacing)
         else:
             sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
         sigmas = torch.from_numpy(sigmas)
         inpainting_unet = model.config.unet.in_channels == 9
         image_latents = None
-        if init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
+        if init_latents is not None:
+            image_latents = init_latents.to(device, torch.float32)
+        elif init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
             image_latents = self.encode_image(init, generators)
         variation = req.variation(f)
         noise = noise_source() if variation is None else initial_noise(noise_source, req.seeds, variation)
@@ -253,7 +281,8 @@ class Pipeline:
     def to_images(self, latents: torch.Tensor, req: Request, extra: dict[str, Any] | None = None
                   ) -> list[Image.Image]:
         """Decoded images, each with its infotext; `extra` adds infotext fields (before Version)."""
-        pixels = self.decode(latents)
+        with self.tiling(req):
+            pixels = self.decode(latents)
         arrays = (pixels.cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         images = []
         for i, arr in enumerate(arrays):
@@ -278,6 +307,7 @@ class Pipeline:
             "Seed resize from": "{}x{}".format(*req.seed_resize_from) if req.seed_resize_from else None,
             "Denoising strength": req.strength if req.strength < 1.0 else None,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            "Tiling": "True" if req.tiling else None,
             **(extra or {}),
             "Version": f"sdengine {__version__}",
         }

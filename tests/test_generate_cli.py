@@ -196,6 +196,19 @@ def test_variation_seed(cli, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_hires_fix_and_tiling(cli, tmp_path):
+    out = tmp_path / "hr.png"
+    code, _, _ = cli("generate", "a cat", "--seed", "3", "--hires-scale", "2", "--hires-steps", "2",
+                     "--hires-strength", "0.5", "--hires-upscaler", "Lanczos", "--tiling", "--out", out, *FAST)
+    assert code == 0
+    p = params_of(out)
+    w, h = (int(v) for v in p["Size"].split("x"))
+    from PIL import Image
+    assert Image.open(out).size == (2 * w, 2 * h)
+    assert (p["Hires upscale"], p["Hires steps"], p["Hires upscaler"], p["Denoising strength"], p["Tiling"]) == (
+        2, 2, "Lanczos", 0.5, "True")
+
+
 BAD = [
     (["generate", "a", "--width", "36"], "width must be a positive multiple of 8"),
     (["generate", "a", "--height", "0"], "height must be a positive multiple of 8"),  # was: 0 became 512
@@ -209,6 +222,9 @@ BAD = [
     (["generate", "a", "--variation-strength", "2"], "variation strength must be in [0, 1]"),
     (["generate", "a", "--sampler", "bogus"], "unknown sampler 'bogus'; valid: euler, euler_a, heun"),
     (["generate", "a", "--style", "nope"], "unknown style 'nope'"),
+    (["generate", "a", "--hires-upscaler", "ESRGAN"], "unknown hires upscaler 'ESRGAN'"),
+    (["generate", "a", "--hires-resize", "8200x0"], "up to 8192"),
+    (["generate", "a", "--hires-scale", "0.5"], "hires scale must be"),
     (["img2img", "{notimage}", "a"], "init image {notimage} is not a readable image"),
     (["img2img", "{missing}", "a"], "init image {missing} does not exist"),
     (["img2img", "{init}", "a", "--strength", "0"], "strength must be in (0, 1]"),

@@ -183,6 +183,37 @@ def test_txt2img_variation_seeds(server: Server, pipe):
     assert bad.status_code == 422 and "subseed_strength" in bad.text
 
 
+def test_txt2img_hires_fix_and_tiling(server: Server, pipe):
+    """enable_hr with A1111's fields: a second pass at hr_scale, reported as A1111 does (the first pass's size,
+    the Hires fields); tiling; the image equals the Python API's with the same settings."""
+    from sdengine.hires import HiresFix
+
+    body = {**SMALL, "seed": 6, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
+            "denoising_strength": 0.6, "hr_upscaler": "Latent (nearest)", "hr_sampler_name": "Use same sampler",
+            "hr_checkpoint_name": "Use same checkpoint", "tiling": True}
+    r = server.post("/sdapi/v1/txt2img", body)
+    info = info_of(r)
+    image = unb64(r.json()["images"][0])
+    assert image.size == (96, 96) and info["width"] == 64 and info["denoising_strength"] == 0.6
+    assert info["extra_generation_params"]["Hires upscale"] == 1.5
+    assert info["extra_generation_params"]["Hires upscaler"] == "Latent (nearest)"
+    text = info["infotexts"][0]
+    assert "Size: 64x64" in text and "Denoising strength: 0.6" in text and "Tiling: True" in text
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest)" in text
+    assert info["warnings"] == []
+    expected = pipe.generate(SMALL["prompt"], steps=2, cfg_scale=7.0, seed=6, width=64, height=64, tiling=True,
+                             hires=HiresFix(1.5, upscaler="Latent (nearest)", steps=2, denoising_strength=0.6))[0]
+    assert same(image, expected)
+    info = info_of(server.post("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, "hr_resize_x": 96,
+                                                     "hr_sampler_name": "DPM++ 2M", "hr_prompt": "a green circle"}))
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: a green circle, Hires resize: 96x0" \
+        in info["infotexts"][0] and info["denoising_strength"] == 0.75
+    for extra, needle in (({"hr_scale": 8}, "hires fix makes 512x512"), ({"hr_upscaler": "R-ESRGAN 4x+"}, "upscaler"),
+                          ({"hr_resize_x": 100}, "multiple of 8"), ({"denoising_strength": 0}, "denoising")):
+        bad = server.post("/sdapi/v1/txt2img", {**SMALL, "enable_hr": True, **extra})
+        assert bad.status_code == 422 and needle in bad.text, (extra, bad.text)
+
+
 def test_txt2img_fields_seeds_and_images(server: Server, pipe):
     r = server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 42, "batch_size": 2, "n_iter": 2, "eta": 1.0,
                                           "s_noise": 1, "scheduler": "automatic", "restore_faces": True,

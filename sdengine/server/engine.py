@@ -25,6 +25,7 @@ from PIL import Image
 from .. import __version__
 from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..generate_cli import list_models
+from ..hires import HiresFix, hires_pass
 from ..pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
 from ..prompts import Style, apply_styles
 from . import inpaint
@@ -178,6 +179,8 @@ class GenSpec:
     subseed_strength: float
     clip_skip: int
     seed_resize_from: tuple[int, int] | None = None  # (width, height)
+    tiling: bool = False
+    hires: HiresFix | None = None  # txt2img's enable_hr: the second pass
     strength: float = 1.0
     denoising_strength: float | None = None
     init: list[Image.Image] | None = None  # already resized to width x height
@@ -194,7 +197,7 @@ class GenSpec:
         return Request(self.styled_prompt, self.styled_negative, self.steps, self.sampler, self.schedule, None,
                        self.cfg_scale, first, self.width, self.height, self.batch_size,
                        self.clip_skip, self.strength, self.subseed + n * self.batch_size, self.subseed_strength,
-                       self.seed_resize_from)
+                       self.seed_resize_from, self.tiling)
 
 
 def _get(body: dict, key: str, default: Any) -> Any:
@@ -303,8 +306,7 @@ class Service:
                 persist[key] = clip_skip if key == "CLIP_stop_at_last_layers" else model
         if _get(body, "script_name", None):
             raise BadInput(f"scripts are not supported (script_name {body['script_name']!r})")
-        for key, note in (("restore_faces", "face restoration"), ("tiling", "tiling"), ("enable_hr", "hires fix"),
-                          ("save_images", "saving on the server")):
+        for key, note in (("restore_faces", "face restoration"), ("save_images", "saving on the server")):
             if _get(body, key, False):
                 warnings.append(f"{key}: {note} is not supported; ignored")
         if _get(body, "alwayson_scripts", {}):
@@ -312,11 +314,15 @@ class Service:
 
         spec = GenSpec(mode, prompt, negative, styled_prompt, styled_negative, styles, sampler, schedule, steps,
                        float(cfg_scale), width, height, batch_size, n_iter, seed, subseed, float(subseed_strength),
-                       clip_skip, seed_resize_from,
+                       clip_skip, seed_resize_from, bool(_get(body, "tiling", False)),
                        denoising_strength=_get(body, "denoising_strength", None), model=model, persist=persist,
                        send_images=bool(_get(body, "send_images", True)), warnings=warnings)
         if mode == "img2img":
+            if _get(body, "enable_hr", False):
+                warnings.append("enable_hr: hires fix is a txt2img option; ignored")
             self._img2img(body, spec)
+        elif _get(body, "enable_hr", False):
+            self._hires(body, spec)
         try:
             spec.request(0)  # anything the engine itself refuses, refused now
         except ValueError as e:
@@ -358,6 +364,46 @@ class Service:
             originals, mask, spec.width, spec.height, mode, bool(_get(body, "inpaint_full_res", True)),
             _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
             max(blur_x, blur_y), invert, spec.warnings, bool(_get(body, "mask_round", True)))
+
+    def _hires(self, body: dict[str, Any], spec: GenSpec) -> None:
+        """enable_hr: the second pass's settings, its size checked against the caps now."""
+        lim = self.limits
+        scale = _get(body, "hr_scale", 2.0)
+        strength = _get(body, "denoising_strength", 0.75)  # A1111's txt2img default
+        for key, value in (("hr_scale", scale), ("denoising_strength", strength)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadInput(f"{key} must be a number, got {value!r}")
+        sampler = schedule = None
+        hr_sampler, hr_scheduler = _get(body, "hr_sampler_name", None), _get(body, "hr_scheduler", None)
+        if hr_sampler in ("", "Use same sampler"):
+            hr_sampler = None
+        if hr_scheduler in ("", "Use same scheduler"):
+            hr_scheduler = None
+        if hr_sampler is not None or hr_scheduler is not None:
+            sampler, schedule = resolve_sampler(hr_sampler or SAMPLERS[spec.sampler].display, hr_scheduler)
+        hr_prompt, hr_negative = _get(body, "hr_prompt", ""), _get(body, "hr_negative_prompt", "")
+        for key, text in (("hr_prompt", hr_prompt), ("hr_negative_prompt", hr_negative)):
+            if len(text) > lim.max_prompt_chars:
+                raise BadInput(f"{key} has {len(text)} characters; at most {lim.max_prompt_chars} are accepted")
+        if hr_prompt or hr_negative:  # A1111: an empty one is the first pass's; styles apply to both
+            hr_prompt, hr_negative = apply_styles(hr_prompt or spec.prompt, hr_negative or spec.negative_prompt,
+                                                  spec.styles, self.styles)
+        if _get(body, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
+            spec.warnings.append("hr_checkpoint_name ignored: the second pass uses the first pass's model")
+        try:
+            hires = HiresFix(float(scale), _int(body, "hr_resize_x", 0, 0, lim.max_width),
+                             _int(body, "hr_resize_y", 0, 0, lim.max_height), _get(body, "hr_upscaler", None),
+                             _int(body, "hr_second_pass_steps", 0, 0, lim.max_steps), float(strength), sampler,
+                             schedule, hr_prompt or None, hr_negative or None)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        width, height = hires.output_size(spec.width, spec.height)
+        if width > lim.max_width or height > lim.max_height:
+            raise BadInput(f"the hires fix makes {width}x{height} images; at most {lim.max_width}x{lim.max_height} "
+                           "are allowed")
+        if width < 8 or height < 8:
+            raise BadInput(f"the hires fix would make {width}x{height} images")
+        spec.hires, spec.denoising_strength = hires, hires.denoising_strength
 
     def check_clip_skip(self, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
@@ -407,11 +453,14 @@ class Service:
             try:
                 latents = pipe.sample(req, init=init, mask=mask, callback=callback, latent_mask=latent_mask,
                                       masked_latents=spec.masked.latent_fill if spec.masked else "original")
+                if spec.hires is not None:
+                    latest.clear()
+                    latents, _ = hires_pass(pipe, req, latents, spec.hires, callback)
             except StopSampling as stop:  # interrupt/skip keep the last estimate, as A1111 does
                 if stop.kind == "cancel" or not latest:
                     raise
                 latents = latest[0]
-            extra = spec.masked.extra if spec.masked else None
+            extra = spec.masked.extra if spec.masked else spec.hires.infotext(req) if spec.hires else None
             for i, image in enumerate(pipe.to_images(latents, req, extra)):
                 if spec.masked is not None:
                     image = spec.masked.finish(image, i)
@@ -426,6 +475,8 @@ class Service:
         inpainting_unet = pipe.model.config.unet.in_channels == 9
         resize_from = spec.seed_resize_from or (-1, -1)
         requests = [spec.request(n) for n in range(spec.n_iter)]  # their seeds follow A1111's rules (Request)
+        hires_fields = {k: v for k, v in spec.hires.infotext(requests[0]).items()
+                        if v is not None and k != "Denoising strength"} if spec.hires else {}
         return {
             "prompt": spec.prompt, "all_prompts": [spec.styled_prompt] * count,
             "negative_prompt": spec.negative_prompt, "all_negative_prompts": [spec.styled_negative] * count,
@@ -438,7 +489,7 @@ class Service:
             "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": resize_from[0],
             "seed_resize_from_h": resize_from[1],
             "denoising_strength": spec.denoising_strength,
-            "extra_generation_params": {"Schedule type": SCHEDULE_LABELS[spec.schedule]},
+            "extra_generation_params": {"Schedule type": SCHEDULE_LABELS[spec.schedule], **hires_fields},
             "index_of_first_image": 0, "infotexts": infotexts, "styles": spec.styles,
             "job_timestamp": job.job_timestamp, "clip_skip": spec.clip_skip,
             "is_using_inpainting_conditioning": inpainting_unet and spec.mode == "img2img",
