@@ -94,7 +94,7 @@ def web(browser):
 
 def fill_small(page, prompt: str, steps: int = 2, seed: int | None = None) -> None:
     page.get_by_label("Prompt", exact=True).fill(prompt)
-    page.get_by_label("Steps").fill(str(steps))
+    page.get_by_label("Steps", exact=True).fill(str(steps))
     page.get_by_label("Width").fill("64")
     page.get_by_label("Height").fill("64")
     if seed is not None:
@@ -157,6 +157,27 @@ def test_generate_from_the_page(server, web, tmp_path):
     item.get_by_role("button", name="Reuse seed 1234").click()  # the seed goes back into the form
     assert page.get_by_label("Seed", exact=True).input_value() == "1234"
     print(f"\nwebpage: generated through the page in {time.perf_counter() - start:.1f} s; screenshot {SCREENSHOT}")
+
+
+def test_hires_fix_and_tiling_from_the_page(server, web):
+    page = web().open(server.url)
+    fill_small(page, "a tiled floor", seed=5)
+    assert page.get_by_label("Upscale by").is_disabled()  # until the hires fix is on
+    page.get_by_label("Hires fix").check()
+    page.get_by_label("Upscale by").fill("1.5")
+    page.get_by_label("Hires steps").fill("1")
+    page.get_by_label("Tiling").check()
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert (body["enable_hr"], body["hr_scale"], body["denoising_strength"], body["hr_second_pass_steps"],
+            body["tiling"]) == (True, 1.5, 0.7, 1, True)
+    item = page.locator("#gallery li").first
+    expect(item.locator(".infotext")).to_contain_text("Hires upscale: 1.5", timeout=WAIT_MS)
+    assert "Tiling: True" in item.locator(".infotext").inner_text()
+    assert page.evaluate("img => img.complete && img.naturalWidth", item.locator("img").element_handle()) == 96
+    page.get_by_label("Change an image").check()  # a txt2img option: not shown for img2img
+    expect(page.locator("#hires-section")).to_be_hidden()
 
 
 def test_live_progress_and_interrupt(server, web):

@@ -15,14 +15,16 @@
     strength: $("denoising_strength"), strengthValue: $("strength-value"), matchSize: $("match-size"),
     generate: $("generate"), interrupt: $("interrupt"), progress: $("progress"), progressText: $("progress-text"),
     announce: $("announce"), preview: $("live-preview"), error: $("error"), gallery: $("gallery"),
-    galleryEmpty: $("gallery-empty"), galleryClear: $("gallery-clear"),
+    galleryEmpty: $("gallery-empty"), galleryClear: $("gallery-clear"), tiling: $("tiling"),
+    hiresSection: $("hires-section"), hires: $("enable_hr"), hrScale: $("hr_scale"), hrStrength: $("hr_strength"),
+    hrSteps: $("hr_steps"),
   };
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
   const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
   const POLL_MS = 600;
   const SAVED_KEY = "sdengine.settings";
   const SAVED_FIELDS = ["prompt", "negative", "model", "sampler", "scheduler", "steps", "cfg", "batch", "width",
-    "height", "seed"];
+    "height", "seed", "hrScale", "hrStrength", "hrSteps"];
 
   const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
     urls: [] };
@@ -85,7 +87,7 @@
   }
 
   function save() {
-    const data = { seedRandom: el.seedRandom.checked };
+    const data = { seedRandom: el.seedRandom.checked, tiling: el.tiling.checked, hires: el.hires.checked };
     for (const key of SAVED_FIELDS) data[key] = el[key].value;
     try { localStorage.setItem(SAVED_KEY, JSON.stringify(data)); } catch (_) { /* private mode: not kept */ }
   }
@@ -95,7 +97,10 @@
       if (typeof data[key] === "string" && el[key].tagName !== "SELECT") el[key].value = data[key];
     }
     if (typeof data.seedRandom === "boolean") el.seedRandom.checked = data.seedRandom;
+    if (typeof data.tiling === "boolean") el.tiling.checked = data.tiling;
+    if (typeof data.hires === "boolean") el.hires.checked = data.hires;
     syncSeed();
+    applyHires();
   }
 
   async function loadLists() {
@@ -132,6 +137,11 @@
     el.sourceEmpty.hidden = hasSource;
     el.sourcePreview.hidden = m !== "img2img" || !hasSource;
     el.maskEditor.hidden = m !== "inpaint" || !hasSource;
+    el.hiresSection.hidden = m !== "txt2img"; // A1111's hires fix is a txt2img option
+  }
+
+  function applyHires() {
+    for (const input of [el.hrScale, el.hrStrength, el.hrSteps]) input.disabled = !el.hires.checked;
   }
 
   function loadSource(dataURL, name) {
@@ -280,12 +290,16 @@
       scheduler: el.scheduler.value || undefined, steps: parseInt(el.steps.value, 10),
       cfg_scale: parseFloat(el.cfg.value), width: parseInt(el.width.value, 10), height: parseInt(el.height.value, 10),
       batch_size: parseInt(el.batch.value, 10), n_iter: 1,
-      seed: el.seedRandom.checked ? -1 : parseInt(el.seed.value, 10),
+      seed: el.seedRandom.checked ? -1 : parseInt(el.seed.value, 10), tiling: el.tiling.checked,
       // our own id: the progress shown is this request's, and a request still waiting can be cancelled
       force_task_id: `web-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`,
     };
     if (el.model.value && el.model.value !== state.currentModel) {
       body.override_settings = { sd_model_checkpoint: el.model.value }; // this request only
+    }
+    if (m === "txt2img" && el.hires.checked) {
+      Object.assign(body, { enable_hr: true, hr_scale: parseFloat(el.hrScale.value),
+        denoising_strength: parseFloat(el.hrStrength.value), hr_second_pass_steps: parseInt(el.hrSteps.value, 10) });
     }
     if (m !== "txt2img") {
       if (!state.source) {
@@ -535,6 +549,7 @@
     save();
   });
   el.seedRandom.addEventListener("change", syncSeed);
+  el.hires.addEventListener("change", applyHires);
   el.sourceFile.addEventListener("change", () => { if (el.sourceFile.files[0]) readFile(el.sourceFile.files[0]); });
   el.strength.addEventListener("input", () => { el.strengthValue.textContent = Number(el.strength.value).toFixed(2); });
   el.brush.addEventListener("input", () => { el.brushValue.textContent = el.brush.value; });
