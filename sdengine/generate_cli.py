@@ -238,7 +238,7 @@ def run_generation(args: argparse.Namespace, mode: str) -> None:
                   args.seed_resize_from, args.tiling)
     hires = hires_from_args(args)
     if hires is not None:  # the second pass's size is refused now, not after the first pass
-        second_pass_request(req, hires, *hires.output_size(width, height))
+        second_pass_request(req, hires)
     paths = output_paths(args.out, req.subseeds if req.subseed_strength else req.seeds)
     device = pick_device(args.device)
     if args.compile:

@@ -116,9 +116,11 @@ class HiresFix:
         }
 
 
-def second_pass_request(first: Request, hr: HiresFix, width: int, height: int) -> Request:
-    """The img2img request of the second pass. A1111 runs exactly the hires steps: the last of a schedule of
-    int(steps / strength) (strength capped at 0.999); a strength just above steps/total selects them here."""
+def second_pass_request(first: Request, hr: HiresFix, downscale: int = 8) -> Request:
+    """The img2img request of the second pass (a size it cannot make is refused here, before any work). A1111 runs
+    exactly the hires steps: the last of a schedule of int(steps / strength) (strength capped at 0.999); a
+    strength just above steps/total selects them here."""
+    width, height = hr.output_size(first.width, first.height, downscale)
     steps = hr.steps or first.steps
     total = int(steps / min(hr.denoising_strength, 0.999))
     strength = min((steps + 0.5) / total, 1.0)
@@ -143,9 +145,8 @@ def upscale(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix
     with pipe.tiling(first):
         pixels = pipe.decode(latents)
     arrays = (pixels.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-    size = (to_w // f * f, to_h // f * f)
-    box = (crop_x // 2 * f, crop_y // 2 * f, size[0] - (crop_x + 1) // 2 * f, size[1] - (crop_y + 1) // 2 * f)
-    out = [np.asarray(Image.fromarray(a).resize(size, PIXEL_UPSCALERS[name]).crop(box), dtype=np.float32)
+    box = (crop_x // 2 * f, crop_y // 2 * f, to_w - (crop_x + 1) // 2 * f, to_h - (crop_y + 1) // 2 * f)
+    out = [np.asarray(Image.fromarray(a).resize((to_w, to_h), PIXEL_UPSCALERS[name]).crop(box), dtype=np.float32)
            for a in arrays]
     return None, torch.from_numpy(np.stack(out) / 255.0).permute(0, 3, 1, 2).float() * 2 - 1
 
@@ -153,8 +154,6 @@ def upscale(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix
 def hires_pass(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix,
                callback: Callback | None = None) -> tuple[torch.Tensor, Request]:
     """The second pass over the first pass's latents: (final latents, the second pass's request)."""
-    f = pipe.model.config.vae.downscale
-    width, height = hr.output_size(first.width, first.height, f)
-    req = second_pass_request(first, hr, width, height)
+    req = second_pass_request(first, hr, pipe.model.config.vae.downscale)
     init_latents, init_pixels = upscale(pipe, first, latents, hr)
     return pipe.sample(req, init=init_pixels, init_latents=init_latents, callback=callback), req

@@ -144,8 +144,7 @@ class Pipeline:
                       batch_size, clip_skip, subseed=subseed, subseed_strength=subseed_strength,
                       seed_resize_from=seed_resize_from, tiling=tiling)
         if hires is not None:  # fail on a too-large target before the first pass, not after it
-            hires_size = hires.output_size(width, height, self.model.config.vae.downscale)
-            second_pass_request(req, hires, *hires_size)
+            second_pass_request(req, hires, self.model.config.vae.downscale)
         latents = self.sample(req, callback=callback)
         if hires is None:
             return self.to_images(latents, req)

@@ -75,7 +75,7 @@ def test_second_pass_runs_exactly_the_hires_steps_of_a1111s_longer_schedule(step
     from sdengine.diffusion.schedule import SD_SCHEDULE
 
     first = Request("x", steps=30, sampler=sampler, width=64, height=64)
-    req = second_pass_request(first, HiresFix(steps=steps, denoising_strength=strength), 128, 128)
+    req = second_pass_request(first, HiresFix(steps=steps, denoising_strength=strength))
     total = int(steps / min(strength, 0.999))
     assert req.steps == total
     full = req.sampler_spec.sigmas(SD_SCHEDULE, total)
