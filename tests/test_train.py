@@ -408,15 +408,25 @@ def test_data_workers_train_exactly_as_in_process(tmp_path, data):
 
 
 def test_time_budget_fits_the_step_count(tmp_path, data):
-    """A budget far too small for --steps: the count is refitted to the measured speed and the run, LR schedule
-    included, finishes early instead of being cut."""
+    """A budget far too small for --steps: the count is refitted to the measured speed and the run finishes early
+    instead of being cut (real clock: whatever this machine's speed, the plan and the count reached agree)."""
     t = trainer(tmp_path / "budget", data, steps=100_000, time_budget=1.0, log_every=2)
     t.run()
     records = logged(tmp_path / "budget")
     assert 6 <= t.step < 100_000 and t.cfg.steps == t.step and records[-1]["step"] == t.step
     assert records[-1]["planned_steps"] == t.step
-    assert t.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * t.cfg.min_lr_ratio, rel=0.05)  # the cosine's end
     assert ckpt_steps(tmp_path / "budget") == [t.step]
+
+
+def test_time_budget_ends_the_lr_schedule_at_a_steady_speed(tmp_path, data):
+    """At a steady speed (a clock that advances 1/16 s per step, exact in binary) a 1 s budget fits exactly 16
+    steps, and the LR schedule is refitted with the count: the cosine ends at its minimum on the last step."""
+    t = trainer(tmp_path / "steady", data, steps=100_000, time_budget=1.0, log_every=2)
+    t.clock = lambda: t.step / 16
+    t.run()
+    assert t.step == t.cfg.steps == 16
+    assert logged(tmp_path / "steady")[-1]["planned_steps"] == 16
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * t.cfg.min_lr_ratio, rel=1e-6)  # the cosine's end
 
 
 def test_workers_and_budget_arguments(capsys, tmp_path, data):

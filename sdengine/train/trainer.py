@@ -147,6 +147,7 @@ class Trainer:
         self.bad_steps = 0
         self.skipped = 0
         self.sigterm = False  # set by the signal handler, in this process
+        self.clock = time.monotonic  # seconds, for cfg.time_budget; replaceable so tests can fix the speed
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.history: list[dict[str, float]] = []
 
@@ -257,7 +258,7 @@ class Trainer:
     def _fit_to_budget(self, requested: int, started: tuple[int, float], deadline: float) -> None:
         """Set cfg.steps so the run ends at the deadline, from the speed measured since `started` (step, time);
         never above the requested steps, never below the current step. All processes take the smallest."""
-        now = time.monotonic()
+        now = self.clock()
         rate = (self.step - started[0]) / max(now - started[1], 1e-9)
         fit = torch.tensor(self.step + int(rate * (deadline - now)), dtype=torch.float64, device=self.device)
         if self.world > 1:
@@ -276,7 +277,7 @@ class Trainer:
         upper bound, and the count reached is in the log."""
         cfg = self.cfg
         requested = cfg.steps
-        deadline = time.monotonic() + cfg.time_budget if cfg.time_budget > 0 else None
+        deadline = self.clock() + cfg.time_budget if cfg.time_budget > 0 else None
         timing_from: tuple[int, float] | None = None
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -296,7 +297,7 @@ class Trainer:
         try:
             while self.step < end and not self.stop_requested:
                 if deadline is not None and timing_from is None and self.step >= start_step + 5:
-                    timing_from = (self.step, time.monotonic())  # after warm-up (allocations, autotuning)
+                    timing_from = (self.step, self.clock())  # after warm-up (allocations, autotuning)
                 loss, parts = self.train_step()
                 if self.world == 1:
                     self.stop_requested = self.sigterm
