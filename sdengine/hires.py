@@ -118,16 +118,15 @@ class HiresFix:
 
 def second_pass_request(first: Request, hr: HiresFix, downscale: int = 8) -> Request:
     """The img2img request of the second pass (a size it cannot make is refused here, before any work). A1111 runs
-    exactly the hires steps: the last of a schedule of int(steps / strength) (strength capped at 0.999); a
-    strength just above steps/total selects them here."""
+    exactly the hires steps: the last of a schedule of int(steps / strength) (strength capped at 0.999)."""
     width, height = hr.output_size(first.width, first.height, downscale)
     steps = hr.steps or first.steps
     total = int(steps / min(hr.denoising_strength, 0.999))
-    strength = min((steps + 0.5) / total, 1.0)
     return replace(first, prompt=first.prompt if hr.prompt is None else hr.prompt,
                    negative_prompt=first.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
                    steps=total, sampler=hr.sampler or first.sampler, schedule=hr.schedule or first.schedule,
-                   width=width, height=height, strength=strength)
+                   width=width, height=height, strength=hr.denoising_strength,
+                   denoise_steps=steps)
 
 
 def upscale(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix

@@ -56,6 +56,7 @@ class Request:
     subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
     seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
     tiling: bool = False  # seamless: the image tiles (A1111's Tiling: every padded convolution wraps around)
+    denoise_steps: int | None = None  # img2img: run exactly the schedule's last n steps; None: int(steps * strength)
     seeds: list[int] = field(init=False, default_factory=list)
     subseeds: list[int] = field(init=False, default_factory=list)
 
@@ -74,6 +75,9 @@ class Request:
             raise ValueError(f"clip skip must be >= 1, got {self.clip_skip}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        n = self.denoise_steps
+        if n is not None and not (isinstance(n, int) and 1 <= n <= self.steps):
+            raise ValueError(f"denoise steps must be an integer from 1 to steps ({self.steps}), got {n}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.spacing is not None and self.spacing not in SPACINGS:
@@ -96,6 +100,14 @@ class Request:
             w, h = self.seed_resize_from
             if not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in (w, h)):
                 raise ValueError(f"seed resize from must be two sizes from 1 to {MAX_SIDE}, got {w}x{h}")
+
+    @property
+    def run_strength(self) -> float:
+        """The share of the schedule an img2img runs: `strength`, or with denoise_steps the strength whose
+        int(steps * strength) is exactly that many steps (the samplers cut their tails by diffusers' rule)."""
+        if self.denoise_steps is None:
+            return self.strength
+        return min((self.denoise_steps + 0.5) / self.steps, 1.0)
 
     def variation(self, downscale: int) -> Variation | None:
         """The variation seeds for a model whose latents are `downscale` times smaller, or None if there are none."""
@@ -153,7 +165,9 @@ class Pipeline:
 
     def img2img(self, image: Image.Image, prompt: str = "", strength: float = 0.75, **kwargs) -> list[Image.Image]:
         """Start from `image` noised to the point `strength` of the way up the schedule (diffusers' convention:
-        int(steps * strength) steps are run). Width/height default to the image's, rounded down to x8."""
+        int(steps * strength) steps are run; `denoise_steps=n` runs exactly the last n, as A1111 counts them).
+        At strength 1.0 the image is still there, under sigma_max's noise. Width/height default to the image's,
+        rounded down to x8."""
         req = self._request(image, prompt, strength, kwargs)
         pixels = image_to_tensor(image, req.width, req.height)
         return self.to_images(self.sample(req, init=pixels, callback=kwargs.get("callback")), req)
@@ -211,8 +225,9 @@ class Pipeline:
         if uncond is not None and uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
             cond = encode_prompts(model, prompts, req.clip_skip, min_chunks=uncond.shape[1] // 77)
 
-        if (init is not None or init_latents is not None) and req.strength < 1.0:
-            sigmas = spec.img2img_sigmas(self.schedule, req.steps, req.strength, req.schedule, req.spacing)
+        strength = req.run_strength
+        if (init is not None or init_latents is not None) and strength < 1.0:
+            sigmas = spec.img2img_sigmas(self.schedule, req.steps, strength, req.schedule, req.spacing)
         else:
             sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
         sigmas = torch.from_numpy(sigmas)
@@ -220,7 +235,7 @@ class Pipeline:
         image_latents = None
         if init_latents is not None:
             image_latents = init_latents.to(device, torch.float32)
-        elif init is not None and (not inpainting_unet or req.strength < 1.0 or mask is None):
+        elif init is not None and (not inpainting_unet or strength < 1.0 or mask is None):
             image_latents = self.encode_image(init, generators)
         variation = req.variation(f)
         noise = noise_source() if variation is None else initial_noise(noise_source, req.seeds, variation)
@@ -234,7 +249,9 @@ class Pipeline:
             if image_latents is not None and masked_latents != "original":  # "noise": the seed's own noise, as A1111
                 hole = torch.zeros_like(image_latents) if masked_latents == "zeros" else noise
                 image_latents = image_latents * (1 - latent_mask) + hole * latent_mask
-        if image_latents is not None and req.strength < 1.0:
+        # img2img keeps its image even at full strength (noised to sigma_max, as diffusers' img2img and A1111 do);
+        # inpainting at full strength starts the hole from pure noise (diffusers' inpaint pipelines)
+        if image_latents is not None and (strength < 1.0 or mask is None):
             x = image_latents + noise * sigmas[0]
         else:
             x = noise * spec.initial_scale(float(sigmas[0]), req.spacing)

@@ -79,7 +79,8 @@ def test_second_pass_runs_exactly_the_hires_steps_of_a1111s_longer_schedule(step
     total = int(steps / min(strength, 0.999))
     assert req.steps == total
     full = req.sampler_spec.sigmas(SD_SCHEDULE, total)
-    tail = req.sampler_spec.img2img_sigmas(SD_SCHEDULE, total, req.strength) if req.strength < 1 else full
+    assert req.strength == strength and req.denoise_steps == steps
+    tail = req.sampler_spec.img2img_sigmas(SD_SCHEDULE, total, req.run_strength) if req.run_strength < 1 else full
     per_step = (len(full) - 1) // total if len(full) - 1 >= total else 1
     assert len(tail) - 1 == min(steps * per_step, len(full) - 1)
     np.testing.assert_array_equal(tail, full[len(full) - len(tail):])

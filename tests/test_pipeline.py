@@ -70,9 +70,10 @@ def test_txt2img_images_match(pipes):
     assert "Seed: 1" in img.info["parameters"] and "Sampler: Euler" in img.info["parameters"]
 
 
-@pytest.mark.parametrize("strength", [0.6, 0.25])
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [1.0, 0.6, 0.25])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim"])
 def test_img2img_matches_diffusers(pipes, sampler, strength):
+    """Strength 1.0 included: img2img keeps its image noised to sigma_max (only inpainting starts from noise)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     if sampler not in SAMPLERS:
@@ -86,6 +87,29 @@ def test_img2img_matches_diffusers(pipes, sampler, strength):
     req = Request("a red circle", "", 10, sampler, cfg_scale=5, seed=3, width=W, height=H, strength=strength)
     ours = pipes["ours"].sample(req, init=image_to_tensor(init_image(), W, H))
     assert rel(ours, out) < 1e-3
+
+
+@pytest.mark.parametrize("steps,n", [(10, 1), (10, 4), (10, 10), (7, 5)])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "ddim", "plms"])
+def test_denoise_steps_runs_exactly_the_last_n_steps(sampler, steps, n):
+    """denoise_steps (A1111's img2img count, the hires pass) cuts the tail by diffusers' rule at a strength that
+    selects exactly n steps, whatever strength the infotext reports."""
+    from sdengine.diffusion.schedule import SD_SCHEDULE
+
+    req = Request("x", steps=steps, sampler=sampler, width=64, height=64, strength=0.3, denoise_steps=n)
+    full = req.sampler_spec.sigmas(SD_SCHEDULE, steps)
+    if n == steps:
+        assert req.run_strength == 1.0  # the whole schedule (Pipeline.sample keeps an img2img's image)
+        return
+    tail = req.sampler_spec.img2img_sigmas(SD_SCHEDULE, steps, req.run_strength)
+    per_step = (len(full) - 1) // steps if len(full) - 1 >= steps else 1  # Heun: two sigmas a step
+    if sampler not in ("ddim", "plms"):  # the discrete samplers slice diffusers' timestep lists their own way
+        assert len(tail) - 1 == n * per_step
+    assert req.sampler_spec.img2img_sigmas(SD_SCHEDULE, steps, (n + 0.4) / steps).tolist() == tail.tolist()
+    assert Request("x", steps=steps, strength=0.3).run_strength == 0.3
+    for bad in (0, steps + 1, 2.5):
+        with pytest.raises(ValueError, match="denoise steps"):
+            Request("x", steps=steps, denoise_steps=bad)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])

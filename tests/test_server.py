@@ -271,8 +271,10 @@ def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
     info = info_of(r)
     assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
     assert r.json()["parameters"]["init_images"] is None  # include_init_images is false
-    direct = pipe.img2img(image, SMALL["prompt"], strength=0.5, steps=4, seed=7, cfg_scale=7.0)[0]
+    # A1111 runs int(0.5 * 4) + 1 = 3 of the 4 steps with its k-diffusion samplers; diffusers' count is 2
+    direct = pipe.img2img(image, SMALL["prompt"], strength=0.5, steps=4, seed=7, cfg_scale=7.0, denoise_steps=3)[0]
     assert same(unb64(r.json()["images"][0]), direct)
+    assert not same(direct, pipe.img2img(image, SMALL["prompt"], strength=0.5, steps=4, seed=7, cfg_scale=7.0)[0])
     wide = Image.fromarray(rng.integers(0, 255, (48, 96, 3), dtype=np.uint8))
     for mode in (0, 1, 2, 3):
         r = server.post("/sdapi/v1/img2img", {**SMALL, "resize_mode": mode, "batch_size": 2,
@@ -286,10 +288,22 @@ def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
                                               "mask_blur": 0, "denoising_strength": 0.75, "inpainting_fill": 1,
                                               "inpaint_full_res": only_masked})
         direct = pipe.inpaint(image, ImageOps.invert(mask), SMALL["prompt"], strength=0.75, steps=4, seed=7,
-                              cfg_scale=7.0)[0]
+                              cfg_scale=7.0, denoise_steps=4)[0]
         direct.paste(image.crop((0, 0, 32, 64)), (0, 0))  # A1111 pastes the unmasked original back
         assert same(unb64(r.json()["images"][0]), direct)
         assert "Mask mode: Inpaint not masked" in info_of(r)["infotexts"][0]
+
+
+@pytest.mark.parametrize("steps,strength,sampler,expected", [
+    (20, 0.75, "euler", 16), (20, 0.75, "dpmpp_2m", 16), (20, 0.75, "ddim", 15), (20, 0.75, "plms", 15),
+    (20, 1.0, "euler", 20), (20, 1.0, "ddim", 19), (4, 0.1, "euler", 1), (4, 0.1, "ddim", 1), (7, 0.5, "lms", 4),
+])
+def test_img2img_runs_a1111s_step_count(steps, strength, sampler, expected):
+    """setup_img2img_steps: t_enc = int(min(strength, 0.999) * steps); k-diffusion samplers run t_enc + 1 steps,
+    DDIM/PLMS/UniPC (A1111's timestep samplers) t_enc."""
+    from sdengine.server.engine import a1111_denoise_steps
+
+    assert a1111_denoise_steps(steps, strength, sampler) == expected
 
 
 def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server: Server):
