@@ -22,7 +22,7 @@ from PIL import Image
 from . import __version__
 from .diffusion.denoiser import CFGDenoiser, Denoiser
 from .diffusion.samplers import SAMPLERS, BatchNoise, SamplerSpec, get_sampler
-from .diffusion.schedule import SCHEDULES, SD_SCHEDULE, SPACINGS, NoiseSchedule
+from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES, SD_SCHEDULE, SPACINGS, NoiseSchedule
 from .diffusion.variation import Variation, initial_noise
 from .hires import HiresFix, hires_pass, second_pass_request
 from .metadata import format_parameters
@@ -315,7 +315,7 @@ class Pipeline:
         source = Path(self.model.source) if self.model.source else None
         params = {
             "Steps": req.steps, "Sampler": req.sampler_spec.display,
-            "Schedule type": {"normal": None, "karras": "Karras", "exponential": "Exponential"}[req.schedule],
+            "Schedule type": SCHEDULE_LABELS[req.schedule],
             "CFG scale": req.cfg_scale, "Seed": req.seeds[index], "Size": f"{req.width}x{req.height}",
             "Model hash": self._model_hash, "Model": source.stem if source else None,
             "Variation seed": req.subseeds[index] if req.subseed_strength else None,

@@ -19,6 +19,7 @@ Spacing = Literal["leading", "linspace", "trailing"]
 ScheduleType = Literal["normal", "karras", "exponential"]
 SPACINGS = ("leading", "linspace", "trailing")
 SCHEDULES = ("normal", "karras", "exponential")
+SCHEDULE_LABELS = {"normal": None, "karras": "Karras", "exponential": "Exponential"}  # infotext "Schedule type"
 
 
 def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType) -> np.ndarray:

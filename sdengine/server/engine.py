@@ -24,6 +24,7 @@ from PIL import Image
 
 from .. import __version__
 from ..diffusion.samplers import SAMPLERS, get_sampler
+from ..diffusion.schedule import SCHEDULE_LABELS
 from ..generate_cli import list_models
 from ..hires import HiresFix, hires_pass
 from ..pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
@@ -36,7 +37,6 @@ from .jobs import Job, JobQueue, StopSampling
 AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
 # A1111 scheduler names and labels -> ours. A1111's "uniform" spaces timesteps evenly, as our "normal" does.
 SCHEDULER_NAMES = {"karras": "karras", "exponential": "exponential", "normal": "normal", "uniform": "normal"}
-SCHEDULE_LABELS = {"normal": None, "karras": "Karras", "exponential": "Exponential"}
 MAX_SEED = 2 ** 64 - 64
 MAX_CLIP_SKIP = 12
 
