@@ -363,6 +363,8 @@ class UNetStage:
         unet = modules["unet"]
         was = unet.training
         unet.eval()
+        # The pipeline runs the whole model on one device; with a latent cache the VAE never left the CPU.
+        self.model.to(next(unet.parameters()).device)
         size = self.source.size
         images = []
         for prompt in self.sample_prompts:
