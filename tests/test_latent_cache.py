@@ -112,3 +112,42 @@ def test_batch_positions_draw_the_same_numbers_however_the_batch_is_split(stages
         torch.testing.assert_close(w, torch.cat(p), atol=1e-5, rtol=1e-5)  # the text encoder batched differently
     other_step = stage.batch(4, range(0, 2 * DRAW_BLOCK), cpu)
     assert not torch.equal(whole[3], other_step[3]) and whole[2].unique().numel() > 50  # fresh noise, varied t
+
+
+# ---- the text encoder trained with the UNet (--train-text-encoder) -------------------------------------------------
+
+@pytest.mark.parametrize("cache", [[], ["--cache-latents", "8"]], ids=["stream", "cache"])
+def test_text_encoder_trains_with_the_unet_only_when_asked(capsys, tmp_path, stages, cache):
+    import sdengine
+
+    data = stages[0]
+    # A fresh UNet's zeroed output projections pass no gradient to the text: start from a model trained 3 steps.
+    assert train(capsys, "unet", tmp_path / "base", data, *unet_args(stages, "--steps", "3"))[0] == 0
+    base = sdengine.load(tmp_path / "base" / "model.safetensors")
+    runs = {}
+    for name, flag in (("frozen", []), ("trained", ["--train-text-encoder"])):
+        run = tmp_path / name
+        rc, err = train(capsys, "unet", run, data, "--init", str(tmp_path / "base" / "model.safetensors"), "--batch",
+                        "4", "--steps", "2", "--ema", "0", *cache, *flag)
+        assert rc == 0, err
+        model = sdengine.load(run / "model.safetensors")
+        text, before = model.text_encoder.state_dict(), base.text_encoder.state_dict()
+        moved = max((text[k].float() - before[k].float()).abs().max().item() for k in before)
+        assert (moved > 1e-4) if flag else (moved == 0), (name, moved)
+        assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in model.vae.state_dict().items())
+        runs[name] = logged(run)
+    # the same weights see the same batch at step 1: the conditioning is the same function, frozen or not
+    assert runs["frozen"][0]["loss"] == pytest.approx(runs["trained"][0]["loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_run_that_trained_other_modules(capsys, tmp_path, stages):
+    data = stages[0]
+    run = tmp_path / "run"
+    args = unet_args(stages, "--save-every", "1", "--cache-latents", "8")
+    assert train(capsys, "unet", run, data, *args, "--steps", "1", "--train-text-encoder")[0] == 0
+    rc, err = train(capsys, "unet", run, data, *args, "--steps", "2", "--resume")
+    assert rc == 1
+    one_error(err, "--resume", "'text'", "--train-text-encoder")
+    rc, err = train(capsys, "vae", tmp_path / "vae", data, "--train-text-encoder")
+    assert rc == 1
+    one_error(err, "--train-text-encoder", "train unet")

@@ -69,6 +69,8 @@ def register(sub) -> None:
     p.add_argument("--text", type=Path, default=None, help="unet: the trained text encoder (text.safetensors)")
     p.add_argument("--init", type=Path, default=None, help="unet: fine-tune this whole model (any SD checkpoint)")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="unet: train the text encoder with the UNet (same optimizer and LR) instead of freezing it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=None,
                    help="processes preparing coming batches (default: 0 on CPU, where they would take cores from "
@@ -111,7 +113,7 @@ def build_stage(args: argparse.Namespace):
         if args.vae is None or args.text is None:
             raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
         model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction, sample_size=args.size)
-    return stages.UNetStage(model, source, seed=args.seed)
+    return stages.UNetStage(model, source, seed=args.seed, train_text=args.train_text_encoder)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -144,6 +146,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     workers = args.workers if args.workers is not None else (
         min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0)
+    if args.train_text_encoder and args.stage != "unet":
+        raise ValueError("--train-text-encoder is for train unet (train text pretrains the encoder on its own)")
     if args.cache_latents is not None and args.stage != "unet":
         raise ValueError("--cache-latents is for train unet (the VAE's latents are what the UNet learns from)")
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)

@@ -269,13 +269,15 @@ class UNetStage:
     name = "unet"
 
     def __init__(self, model: StableDiffusion, source: Source, seed: int = 0, caption_dropout: float = 0.1,
-                 snr_gamma: float = 5.0, sample_prompts: list[str] | None = None):
-        self.model, self.source, self.seed = model, source, seed
+                 snr_gamma: float = 5.0, sample_prompts: list[str] | None = None, train_text: bool = False):
+        """train_text: train the text encoder with the UNet (one optimizer, same LR) instead of keeping it frozen;
+        batches then carry token ids and the loss runs the encoder with gradients."""
+        self.model, self.source, self.seed, self.train_text = model, source, seed, train_text
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
         self.sample_prompts = sample_prompts or ["a red circle", "two blue squares", "a green triangle above a "
                                                  "yellow circle", "a big purple square on a black background"]
         model.vae.requires_grad_(False).eval()
-        model.text_encoder.requires_grad_(False).eval()
+        model.text_encoder.requires_grad_(train_text).train(train_text)
         self.alphas_cumprod = SD_SCHEDULE.alphas_cumprod
         self.cache: LatentCache | None = None  # set by use_cache: batches come from it instead of the source
 
@@ -288,7 +290,11 @@ class UNetStage:
         self.empty_ids = self.model.tokenizer([""], max_length=cache.ids.shape[1])[0].to(cache.ids.device)
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"unet": self.model.unet}
+        return {"unet": self.model.unet, **({"text": self.model.text_encoder} if self.train_text else {})}
+
+    def _condition(self, ids: torch.Tensor) -> torch.Tensor:
+        """What a batch carries for the text: the frozen encoder's features, or the ids when it is trained."""
+        return ids if self.train_text else self.model.text_encoder.to(ids.device)(ids)[0].float()
 
     @torch.no_grad()
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
@@ -305,10 +311,9 @@ class UNetStage:
         z0 = (post.mean + post.std * randn(gens, tuple(post.mean.shape[1:]), device)).float()
         z0 = z0 * self.model.config.vae.scaling_factor
         ids = self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device)
-        context = self.model.text_encoder.to(device)(ids)[0].float()
         t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens]).to(device)
         noise = randn(gens, tuple(z0.shape[1:]), device)
-        return z0, context, t, noise
+        return z0, self._condition(ids), t, noise
 
     def _cached_batch(self, step: int, indices: range, device: torch.device):
         cache = self.cache
@@ -318,8 +323,7 @@ class UNetStage:
         z0 = (mean + std * draws["posterior"]) * self.model.config.vae.scaling_factor
         ids = cache.ids[rows].to(device).long()
         ids = torch.where((draws["drop"] < self.caption_dropout)[:, None], self.empty_ids.to(device), ids)
-        context = self.model.text_encoder.to(device)(ids)[0].float()
-        return z0, context, draws["t"], draws["noise"]
+        return z0, self._condition(ids), draws["t"], draws["noise"]
 
     def _draws(self, step: int, indices: range, device: torch.device) -> dict[str, torch.Tensor]:
         """The random numbers of batch positions `indices` of step `step`, drawn on the device in blocks of
@@ -344,7 +348,8 @@ class UNetStage:
         return {k: torch.cat([blk[k] for blk in blocks])[lo: lo + len(indices)] for k in blocks[0]}
 
     def loss(self, batch, step: int):
-        z0, context, t, noise = batch
+        z0, cond, t, noise = batch
+        context = self.model.text_encoder(cond)[0].float() if self.train_text else cond
         x_t = SD_SCHEDULE.q_sample(z0, t, noise)
         target = noise if self.model.config.prediction == "eps" else SD_SCHEDULE.velocity(z0, t, noise)
         out = self.model.unet(x_t, t, context)

@@ -162,9 +162,10 @@ class Trainer:
 
     def resume(self) -> None:
         path, state = load_latest(self.cfg.run_dir, quiet=self.rank != 0)
-        missing = set(self.modules) - set(state.get("modules", {}))
-        if missing:
-            raise ResumeError(f"--resume: {path} has no state for {sorted(missing)} (another stage's run?)")
+        saved = set(state.get("modules", {}))
+        if saved != set(self.modules):  # another stage's run, or the text encoder trained in one run and not the other
+            raise ResumeError(f"--resume: {path} holds the state of {sorted(saved)}, this run trains "
+                              f"{sorted(self.modules)} (another stage's run, or --train-text-encoder changed?)")
         for name, m in self.modules.items():
             m.load_state_dict(state["modules"][name])
         if self.ema and state.get("ema"):
