@@ -1,4 +1,5 @@
-"""Optional TorchInductor compilation of the UNet for generation (`--compile`, `compile_unet`).
+"""Optional TorchInductor compilation of the UNet for generation (`--compile`, `compile_unet`) and for training
+(`sdengine train unet --compile`, `compile_unet_for_training`).
 
 Why: at the small sizes the shipped model runs at (16x16 latents), a UNet call is ~700 small ops and their
 per-op overhead, not arithmetic, sets the speed. Inductor fuses the elementwise work around the convolutions
@@ -40,4 +41,20 @@ def compile_unet(model: StableDiffusion) -> StableDiffusion:
     return model
 
 
-__all__ = ["compile_unet", "check_compiler"]
+def compile_unet_for_training(model: StableDiffusion) -> StableDiffusion:
+    """Compile the UNet's forward in place for training: no freezing, since the weights change every step (they
+    stay graph inputs, so the sample grids drawn without gradients mid-run see the current weights too).
+    Measured with benchmarks/train_step_speed.py on an H100 (the shipped model's 9 M UNet, bf16 autocast): batch
+    1024 went from 8,900 images/s eager to 13,000 compiled (1.47x) after ~80 s of compilation; eager at batch
+    4096 gave 13,200 (the small convolutions and norms are bound by memory traffic, which fusion cuts).
+    Returns `model`."""
+    check_compiler(model.device)
+    unet = model.unet
+    if getattr(unet, "_sdengine_compiled", False):
+        return model
+    unet.forward = torch.compile(unet.forward)
+    unet._sdengine_compiled = True
+    return model
+
+
+__all__ = ["compile_unet", "compile_unet_for_training", "check_compiler"]

@@ -151,3 +151,21 @@ def test_resume_refuses_a_run_that_trained_other_modules(capsys, tmp_path, stage
     rc, err = train(capsys, "vae", tmp_path / "vae", data, "--train-text-encoder")
     assert rc == 1
     one_error(err, "--train-text-encoder", "train unet")
+
+
+def test_compiled_unet_trains_as_the_eager_one(capsys, tmp_path, stages, monkeypatch):
+    """train unet --compile (TorchInductor, no freezing): the same losses step after step, up to float noise."""
+    from sdengine.train.stages import UNetStage
+
+    monkeypatch.setattr(UNetStage, "samples", lambda *a: None)  # the sample grid would compile a second graph
+    data = stages[0]
+    losses = {}
+    for name, flag in (("eager", []), ("compiled", ["--compile"])):
+        rc, err = train(capsys, "unet", tmp_path / name, data, *unet_args(stages, "--steps", "3", "--cache-latents",
+                                                                         "8", *flag))
+        assert rc == 0, err
+        losses[name] = [r["loss"] for r in logged(tmp_path / name)]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    rc, err = train(capsys, "vae", tmp_path / "vae", data, "--compile")
+    assert rc == 1
+    one_error(err, "--compile", "train unet")

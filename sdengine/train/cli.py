@@ -69,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--text", type=Path, default=None, help="unet: the trained text encoder (text.safetensors)")
     p.add_argument("--init", type=Path, default=None, help="unet: fine-tune this whole model (any SD checkpoint)")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])
+    p.add_argument("--compile", action="store_true",
+                   help="unet: compile the UNet with TorchInductor (fewer, fused kernels: a GPU step is otherwise "
+                        "bound by dispatching them; costs a minute or so of compilation first)")
     p.add_argument("--train-text-encoder", action="store_true",
                    help="unet: train the text encoder with the UNet (same optimizer and LR) instead of freezing it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -161,6 +164,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                               stage.model.config.text.max_positions, device, workers, args.quiet)
         stage.use_cache(cache)
         workers = 0  # the steps read the cache: nothing left to prepare in other processes
+    if args.compile:
+        if args.stage != "unet":
+            raise ValueError("--compile is for train unet")
+        from ..compile import compile_unet_for_training
+        compile_unet_for_training(stage.model.to(device))
     if args.grad_checkpointing and hasattr(stage, "model"):
         stage.model.unet.gradient_checkpointing = True
     ema = args.ema if args.ema is not None else (0.999 if args.stage == "unet" else 0.0)
