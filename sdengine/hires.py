@@ -19,6 +19,7 @@ from PIL import Image
 
 from .diffusion.samplers import get_sampler
 from .diffusion.schedule import SCHEDULES
+from .img2img_steps import a1111_img2img_steps
 
 if TYPE_CHECKING:
     from .pipeline import Callback, Pipeline, Request
@@ -117,16 +118,17 @@ class HiresFix:
 
 
 def second_pass_request(first: Request, hr: HiresFix, downscale: int = 8) -> Request:
-    """The img2img request of the second pass (a size it cannot make is refused here, before any work). A1111 runs
-    exactly the hires steps: the last of a schedule of int(steps / strength) (strength capped at 0.999)."""
+    """The img2img request of the second pass (a size it cannot make is refused here, before any work), with
+    A1111's step count: the hires steps (one fewer with DDIM/PLMS/UniPC), the last of a schedule of
+    int(steps / strength) (a1111_img2img_steps, its fixed branch)."""
     width, height = hr.output_size(first.width, first.height, downscale)
-    steps = hr.steps or first.steps
-    total = int(steps / min(hr.denoising_strength, 0.999))
+    sampler = hr.sampler or first.sampler
+    total, run = a1111_img2img_steps(hr.steps or first.steps, hr.denoising_strength, sampler, fixed=True)
     return replace(first, prompt=first.prompt if hr.prompt is None else hr.prompt,
                    negative_prompt=first.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
-                   steps=total, sampler=hr.sampler or first.sampler, schedule=hr.schedule or first.schedule,
+                   steps=total, sampler=sampler, schedule=hr.schedule or first.schedule,
                    width=width, height=height, strength=hr.denoising_strength,
-                   denoise_steps=steps)
+                   denoise_steps=run)
 
 
 def upscale(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix

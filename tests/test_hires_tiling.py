@@ -71,7 +71,7 @@ def test_image_upscaler_hires_fix_resizes_the_8_bit_first_pass(pipes):
 
 @pytest.mark.parametrize("steps,strength", [(3, 0.55), (20, 0.7), (10, 0.3), (7, 1.0), (15, 0.999)])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "lms", "ddim"])
-def test_second_pass_runs_exactly_the_hires_steps_of_a1111s_longer_schedule(steps, strength, sampler):
+def test_second_pass_runs_exactly_a1111s_hires_steps_of_its_longer_schedule(steps, strength, sampler):
     from sdengine.diffusion.schedule import SD_SCHEDULE
 
     first = Request("x", steps=30, sampler=sampler, width=64, height=64)
@@ -79,10 +79,11 @@ def test_second_pass_runs_exactly_the_hires_steps_of_a1111s_longer_schedule(step
     total = int(steps / min(strength, 0.999))
     assert req.steps == total
     full = req.sampler_spec.sigmas(SD_SCHEDULE, total)
-    assert req.strength == strength and req.denoise_steps == steps
+    run = max(1, steps - 1) if sampler == "ddim" else steps  # A1111's timestep samplers: t_enc = steps - 1
+    assert req.strength == strength and req.denoise_steps == run
     tail = req.sampler_spec.img2img_sigmas(SD_SCHEDULE, total, req.run_strength) if req.run_strength < 1 else full
     per_step = (len(full) - 1) // total if len(full) - 1 >= total else 1
-    assert len(tail) - 1 == min(steps * per_step, len(full) - 1)
+    assert len(tail) - 1 == min(run * per_step, len(full) - 1)
     np.testing.assert_array_equal(tail, full[len(full) - len(tail):])
 
 

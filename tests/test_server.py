@@ -301,9 +301,9 @@ def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
 def test_img2img_runs_a1111s_step_count(steps, strength, sampler, expected):
     """setup_img2img_steps: t_enc = int(min(strength, 0.999) * steps); k-diffusion samplers run t_enc + 1 steps,
     DDIM/PLMS/UniPC (A1111's timestep samplers) t_enc."""
-    from sdengine.server.engine import a1111_denoise_steps
+    from sdengine.img2img_steps import a1111_img2img_steps
 
-    assert a1111_denoise_steps(steps, strength, sampler) == expected
+    assert a1111_img2img_steps(steps, strength, sampler) == (steps, expected)
 
 
 def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server: Server):

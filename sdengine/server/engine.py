@@ -27,6 +27,7 @@ from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..diffusion.schedule import SCHEDULE_LABELS
 from ..generate_cli import list_models
 from ..hires import HiresFix, hires_pass
+from ..img2img_steps import a1111_img2img_steps
 from ..pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
 from ..prompts import Style, apply_styles
 from . import inpaint
@@ -183,7 +184,7 @@ class GenSpec:
     hires: HiresFix | None = None  # txt2img's enable_hr: the second pass
     strength: float = 1.0
     denoising_strength: float | None = None
-    denoise_steps: int | None = None  # img2img: A1111's step count (a1111_denoise_steps)
+    denoise_steps: int | None = None  # img2img: A1111's step count (a1111_img2img_steps)
     init: list[Image.Image] | None = None  # already resized to width x height
     mask: Image.Image | None = None
     masked: inpaint.MaskedPlan | None = None  # a masked request's crop, fill and paste-back (server/inpaint.py)
@@ -199,18 +200,6 @@ class GenSpec:
                        self.cfg_scale, first, self.width, self.height, self.batch_size,
                        self.clip_skip, self.strength, self.subseed + n * self.batch_size, self.subseed_strength,
                        self.seed_resize_from, self.tiling, self.denoise_steps)
-
-
-# A1111's samplers that walk DDPM timesteps (sd_samplers_timesteps); the others are k-diffusion's
-TIMESTEP_SAMPLERS = frozenset({"ddim", "plms", "unipc", "ddpm"})
-
-
-def a1111_denoise_steps(steps: int, strength: float, sampler: str) -> int:
-    """How many of a `steps` schedule's last steps A1111's img2img runs (setup_img2img_steps): t_enc =
-    int(min(strength, 0.999) * steps); k-diffusion samplers run t_enc + 1 steps, the timestep samplers t_enc.
-    diffusers (and our Python API) run int(steps * strength), one fewer than A1111's k-diffusion samplers."""
-    t_enc = int(min(strength, 0.999) * steps)
-    return max(1, t_enc) if sampler in TIMESTEP_SAMPLERS else min(t_enc + 1, steps)
 
 
 def _get(body: dict, key: str, default: Any) -> Any:
@@ -364,7 +353,7 @@ class Service:
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise BadInput(f"denoising_strength must be in (0, 1] for img2img, got {strength!r}")
         spec.strength = spec.denoising_strength = float(strength)
-        spec.denoise_steps = a1111_denoise_steps(spec.steps, spec.strength, spec.sampler)
+        spec.denoise_steps = a1111_img2img_steps(spec.steps, spec.strength, spec.sampler)[1]
         if not masked:
             spec.init = originals
             return
