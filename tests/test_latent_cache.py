@@ -153,6 +153,35 @@ def test_resume_refuses_a_run_that_trained_other_modules(capsys, tmp_path, stage
     one_error(err, "--train-text-encoder", "train unet")
 
 
+def test_text_lr_is_the_text_encoders_own_step_size(capsys, tmp_path, stages):
+    """--text-lr LR: the text encoder gets its own peak LR in its own optimizer group. Adam's first step moves
+    each weight by about its LR (m/sqrt(v) = +-1), so the largest change of each module is its LR."""
+    import sdengine
+
+    data = stages[0]
+    assert train(capsys, "unet", tmp_path / "base", data, *unet_args(stages, "--steps", "3"))[0] == 0
+    base = sdengine.load(tmp_path / "base" / "model.safetensors")
+    run = tmp_path / "run"
+    rc, err = train(capsys, "unet", run, data, "--init", str(tmp_path / "base" / "model.safetensors"), "--batch", "4",
+                    "--steps", "1", "--warmup", "1", "--ema", "0", "--precision", "fp32", "--lr", "1e-4",
+                    "--train-text-encoder", "--text-lr", "3e-3", "--save-every", "1")
+    assert rc == 0, err
+    state = torch.load(next(run.glob("step-*")) / "state.pt", weights_only=False)
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [1e-4, 3e-3]
+    for name, module, lr in (("unet", base.unet, 1e-4), ("text", base.text_encoder, 3e-3)):
+        before = module.state_dict()
+        moved = max((v.float() - before[k].float()).abs().max().item() for k, v in state["modules"][name].items())
+        assert lr / 2 < moved <= lr * 1.001, (name, moved)
+    # resuming without --text-lr would silently train the encoder at another rate: refused
+    rc, err = train(capsys, "unet", run, data, "--init", str(tmp_path / "base" / "model.safetensors"), "--batch", "4",
+                    "--steps", "2", "--train-text-encoder", "--resume")
+    assert rc == 1
+    one_error(err, "--resume", "--text-lr")
+    rc, err = train(capsys, "unet", tmp_path / "frozen", data, *unet_args(stages, "--text-lr", "1e-3"))
+    assert rc == 1
+    one_error(err, "--text-lr", "--train-text-encoder")
+
+
 def test_compiled_unet_trains_as_the_eager_one(capsys, tmp_path, stages, monkeypatch):
     """train unet --compile (TorchInductor, no freezing): the same losses step after step, up to float noise."""
     from sdengine.train.stages import UNetStage

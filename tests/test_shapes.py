@@ -253,3 +253,27 @@ def test_sampler_draws_another_scene_when_one_cannot_be_placed(monkeypatch):
     calls.clear()
     again = shapes.SceneSampler(seed=1).scene(7)
     assert again[1] == first[1] and again[0].objects == first[0].objects
+
+
+def test_hard_negatives_are_worded_alike_and_mean_another_scene() -> None:
+    from sdengine.data.shapes import hard_negatives
+
+    assert hard_negatives("a small red circle to the left of two blue squares on a green background") == [
+        "a small red circle to the right of two blue squares on a green background",
+        "a small blue circle to the left of two red squares on a green background"]   # background kept
+    assert hard_negatives("a yellow star below a triangle") == ["a yellow star above a triangle"]
+    assert hard_negatives("a red circle and a blue circle") == []    # exchanging the colours says the same
+    assert hard_negatives("a red circle and a blue square") == ["a blue circle and a red square"]
+    assert hard_negatives("three purple crosses on a black background") == []
+    assert hard_negatives("a photo of a cat") == []                  # not this world's: nothing to turn round
+    sampler = SceneSampler(5)
+    made = 0
+    for i in range(300):
+        caption = sampler.sample(i).caption
+        meaning = parse_prompt(caption).normalized()
+        for negative in hard_negatives(caption):
+            made += 1
+            words = [sorted("REL" if w in RELATIONS else w for w in c.split()) for c in (caption, negative)]
+            assert words[0] == words[1], (caption, negative)  # the same words, but for the relation's direction
+            assert parse_prompt(negative).normalized() != meaning, (caption, negative)
+    assert made > 100

@@ -171,6 +171,33 @@ def test_stages_end_to_end(capsys, tmp_path, data, vae_run):
 
 # ---- 2. exact resume ----------------------------------------------------------------------------------------------
 
+def test_text_hard_negatives(capsys, tmp_path):
+    """--hard-negatives adds, per shapes caption, the same words meaning another scene as texts no image matches:
+    for the same weights and items that can only raise the image-to-text loss, never lower it; the log then
+    reports how often an image prefers its own caption to them (neg_acc)."""
+    from sdengine.train.data import ShapesSource
+    from sdengine.train.stages import TextStage, train_tokenizer
+
+    source = ShapesSource(size=32, seed=4)
+    tokenizer = train_tokenizer(source.captions(200))
+    losses = {}
+    for hard in (False, True):
+        torch.manual_seed(0)
+        stage = TextStage(ARCH["tiny"]["text"], source, tokenizer, seed=0, hard_negatives=hard)
+        batch = stage.batch(0, range(16), torch.device("cpu"))
+        x, ids, keys, owners = batch
+        assert (len(ids) > len(x) and len(owners) == len(ids) - len(x)) if hard else (len(ids) == len(x) and not owners)
+        with torch.no_grad():
+            loss, parts = stage.loss(batch, 0)
+        assert ("neg_acc" in parts) == hard and 0 <= parts.get("neg_acc", 0) <= 1
+        losses[hard] = loss.item()
+    assert losses[True] > losses[False]
+    rc, err = train(capsys, "text", tmp_path / "text", Path("shapes"), "--steps", "2", "--batch", "8",
+                    "--hard-negatives")
+    assert rc == 0, err
+    assert all("neg_acc" in r for r in logged(tmp_path / "text"))
+
+
 def test_resume_is_exact(tmp_path, data):
     cfg = {"steps": 4, "ema_decay": 0.9, "warmup": 2}
     trainer(tmp_path / "straight", data, **cfg).run()
@@ -308,7 +335,8 @@ def test_nan_steps_skipped_and_counted(tmp_path, data):
 
 
 def test_consecutive_nans_abort(tmp_path, data):
-    t = trainer(tmp_path / "run", data, stage=partial(FlakyVAE, nan=range(3, 100)), steps=10, save_every=2, max_bad_steps=3)
+    t = trainer(tmp_path / "run", data, stage=partial(FlakyVAE, nan=range(3, 100)), steps=10, save_every=2,
+                max_bad_steps=3)
     with pytest.raises(TrainingAborted, match=r"3 non-finite losses in a row.*step-000000002 is intact"):
         t.run()
     assert ckpt_steps(tmp_path / "run") == [2] and (tmp_path / "run" / "step-000000002" / "COMPLETE").exists()

@@ -290,6 +290,35 @@ def describe(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     return text
 
 
+def hard_negatives(caption: str) -> list[str]:
+    """Captions worded like `caption` that mean another scene: the relation turned round ("left" <-> "right",
+    "above" <-> "below") and the two objects' colours exchanged. Contrastive text pretraining with them as extra
+    negatives (as NegCLIP does, Yuksekgonul et al. 2023) cannot be solved as a bag of words, so the encoder has to
+    carry who is where and which colour goes with which shape. [] for captions this world does not parse."""
+    try:
+        spec = parse_prompt(caption)
+    except PromptError:
+        return []
+    out = []
+    if spec.relation is not None:
+        out.append(re.sub(r"\b(left|right|above|below)\b", lambda m: INVERSE_RELATION[m.group(1)], caption))
+    colors = [g.color for g in spec.groups]
+    if len(colors) == 2 and None not in colors and colors[0] != colors[1]:
+        # both objects name a colour, so the first two colour words are theirs (a background's comes last)
+        spots = [m for m in re.finditer(r"\b(" + "|".join(COLORS) + r")\b", caption)][:2]
+        a, b = spots
+        out.append(caption[:a.start()] + b.group() + caption[a.end():b.start()] + a.group() + caption[b.end():])
+    meaning = spec.normalized()
+    return [c for c in out if _valid_other(c, meaning)]
+
+
+def _valid_other(caption: str, meaning: SceneSpec) -> bool:
+    try:
+        return parse_prompt(caption).normalized() != meaning
+    except PromptError:  # e.g. the exchange put an object's colour on its own background
+        return False
+
+
 def caption_words() -> tuple[str, ...]:
     """Every word a caption can contain (the trainer builds its small BPE vocabulary from captions)."""
     words = {"a", "an", "and", "of", "on", "with", "background"}

@@ -73,7 +73,13 @@ def register(sub) -> None:
                    help="unet: compile the UNet with TorchInductor (fused kernels: 1.47x the images/s of the "
                         "shipped model's step on an H100; costs a minute or so of compilation first)")
     p.add_argument("--train-text-encoder", action="store_true",
-                   help="unet: train the text encoder with the UNet (same optimizer and LR) instead of freezing it")
+                   help="unet: train the text encoder with the UNet (same optimizer) instead of freezing it")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="text: also contrast each shapes caption with captions worded alike that mean another scene "
+                        "(relation turned round, colours exchanged), so the encoder must carry who is where")
+    p.add_argument("--text-lr", type=float, default=None, metavar="LR",
+                   help="with --train-text-encoder: the text encoder's peak LR (default: --lr); the same warmup "
+                        "and cosine apply")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=None,
                    help="processes preparing coming batches (default: 0 on CPU, where they would take cores from "
@@ -107,7 +113,7 @@ def build_stage(args: argparse.Namespace):
             tokenizer = stages.train_tokenizer(captions)
             args.out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(tokenizer_dir)
-        return stages.TextStage(arch["text"], source, tokenizer, seed=args.seed)
+        return stages.TextStage(arch["text"], source, tokenizer, seed=args.seed, hard_negatives=args.hard_negatives)
     if args.init is not None:
         from ..weights import load
         model = load(args.init)
@@ -151,6 +157,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0)
     if args.train_text_encoder and args.stage != "unet":
         raise ValueError("--train-text-encoder is for train unet (train text pretrains the encoder on its own)")
+    if args.hard_negatives and args.stage != "text":
+        raise ValueError("--hard-negatives is for train text (the contrastive pretraining)")
+    if args.text_lr is not None and not args.train_text_encoder:
+        raise ValueError("--text-lr needs --train-text-encoder (a frozen text encoder has no learning rate)")
+    if args.text_lr is not None and args.text_lr <= 0:
+        raise ValueError(f"--text-lr must be positive (got {args.text_lr})")
     if args.cache_latents is not None and args.stage != "unet":
         raise ValueError("--cache-latents is for train unet (the VAE's latents are what the UNet learns from)")
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
@@ -175,8 +187,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(run_dir=args.out, steps=args.steps or steps, batch_size=args.batch or batch, lr=args.lr or lr,
                       warmup=args.warmup, grad_accum=args.grad_accum, ema_decay=ema, precision=args.precision,
                       save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                      sample_every=args.sample_every, seed=args.seed, max_bad_steps=args.max_bad_steps, quiet=args.quiet,
-                      workers=workers, time_budget=60 * (args.time_budget or 0))
+                      sample_every=args.sample_every, seed=args.seed, max_bad_steps=args.max_bad_steps,
+                      quiet=args.quiet, workers=workers, time_budget=60 * (args.time_budget or 0),
+                      module_lr={"text": args.text_lr} if args.text_lr is not None else {})
     trainer = Trainer(stage, cfg, device)
     modules = trainer.run(resume=args.resume)
     if trainer.stop_requested:

@@ -202,9 +202,13 @@ class ContrastiveHead(nn.Module):
 class TextStage:
     name = "text"
 
-    def __init__(self, cfg: TextConfig, source: Source, tokenizer: CLIPTokenizer, seed: int = 0):
+    def __init__(self, cfg: TextConfig, source: Source, tokenizer: CLIPTokenizer, seed: int = 0,
+                 hard_negatives: bool = False):
+        """hard_negatives: add, for each caption of the shapes world, captions worded alike that mean another
+        scene (data.shapes.hard_negatives) as extra texts that no image of the batch matches."""
         self.cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer.vocab), eos_token_id=tokenizer.eos_id)
         self.source, self.tokenizer, self.seed = source, tokenizer, seed
+        self.hard_negatives = hard_negatives
         self.text = CLIPTextEncoder(self.cfg)
         self.image = ImageEncoder(cfg.width)
         self.head = ContrastiveHead(cfg.width)
@@ -213,26 +217,41 @@ class TextStage:
         return {"text": self.text, "image": self.image, "head": self.head}
 
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
+        from ..data.shapes import hard_negatives
+
         items = items if items is not None else batch_items(self.source, step, indices)
-        ids = self.tokenizer([c for _, c in items], max_length=self.cfg.max_positions)
+        captions = [c for _, c in items]
+        owners = []  # the item each hard negative was made from
+        if self.hard_negatives:
+            for i, c in enumerate(list(captions)):
+                negatives = hard_negatives(c)
+                captions += negatives
+                owners += [i] * len(negatives)
+        ids = self.tokenizer(captions, max_length=self.cfg.max_positions)
         # The pooled output is read at the end token and attention is causal, so positions after the longest
         # caption's end cannot change it: cut them (captions here are far shorter than 77 tokens).
         length = int((ids == self.tokenizer.eos_id).int().argmax(dim=1).max()) + 1
-        keys = [meaning(c) for _, c in items]
-        return to_pixels([im for im, _ in items], device), ids[:, :length].to(device), keys
+        keys = [meaning(c) for c in captions]
+        return to_pixels([im for im, _ in items], device), ids[:, :length].to(device), keys, owners
 
     def loss(self, batch, step: int):
-        x, ids, keys = batch
+        x, ids, keys, owners = batch
+        n = len(x)  # texts 0..n-1 are the images' captions, the rest hard negatives
         text = F.normalize(self.head.text_proj(self.text(ids)[1]).float(), dim=-1)
         image = F.normalize(self.image(x).float(), dim=-1)
         logits = self.head.logit_scale.clamp(max=np.log(100)).exp() * image @ text.T
-        # Captions that mean the same scene are positives too (soft targets), not false negatives.
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=x.device)
-        targets = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
-        acc = (logits.argmax(1) == torch.arange(len(x), device=x.device)).float().mean().item()
-        return loss, {"acc": acc}
+        # Captions that mean the same scene are positives too (soft targets), not false negatives; a hard negative
+        # that happens to mean another item's scene is a positive of that item.
+        same = torch.tensor([[a == b for b in keys] for a in keys[:n]], dtype=torch.float32, device=x.device)
+        loss = 0.5 * (torch.sum(-same / same.sum(1, keepdim=True) * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-same[:, :n].T / same[:, :n].sum(0)[:, None] * F.log_softmax(logits[:, :n].T, 1),
+                                  1).mean())
+        parts = {"acc": (logits[:, :n].argmax(1) == torch.arange(n, device=x.device)).float().mean().item()}
+        if owners:  # how often an image prefers its caption to the same words meaning another scene
+            own = torch.tensor(owners, device=x.device)
+            parts["neg_acc"] = (logits[own, own] > logits[own, n + torch.arange(len(owners), device=x.device)]
+                                ).float().mean().item()
+        return loss, parts
 
     def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
         return None  # nothing to look at; the retrieval accuracy is in the log

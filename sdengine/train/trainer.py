@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ class TrainConfig:
     quiet: bool = False
     workers: int = 0  # processes preparing the data of coming steps (0: in the training process)
     time_budget: float = 0.0  # seconds; > 0 fits the step count to the measured speed (see Trainer.run)
+    module_lr: dict[str, float] = field(default_factory=dict)  # a trained module's own peak LR (else lr)
 
 
 class Stage(Protocol):
@@ -138,8 +139,8 @@ class Trainer:
                     dist.broadcast(t, 0)
         for m in self.modules.values():
             m.to(device).train()
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ema = EMA(self.modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
@@ -150,6 +151,18 @@ class Trainer:
         self.clock = time.monotonic  # seconds, for cfg.time_budget; replaceable so tests can fix the speed
         self.stop_requested = False  # agreed by all processes: stop after this step
         self.history: list[dict[str, float]] = []
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group per distinct peak LR (cfg.module_lr), in module order: a run without per-module
+        LRs has a single group, as its checkpoints always had. The schedule scales every group alike."""
+        unknown = set(self.cfg.module_lr) - set(self.modules)
+        if unknown:
+            raise ValueError(f"a learning rate was given for {sorted(unknown)}, which this run does not train")
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, m in self.modules.items():
+            lr = self.cfg.module_lr.get(name, self.cfg.lr)
+            groups.setdefault(lr, []).extend(p for p in m.parameters() if p.requires_grad)
+        return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
     # --- state -------------------------------------------------------------------------------------------------
 
@@ -170,6 +183,10 @@ class Trainer:
             m.load_state_dict(state["modules"][name])
         if self.ema and state.get("ema"):
             self.ema.shadow = {n: {k: v.to(self.device) for k, v in sd.items()} for n, sd in state["ema"].items()}
+        if len(state["optimizer"]["param_groups"]) != len(self.optimizer.param_groups):
+            raise ResumeError(f"--resume: {path} was trained with {len(state['optimizer']['param_groups'])} "
+                              f"learning-rate group(s), this run has {len(self.optimizer.param_groups)} "
+                              "(was --text-lr added or dropped?)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
