@@ -114,6 +114,42 @@ def test_batch_positions_draw_the_same_numbers_however_the_batch_is_split(stages
     assert not torch.equal(whole[3], other_step[3]) and whole[2].unique().numel() > 50  # fresh noise, varied t
 
 
+def test_timestep_shift_draws_noisier_steps_and_leaves_the_other_draws(stages):
+    """--timestep-shift S maps uniform draws u to t/T = S u / (1 + (S - 1) u): S = 1 is uniform, S = 3 puts
+    half the steps above 750. The rows, noise and caption dropout of a batch are those of an unshifted run."""
+    from sdengine.train.cli import ARCH
+    from sdengine.train.latent_cache import LatentCache
+    from sdengine.train.stages import UNetStage, assemble, shift_timesteps
+
+    u = torch.linspace(0, 1, 10001)[:-1]
+    assert torch.equal(shift_timesteps(u, 1.0), (u * 1000).long())
+    shifted = shift_timesteps(u, 3.0)
+    assert shifted.min() == 0 and shifted.max() == 999 and bool((shifted.diff() >= 0).all())
+    assert (shifted >= 750).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    _, vae, text = stages
+    model = assemble(ARCH["tiny"]["unet"], vae, text)
+    cache = LatentCache(torch.randn(50, 4, 16, 16).half(), torch.rand(50, 4, 16, 16).half(),
+                        torch.randint(0, 100, (50, 77), dtype=torch.int32), "key")
+    batches = {}
+    for shift in (1.0, 3.0):
+        stage = UNetStage(model, source=None, seed=5, timestep_shift=shift)
+        stage.use_cache(cache)
+        batches[shift] = stage.batch(2, range(0, 400), torch.device("cpu"))
+    (z1, c1, t1, n1), (z3, c3, t3, n3) = batches[1.0], batches[3.0]
+    assert torch.equal(z1, z3) and torch.equal(c1, c3) and torch.equal(n1, n3)
+    assert t3.float().mean() > t1.float().mean() + 100
+    with pytest.raises(ValueError, match="positive"):
+        UNetStage(model, source=None, timestep_shift=0.0)
+
+
+@pytest.mark.parametrize("stage, shift, words", [("vae", "3", ["--timestep-shift", "train unet"]),
+                                                  ("unet", "0", ["--timestep-shift", "positive"])])
+def test_timestep_shift_refused(capsys, tmp_path, stages, stage, shift, words):
+    rc, err = train(capsys, stage, tmp_path / "run", stages[0], *unet_args(stages, "--timestep-shift", shift))
+    assert rc == 1
+    one_error(err, *words)
+
+
 # ---- the text encoder trained with the UNet (--train-text-encoder) -------------------------------------------------
 
 @pytest.mark.parametrize("cache", [[], ["--cache-latents", "8"]], ids=["stream", "cache"])

@@ -291,32 +291,47 @@ def describe(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
 
 
 def hard_negatives(caption: str) -> list[str]:
-    """Captions worded like `caption` that mean another scene: the relation turned round ("left" <-> "right",
-    "above" <-> "below") and the two objects' colours exchanged. Contrastive text pretraining with them as extra
-    negatives (as NegCLIP does, Yuksekgonul et al. 2023) cannot be solved as a bag of words, so the encoder has to
-    carry who is where and which colour goes with which shape. [] for captions this world does not parse."""
+    """Captions worded like `caption` that mean another scene: the relation turned round and the two objects'
+    colours exchanged. Contrastive text pretraining with them as extra negatives (as NegCLIP does, Yuksekgonul et
+    al. 2023) cannot be solved as a bag of words, so the encoder has to carry who is where and which colour goes
+    with which shape. [] for captions this world does not parse."""
+    return [c for c in (turn_relation(caption), exchange_colors(caption)) if c is not None]
+
+
+def turn_relation(caption: str) -> str | None:
+    """`caption` with its relation reversed ("left" <-> "right", "above" <-> "below"); None without one."""
+    spec = _parsed(caption)
+    if spec is None or spec.relation is None:
+        return None
+    return _if_other(re.sub(r"\b(left|right|above|below)\b", lambda m: INVERSE_RELATION[m.group(1)], caption), spec)
+
+
+def exchange_colors(caption: str) -> str | None:
+    """`caption` with the colours of its two objects exchanged; None unless both name different colours (or the
+    exchange means the same, as for two unrelated objects of one shape)."""
+    spec = _parsed(caption)
+    if spec is None or len(spec.groups) != 2:
+        return None
+    a, b = (g.color for g in spec.groups)
+    if a is None or b is None or a == b:
+        return None
+    # both objects name a colour, so the first two colour words are theirs (a background's comes last)
+    first, second = list(re.finditer(r"\b(" + "|".join(COLORS) + r")\b", caption))[:2]
+    return _if_other(caption[:first.start()] + second.group() + caption[first.end():second.start()] + first.group()
+                     + caption[second.end():], spec)
+
+
+def _parsed(caption: str) -> SceneSpec | None:
     try:
-        spec = parse_prompt(caption)
+        return parse_prompt(caption)
     except PromptError:
-        return []
-    out = []
-    if spec.relation is not None:
-        out.append(re.sub(r"\b(left|right|above|below)\b", lambda m: INVERSE_RELATION[m.group(1)], caption))
-    colors = [g.color for g in spec.groups]
-    if len(colors) == 2 and None not in colors and colors[0] != colors[1]:
-        # both objects name a colour, so the first two colour words are theirs (a background's comes last)
-        spots = [m for m in re.finditer(r"\b(" + "|".join(COLORS) + r")\b", caption)][:2]
-        a, b = spots
-        out.append(caption[:a.start()] + b.group() + caption[a.end():b.start()] + a.group() + caption[b.end():])
-    meaning = spec.normalized()
-    return [c for c in out if _valid_other(c, meaning)]
+        return None
 
 
-def _valid_other(caption: str, meaning: SceneSpec) -> bool:
-    try:
-        return parse_prompt(caption).normalized() != meaning
-    except PromptError:  # e.g. the exchange put an object's colour on its own background
-        return False
+def _if_other(caption: str, original: SceneSpec) -> str | None:
+    """`caption` if it parses to a scene other than `original`."""
+    spec = _parsed(caption)
+    return caption if spec is not None and spec.normalized() != original.normalized() else None
 
 
 def caption_words() -> tuple[str, ...]:

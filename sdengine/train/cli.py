@@ -77,6 +77,9 @@ def register(sub) -> None:
     p.add_argument("--hard-negatives", action="store_true",
                    help="text: also contrast each shapes caption with captions worded alike that mean another scene "
                         "(relation turned round, colours exchanged), so the encoder must carry who is where")
+    p.add_argument("--timestep-shift", type=float, default=1.0, metavar="S",
+                   help="unet: draw training timesteps towards the noisy end, t/T = S u / (1 + (S - 1) u) for uniform "
+                        "u (1: uniform, as SD; 3: half of them above t = 750, where the layout is decided)")
     p.add_argument("--text-lr", type=float, default=None, metavar="LR",
                    help="with --train-text-encoder: the text encoder's peak LR (default: --lr); the same warmup "
                         "and cosine apply")
@@ -122,7 +125,8 @@ def build_stage(args: argparse.Namespace):
         if args.vae is None or args.text is None:
             raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
         model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction, sample_size=args.size)
-    return stages.UNetStage(model, source, seed=args.seed, train_text=args.train_text_encoder)
+    return stages.UNetStage(model, source, seed=args.seed, train_text=args.train_text_encoder,
+                            timestep_shift=args.timestep_shift)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -157,6 +161,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0)
     if args.train_text_encoder and args.stage != "unet":
         raise ValueError("--train-text-encoder is for train unet (train text pretrains the encoder on its own)")
+    if args.timestep_shift != 1.0 and args.stage != "unet":
+        raise ValueError("--timestep-shift is for train unet")
+    if args.timestep_shift <= 0:
+        raise ValueError(f"--timestep-shift must be positive (got {args.timestep_shift})")
     if args.hard_negatives and args.stage != "text":
         raise ValueError("--hard-negatives is for train text (the contrastive pretraining)")
     if args.text_lr is not None and not args.train_text_encoder:
