@@ -142,6 +142,28 @@ def test_timestep_shift_draws_noisier_steps_and_leaves_the_other_draws(stages):
         UNetStage(model, source=None, timestep_shift=0.0)
 
 
+def test_snr_floor_raises_the_weight_of_noisy_steps_only(stages):
+    """--snr-floor F: a step's weight on its x0 error is clamped to [F, 5] instead of [SNR, 5], so with eps
+    prediction the loss of a step whose SNR is below F is multiplied by F / SNR and the others are unchanged."""
+    from sdengine.diffusion.schedule import SD_SCHEDULE
+    from sdengine.train.cli import ARCH
+    from sdengine.train.stages import UNetStage, assemble
+
+    _, vae, text = stages
+    model = assemble(ARCH["tiny"]["unet"], vae, text)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, model.config.unet.context_dim, generator=g)
+    losses = {}
+    for floor in (0.0, 0.1):
+        stage = UNetStage(model, source=None, snr_floor=floor)
+        losses[floor] = [stage.loss((z0[i:i + 1], context[i:i + 1], torch.tensor([t]), noise[i:i + 1]), 0)[0].item()
+                         for i, t in enumerate((999, 300))]
+    abar = SD_SCHEDULE.alphas_cumprod[999].item()
+    assert losses[0.1][0] / losses[0.0][0] == pytest.approx(0.1 / (abar / (1 - abar)), rel=1e-4)
+    assert losses[0.1][1] == losses[0.0][1]
+
+
 @pytest.mark.parametrize("stage, shift, words", [("vae", "3", ["--timestep-shift", "train unet"]),
                                                   ("unet", "0", ["--timestep-shift", "positive"])])
 def test_timestep_shift_refused(capsys, tmp_path, stages, stage, shift, words):

@@ -80,6 +80,9 @@ def register(sub) -> None:
     p.add_argument("--timestep-shift", type=float, default=1.0, metavar="S",
                    help="unet: draw training timesteps towards the noisy end, t/T = S u / (1 + (S - 1) u) for uniform "
                         "u (1: uniform, as SD; 3: half of them above t = 750, where the layout is decided)")
+    p.add_argument("--snr-floor", type=float, default=0.0, metavar="F",
+                   help="unet: weigh each step's error in x0 by at least F (min-SNR weighting clamps it to at most 5; "
+                        "eps prediction weighs it by SNR, ~0.005-0.05 at the steps that settle the layout)")
     p.add_argument("--text-lr", type=float, default=None, metavar="LR",
                    help="with --train-text-encoder: the text encoder's peak LR (default: --lr); the same warmup "
                         "and cosine apply")
@@ -126,7 +129,7 @@ def build_stage(args: argparse.Namespace):
             raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
         model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction, sample_size=args.size)
     return stages.UNetStage(model, source, seed=args.seed, train_text=args.train_text_encoder,
-                            timestep_shift=args.timestep_shift)
+                            timestep_shift=args.timestep_shift, snr_floor=args.snr_floor)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -298,14 +298,14 @@ class UNetStage:
 
     def __init__(self, model: StableDiffusion, source: Source, seed: int = 0, caption_dropout: float = 0.1,
                  snr_gamma: float = 5.0, sample_prompts: list[str] | None = None, train_text: bool = False,
-                 timestep_shift: float = 1.0):
+                 timestep_shift: float = 1.0, snr_floor: float = 0.0):
         """train_text: train the text encoder with the UNet (one optimizer, same LR) instead of keeping it frozen;
         batches then carry token ids and the loss runs the encoder with gradients. timestep_shift: draw
         timesteps towards the noisy end (shift_timesteps); 1 draws them uniformly, as SD's trainer does."""
         if timestep_shift <= 0:
             raise ValueError(f"the timestep shift must be positive (got {timestep_shift})")
         self.model, self.source, self.seed, self.train_text = model, source, seed, train_text
-        self.timestep_shift = timestep_shift
+        self.timestep_shift, self.snr_floor = timestep_shift, snr_floor
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
         self.sample_prompts = sample_prompts or ["a red circle", "two blue squares", "a green triangle above a "
                                                  "yellow circle", "a big purple square on a black background"]
@@ -395,7 +395,10 @@ class UNetStage:
         if self.snr_gamma > 0:  # min-SNR weighting (Hang et al. 2023): no step dominates the gradient
             abar = self.alphas_cumprod.to(z0.device)[t]
             snr = abar / (1 - abar)
-            weight = snr.clamp(max=self.snr_gamma) / (snr if self.model.config.prediction == "eps" else snr + 1)
+            # snr_floor: an x0 error at high noise weighs at least snr_floor (eps alone weighs it SNR ~ 0.005-0.05
+            # there, so the layout, settled at those steps, gets almost no gradient)
+            weight = snr.clamp(min=self.snr_floor, max=self.snr_gamma) / (
+                snr if self.model.config.prediction == "eps" else snr + 1)
             per_item = per_item * weight
         return per_item.mean(), {}
 
