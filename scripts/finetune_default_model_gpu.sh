@@ -7,7 +7,8 @@
 # time (--time-budget). The result is RUN_DIR/unet/model.safetensors (fp16, original single-file layout).
 # Knobs (environment): MINUTES (9), RESERVE (45), CACHE (400000), BATCH (1024), LR (2e-4), WARMUP (200), SEED (6),
 # WORKERS (14), DEVICE (cuda), COMPILE (1: --compile; on an H100 1.47x the images/s after ~80 s of compiling, which
-# pays off from ~4 minutes of training on), TEXT (1: --train-text-encoder), SDENGINE (how to run the CLI).
+# pays off from ~4 minutes of training on), TEXT (1: --train-text-encoder), EXTRA (more `train unet` arguments,
+# e.g. "--snr-floor 0.1 --timestep-shift 3"), SDENGINE (how to run the CLI).
 set -euo pipefail
 INIT=${1:?usage: finetune_default_model_gpu.sh INIT RUN_DIR}
 RUN=${2:?usage: finetune_default_model_gpu.sh INIT RUN_DIR}
@@ -27,5 +28,6 @@ left=$(python3 -c "print(round(max(0.5, ($MINUTES * 60 - ($SECONDS - $start) - $
 say "UNet: $left minutes, batch $BATCH, lr $LR"
 $SD train unet --out "$RUN/unet" "${COMMON[@]}" --lr "$LR" --warmup "$WARMUP" --steps 10000000 \
   --time-budget "$left" --save-every 2000 --log-every 50 \
-  $( [ "${COMPILE:-0}" = 1 ] && echo --compile ) $( [ "${TEXT:-0}" = 1 ] && echo --train-text-encoder )
+  $( [ "${COMPILE:-0}" = 1 ] && echo --compile ) $( [ "${TEXT:-0}" = 1 ] && echo --train-text-encoder ) \
+  ${EXTRA:-}
 say "done: $RUN/unet/model.safetensors"
