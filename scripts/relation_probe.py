@@ -20,6 +20,7 @@ import torch
 from sdengine.data.shapes import exchange_colors, parse_prompt, turn_relation
 from sdengine.diffusion.schedule import SD_SCHEDULE
 from sdengine.train.data import ShapesSource
+from sdengine.train.stages import to_pixels
 from sdengine.weights import load
 
 
@@ -39,7 +40,7 @@ def scenes(n: int, seed: int, size: int) -> list[tuple[np.ndarray, str, str, str
 def overlay(model, state_path: Path, weights: str) -> None:
     """Load a `sdengine train unet` checkpoint's UNet (and text encoder, when it was trained) into `model`."""
     path = state_path / "state.pt" if state_path.is_dir() else state_path
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     for name, module in (("unet", model.unet), ("text", model.text_encoder)):
         if name in state[weights]:
             module.load_state_dict(state[weights][name])
@@ -64,8 +65,7 @@ def main() -> None:
         overlay(model, args.state, args.weights)
     size = model.config.sample_size or 64
     data = scenes(args.n, args.seed, size)
-    x = torch.from_numpy(np.stack([d[0] for d in data])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    z0 = model.vae.encode(x).mean * model.config.vae.scaling_factor
+    z0 = model.vae.encode(to_pixels([d[0] for d in data], torch.device("cpu"))).mean * model.config.vae.scaling_factor
     contexts = {name: model.encode_prompt([d[k] for d in data]) if k else model.encode_prompt([""] * len(data))
                 for name, k in (("true", 1), ("relation", 2), ("colours", 3), ("empty", 0))}
     g = torch.Generator().manual_seed(0)

@@ -224,7 +224,7 @@ def test_text_lr_is_the_text_encoders_own_step_size(capsys, tmp_path, stages):
                     "--steps", "1", "--warmup", "1", "--ema", "0", "--precision", "fp32", "--lr", "1e-4",
                     "--train-text-encoder", "--text-lr", "3e-3", "--save-every", "1")
     assert rc == 0, err
-    state = torch.load(next(run.glob("step-*")) / "state.pt", weights_only=False)
+    state = torch.load(next(run.glob("step-*")) / "state.pt", weights_only=True)
     assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [1e-4, 3e-3]
     for name, module, lr in (("unet", base.unet, 1e-4), ("text", base.text_encoder, 3e-3)):
         before = module.state_dict()

@@ -303,7 +303,8 @@ def turn_relation(caption: str) -> str | None:
     spec = _parsed(caption)
     if spec is None or spec.relation is None:
         return None
-    return _if_other(re.sub(r"\b(left|right|above|below)\b", lambda m: INVERSE_RELATION[m.group(1)], caption), spec)
+    words = r"\b(" + "|".join(INVERSE_RELATION) + r")\b"
+    return _if_other(re.sub(words, lambda m: INVERSE_RELATION[m.group(1)], caption), spec)
 
 
 def exchange_colors(caption: str) -> str | None:
