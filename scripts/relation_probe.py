@@ -6,8 +6,13 @@ objects' colours exchanged, and the empty caption. (wrong - true) / (empty - tru
 caption is worth to the UNet that it loses when that one thing is wrong: 0 means the UNet ignores it. A cheap
 signal (a few minutes on the CPU) that moves long before ShapesEval's pass rates do.
 
+First it prints how much the text context itself changes under those edits, at the edited word, the words after
+it and the end token with the padding (where the UNet's cross-attention mostly looks): a UNet cannot use what its
+frozen text encoder does not pass on. --text-only stops there, and --state also takes `train text` checkpoints.
+
     python scripts/relation_probe.py sdengine/models/default/model.safetensors
     python scripts/relation_probe.py base.safetensors --state runs/ft/step-000000750   # a training checkpoint
+    python scripts/relation_probe.py base.safetensors --state runs/text/step-000001500 --text-only
 """
 from __future__ import annotations
 
@@ -37,6 +42,28 @@ def scenes(n: int, seed: int, size: int) -> list[tuple[np.ndarray, str, str, str
     return out
 
 
+def context_change(model, captions: list[str], others: list[str], a: torch.Tensor, b: torch.Tensor
+                   ) -> tuple[float, float, float]:
+    """Mean relative change of the text context (a -> b) at the first word that differs, at the tokens after it
+    up to the end token, and at the end token with the padding after it (what the UNet mostly attends to).
+    Pairs whose token counts differ are skipped (their positions would not line up)."""
+    ids_a = model.tokenizer(captions, max_length=a.shape[1])
+    ids_b = model.tokenizer(others, max_length=a.shape[1])
+    eos = model.tokenizer.eos_id
+    change = ((a - b).norm(dim=-1) / a.norm(dim=-1)).cpu()
+    parts: list[list[float]] = [[], [], []]
+    for row in range(len(captions)):
+        end_a, end_b = (int((ids[row] == eos).int().argmax()) for ids in (ids_a, ids_b))
+        if end_a != end_b:
+            continue
+        first = int((ids_a[row] != ids_b[row]).int().argmax())
+        parts[0].append(float(change[row, first]))
+        if end_a > first + 1:
+            parts[1].append(float(change[row, first + 1:end_a].mean()))
+        parts[2].append(float(change[row, end_a:].mean()))
+    return tuple(float(np.mean(v)) if v else float("nan") for v in parts)
+
+
 def overlay(model, state_path: Path, weights: str) -> None:
     """Load a `sdengine train unet` checkpoint's UNet (and text encoder, when it was trained) into `model`."""
     path = state_path / "state.pt" if state_path.is_dir() else state_path
@@ -56,6 +83,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4, help="noise draws per scene and timestep")
     p.add_argument("--seed", type=int, default=12345, help="the scenes' stream (not a training seed)")
     p.add_argument("--timesteps", default="999,900,800,700,600,500,300,100")
+    p.add_argument("--text-only", action="store_true", help="measure only the text context change (seconds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -68,6 +96,14 @@ def main() -> None:
     z0 = model.vae.encode(to_pixels([d[0] for d in data], torch.device("cpu"))).mean * model.config.vae.scaling_factor
     contexts = {name: model.encode_prompt([d[k] for d in data]) if k else model.encode_prompt([""] * len(data))
                 for name, k in (("true", 1), ("relation", 2), ("colours", 3), ("empty", 0))}
+    print("text context change when one part is wrong (relative; the UNet reads mostly the end and padding)")
+    print(f"{'':>9} {'word':>7} {'after':>7} {'end+pad':>7}")
+    for name, k in (("relation", 2), ("colours", 3)):
+        word, after, end = context_change(model, [d[1] for d in data], [d[k] for d in data], contexts["true"],
+                                          contexts[name])
+        print(f"{name:>9} {word:>7.3f} {after:>7.3f} {end:>7.3f}")
+    if args.text_only:
+        return
     g = torch.Generator().manual_seed(0)
     print(f"{len(data)} scenes; share of the caption's worth lost when one part is wrong (0: ignored)")
     print(f"{'t':>5} {'true':>9} {'empty':>9} {'relation':>9} {'colours':>9}")
