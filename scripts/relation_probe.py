@@ -93,7 +93,6 @@ def main() -> None:
         overlay(model, args.state, args.weights)
     size = model.config.sample_size or 64
     data = scenes(args.n, args.seed, size)
-    z0 = model.vae.encode(to_pixels([d[0] for d in data], torch.device("cpu"))).mean * model.config.vae.scaling_factor
     contexts = {name: model.encode_prompt([d[k] for d in data]) if k else model.encode_prompt([""] * len(data))
                 for name, k in (("true", 1), ("relation", 2), ("colours", 3), ("empty", 0))}
     print("text context change when one part is wrong (relative; the UNet reads mostly the end and padding)")
@@ -104,6 +103,7 @@ def main() -> None:
         print(f"{name:>9} {word:>7.3f} {after:>7.3f} {end:>7.3f}")
     if args.text_only:
         return
+    z0 = model.vae.encode(to_pixels([d[0] for d in data], torch.device("cpu"))).mean * model.config.vae.scaling_factor
     g = torch.Generator().manual_seed(0)
     print(f"{len(data)} scenes; share of the caption's worth lost when one part is wrong (0: ignored)")
     print(f"{'t':>5} {'true':>9} {'empty':>9} {'relation':>9} {'colours':>9}")
