@@ -57,7 +57,9 @@ def register(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.999 for unet, off otherwise)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype; auto: bf16 on a GPU and on CPUs with bf16 instructions (AVX512-BF16, AMX), "
+                        "else fp32 (emulated bf16 runs ~3x slower than fp32)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=20, help="steps between log.jsonl records")
     p.add_argument("--max-bad-steps", type=int, default=20, help="non-finite losses in a row before giving up")
@@ -66,7 +68,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--vae", type=Path, default=None, help="unet: the trained VAE (vae.safetensors)")
-    p.add_argument("--text", type=Path, default=None, help="unet: the trained text encoder (text.safetensors)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="unet: the trained text encoder (text.safetensors); with --init, it replaces the model's own")
     p.add_argument("--init", type=Path, default=None, help="unet: fine-tune this whole model (any SD checkpoint)")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])
     p.add_argument("--compile", action="store_true",
@@ -90,6 +93,9 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes preparing coming batches (default: 0 on CPU, where they would take cores from "
                         "training; up to 8 with a GPU)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end the run at this step and write its result, the LR schedule still running to --steps "
+                        "(--resume later goes on from there as if never stopped)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="end the run (LR schedule included) within this wall time: the step count is fitted to the "
                         "measured speed, --steps becomes an upper bound")
@@ -122,7 +128,12 @@ def build_stage(args: argparse.Namespace):
         return stages.TextStage(arch["text"], source, tokenizer, seed=args.seed, hard_negatives=args.hard_negatives)
     if args.init is not None:
         from ..weights import load
+        if args.vae is not None:
+            raise ValueError("--vae does not go with --init: the VAE is the checkpoint's (its latents are what the "
+                             "UNet learnt)")
         model = load(args.init)
+        if args.text is not None:  # fine-tune on another text encoder than the checkpoint's
+            model = stages.replace_text_encoder(model, args.text)
         model.requires_grad_(True)
     else:
         if args.vae is None or args.text is None:
@@ -143,6 +154,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be at least 1 (got {value})")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be 0 or more (got {args.workers})")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be a step of 1 or more (got {args.stop_at})")
     if args.time_budget is not None and args.time_budget <= 0:
         raise ValueError(f"--time-budget must be positive minutes (got {args.time_budget})")
     if args.save_every < 0:
@@ -202,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                       quiet=args.quiet, workers=workers, time_budget=60 * (args.time_budget or 0),
                       module_lr={"text": args.text_lr} if args.text_lr is not None else {})
     trainer = Trainer(stage, cfg, device)
-    modules = trainer.run(resume=args.resume)
+    modules = trainer.run(resume=args.resume, stop_at=args.stop_at)
     if trainer.stop_requested:
         return
     if trainer.rank == 0:

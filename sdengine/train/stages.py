@@ -441,4 +441,20 @@ def assemble(unet_cfg: UNetConfig, vae_path: Path, text_path: Path, prediction: 
     return model
 
 
-__all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "train_tokenizer", "load_vae", "load_text"]
+def replace_text_encoder(model: StableDiffusion, text_path: Path) -> StableDiffusion:
+    """Put a `train text` result (encoder and its tokenizer) into model in place of its own: to fine-tune a
+    model's UNet on a newly pretrained encoder. The UNet reads the encoder's hidden states, so the widths must
+    agree; the UNet has to learn the new encoder's features, which is what the fine-tune is for."""
+    text, text_cfg, tokenizer = load_text(text_path)
+    if text_cfg.width != model.config.unet.context_dim:
+        raise ValueError(f"{text_path}: the text encoder is {text_cfg.width} wide, but the model's UNet reads "
+                         f"{model.config.unet.context_dim}-wide text features")
+    dtype = next(model.cond_stage_model.parameters()).dtype
+    model.cond_stage_model = text.to(dtype)
+    model.tokenizer = tokenizer
+    model.config = dataclasses.replace(model.config, text=text_cfg)
+    return model
+
+
+__all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "replace_text_encoder", "train_tokenizer", "load_vae",
+           "load_text"]

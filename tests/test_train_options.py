@@ -1,0 +1,108 @@
+"""Training options that change what a run is made of: --precision auto, --stop-at (a result from the middle of a
+schedule) and --init with --text (fine-tuning a model's UNet on another text encoder)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import TINY, logged, make_images, one_error, train
+
+from sdengine.train import trainer as trainer_module
+from sdengine.train.stages import load_text
+from sdengine.train.trainer import autocast_dtype
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("data"))
+
+
+# ---- --precision auto ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """Emulated bf16 on a CPU without bf16 instructions is ~3x slower than fp32: auto picks fp32 there."""
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
+    assert autocast_dtype("fp32", cpu) is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("int8", cpu)
+
+
+def test_auto_is_the_default_precision(capsys, tmp_path, data, monkeypatch):
+    seen = []
+    real = trainer_module.autocast_dtype
+    monkeypatch.setattr(trainer_module, "autocast_dtype", lambda p, d: seen.append(p) or real(p, d))
+    args = [a for a in TINY if a not in ("--precision", "fp32")]
+    from sdengine import cli
+    assert cli.run(["train", "vae", "--data", str(data), "--out", str(tmp_path / "run"), *args, "--quiet",
+                    "--steps", "1", "--batch", "4"]) == 0
+    assert seen == ["auto"]
+
+
+# ---- --stop-at ----------------------------------------------------------------------------------------------------
+
+def test_stop_at_writes_the_result_midway_and_resume_goes_on(capsys, tmp_path, data):
+    """--steps 6 --stop-at 3: three steps on the 6-step LR schedule (not a 3-step one ending at its minimum), the
+    stage's result written from step 3, and --resume then ends exactly where an unbroken 6-step run ends."""
+    common = ["--steps", "6", "--batch", "4", "--warmup", "2", "--save-every", "100"]
+    rc, err = train(capsys, "vae", tmp_path / "whole", data, *common)
+    assert rc == 0, err
+    rc, err = train(capsys, "vae", tmp_path / "split", data, *common, "--stop-at", "3")
+    assert rc == 0, err
+    split, whole = logged(tmp_path / "split"), logged(tmp_path / "whole")
+    assert [r["step"] for r in split] == [1, 2, 3]
+    assert [r["lr"] for r in split] == pytest.approx([r["lr"] for r in whole[:3]], rel=1e-9)
+    assert split[-1]["lr"] > 2e-4  # mid-schedule: a 3-step cosine would be at its floor (1e-4)
+    midway = load_file(tmp_path / "split" / "vae.safetensors")
+    rc, err = train(capsys, "vae", tmp_path / "split", data, *common, "--resume")
+    assert rc == 0, err
+    assert [r["step"] for r in logged(tmp_path / "split")] == [1, 2, 3, 4, 5, 6]
+    end, unbroken = load_file(tmp_path / "split" / "vae.safetensors"), load_file(tmp_path / "whole" / "vae.safetensors")
+    assert all(torch.equal(end[k], unbroken[k]) for k in unbroken)
+    assert any(not torch.equal(midway[k], end[k]) for k in end)
+    rc, err = train(capsys, "vae", tmp_path / "bad", data, "--stop-at", "0")
+    assert rc == 1
+    one_error(err, "--stop-at")
+
+
+# ---- --init with --text -------------------------------------------------------------------------------------------
+
+def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, data):
+    """train unet --init MODEL --text TEXT: the model's text encoder and tokenizer are replaced by TEXT's (its own
+    vocabulary included), the VAE stays the model's, and the UNet trains on the new encoder's features."""
+    import sdengine
+    from sdengine import cli
+
+    root = tmp_path
+    for stage, src in (("vae", data), ("text", data)):
+        assert cli.run(["train", stage, "--data", str(src), "--out", str(root / stage), *TINY, "--quiet", "--steps",
+                        "2", "--batch", "4"]) == 0
+    assert train(capsys, "unet", root / "base", data, "--vae", str(root / "vae" / "vae.safetensors"), "--text",
+                 str(root / "text" / "text.safetensors"), "--steps", "2", "--batch", "4")[0] == 0
+    # another encoder, pretrained on the shapes world: another vocabulary
+    assert train(capsys, "text", root / "other", "shapes", "--steps", "2", "--batch", "4")[0] == 0
+    other_text, _, other_tokenizer = load_text(root / "other" / "text.safetensors")
+    base = sdengine.load(root / "base" / "model.safetensors")
+    assert base.tokenizer.vocab != other_tokenizer.vocab
+    rc, err = train(capsys, "unet", root / "ft", data, "--init", str(root / "base" / "model.safetensors"), "--text",
+                    str(root / "other" / "text.safetensors"), "--steps", "2", "--batch", "4", "--ema", "0")
+    assert rc == 0, err
+    model = sdengine.load(root / "ft" / "model.safetensors")
+    assert model.tokenizer.vocab == other_tokenizer.vocab
+    expected = other_text.state_dict()  # the model file is fp16
+    assert all(torch.equal(v, expected[k].half().to(v.dtype)) for k, v in model.text_encoder.state_dict().items())
+    assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in model.vae.state_dict().items())
+    assert any(not torch.equal(v, base.unet.state_dict()[k]) for k, v in model.unet.state_dict().items())
+    # an encoder of another width than the UNet reads, and a VAE beside --init, are refused in one line
+    assert train(capsys, "text", root / "wide", data, "--steps", "1", "--batch", "4", "--arch", "shapes")[0] == 0
+    rc, err = train(capsys, "unet", root / "bad", data, "--init", str(root / "base" / "model.safetensors"), "--text",
+                    str(root / "wide" / "text.safetensors"), "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "wide")
+    rc, err = train(capsys, "unet", root / "bad2", data, "--init", str(root / "base" / "model.safetensors"), "--vae",
+                    str(root / "vae" / "vae.safetensors"), "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--vae", "--init")
