@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Teach a trained model the relations ("left of", "above"): a text encoder pretrained with hard negatives, then the
+# model's UNet fine-tuned onto it. Every stage resumes when the script is run again (a stop saves a checkpoint).
+#   scripts/finetune_relations.sh INIT [RUNS_DIR]     (INIT: the model to start from, e.g. the shipped one)
+# Why (MODEL_CARD.md, 2026-11-27): the UNet reads the caption mostly at the start token and at the end token with
+# the padding; an encoder pretrained without hard negatives changes there by 3% when a relation is turned round,
+# so the UNet had nothing to learn the relation from. Hard negatives (the same words meaning another scene) make
+# the encoder carry it: 62% there after 1,831 hard-negative steps on top of 1,500 plain ones.
+# Stages (each skipped once its result exists):
+#   text      1,500 steps of plain contrastive pretraining (as train_default_model.sh)
+#   textneg   the same run continued with --hard-negatives on a 6,000-step schedule, stopped at step TEXT_STOP
+#   unet_a    INIT's UNet on that encoder (frozen), weighted to the noisy end where the layout is decided
+#   unet_b    from unet_a, closer to uniform timesteps (what single objects and counting need), with EMA
+# The 100,000 scenes of --seed 8 are encoded once (unet_a) and reused by unet_b (the same VAE and tokenizer).
+# Knobs (environment): TEXT_STOP (3331), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2").
+set -euo pipefail
+INIT=${1:?usage: finetune_relations.sh INIT [RUNS_DIR]}
+RUNS=${2:-/work/runs/relations}
+TEXT_STOP=${TEXT_STOP:-3331} A_STEPS=${A_STEPS:-859} B_STEPS=${B_STEPS:-1715} B_EXTRA=${B_EXTRA:---timestep-shift 2}
+mkdir -p "$RUNS"
+
+resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
+
+if [ ! -f "$RUNS/text/text.safetensors" ]; then
+  sdengine train text --data shapes --out "$RUNS/text" $(resume_flag "$RUNS/text") --steps 1500 --batch 128 \
+    --lr 3e-4 --save-every 250
+fi
+if [ ! -f "$RUNS/textneg/text.safetensors" ]; then
+  if [ ! -d "$RUNS/textneg" ]; then  # continue the plain run's checkpoints, not its result
+    mkdir -p "$RUNS/textneg"
+    cp -r "$RUNS/text/tokenizer" "$RUNS/text/log.jsonl" "$RUNS/textneg/"
+    cp -r "$(compgen -G "$RUNS/text/step-*" | sort | tail -1)" "$RUNS/textneg/"
+  fi
+  sdengine train text --data shapes --out "$RUNS/textneg" --resume --hard-negatives --steps 6000 \
+    --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
+fi
+TEXT=$RUNS/textneg/text.safetensors
+UNET=(--data shapes --batch 64 --lr 1e-4 --warmup 50 --cache-latents 100000 --seed 8 --save-every 100)
+
+if [ ! -f "$RUNS/unet_a/model.safetensors" ]; then
+  sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" $(resume_flag "$RUNS/unet_a") "${UNET[@]}" \
+    --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0
+fi
+if [ ! -f "$RUNS/unet_b/model.safetensors" ]; then
+  mkdir -p "$RUNS/unet_b"
+  ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/unet_b/latents.safetensors"  # the same inputs: not rebuilt
+  # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
+  sdengine train unet --init "$RUNS/unet_a/model.safetensors" --out "$RUNS/unet_b" $(resume_flag "$RUNS/unet_b") \
+    "${UNET[@]}" --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
+fi
+sdengine eval --model "$RUNS/unet_b/model.safetensors" --seeds 1 --compile --out "$RUNS/eval" --quiet
