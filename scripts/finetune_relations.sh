@@ -5,18 +5,20 @@
 # Why (MODEL_CARD.md, 2026-11-27): the UNet reads the caption mostly at the start token and at the end token with
 # the padding; an encoder pretrained without hard negatives changes there by 3% when a relation is turned round,
 # so the UNet had nothing to learn the relation from. Hard negatives (the same words meaning another scene) make
-# the encoder carry it: 62% there after 1,831 hard-negative steps on top of 1,500 plain ones.
+# the encoder carry it: 62% there after 1,831 hard-negative steps on top of 1,500 plain ones (bf16 on a Zen4), 30%
+# after 2,300 (fp32 on a Xeon: the same recipe, a slower and smaller change; neg_acc 0.85 against 0.93-0.96).
 # Stages (each skipped once its result exists):
 #   text      1,500 steps of plain contrastive pretraining (as train_default_model.sh)
 #   textneg   the same run continued with --hard-negatives on a 6,000-step schedule, stopped at step TEXT_STOP
+#             (scripts/relation_probe.py MODEL --state RUNS/textneg/step-N --text-only measures the change above)
 #   unet_a    INIT's UNet on that encoder (frozen), weighted to the noisy end where the layout is decided
 #   unet_b    from unet_a, closer to uniform timesteps (what single objects and counting need), with EMA
 # The 100,000 scenes of --seed 8 are encoded once (unet_a) and reused by unet_b (the same VAE and tokenizer).
-# Knobs (environment): TEXT_STOP (3331), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2").
+# Knobs (environment): TEXT_STOP (3800), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2").
 set -euo pipefail
 INIT=${1:?usage: finetune_relations.sh INIT [RUNS_DIR]}
 RUNS=${2:-/work/runs/relations}
-TEXT_STOP=${TEXT_STOP:-3331} A_STEPS=${A_STEPS:-859} B_STEPS=${B_STEPS:-1715} B_EXTRA=${B_EXTRA:---timestep-shift 2}
+TEXT_STOP=${TEXT_STOP:-3800} A_STEPS=${A_STEPS:-859} B_STEPS=${B_STEPS:-1715} B_EXTRA=${B_EXTRA:---timestep-shift 2}
 mkdir -p "$RUNS"
 
 resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
