@@ -6,7 +6,7 @@
 # the padding; an encoder pretrained without hard negatives changes there by 3% when a relation is turned round,
 # so the UNet had nothing to learn the relation from. Hard negatives (the same words meaning another scene) make
 # the encoder carry it: 62% there after 1,831 hard-negative steps on top of 1,500 plain ones (bf16 on a Zen4); in
-# fp32 (a Xeon) 30% after 2,300 and 42% after all 4,500, still rising (neg_acc 0.93-0.99 from step ~3,900):
+# fp32 (a Xeon) 32% after 2,300 and 70% after all 4,500 (neg_acc 0.85 at 3,800, 0.93-0.99 from step ~3,900):
 # hence the default stop at the end of the schedule (TEXT_STOP=3331 reproduces the bf16 run's stop).
 # Stages (each skipped once its result exists):
 #   text      1,500 steps of plain contrastive pretraining (as train_default_model.sh)

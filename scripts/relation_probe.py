@@ -24,6 +24,7 @@ import torch
 
 from sdengine.data.shapes import exchange_colors, parse_prompt, turn_relation
 from sdengine.diffusion.schedule import SD_SCHEDULE
+from sdengine.tokenizer import CLIPTokenizer
 from sdengine.train.data import ShapesSource
 from sdengine.train.stages import to_pixels
 from sdengine.weights import load
@@ -65,12 +66,19 @@ def context_change(model, captions: list[str], others: list[str], a: torch.Tenso
 
 
 def overlay(model, state_path: Path, weights: str) -> None:
-    """Load a `sdengine train unet` checkpoint's UNet (and text encoder, when it was trained) into `model`."""
+    """Load a training checkpoint's UNet and/or text encoder into `model`. A `train text` run learns its own BPE
+    vocabulary (its run folder's tokenizer/), which usually differs from the model's: its ids must come from it,
+    or the probe measures the encoder on the wrong words."""
     path = state_path / "state.pt" if state_path.is_dir() else state_path
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if state[weights] is None:
+        raise SystemExit(f"{path}: this run kept no {weights!r} weights")
     for name, module in (("unet", model.unet), ("text", model.text_encoder)):
         if name in state[weights]:
             module.load_state_dict(state[weights][name])
+    vocab = path.parent.parent / "tokenizer"
+    if "text" in state[weights] and vocab.is_dir():
+        model.tokenizer = CLIPTokenizer.from_dir(vocab, pad_with_eos=model.config.text.pad_with_eos)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ parallelism under torchrun, folder data and accumulation. Tiny models on 32x32 i
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdengine import cli
+from sdengine.tokenizer import CLIPTokenizer
 from sdengine.train.checkpoint import checkpoints, load_latest
 from sdengine.train.cli import ARCH
 from sdengine.train.data import FolderSource
@@ -28,7 +30,8 @@ from sdengine.train.stages import VAEStage
 from sdengine.train.trainer import TrainConfig, Trainer, TrainingAborted
 
 torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two fighting
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TINY = ["--arch", "tiny", "--size", "32", "--warmup", "1", "--precision", "fp32", "--log-every", "1", "--lr", "1e-3"]
 
 
@@ -167,6 +170,15 @@ def test_stages_end_to_end(capsys, tmp_path, data, vae_run):
     model = sdengine.load(runs["unet"] / "model.safetensors")
     images = Pipeline(model).generate("a red square", steps=2, width=32, height=32, seed=1)
     assert images[0].size == (32, 32)
+    # scripts/relation_probe.py --state: a text run's checkpoint is read with that run's own vocabulary
+    spec = importlib.util.spec_from_file_location("relation_probe", ROOT / "scripts" / "relation_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    own = CLIPTokenizer.from_dir(runs["text"] / "tokenizer")
+    model.tokenizer = CLIPTokenizer.default()
+    assert model.tokenizer.encode("a red square") != own.encode("a red square")
+    probe.overlay(model, checkpoints(runs["text"])[-1], "modules")
+    assert model.tokenizer.encode("a red square") == own.encode("a red square")
 
 
 # ---- 2. exact resume ----------------------------------------------------------------------------------------------
