@@ -53,21 +53,21 @@ if [ ! -f "$RUNS/unet_a/model.safetensors" ]; then
   sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" $(resume_flag "$RUNS/unet_a") "${UNET[@]}" \
     --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0
 fi
-if [ ! -f "$RUNS/unet_b/model.safetensors" ]; then
-  mkdir -p "$RUNS/unet_b"
-  ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/unet_b/latents.safetensors"  # the same inputs: not rebuilt
-  # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
-  sdengine train unet --init "$RUNS/unet_a/model.safetensors" --out "$RUNS/unet_b" $(resume_flag "$RUNS/unet_b") \
-    "${UNET[@]}" --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
-fi
+# continue STAGE from PREVIOUS's model on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
+continue_unet() {
+  local stage=$1 previous=$2
+  shift 2
+  [ -f "$RUNS/$stage/model.safetensors" ] && return 0
+  mkdir -p "$RUNS/$stage"
+  ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$stage/latents.safetensors"
+  sdengine train unet --init "$RUNS/$previous/model.safetensors" --out "$RUNS/$stage" \
+    $(resume_flag "$RUNS/$stage") "${UNET[@]}" "$@"
+}
+# shellcheck disable=SC2086  # B_EXTRA is a list of arguments
+continue_unet unet_b unet_a --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
 LAST=unet_b
 if [ "$C_STEPS" -gt 0 ]; then
+  continue_unet unet_c unet_b --steps "$C_STEPS" --snr-floor 0.3
   LAST=unet_c
-  if [ ! -f "$RUNS/unet_c/model.safetensors" ]; then
-    mkdir -p "$RUNS/unet_c"
-    ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/unet_c/latents.safetensors"
-    sdengine train unet --init "$RUNS/unet_b/model.safetensors" --out "$RUNS/unet_c" $(resume_flag "$RUNS/unet_c") \
-      "${UNET[@]}" --steps "$C_STEPS" --snr-floor 0.3
-  fi
 fi
 sdengine eval --model "$RUNS/$LAST/model.safetensors" --seeds 1 --compile --out "$RUNS/eval" --quiet
