@@ -31,11 +31,18 @@ C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-2}
 mkdir -p "$RUNS"
 
 resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
+# a stage stopped early (SIGTERM saves a checkpoint and exits 0) must not start the next one
+finished() {
+  [ -f "$1" ] && return 0
+  echo "finetune_relations.sh: $(dirname "$1") stopped before its end; run again to resume" >&2
+  exit 1
+}
 
 if [ ! -f "$RUNS/text/text.safetensors" ]; then
   sdengine train text --data shapes --out "$RUNS/text" $(resume_flag "$RUNS/text") --steps 1500 --batch 128 \
     --lr 3e-4 --save-every 250
 fi
+finished "$RUNS/text/text.safetensors"
 if [ ! -f "$RUNS/textneg/text.safetensors" ]; then
   if [ ! -d "$RUNS/textneg" ]; then  # continue the plain run's checkpoints, not its result
     mkdir -p "$RUNS/textneg"
@@ -45,6 +52,7 @@ if [ ! -f "$RUNS/textneg/text.safetensors" ]; then
   sdengine train text --data shapes --out "$RUNS/textneg" --resume --hard-negatives --steps 6000 \
     --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
 fi
+finished "$RUNS/textneg/text.safetensors"
 TEXT=$RUNS/textneg/text.safetensors
 UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP:-50}" --cache-latents "${CACHE:-100000}"
       --seed "${SEED:-8}" --save-every "${SAVE_EVERY:-100}")
@@ -54,6 +62,7 @@ if [ ! -f "$RUNS/unet_a/model.safetensors" ]; then
   sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" $(resume_flag "$RUNS/unet_a") "${UNET[@]}" \
     --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0
 fi
+finished "$RUNS/unet_a/model.safetensors"
 # continue STAGE from PREVIOUS's model on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
 continue_unet() {
   local stage=$1 previous=$2
@@ -63,6 +72,7 @@ continue_unet() {
   ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$stage/latents.safetensors"
   sdengine train unet --init "$RUNS/$previous/model.safetensors" --out "$RUNS/$stage" \
     $(resume_flag "$RUNS/$stage") "${UNET[@]}" "$@"
+  finished "$RUNS/$stage/model.safetensors"
 }
 # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
 continue_unet unet_b unet_a --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
