@@ -31,55 +31,49 @@ C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-2}
 mkdir -p "$RUNS"
 
 resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
-# a stage stopped early (SIGTERM saves a checkpoint and exits 0) must not start the next one
-finished() {
-  [ -f "$1" ] && return 0
-  echo "finetune_relations.sh: $(dirname "$1") stopped before its end; run again to resume" >&2
+# stage RESULT COMMAND...: run COMMAND unless RESULT exists; a stage stopped early (SIGTERM saves a checkpoint and
+# exits 0) leaves no RESULT and ends the script rather than starting the next stage
+stage() {
+  local result=$1
+  shift
+  [ -f "$result" ] || "$@"
+  [ -f "$result" ] && return 0
+  echo "finetune_relations.sh: $(dirname "$result") stopped before its end; run again to resume" >&2
   exit 1
 }
 
-if [ ! -f "$RUNS/text/text.safetensors" ]; then
-  sdengine train text --data shapes --out "$RUNS/text" $(resume_flag "$RUNS/text") --steps 1500 --batch 128 \
-    --lr 3e-4 --save-every 250
+stage "$RUNS/text/text.safetensors" sdengine train text --data shapes --out "$RUNS/text" \
+  $(resume_flag "$RUNS/text") --steps 1500 --batch 128 --lr 3e-4 --save-every 250
+if [ ! -d "$RUNS/textneg" ]; then  # continue the plain run's checkpoints, not its result
+  mkdir -p "$RUNS/textneg"
+  cp -r "$RUNS/text/tokenizer" "$RUNS/text/log.jsonl" "$RUNS/textneg/"
+  cp -r "$(compgen -G "$RUNS/text/step-*" | sort | tail -1)" "$RUNS/textneg/"
 fi
-finished "$RUNS/text/text.safetensors"
-if [ ! -f "$RUNS/textneg/text.safetensors" ]; then
-  if [ ! -d "$RUNS/textneg" ]; then  # continue the plain run's checkpoints, not its result
-    mkdir -p "$RUNS/textneg"
-    cp -r "$RUNS/text/tokenizer" "$RUNS/text/log.jsonl" "$RUNS/textneg/"
-    cp -r "$(compgen -G "$RUNS/text/step-*" | sort | tail -1)" "$RUNS/textneg/"
-  fi
-  sdengine train text --data shapes --out "$RUNS/textneg" --resume --hard-negatives --steps 6000 \
-    --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
-fi
-finished "$RUNS/textneg/text.safetensors"
+stage "$RUNS/textneg/text.safetensors" sdengine train text --data shapes --out "$RUNS/textneg" --resume \
+  --hard-negatives --steps 6000 --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
 TEXT=$RUNS/textneg/text.safetensors
 UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP:-50}" --cache-latents "${CACHE:-100000}"
       --seed "${SEED:-8}" --save-every "${SAVE_EVERY:-100}")
 [ "${COMPILE:-0}" = 1 ] && UNET+=(--compile)
 
-if [ ! -f "$RUNS/unet_a/model.safetensors" ]; then
-  sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" $(resume_flag "$RUNS/unet_a") "${UNET[@]}" \
-    --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0
-fi
-finished "$RUNS/unet_a/model.safetensors"
+stage "$RUNS/unet_a/model.safetensors" sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" \
+  $(resume_flag "$RUNS/unet_a") "${UNET[@]}" --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0
 # continue STAGE from PREVIOUS's model on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
 continue_unet() {
-  local stage=$1 previous=$2
+  local name=$1 previous=$2
   shift 2
-  [ -f "$RUNS/$stage/model.safetensors" ] && return 0
-  mkdir -p "$RUNS/$stage"
-  ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$stage/latents.safetensors"
-  sdengine train unet --init "$RUNS/$previous/model.safetensors" --out "$RUNS/$stage" \
-    $(resume_flag "$RUNS/$stage") "${UNET[@]}" "$@"
-  finished "$RUNS/$stage/model.safetensors"
+  [ -f "$RUNS/$name/model.safetensors" ] && return 0
+  mkdir -p "$RUNS/$name"
+  ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$name/latents.safetensors"
+  stage "$RUNS/$name/model.safetensors" sdengine train unet --init "$RUNS/$previous/model.safetensors" \
+    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" "$@"
 }
 # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
 continue_unet unet_b unet_a --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
 LAST=unet_b
-for stage in unet_c unet_d unet_e unet_f; do  # C_STAGES of them, each from the one before
+for name in unet_c unet_d unet_e unet_f; do  # C_STAGES of them, each from the one before
   [ "$C_STEPS" -gt 0 ] && [ "$C_STAGES" -gt 0 ] || break
-  continue_unet "$stage" "$LAST" --steps "$C_STEPS" --snr-floor 0.3
-  LAST=$stage C_STAGES=$((C_STAGES - 1))
+  continue_unet "$name" "$LAST" --steps "$C_STEPS" --snr-floor 0.3
+  LAST=$name C_STAGES=$((C_STAGES - 1))
 done
 sdengine eval --model "$RUNS/$LAST/model.safetensors" --seeds 1 --compile --out "$RUNS/eval" --quiet
