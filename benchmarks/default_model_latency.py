@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -69,8 +70,8 @@ def main() -> None:
         t = torch.tensor([500, 500])
         ctx = torch.randn(2, 77, cfg.text.width, dtype=dtype)
         with torch.inference_mode():
-            ours = step_seconds(lambda: model.unet(x, t, ctx), args.repeats)
-            theirs = step_seconds(lambda: ref(x, t, encoder_hidden_states=ctx), args.repeats)
+            ours = step_seconds(partial(model.unet, x, t, ctx), args.repeats)
+            theirs = step_seconds(partial(ref, x, t, encoder_hidden_states=ctx), args.repeats)
         print(f"{name}: UNet step (batch 2) ours {ours * 1e3:.1f} ms, diffusers {theirs * 1e3:.1f} ms, "
               f"ratio {theirs / ours:.2f}x")
         eager = image_seconds(Pipeline(model), args.repeats)

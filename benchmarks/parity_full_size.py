@@ -77,7 +77,8 @@ def compare(model: sdengine.StableDiffusion, parts: dict, latent: int) -> None:
     print(f"  unet {latent}x{latent}: {rel_error(ours, ref)}  (time ours/diffusers {t_ours / t_ref:.2f})")
     pixels = torch.rand(1, 3, 256, 256, generator=g) * 2 - 1
     post_ref, post = parts["vae"].encode(pixels).latent_dist, model.vae.encode(pixels)
-    print(f"  vae encode mean: {rel_error(post.mean, post_ref.mean)}; logvar: {rel_error(post.logvar, post_ref.logvar)}")
+    print(f"  vae encode mean: {rel_error(post.mean, post_ref.mean)}; "
+          f"logvar: {rel_error(post.logvar, post_ref.logvar)}")
     z = torch.randn(1, 4, 32, 32, generator=g)
     print(f"  vae decode 256x256: {rel_error(model.vae.decode(z), parts['vae'].decode(z).sample)}")
     ids = model.tokenizer(["a photograph of an astronaut riding a horse", ""])

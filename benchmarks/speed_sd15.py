@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -56,8 +57,8 @@ def main() -> None:
         ref_unet.to(dtype)
         ours.to(dtype)
         with torch.inference_mode():
-            t_ref = timed(lambda: ref_unet(x, t, encoder_hidden_states=ctx), args.repeats)
-            t_ours = timed(lambda: ours(x, t, ctx), args.repeats)
+            t_ref = timed(partial(ref_unet, x, t, encoder_hidden_states=ctx), args.repeats)
+            t_ours = timed(partial(ours, x, t, ctx), args.repeats)
         print(f"  {name}: sdengine {t_ours:.2f} s/step, diffusers {t_ref:.2f} s/step, ratio {t_ours / t_ref:.2f}")
     if args.vae:
         ref_vae = RefVAE(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,

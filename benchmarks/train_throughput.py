@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
-    from diffusers import UNet2DConditionModel
-
     import dataclasses
+
+    from diffusers import UNet2DConditionModel
     cfg = dataclasses.replace(ARCH[args.arch]["unet"], context_dim=args.context_dim)
     torch.manual_seed(0)
     ours = UNetModel(cfg).train()

@@ -5,8 +5,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

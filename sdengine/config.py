@@ -123,7 +123,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(d: dict[str, Any]) -> ModelConfig:
         def build(cls, values: dict[str, Any]):
             names = {f.name for f in dataclasses.fields(cls)}
             unknown = set(values) - names

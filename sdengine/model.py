@@ -32,7 +32,7 @@ class StableDiffusion(nn.Module):
         self.source: str | None = None  # the path it was loaded from, for display
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> "StableDiffusion":
+    def init_weights(self, seed: int = 0) -> StableDiffusion:
         """Fresh weights for training from scratch: PyTorch's defaults, with the layers the original
         initialises to zero (UNet output, res-block and transformer output projections) zeroed, so every block
         starts as an identity, and text embeddings drawn as CLIP draws them."""

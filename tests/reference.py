@@ -36,7 +36,8 @@ def make_components(layout: str, seed: int = 0, in_channels: int = 4) -> dict:
 
     spec = LAYOUTS[layout]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, norm_num_groups=32, **spec["unet"])
+    unet = UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=4, norm_num_groups=32,
+                                **spec["unet"])
     vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=32,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,

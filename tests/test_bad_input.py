@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 import sdengine
 from sdengine import CheckpointError, UnknownArchitecture
 
-
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 def run_cli(*args, limit_bytes: int | None = None) -> subprocess.CompletedProcess:

@@ -69,7 +69,8 @@ A1111_SAMPLE = """masterpiece, best quality, (red hair:1.2), \n1girl, looking at
 Negative prompt: lowres, bad anatomy, (worst quality:1.4), \nwatermark
 Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 3012455161, Size: 512x768, Model hash: 6ce0161689, \
 Model: v1-5-pruned-emaonly, Denoising strength: 0.5, Clip skip: 2, ENSD: 31337, Hires upscale: 2, \
-Hires resize: 1024x1536, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", TI hashes: "easynegative: c74b4e810b03", \
+Hires resize: 1024x1536, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", \
+TI hashes: "easynegative: c74b4e810b03", \
 Version: v1.6.0"""
 
 

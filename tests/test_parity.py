@@ -106,14 +106,16 @@ def test_our_diffusers_folder_loads_in_diffusers(reference, loaded, tmp_path):
     hf_ids = pipe.tokenizer("a prompt", padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(ids, hf_ids)
     with torch.no_grad():
-        assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, reference["parts"]["unet"](x, t, encoder_hidden_states=context).sample)
-        assert_close(pipe.text_encoder(ids).last_hidden_state, reference["parts"]["text_encoder"](ids).last_hidden_state)
+        parts = reference["parts"]
+        assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample,
+                     parts["unet"](x, t, encoder_hidden_states=context).sample)
+        assert_close(pipe.text_encoder(ids).last_hidden_state, parts["text_encoder"](ids).last_hidden_state)
     assert pipe.scheduler.config.prediction_type == reference["parts"]["scheduler"].config.prediction_type
 
 
 def test_our_single_file_loads_in_diffusers(reference, loaded, tmp_path):
     """diffusers' own single-file reader (its independent original-key table) reads what we write."""
-    from diffusers import UNet2DConditionModel, AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     single = tmp_path / "model.safetensors"
     sdengine.save(loaded["folder"], single)
@@ -123,7 +125,8 @@ def test_our_single_file_loads_in_diffusers(reference, loaded, tmp_path):
     context = torch.randn(1, 77, loaded["folder"].config.unet.context_dim)
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        assert_close(unet(x, t, encoder_hidden_states=context).sample, reference["parts"]["unet"](x, t, encoder_hidden_states=context).sample)
+        assert_close(unet(x, t, encoder_hidden_states=context).sample,
+                     reference["parts"]["unet"](x, t, encoder_hidden_states=context).sample)
         assert_close(vae.decode(z).sample, reference["parts"]["vae"].decode(z).sample)
 
 

@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import save_pipeline
+from sampler_harness import SD15_SCHEDULER_CONFIG
 
 import sdengine
 from sdengine.diffusion.samplers import SAMPLERS
 from sdengine.pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
-
-from sampler_harness import SD15_SCHEDULER_CONFIG
-from reference import save_pipeline
 
 W, H = 40, 32  # non-square, multiples of 8; the tiny VAE downsamples by 2
 

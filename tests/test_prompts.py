@@ -7,8 +7,16 @@ import torch
 
 import sdengine
 from sdengine.pipeline import Pipeline, Request
-from sdengine.prompts import (BUNDLED_STYLES, CHUNK, apply_styles, chunk_ids, chunk_prompt, encode_prompts,
-                              load_styles, parse_weights)
+from sdengine.prompts import (
+    BUNDLED_STYLES,
+    CHUNK,
+    apply_styles,
+    chunk_ids,
+    chunk_prompt,
+    encode_prompts,
+    load_styles,
+    parse_weights,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from sampler_harness import max_rel_error, run_diffusers, run_ours
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from sampler_harness import SHAPE, ToyUNet, diffusers_scheduler, max_rel_error, run_diffusers, run_ours
+
 from sdengine.diffusion import samplers
 from sdengine.diffusion.denoiser import Denoiser
 from sdengine.diffusion.samplers import BatchNoise, discrete, unipc

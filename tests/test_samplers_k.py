@@ -13,12 +13,11 @@ import types
 import numpy as np
 import pytest
 import torch
+from sampler_harness import SD15_SCHEDULER_CONFIG, SHAPE, ToyUNet, max_rel_error, run_diffusers, run_ours
 
-from sampler_harness import (SD15_SCHEDULER_CONFIG, SHAPE, ToyUNet, max_rel_error, run_diffusers, run_ours)
 from sdengine.diffusion.denoiser import Denoiser
 from sdengine.diffusion.samplers import BatchNoise, get_sampler, multistep
 from sdengine.diffusion.schedule import NoiseSchedule
-
 
 EXACT = 1e-5  # measured <= 3e-6: float32 rounding only
 # DPMSolverMultistepScheduler feeds the UNet rounded timesteps under karras (ours are continuous, as
@@ -59,8 +58,8 @@ def dpmsolver_sde_class():
     """diffusers' DPMSolverSDEScheduler without torchsde: only its BrownianTree uses torchsde, and tests replace
     that noise sampler, so a stand-in module is enough to import the scheduler's own code."""
     try:
-        import torchsde  # noqa: F401
         import diffusers
+        import torchsde  # noqa: F401
         return diffusers.DPMSolverSDEScheduler
     except ImportError:
         pass

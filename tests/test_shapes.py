@@ -21,8 +21,17 @@ from sdengine.data import (
     shapes_eval,
 )
 from sdengine.data.checker import label
-from sdengine.data.shapes import (COLORS, MAX_COUNT, PLURALS, RELATIONS, SCENE_KINDS, SHAPES, Scene, preview_grid,
-                                  shape_dims)
+from sdengine.data.shapes import (
+    COLORS,
+    MAX_COUNT,
+    PLURALS,
+    RELATIONS,
+    SCENE_KINDS,
+    SHAPES,
+    Scene,
+    preview_grid,
+    shape_dims,
+)
 from sdengine.data.shapes_eval import EVAL_CATEGORIES, eval_prompts, summarize
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from server_helpers import serve
 
 pytest.importorskip("fastapi")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from reference import make_components
 from safetensors.torch import load_file, save_file
 
 import sdengine
@@ -14,8 +15,6 @@ from sdengine.config import PRESETS, SD15, SD21_BASE, TINY, ModelConfig, UNetCon
 from sdengine.model import StableDiffusion
 from sdengine.weights import detect
 from sdengine.weights.keys import TEXT, UNET, VAE
-
-from reference import make_components
 
 
 def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,8 @@ view); the parameterization (eps or v) and the scaling to the UNet's variance-pr
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn

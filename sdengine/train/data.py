@@ -112,7 +112,8 @@ class FolderSource:
     def _order(self, epoch: int) -> np.ndarray:
         """A fresh order each epoch; kept, so each item costs no O(n) shuffle."""
         if getattr(self, "_epoch", None) != epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng(item_seed(self.seed, epoch)).permutation(len(self.items))
+            rng = np.random.default_rng(item_seed(self.seed, epoch))
+            self._epoch, self._perm = epoch, rng.permutation(len(self.items))
         return self._perm
 
     def item(self, index: int) -> tuple[np.ndarray, str]:

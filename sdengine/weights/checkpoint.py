@@ -26,7 +26,9 @@ CLIP_VOCAB_SIZE = 49408
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def read_checkpoint(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer | None]:
+def read_checkpoint(
+    path: str | Path, use_ema: bool = False
+) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer | None]:
     """A single file or diffusers folder -> (original-keyed tensors, config, tokenizer or None for the default)."""
     path = Path(path)
     if not path.exists():
@@ -72,7 +74,8 @@ def tokenizer_metadata(tokenizer: CLIPTokenizer) -> dict[str, str]:
     """Metadata entry carrying a custom vocabulary (the standard CLIP one ships with the package)."""
     if len(tokenizer.vocab) == CLIP_VOCAB_SIZE:
         return {}
-    return {TOKENIZER_METADATA: json.dumps({"vocab": tokenizer.vocab, "merges": [" ".join(m) for m in tokenizer.merges]})}
+    merges = [" ".join(m) for m in tokenizer.merges]
+    return {TOKENIZER_METADATA: json.dumps({"vocab": tokenizer.vocab, "merges": merges})}
 
 
 def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

@@ -108,7 +108,8 @@ def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> T
             layout="openclip", vocab_size=tok.shape[0], width=width,
             max_positions=_need(sd, p + "positional_embedding").shape[0],
             layers=len(_indices(keys, r"model\.transformer\.resblocks\.(\d+)\.")),
-            heads=heads_hint or width // 64, mlp_width=_need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+            heads=heads_hint or width // 64,
+            mlp_width=_need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
             activation="gelu", skip_last_layers=1, pad_with_eos=False, eos_token_id=tok.shape[0] - 1,
             has_projection=p + "text_projection" in sd)
     raise UnknownArchitecture("no text encoder found: expected keys under 'cond_stage_model.transformer.text_model.' "
@@ -119,5 +120,6 @@ def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
     """Config of an original-keyed state dict (prediction type 'eps'; the loader probes SD2 for 'v')."""
     if not any(k.startswith(UNET) for k in sd):
         sample = ", ".join(sorted(sd)[:5])
-        raise UnknownArchitecture(f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
+        raise UnknownArchitecture(
+            f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
     return ModelConfig(unet=detect_unet(sd), vae=detect_vae(sd), text=detect_text(sd))

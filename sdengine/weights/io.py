@@ -12,8 +12,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError

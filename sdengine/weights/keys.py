@@ -95,7 +95,8 @@ def vae_pairs(cfg: VAEConfig) -> Pairs:
         for j in range(cfg.num_res_blocks):
             pairs += _vae_resnet(f"encoder.down.{level}.block.{j}.", f"encoder.down_blocks.{level}.resnets.{j}.")
         if level != levels - 1:
-            pairs.append((f"encoder.down.{level}.downsample.conv.", f"encoder.down_blocks.{level}.downsamplers.0.conv."))
+            pairs.append((f"encoder.down.{level}.downsample.conv.",
+                          f"encoder.down_blocks.{level}.downsamplers.0.conv."))
     for up, level in enumerate(reversed(range(levels))):
         for j in range(cfg.num_res_blocks + 1):
             pairs += _vae_resnet(f"decoder.up.{level}.block.{j}.", f"decoder.up_blocks.{up}.resnets.{j}.")
@@ -138,7 +139,8 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dic
     """Original-keyed state dict -> {"unet": ..., "vae": ..., "text_encoder": ..., "openclip_extras": ...}."""
     out: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}, "openclip_extras": {}}
     text_layers = cfg.text.layers - cfg.text.skip_last_layers  # diffusers keeps only the layers SD reads
-    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae), "text_encoder": text_pairs(cfg.text, text_layers)}
+    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae),
+              "text_encoder": text_pairs(cfg.text, text_layers)}
     unmapped = []
     for key, value in sd.items():
         part = next(p for p, prefix in PARTS.items() if key.startswith(prefix))
@@ -183,7 +185,8 @@ def from_diffusers(parts: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig) 
     """The inverse of `to_diffusers`: diffusers part state dicts -> one original-keyed state dict."""
     sd: dict[str, torch.Tensor] = {}
     text_layers = cfg.text.layers - cfg.text.skip_last_layers
-    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae), "text_encoder": text_pairs(cfg.text, text_layers)}
+    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae),
+              "text_encoder": text_pairs(cfg.text, text_layers)}
     unmapped = []
     for part, tensors in parts.items():
         if part == "openclip_extras":

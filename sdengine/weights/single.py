@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, VAEConfig
-from .keys import IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers
 from .detect import UnknownArchitecture, detect_vae
+from .keys import IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers
 
 
 def normalize(sd: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -47,7 +47,8 @@ def _take_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def standalone_vae(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], VAEConfig]:
-    """A separate VAE file (original `encoder.*` / `first_stage_model.*` or diffusers naming) -> (VAE_-keyed, config)."""
+    """A separate VAE file (original `encoder.*` / `first_stage_model.*` or diffusers naming) -> (VAE_-keyed,
+    config)."""
     if any(k.startswith(VAE) for k in sd):
         sd = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
     if any(".down_blocks." in k or ".up_blocks." in k for k in sd):

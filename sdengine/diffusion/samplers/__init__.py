@@ -1,8 +1,8 @@
 """The sampler registry: CLI name -> SamplerSpec. Each module contributes its own SAMPLERS dict."""
 from __future__ import annotations
 
-from .base import BatchNoise, DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 from . import discrete, euler, multistep, unipc
+from .base import BatchNoise, DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 
 SAMPLERS: dict[str, SamplerSpec] = {**euler.SAMPLERS, **multistep.SAMPLERS, **discrete.SAMPLERS, **unipc.SAMPLERS}
 

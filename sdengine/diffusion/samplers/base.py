@@ -6,8 +6,9 @@ appended (0, or sigma_min for samplers that stop there). No hidden step counters
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch

@@ -5,7 +5,6 @@ variable; each matches a diffusers scheduler built from SD1.5's scheduler config
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from numpy.polynomial import polynomial as P

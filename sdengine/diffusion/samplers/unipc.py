@@ -9,7 +9,8 @@ becomes x_t = (sigma_t / sigma_s) x_s - (e^-h - 1) m0 - B(h) sum rho_k D_k in VE
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
