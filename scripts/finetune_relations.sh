@@ -14,20 +14,20 @@
 #             (scripts/relation_probe.py MODEL --state RUNS/textneg/step-N --text-only measures the change above)
 #   unet_a    INIT's UNet on that encoder (frozen), weighted to the noisy end where the layout is decided
 #   unet_b    from unet_a, closer to uniform timesteps (what single objects and counting need), with EMA
-#   unet_c, unet_d   C_STAGES stages of C_STEPS at uniform timesteps, each from the one before (0 skips them): on
-#             the CPU the UNet was still relearning its shapes after unet_b (overall 0.764, then 0.833 and 0.859:
-#             release 8 is unet_d)
+#   unet_c .. unet_e   C_STAGES stages of C_STEPS at uniform timesteps, each from the one before (0 skips them):
+#             on the CPU the UNet was still relearning its shapes after unet_b (overall 0.764, then 0.833, 0.859
+#             and 0.870: release 9 is unet_e)
 # The CACHE scenes of --seed SEED are encoded once (unet_a) and reused by the later stages (same VAE, tokenizer).
 # Knobs (environment): TEXT_STOP (6000), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2"), C_STEPS
-# (3000), C_STAGES (2, at most 4); for the UNet stages BATCH (64), LR (1e-4), WARMUP (50), CACHE (100000 scenes),
+# (3000), C_STAGES (3, at most 4); for the UNet stages BATCH (64), LR (1e-4), WARMUP (50), CACHE (100000 scenes),
 # SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile). On a GPU, e.g. BATCH=1024 LR=2e-4 WARMUP=100 CACHE=400000
 # A_STEPS=300 B_STEPS=1500 C_STEPS=0 COMPILE=1 (0.3 M and 1.5 M images in the UNet stages against the CPU's 55 k,
-# 110 k and twice 192 k; the text stages keep batch 128).
+# 110 k and three times 192 k; the text stages keep batch 128).
 set -euo pipefail
 INIT=${1:?usage: finetune_relations.sh INIT [RUNS_DIR]}
 RUNS=${2:-/work/runs/relations}
 TEXT_STOP=${TEXT_STOP:-6000} A_STEPS=${A_STEPS:-859} B_STEPS=${B_STEPS:-1715} B_EXTRA=${B_EXTRA:---timestep-shift 2}
-C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-2}
+C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-3}
 mkdir -p "$RUNS"
 
 resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
@@ -52,8 +52,8 @@ fi
 stage "$RUNS/textneg/text.safetensors" sdengine train text --data shapes --out "$RUNS/textneg" --resume \
   --hard-negatives --steps 6000 --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
 TEXT=$RUNS/textneg/text.safetensors
-UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP:-50}" --cache-latents "${CACHE:-100000}"
-      --seed "${SEED:-8}" --save-every "${SAVE_EVERY:-100}")
+UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP:-50}"
+      --cache-latents "${CACHE:-100000}" --seed "${SEED:-8}" --save-every "${SAVE_EVERY:-100}")
 [ "${COMPILE:-0}" = 1 ] && UNET+=(--compile)
 
 stage "$RUNS/unet_a/model.safetensors" sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" \
