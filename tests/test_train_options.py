@@ -1,5 +1,6 @@
 """Training options that change what a run is made of: --precision auto, --stop-at (a result from the middle of a
-schedule) and --init with --text (fine-tuning a model's UNet on another text encoder)."""
+schedule), --init with --text (fine-tuning a model's UNet on another text encoder) and --clip-skip (on another of
+its layers)."""
 from __future__ import annotations
 
 import pytest
@@ -106,3 +107,46 @@ def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, da
                     str(root / "vae" / "vae.safetensors"), "--steps", "1", "--batch", "4")
     assert rc == 1
     one_error(err, "--vae", "--init")
+
+
+# ---- --clip-skip --------------------------------------------------------------------------------------------------
+
+def test_clip_skip_trains_the_unet_on_an_earlier_text_layer_and_the_model_keeps_reading_it(capsys, tmp_path, data):
+    """train unet --init MODEL --clip-skip 2: the saved model's config says skip_last_layers 1, so it reads layer 1 of
+    its 2 by default (what clip skip 2 gave before); with --train-text-encoder only the layers it reads learn."""
+    import dataclasses
+
+    import sdengine
+    from sdengine.config import ModelConfig
+    from sdengine.model import StableDiffusion
+    from sdengine.train.cli import ARCH
+
+    tiny = ARCH["tiny"]
+    cfg = ModelConfig(unet=dataclasses.replace(tiny["unet"], context_dim=32), vae=tiny["vae"],
+                      text=dataclasses.replace(tiny["text"], layers=2), sample_size=32)
+    sdengine.save(StableDiffusion(cfg).init_weights(), tmp_path / "base.safetensors", dtype=torch.float16)  # as results
+    base = sdengine.load(tmp_path / "base.safetensors")
+    prompt = ["a red square"]
+    for extra in ([], ["--train-text-encoder"]):
+        out = tmp_path / f"ft{len(extra)}"
+        rc, err = train(capsys, "unet", out, data, "--init", str(tmp_path / "base.safetensors"), "--clip-skip", "2",
+                        "--steps", "6", "--batch", "4", "--ema", "0", *extra)  # zeroed projections: 1 step is not seen
+        assert rc == 0, err
+        model = sdengine.load(out / "model.safetensors")
+        assert model.config.text.skip_last_layers == 1 and model.config.text.layers == 2
+        last = [k for k in base.text_encoder.state_dict() if ".layers.1." in k]
+        first = [k for k in base.text_encoder.state_dict() if ".layers.0." in k]
+        assert last and first
+        new, old = model.text_encoder.state_dict(), base.text_encoder.state_dict()
+        assert all(torch.equal(new[k], old[k]) for k in last)  # unread: never trained
+        assert all(torch.equal(new[k], old[k]) for k in first) == (not extra)
+        if not extra:  # the frozen encoder: the model reads by default what clip skip 2 read before
+            assert torch.equal(model.encode_prompt(prompt), base.encode_prompt(prompt, clip_skip=2))
+            assert not torch.allclose(model.encode_prompt(prompt), base.encode_prompt(prompt), atol=1e-3)
+    rc, err = train(capsys, "unet", tmp_path / "bad", data, "--init", str(tmp_path / "base.safetensors"),
+                    "--clip-skip", "3", "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--clip-skip", "1 to 2")
+    rc, err = train(capsys, "vae", tmp_path / "bad2", data, "--clip-skip", "2", "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--clip-skip", "train unet")

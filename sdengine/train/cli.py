@@ -86,6 +86,10 @@ def register(sub) -> None:
     p.add_argument("--snr-floor", type=float, default=0.0, metavar="F",
                    help="unet: weigh each step's error in x0 by at least F (min-SNR weighting clamps it to at most 5; "
                         "eps prediction weighs it by SNR, ~0.005-0.05 at the steps that settle the layout)")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="K",
+                   help="unet: condition on the text encoder's K-th layer from the end of those the model reads now "
+                        "(2: the one before, as kohya's --clip_skip); the saved model records it and reads that layer "
+                        "by default, so fine-tune it further without --clip-skip")
     p.add_argument("--text-lr", type=float, default=None, metavar="LR",
                    help="with --train-text-encoder: the text encoder's peak LR (default: --lr); the same warmup "
                         "and cosine apply")
@@ -139,6 +143,8 @@ def build_stage(args: argparse.Namespace):
         if args.vae is None or args.text is None:
             raise ValueError("train unet needs --vae and --text (the trained stages), or --init CHECKPOINT")
         model = stages.assemble(arch["unet"], args.vae, args.text, args.prediction, sample_size=args.size)
+    if args.clip_skip != 1:
+        model = stages.read_text_layer(model, args.clip_skip)
     return stages.UNetStage(model, source, seed=args.seed, train_text=args.train_text_encoder,
                             timestep_shift=args.timestep_shift, snr_floor=args.snr_floor)
 
@@ -187,6 +193,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--text-lr needs --train-text-encoder (a frozen text encoder has no learning rate)")
     if args.text_lr is not None and args.text_lr <= 0:
         raise ValueError(f"--text-lr must be positive (got {args.text_lr})")
+    if args.clip_skip != 1 and args.stage != "unet":
+        raise ValueError("--clip-skip is for train unet (which text encoder layer the UNet reads)")
     if args.cache_latents is not None and args.stage != "unet":
         raise ValueError("--cache-latents is for train unet (the VAE's latents are what the UNet learns from)")
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)

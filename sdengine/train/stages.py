@@ -311,6 +311,8 @@ class UNetStage:
                                                  "yellow circle", "a big purple square on a black background"]
         model.vae.requires_grad_(False).eval()
         model.text_encoder.requires_grad_(train_text).train(train_text)
+        for layer in model.text_encoder.layer_list()[model.config.text.hidden_layers_used:]:
+            layer.requires_grad_(False)  # the layers after the one the UNet reads get no gradient (SD2, clip skip)
         self.alphas_cumprod = SD_SCHEDULE.alphas_cumprod
         self.cache: LatentCache | None = None  # set by use_cache: batches come from it instead of the source
 
@@ -456,5 +458,20 @@ def replace_text_encoder(model: StableDiffusion, text_path: Path) -> StableDiffu
     return model
 
 
-__all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "replace_text_encoder", "train_tokenizer", "load_vae",
-           "load_text"]
+def read_text_layer(model: StableDiffusion, clip_skip: int) -> StableDiffusion:
+    """Condition the UNet on the text encoder's layer `clip_skip` from the end of those it reads now (1: the same;
+    2: the one before, as kohya's --clip_skip and A1111's "Clip skip"). The choice goes into the config as
+    skip_last_layers, so the saved model reads that layer by default in sdengine (other programs need their clip
+    skip set to match); the layers after it stay in the file, unread."""
+    text = model.config.text
+    if clip_skip < 1 or clip_skip > text.hidden_layers_used:
+        raise ValueError(f"--clip-skip must be 1 to {text.hidden_layers_used}, the text encoder's layers in use "
+                         f"(got {clip_skip})")
+    text = dataclasses.replace(text, skip_last_layers=text.skip_last_layers + clip_skip - 1)
+    model.config = dataclasses.replace(model.config, text=text)
+    model.cond_stage_model.config = text
+    return model
+
+
+__all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "replace_text_encoder", "read_text_layer",
+           "train_tokenizer", "load_vae", "load_text"]
