@@ -14,13 +14,14 @@
 #             (scripts/relation_probe.py MODEL --state RUNS/textneg/step-N --text-only measures the change above)
 #   unet_a    INIT's UNet on that encoder (frozen), weighted to the noisy end where the layout is decided
 #   unet_b    from unet_a, closer to uniform timesteps (what single objects and counting need), with EMA
-#   unet_c .. unet_e   C_STAGES stages of C_STEPS at uniform timesteps, each from the one before (0 skips them):
-#             on the CPU the UNet was still relearning its shapes after unet_b (overall 0.764, then 0.833, 0.859
-#             and 0.870: release 9 is unet_e)
+#   unet_c .. unet_f   C_STAGES stages of C_STEPS at uniform timesteps, each from the one before (0 skips them):
+#             on the CPU the UNet was still relearning its shapes after unet_b (overall 0.764, then 0.833, 0.859,
+#             0.870 and 0.868: a plateau on one cache)
+#   unet_g    G_STEPS more on a fresh cache (seed SEED+1: new scenes): 0.886, held-out 0.821 (release 10)
 # The CACHE scenes of --seed SEED are encoded once (unet_a) and reused by the later stages (same VAE, tokenizer).
 # Knobs (environment): TEXT_STOP (6000), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2"), C_STEPS
-# (3000), C_STAGES (3, at most 4); for the UNet stages BATCH (64), LR (1e-4), WARMUP (50), CACHE (100000 scenes),
-# SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile); CLIP_SKIP (1) is the encoder layer the UNet reads from
+# (3000), C_STAGES (4, at most 4), G_STEPS (2000); for the UNet stages BATCH (64), LR (1e-4), WARMUP (50),
+# CACHE (100000 scenes), SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile); CLIP_SKIP (1) is the encoder layer the UNet reads from
 # unet_a on (3: the second of four, where scripts/binding_probe.py finds the held-out pairs' shapes kept).
 # On a GPU, e.g. BATCH=1024 LR=2e-4 WARMUP=100 CACHE=400000 A_STEPS=300 B_STEPS=1500 C_STEPS=0 COMPILE=1 (0.3 M
 # and 1.5 M images in the UNet stages against the CPU's 55 k, 110 k and three times 192 k; the text stages keep
@@ -29,7 +30,7 @@ set -euo pipefail
 INIT=${1:?usage: finetune_relations.sh INIT [RUNS_DIR]}
 RUNS=${2:-/work/runs/relations}
 TEXT_STOP=${TEXT_STOP:-6000} A_STEPS=${A_STEPS:-859} B_STEPS=${B_STEPS:-1715} B_EXTRA=${B_EXTRA:---timestep-shift 2}
-C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-3}
+C_STEPS=${C_STEPS:-3000} C_STAGES=${C_STAGES:-4} G_STEPS=${G_STEPS:-2000} SEED=${SEED:-8}
 mkdir -p "$RUNS"
 
 resume_flag() { compgen -G "$1/step-*" > /dev/null && echo --resume || true; }
@@ -55,12 +56,12 @@ stage "$RUNS/textneg/text.safetensors" sdengine train text --data shapes --out "
   --hard-negatives --steps 6000 --stop-at "$TEXT_STOP" --batch 128 --lr 3e-4 --save-every 250
 TEXT=$RUNS/textneg/text.safetensors
 UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP:-50}"
-      --cache-latents "${CACHE:-100000}" --seed "${SEED:-8}" --save-every "${SAVE_EVERY:-100}")
+      --cache-latents "${CACHE:-100000}" --save-every "${SAVE_EVERY:-100}")
 [ "${COMPILE:-0}" = 1 ] && UNET+=(--compile)
 
 stage "$RUNS/unet_a/model.safetensors" sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" \
-  $(resume_flag "$RUNS/unet_a") "${UNET[@]}" --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 --ema 0 \
-  --clip-skip "${CLIP_SKIP:-1}"  # the later stages start from unet_a's model, which reads that layer already
+  $(resume_flag "$RUNS/unet_a") "${UNET[@]}" --seed "$SEED" --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 \
+  --ema 0 --clip-skip "${CLIP_SKIP:-1}"  # the later stages start from unet_a's model, which reads that layer already
 # continue STAGE from PREVIOUS's model on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
 continue_unet() {
   local name=$1 previous=$2
@@ -69,7 +70,7 @@ continue_unet() {
   mkdir -p "$RUNS/$name"
   ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$name/latents.safetensors"
   stage "$RUNS/$name/model.safetensors" sdengine train unet --init "$RUNS/$previous/model.safetensors" \
-    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" "$@"
+    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" --seed "$SEED" "$@"
 }
 # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
 continue_unet unet_b unet_a --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
@@ -79,4 +80,10 @@ for name in unet_c unet_d unet_e unet_f; do  # C_STAGES of them, each from the o
   continue_unet "$name" "$LAST" --steps "$C_STEPS" --snr-floor 0.3
   LAST=$name C_STAGES=$((C_STAGES - 1))
 done
+if [ "$G_STEPS" -gt 0 ]; then  # then on a fresh cache: the next seed's scenes, new batch order and noise
+  stage "$RUNS/unet_g/model.safetensors" sdengine train unet --init "$RUNS/$LAST/model.safetensors" \
+    --out "$RUNS/unet_g" $(resume_flag "$RUNS/unet_g") "${UNET[@]}" --seed $((SEED + 1)) --steps "$G_STEPS" \
+    --snr-floor 0.3
+  LAST=unet_g
+fi
 sdengine eval --model "$RUNS/$LAST/model.safetensors" --seeds 1 --compile --out "$RUNS/eval" --quiet
