@@ -21,8 +21,9 @@
 # The CACHE scenes of --seed SEED are encoded once (unet_a) and reused by the later stages (same VAE, tokenizer).
 # Knobs (environment): TEXT_STOP (6000), A_STEPS (859), B_STEPS (1715), B_EXTRA ("--timestep-shift 2"), C_STEPS
 # (3000), C_STAGES (4, at most 4), G_STEPS (2000); for the UNet stages BATCH (64), LR (1e-4), WARMUP (50),
-# CACHE (100000 scenes), SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile); CLIP_SKIP (1) is the encoder layer the UNet reads from
-# unet_a on (3: the second of four, where scripts/binding_probe.py finds the held-out pairs' shapes kept).
+# CACHE (100000 scenes), SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile); CLIP_SKIP (1) is the encoder
+# layer the UNet reads from unet_a on (3: the second of four, where scripts/binding_probe.py finds the held-out
+# pairs' shapes kept).
 # On a GPU, e.g. BATCH=1024 LR=2e-4 WARMUP=100 CACHE=400000 A_STEPS=300 B_STEPS=1500 C_STEPS=0 COMPILE=1 (0.3 M
 # and 1.5 M images in the UNet stages against the CPU's 55 k, 110 k and three times 192 k; the text stages keep
 # batch 128).
