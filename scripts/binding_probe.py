@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from sdengine.data.shapes import COLORS, HELD_OUT, SHAPES
+from sdengine.data.shapes import COLORS, HELD_OUT, SHAPES, Group, SceneSpec, describe
 from sdengine.train.stages import replace_text_encoder
 from sdengine.weights import load
 
 
 def caption(color: str, shape: str) -> str:
-    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+    """The world's own canonical caption of one object ("an orange star")."""
+    return describe(SceneSpec((Group(shape, color),)))
 
 
 @torch.no_grad()

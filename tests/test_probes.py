@@ -1,28 +1,18 @@
 """scripts/binding_probe.py: which shape a text encoder's context names, per layer, for held-out colour-shape pairs."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import torch
+from test_train import tiny_model
 
-from sdengine.config import ModelConfig
 from sdengine.data.shapes import COLORS, HELD_OUT, SHAPES
-from sdengine.model import StableDiffusion
-from sdengine.train.cli import ARCH
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("binding_probe", ROOT / "scripts" / "binding_probe.py")
 binding_probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(binding_probe)
-
-
-def tiny_model(layers: int) -> StableDiffusion:
-    tiny = ARCH["tiny"]
-    cfg = ModelConfig(unet=dataclasses.replace(tiny["unet"], context_dim=32), vae=tiny["vae"],
-                      text=dataclasses.replace(tiny["text"], layers=layers), sample_size=32)
-    return StableDiffusion(cfg).init_weights().eval()
 
 
 def test_the_shape_token_is_the_last_before_the_end_token_at_each_layer():

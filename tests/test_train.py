@@ -2,6 +2,7 @@
 parallelism under torchrun, folder data and accumulation. Tiny models on 32x32 images from a folder made here."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -22,6 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdengine import cli
+from sdengine.config import ModelConfig
+from sdengine.model import StableDiffusion
 from sdengine.tokenizer import CLIPTokenizer
 from sdengine.train.checkpoint import checkpoints, load_latest
 from sdengine.train.cli import ARCH
@@ -58,6 +61,14 @@ def train(capsys, stage: str, out: Path, data: Path, *extra: str, quiet: bool = 
     rc = cli.run(["train", stage, "--data", str(data), "--out", str(out), *TINY, *(["--quiet"] if quiet else []),
                   *extra])
     return rc, capsys.readouterr().err
+
+
+def tiny_model(text_layers: int) -> StableDiffusion:
+    """A fresh model of the tiny architecture with `text_layers` text-encoder layers (for clip skip)."""
+    tiny = ARCH["tiny"]
+    cfg = ModelConfig(unet=dataclasses.replace(tiny["unet"], context_dim=32), vae=tiny["vae"],
+                      text=dataclasses.replace(tiny["text"], layers=text_layers), sample_size=32)
+    return StableDiffusion(cfg).init_weights().eval()
 
 
 def one_error(err: str, *words: str) -> str:

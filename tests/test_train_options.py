@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import TINY, logged, make_images, one_error, train
+from test_train import TINY, logged, make_images, one_error, tiny_model, train
 
 from sdengine.train import trainer as trainer_module
 from sdengine.train.stages import load_text
@@ -114,17 +114,9 @@ def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, da
 def test_clip_skip_trains_the_unet_on_an_earlier_text_layer_and_the_model_keeps_reading_it(capsys, tmp_path, data):
     """train unet --init MODEL --clip-skip 2: the saved model's config says skip_last_layers 1, so it reads layer 1 of
     its 2 by default (what clip skip 2 gave before); with --train-text-encoder only the layers it reads learn."""
-    import dataclasses
-
     import sdengine
-    from sdengine.config import ModelConfig
-    from sdengine.model import StableDiffusion
-    from sdengine.train.cli import ARCH
 
-    tiny = ARCH["tiny"]
-    cfg = ModelConfig(unet=dataclasses.replace(tiny["unet"], context_dim=32), vae=tiny["vae"],
-                      text=dataclasses.replace(tiny["text"], layers=2), sample_size=32)
-    sdengine.save(StableDiffusion(cfg).init_weights(), tmp_path / "base.safetensors", dtype=torch.float16)  # as results
+    sdengine.save(tiny_model(2), tmp_path / "base.safetensors", dtype=torch.float16)  # fp16, as results are
     base = sdengine.load(tmp_path / "base.safetensors")
     prompt = ["a red square"]
     for extra in ([], ["--train-text-encoder"]):
