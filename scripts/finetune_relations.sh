@@ -25,9 +25,9 @@
 # (50), CACHE (100000 scenes), SEED (8), SAVE_EVERY (100) and COMPILE (1: --compile); CLIP_SKIP (1) is the encoder layer
 # the UNet reads from unet_a on (3: the second of four, where scripts/binding_probe.py finds the held-out pairs' shapes
 # kept).
-# On a GPU, e.g. BATCH=1024 LR=2e-4 WARMUP=100 CACHE=400000 A_STEPS=300 B_STEPS=1500 C_STEPS=0 COMPILE=1 (0.3 M
-# and 1.5 M images in the UNet stages against the CPU's 55 k, 110 k and three times 192 k; the text stages keep
-# batch 128).
+# On a GPU, e.g. BATCH=1024 LR=2e-4 WARMUP=100 CACHE=400000 A_STEPS=300 B_STEPS=1500 C_STEPS=0 G_STEPS=0
+# COMPILE=1 (0.3 M and 1.5 M images in the UNet stages against the CPU's 55 k, 110 k, four times 192 k and twice
+# 128 k; the text stages keep batch 128).
 set -euo pipefail
 INIT=${1:?usage: finetune_relations.sh INIT [RUNS_DIR]}
 RUNS=${2:-/work/runs/relations}
@@ -66,15 +66,21 @@ UNET=(--data shapes --batch "${BATCH:-64}" --lr "${LR:-1e-4}" --warmup "${WARMUP
 stage "$RUNS/unet_a/model.safetensors" sdengine train unet --init "$INIT" --text "$TEXT" --out "$RUNS/unet_a" \
   $(resume_flag "$RUNS/unet_a") "${UNET[@]}" --seed "$SEED" --steps "$A_STEPS" --snr-floor 1 --timestep-shift 3 \
   --ema 0 --clip-skip "${CLIP_SKIP:-1}"  # the later stages start from unet_a's model, which reads that layer already
-# continue STAGE from PREVIOUS's model on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
+# next_unet NAME PREVIOUS SEED ARGS...: train NAME from PREVIOUS's model on the scenes of --seed SEED
+next_unet() {
+  local name=$1 previous=$2 seed=$3
+  shift 3
+  stage "$RUNS/$name/model.safetensors" sdengine train unet --init "$RUNS/$previous/model.safetensors" \
+    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" --seed "$seed" "$@"
+}
+# continue_unet NAME PREVIOUS ARGS...: next_unet on unet_a's latent cache (the same inputs: hardlinked, not rebuilt)
 continue_unet() {
   local name=$1 previous=$2
   shift 2
   [ -f "$RUNS/$name/model.safetensors" ] && return 0
   mkdir -p "$RUNS/$name"
   ln -f "$RUNS/unet_a/latents.safetensors" "$RUNS/$name/latents.safetensors"
-  stage "$RUNS/$name/model.safetensors" sdengine train unet --init "$RUNS/$previous/model.safetensors" \
-    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" --seed "$SEED" "$@"
+  next_unet "$name" "$previous" "$SEED" "$@"
 }
 # shellcheck disable=SC2086  # B_EXTRA is a list of arguments
 continue_unet unet_b unet_a --steps "$B_STEPS" --snr-floor 0.3 $B_EXTRA
@@ -87,9 +93,7 @@ done
 for name in unet_g unet_h; do  # G_STAGES on fresh caches: each the next seed's scenes, new batch order and noise
   [ "$G_STEPS" -gt 0 ] && [ "$G_STAGES" -gt 0 ] || break
   FRESH_SEED=$((FRESH_SEED + 1))
-  stage "$RUNS/$name/model.safetensors" sdengine train unet --init "$RUNS/$LAST/model.safetensors" \
-    --out "$RUNS/$name" $(resume_flag "$RUNS/$name") "${UNET[@]}" --seed "$FRESH_SEED" --steps "$G_STEPS" \
-    --snr-floor 0.3
+  next_unet "$name" "$LAST" "$FRESH_SEED" --steps "$G_STEPS" --snr-floor 0.3
   LAST=$name G_STAGES=$((G_STAGES - 1))
 done
 sdengine eval --model "$RUNS/$LAST/model.safetensors" --seeds 1 --compile --out "$RUNS/eval" --quiet
