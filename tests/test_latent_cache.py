@@ -3,6 +3,7 @@ is reused by --resume, and rebuilt when damaged or built from other inputs; bad 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,9 +80,25 @@ def test_cache_built_from_other_inputs_is_not_used(capsys, tmp_path, stages):
     assert rc == 0 and "6/6 items encoded" in err and load_file(tmp_path / "b" / CACHE_FILE)["ids"].shape[0] == 6
 
 
+def test_a_cache_of_another_scene_mix_is_rebuilt(capsys, tmp_path, stages):
+    """The shapes stream's mix is part of the cache key; its defaults spelt out are not another mix."""
+    args = unet_args(stages, "--steps", "1", "--cache-latents", "4")
+    assert train(capsys, "unet", tmp_path / "a", Path("shapes"), *args)[0] == 0
+    built = load_file(tmp_path / "a" / CACHE_FILE)["ids"]
+    for run, mix, rebuilt in (("same", ["--color-drop", "0.15"], False), ("pairs", ["--scene-kinds", "pair"], True)):
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / CACHE_FILE).write_bytes((tmp_path / "a" / CACHE_FILE).read_bytes())
+        rc, err = train(capsys, "unet", tmp_path / run, Path("shapes"), *args, *mix, quiet=False)
+        assert rc == 0, err
+        assert ("4/4 items encoded" in err) == rebuilt and ("reusing" in err) != rebuilt, err
+        assert torch.equal(load_file(tmp_path / run / CACHE_FILE)["ids"], built) != rebuilt
+
+
 @pytest.mark.parametrize("argv, words", [
     (["vae", "--cache-latents", "10"], ("--cache-latents", "train unet")),
     (["unet", "--cache-latents", "0"], ("--cache-latents", "at least 1")),
+    (["unet", "--cache-latents", "4", "--scene-kinds", "pair"], ("--scene-kinds", "--data shapes")),
+    (["unet", "--cache-latents", "4", "--color-drop", "0.15"], ("--color-drop", "--data shapes")),
 ])
 def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words):
     stage, *extra = argv

@@ -22,6 +22,7 @@ from sdengine.data import (
 )
 from sdengine.data.checker import label
 from sdengine.data.shapes import (
+    COLOR_DROP,
     COLORS,
     MAX_COUNT,
     PLURALS,
@@ -286,3 +287,22 @@ def test_hard_negatives_are_worded_alike_and_mean_another_scene() -> None:
             assert words[0] == words[1], (caption, negative)  # the same words, but for the relation's direction
             assert parse_prompt(negative).normalized() != meaning, (caption, negative)
     assert made > 100
+
+
+def test_scene_mix_sets_the_kinds_and_how_often_colours_go_unsaid() -> None:
+    default = [SceneSampler(5).scene(i)[1] for i in range(40)]
+    assert [SceneSampler(5, kinds=SCENE_KINDS, color_drop=COLOR_DROP).scene(i)[1] for i in range(40)] == default
+    pairs = SceneSampler(5, kinds=("pair",), color_drop=1.0)
+    unsaid = 0
+    for i in range(100):
+        scene, caption = pairs.scene(i)
+        groups = scene.spec.groups
+        assert len(groups) == 2 and all(g.count == 1 for g in groups) and scene.spec.relation is None, caption
+        assert len(scene.objects) == 2 and " and " in caption, caption
+        unsaid += sum(g.color is None for g in groups)
+    assert unsaid >= 150  # a colour stays where the caption would not be a valid prompt without it (validate())
+    colored = SceneSampler(5, kinds=("pair",), color_drop=0.0)
+    assert all(g.color is not None for i in range(50) for g in colored.scene(i)[0].spec.groups)
+    for bad in ({"kinds": ("single", "pairs")}, {"kinds": ()}, {"color_drop": 1.5}):
+        with pytest.raises(ValueError):
+            SceneSampler(5, **bad)

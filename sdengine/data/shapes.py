@@ -41,6 +41,11 @@ MAX_COUNT = 4
 # 5, with shapes drawn well, 35 of 61 failed position prompts had the relation itself wrong.
 SCENE_KINDS: tuple[str, ...] = ("single", "relation", "counting", "combination", "relation", "counting",
                                 "combination", "relation")
+# What a rotation may name: "pair" is two objects with no relation ("a red circle and a blue square");
+# "combination" picks one of the last three (counts in a pair or a relation: "two red circles and a star").
+COLOR_DROP = 0.15  # how often a training caption leaves an object's colour unsaid
+ALL_SCENE_KINDS: tuple[str, ...] = ("single", "relation", "counting", "pair", "combination", "counted_pair",
+                                    "counted_relation")
 
 # Colour-shape bindings never drawn in the training stream (as image or caption): the model sees purple
 # and triangles, but never a purple triangle, so evaluation can measure compositional generalization.
@@ -456,12 +461,13 @@ def _random_spec(kind: str, rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(tuple(groups), relation, bg)
 
 
-def _drop_attributes(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
-    """Captions sometimes leave size (often) or colour (rarely) unsaid: the model learns they are free."""
+def _drop_attributes(spec: SceneSpec, rng: np.random.Generator, color_drop: float = COLOR_DROP) -> SceneSpec:
+    """Captions sometimes leave size (half the time) or colour (`color_drop` of the time) unsaid: the model
+    learns they are free."""
     groups = list(spec.groups)
     for i, g in enumerate(groups):
         g = replace(g, size=None) if rng.random() < 0.5 else g
-        trial = replace(g, color=None) if rng.random() < 0.15 else g
+        trial = replace(g, color=None) if rng.random() < color_drop else g
         try:
             SceneSpec(tuple(groups[:i] + [trial] + groups[i + 1:]), spec.relation, spec.background).validate()
             g = trial
@@ -475,19 +481,29 @@ class SceneSampler:
     """Endless, deterministic stream of (image, caption, scene). Sample i depends only on (seed, i); kinds
     rotate through SCENE_KINDS, so each kind has exactly its share.
 
-    mode: "train" never draws a HELD_OUT binding; "held_out" only scenes with at least one; "all" both."""
+    mode: "train" never draws a HELD_OUT binding; "held_out" only scenes with at least one; "all" both.
+    kinds: the scene kinds rotated through (SCENE_KINDS; a kind named twice has twice the share);
+    color_drop: how often a caption leaves an object's colour unsaid."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, mode: str = "train",
-                 held_out: frozenset[tuple[str, str]] = HELD_OUT, supersample: int = 4) -> None:
+                 held_out: frozenset[tuple[str, str]] = HELD_OUT, supersample: int = 4,
+                 kinds: tuple[str, ...] = SCENE_KINDS, color_drop: float = COLOR_DROP) -> None:
         if mode not in ("train", "held_out", "all"):
             raise ValueError(f"mode must be train, held_out or all, not {mode!r}")
+        unknown = sorted(set(kinds) - set(ALL_SCENE_KINDS))
+        if not kinds or unknown:
+            raise ValueError(f"scene kinds must be some of {', '.join(ALL_SCENE_KINDS)}; got {', '.join(unknown)}"
+                             if unknown else "scene kinds: name at least one")
+        if not 0.0 <= color_drop <= 1.0:
+            raise ValueError(f"colour drop must be a probability in [0, 1], got {color_drop}")
         self.seed, self.resolution, self.mode = seed, resolution, mode
         self.held, self.supersample = held_out, supersample
+        self.kinds, self.color_drop = tuple(kinds), color_drop
 
     def scene(self, index: int) -> tuple[Scene, str]:
         """(scene, caption) of sample `index`, without drawing it."""
         rng = np.random.default_rng([self.seed, index, 0x5EED])
-        kind = SCENE_KINDS[index % len(SCENE_KINDS)]
+        kind = self.kinds[index % len(self.kinds)]
         while True:
             full = _random_spec(kind, rng)
             try:
@@ -498,7 +514,7 @@ class SceneSampler:
                 continue
             if self.mode == "held_out" and not full.held_out(self.held):
                 continue
-            said = _drop_attributes(full, rng)
+            said = _drop_attributes(full, rng, self.color_drop)
             try:  # rarely (big objects bound by a relation) no placement is found: draw another scene
                 scene = replace(realize(full, rng, self.resolution), spec=said)
             except PromptError:

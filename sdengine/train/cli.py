@@ -50,6 +50,11 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, pictures, result)")
     p.add_argument("--arch", default="shapes", choices=sorted(ARCH), help="architecture preset for fresh models")
     p.add_argument("--size", type=int, default=64, help="image size")
+    p.add_argument("--scene-kinds", default=None, help="shapes: the scene kinds the stream rotates through, comma-"
+                   "separated (a kind named twice has twice the share; kinds: single, relation, counting, pair, combination, "
+                   "counted_pair, counted_relation); default: SCENE_KINDS in sdengine/data/shapes.py")
+    p.add_argument("--color-drop", type=float, default=None,
+                   help="shapes: how often a caption leaves an object's colour unsaid (default: COLOR_DROP, 0.15)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="global batch size")
     p.add_argument("--lr", type=float, default=None)
@@ -110,11 +115,28 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def scene_mix(args: argparse.Namespace) -> dict:
+    """The shapes stream's mix options where they differ from its defaults: a cache built with the defaults keeps
+    its fingerprint whether or not they are spelt out."""
+    from ..data.shapes import COLOR_DROP, SCENE_KINDS
+
+    if args.data != "shapes" and (args.scene_kinds is not None or args.color_drop is not None):
+        raise ValueError("--scene-kinds and --color-drop are for --data shapes")
+    mix = {}
+    if args.scene_kinds is not None:
+        kinds = tuple(k.strip() for k in args.scene_kinds.split(",") if k.strip())
+        if kinds != SCENE_KINDS:
+            mix["kinds"] = kinds
+    if args.color_drop is not None and args.color_drop != COLOR_DROP:
+        mix["color_drop"] = args.color_drop
+    return mix
+
+
 def build_stage(args: argparse.Namespace):
     from . import stages
     from .data import ShapesSource, make_source
 
-    source = make_source(args.data, args.size, args.seed)
+    source = make_source(args.data, args.size, args.seed, **scene_mix(args))
     arch = ARCH[args.arch]
     if args.stage == "vae":
         return stages.VAEStage(arch["vae"], source, seed=args.seed)
@@ -203,7 +225,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         from .latent_cache import prepare_cache
 
         data = args.data if args.data == "shapes" else str(Path(args.data).resolve())
-        cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed},
+        cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed,
+                                                       **scene_mix(args)},
                               args.cache_latents, stage.model.vae, stage.model.tokenizer,
                               stage.model.config.text.max_positions, device, workers, args.quiet)
         stage.use_cache(cache)

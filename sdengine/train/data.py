@@ -40,11 +40,12 @@ def item_seed(seed: int, index: int) -> int:
 class ShapesSource:
     """The procedural shapes world; held-out attribute combinations never appear (they are for evaluation)."""
 
-    def __init__(self, size: int = 64, seed: int = 0):
+    def __init__(self, size: int = 64, seed: int = 0, **mix):
+        """mix: SceneSampler's kinds and color_drop (the share of each scene kind, how often colours go unsaid)."""
         from ..data.shapes import SceneSampler
 
         self.size, self.seed = size, seed
-        self.sampler = SceneSampler(seed=seed, resolution=size, mode="train")
+        self.sampler = SceneSampler(seed=seed, resolution=size, mode="train", **mix)
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
         sample = self.sampler.sample(index)
@@ -129,8 +130,13 @@ class FolderSource:
             return np.asarray(img, dtype=np.uint8), caption
 
 
-def make_source(data: str, size: int, seed: int) -> Source:
-    return ShapesSource(size, seed) if data == "shapes" else FolderSource(data, size, seed)
+def make_source(data: str, size: int, seed: int, **mix) -> Source:
+    """The shapes world (with `mix`: ShapesSource's scene mix) or a folder of captioned images."""
+    if data == "shapes":
+        return ShapesSource(size, seed, **mix)
+    if mix:
+        raise ValueError("--scene-kinds and --color-drop are for --data shapes")
+    return FolderSource(data, size, seed)
 
 
 def batch_items(source: Source, step: int, indices: range) -> list[tuple[np.ndarray, str]]:
