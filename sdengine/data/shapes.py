@@ -41,9 +41,9 @@ MAX_COUNT = 4
 # 5, with shapes drawn well, 35 of 61 failed position prompts had the relation itself wrong.
 SCENE_KINDS: tuple[str, ...] = ("single", "relation", "counting", "combination", "relation", "counting",
                                 "combination", "relation")
+COLOR_DROP = 0.15  # how often a training caption leaves an object's colour unsaid
 # What a rotation may name: "pair" is two objects with no relation ("a red circle and a blue square");
 # "combination" picks one of the last three (counts in a pair or a relation: "two red circles and a star").
-COLOR_DROP = 0.15  # how often a training caption leaves an object's colour unsaid
 ALL_SCENE_KINDS: tuple[str, ...] = ("single", "relation", "counting", "pair", "combination", "counted_pair",
                                     "counted_relation")
 
