@@ -50,9 +50,10 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, pictures, result)")
     p.add_argument("--arch", default="shapes", choices=sorted(ARCH), help="architecture preset for fresh models")
     p.add_argument("--size", type=int, default=64, help="image size")
-    p.add_argument("--scene-kinds", default=None, help="shapes: the scene kinds the stream rotates through, comma-"
-                   "separated (a kind named twice has twice the share; kinds: single, relation, counting, pair, combination, "
-                   "counted_pair, counted_relation); default: SCENE_KINDS in sdengine/data/shapes.py")
+    p.add_argument("--scene-kinds", default=None,
+                   help="shapes: the scene kinds the stream rotates through, comma-separated (a kind named twice has "
+                        "twice the share; kinds: single, relation, counting, pair, combination, counted_pair, "
+                        "counted_relation); default: SCENE_KINDS in sdengine/data/shapes.py")
     p.add_argument("--color-drop", type=float, default=None,
                    help="shapes: how often a caption leaves an object's colour unsaid (default: COLOR_DROP, 0.15)")
     p.add_argument("--steps", type=int, default=None)
