@@ -116,28 +116,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def scene_mix(args: argparse.Namespace) -> dict:
-    """The shapes stream's mix options where they differ from its defaults: a cache built with the defaults keeps
-    its fingerprint whether or not they are spelt out."""
-    from ..data.shapes import COLOR_DROP, SCENE_KINDS
-
-    if args.data != "shapes" and (args.scene_kinds is not None or args.color_drop is not None):
-        raise ValueError("--scene-kinds and --color-drop are for --data shapes")
-    mix = {}
-    if args.scene_kinds is not None:
-        kinds = tuple(k.strip() for k in args.scene_kinds.split(",") if k.strip())
-        if kinds != SCENE_KINDS:
-            mix["kinds"] = kinds
-    if args.color_drop is not None and args.color_drop != COLOR_DROP:
-        mix["color_drop"] = args.color_drop
-    return mix
-
-
 def build_stage(args: argparse.Namespace):
     from . import stages
     from .data import ShapesSource, make_source
 
-    source = make_source(args.data, args.size, args.seed, **scene_mix(args))
+    kinds = None if args.scene_kinds is None else tuple(k.strip() for k in args.scene_kinds.split(",") if k.strip())
+    source = make_source(args.data, args.size, args.seed, kinds, args.color_drop)
     arch = ARCH[args.arch]
     if args.stage == "vae":
         return stages.VAEStage(arch["vae"], source, seed=args.seed)
@@ -227,7 +211,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         data = args.data if args.data == "shapes" else str(Path(args.data).resolve())
         cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed,
-                                                       **scene_mix(args)},
+                                                       **getattr(stage.source, "mix", {})},
                               args.cache_latents, stage.model.vae, stage.model.tokenizer,
                               stage.model.config.text.max_positions, device, workers, args.quiet)
         stage.use_cache(cache)

@@ -40,12 +40,18 @@ def item_seed(seed: int, index: int) -> int:
 class ShapesSource:
     """The procedural shapes world; held-out attribute combinations never appear (they are for evaluation)."""
 
-    def __init__(self, size: int = 64, seed: int = 0, **mix):
-        """mix: SceneSampler's kinds and color_drop (the share of each scene kind, how often colours go unsaid)."""
-        from ..data.shapes import SceneSampler
+    def __init__(self, size: int = 64, seed: int = 0, kinds: tuple[str, ...] | None = None,
+                 color_drop: float | None = None):
+        """kinds, color_drop: SceneSampler's mix (the share of each scene kind, how often colours go unsaid);
+        None keeps its default."""
+        from ..data.shapes import COLOR_DROP, SCENE_KINDS, SceneSampler
 
         self.size, self.seed = size, seed
-        self.sampler = SceneSampler(seed=seed, resolution=size, mode="train", **mix)
+        # the mix where it differs from the defaults: part of a latent cache's key, so that a cache built with the
+        # defaults keeps its fingerprint whether or not they are spelt out
+        self.mix = {k: v for k, v in (("kinds", kinds), ("color_drop", color_drop))
+                    if v is not None and v != {"kinds": SCENE_KINDS, "color_drop": COLOR_DROP}[k]}
+        self.sampler = SceneSampler(seed=seed, resolution=size, mode="train", **self.mix)
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
         sample = self.sampler.sample(index)
@@ -130,11 +136,12 @@ class FolderSource:
             return np.asarray(img, dtype=np.uint8), caption
 
 
-def make_source(data: str, size: int, seed: int, **mix) -> Source:
-    """The shapes world (with `mix`: ShapesSource's scene mix) or a folder of captioned images."""
+def make_source(data: str, size: int, seed: int, kinds: tuple[str, ...] | None = None,
+                color_drop: float | None = None) -> Source:
+    """The shapes world (kinds, color_drop: its scene mix, None for the default) or a folder of captioned images."""
     if data == "shapes":
-        return ShapesSource(size, seed, **mix)
-    if mix:
+        return ShapesSource(size, seed, kinds, color_drop)
+    if kinds is not None or color_drop is not None:
         raise ValueError("--scene-kinds and --color-drop are for --data shapes")
     return FolderSource(data, size, seed)
 
