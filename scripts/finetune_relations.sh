@@ -19,7 +19,7 @@
 #             0.870 and 0.868: a plateau on one cache)
 #   unet_g .. unet_i   G_STAGES stages of G_STEPS, each on a fresh cache (seeds SEED+1, SEED+2, SEED+3: new
 #             scenes): 0.886 and held-out 0.821 (release 10), 0.889 and 0.885 (release 11), 0.893 and 0.897 (release 12)
-#   unet_j    J_STEPS (0 skips it) on the next fresh cache with the scene mix J_KINDS and colour
+#   unet_j    J_STEPS steps (0: none) on the next fresh cache with the scene mix J_KINDS and colour
 #             drop J_COLOR_DROP: ShapesEval's two-object and counting prompts name no colour, which the default
 #             stream says of a pair in ~0.2% of scenes; this mix says it far more often (release 13: overall 0.903,
 #             0.895 over four seeds; two objects 0.844 on one seed but 0.781 over four; held-out 0.821)
