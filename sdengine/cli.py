@@ -162,6 +162,9 @@ def main() -> None:
     # machine doing one job: forcing PASSIVE (sleep at once) made a 64x64 generation 1.7x slower here (UNet call
     # 28 -> 50 ms). On a CPU shared with other busy processes spinning threads stall each other (the same call:
     # 158 ms with a competing job vs 47 ms with PASSIVE), so there set OMP_WAIT_POLICY=PASSIVE.
+    from .cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed memory instead of fresh, kernel-zeroed pages (see the module)
     sys.exit(run())
 
 
