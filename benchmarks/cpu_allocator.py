@@ -58,7 +58,7 @@ def child(workload: str, repeats: int, tuned: bool) -> None:
             x = torch.rand(256, 3, 64, 64) * 2 - 1
             fn = lambda: model.vae.encode(x)  # noqa: E731
         else:
-            unet = model.unet.train()
+            unet = model.unet.train().requires_grad_(True)  # load() freezes weights for inference
             side = model.config.image_size // model.config.vae.downscale
             x, ctx = torch.randn(64, 4, side, side), torch.randn(64, 77, model.config.text.width)
             t = torch.randint(0, 1000, (64,))
