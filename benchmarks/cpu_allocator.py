@@ -16,19 +16,10 @@ import os
 import resource
 import subprocess
 import sys
-import time
+
+from timing import best_seconds
 
 WORKLOADS = ["vae_encode_256", "image_fp32", "image_bf16", "unet_train_step_64"]
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: the heap settles after the first few large blocks
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def child(workload: str, repeats: int, tuned: bool) -> None:

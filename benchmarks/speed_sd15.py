@@ -8,10 +8,10 @@ Run by hand (minutes; ~8 GB RAM). These machines are noisy: read the ratios, not
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import torch
+from timing import best_seconds
 
 from sdengine.config import SD15
 from sdengine.nn.unet import UNetModel
@@ -19,16 +19,6 @@ from sdengine.nn.vae import AutoencoderKL
 from sdengine.weights.keys import from_diffusers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, kernels)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -57,8 +47,8 @@ def main() -> None:
         ref_unet.to(dtype)
         ours.to(dtype)
         with torch.inference_mode():
-            t_ref = timed(partial(ref_unet, x, t, encoder_hidden_states=ctx), args.repeats)
-            t_ours = timed(partial(ours, x, t, ctx), args.repeats)
+            t_ref = best_seconds(partial(ref_unet, x, t, encoder_hidden_states=ctx), args.repeats)
+            t_ours = best_seconds(partial(ours, x, t, ctx), args.repeats)
         print(f"  {name}: sdengine {t_ours:.2f} s/step, diffusers {t_ref:.2f} s/step, ratio {t_ours / t_ref:.2f}")
     if args.vae:
         ref_vae = RefVAE(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -69,8 +59,8 @@ def main() -> None:
         vae.load_state_dict({k[len("first_stage_model."):]: v for k, v in vsd.items()})
         z = torch.randn(1, 4, latent, latent)
         with torch.inference_mode():
-            t_ref = timed(lambda: ref_vae.decode(z), 1)
-            t_ours = timed(lambda: vae.decode(z), 1)
+            t_ref = best_seconds(lambda: ref_vae.decode(z), 1)
+            t_ours = best_seconds(lambda: vae.decode(z), 1)
         print(f"  VAE decode fp32: sdengine {t_ours:.2f} s, diffusers {t_ref:.2f} s, ratio {t_ours / t_ref:.2f}")
 
 
