@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "load": "weights", "save": "weights", "convert": "weights", "CheckpointError": "weights",
+    "load": "weights", "save": "weights", "convert": "weights", "merge": "weights", "CheckpointError": "weights",
     "UnknownArchitecture": "weights", "StableDiffusion": "model", "ModelConfig": "config", "UNetConfig": "config",
     "VAEConfig": "config", "TextConfig": "config", "PRESETS": "config", "Pipeline": "pipeline",
     "compile_unet": "compile", "keep_freed_memory": "cpu_memory",

@@ -82,6 +82,22 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {out} (fresh {args.preset} weights, seed {args.seed})")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .weights import merge, save
+    from .weights.checkpoint import DTYPES
+
+    if (args.mode == "add-difference") != (args.tertiary is not None):
+        raise CLIError("add-difference takes three models (A + (B - C) * alpha), weighted-sum two"
+                       if args.mode == "add-difference" else "weighted-sum takes two models; a third is for "
+                       "--mode add-difference")
+    if args.dst.exists() and not args.force:
+        raise FileExistsError(f"{args.dst} exists (use --force to replace it)")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    model = merge(args.primary, args.secondary, args.alpha, args.tertiary, parts)
+    out = save(model, args.dst, to=args.to, dtype=DTYPES[args.dtype] if args.dtype else None, force=args.force)
+    print(f"wrote {out} ({args.mode}, alpha {args.alpha:g}, {', '.join(parts)})")
+
+
 class Parser(argparse.ArgumentParser):
     """Usage mistakes get the same one-line form as every other error (and argparse's exit code 2)."""
 
@@ -127,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("merge", help="merge checkpoints as A1111's Checkpoint Merger does: A*(1-alpha) + B*alpha, "
+                       "or A + (B - C)*alpha")
+    p.add_argument("primary", type=Path, help="A: its tokenizer, config and unmerged parts are kept")
+    p.add_argument("secondary", type=Path, help="B")
+    p.add_argument("tertiary", type=Path, nargs="?", help="C, for --mode add-difference")
+    p.add_argument("--out", dest="dst", type=Path, required=True)
+    p.add_argument("--alpha", type=float, default=0.5, help="B's share, or the difference's scale (default 0.5)")
+    p.add_argument("--mode", choices=["weighted-sum", "add-difference"], default="weighted-sum")
+    p.add_argument("--parts", default="unet,text,vae", help="comma-separated parts to merge (default: all)")
+    p.add_argument("--to", choices=["diffusers", "single"], default="single")
+    p.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default=None, help="default: A's precision")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -2,5 +2,7 @@
 from .checkpoint import build, convert, load, read_checkpoint, save
 from .detect import UnknownArchitecture, detect
 from .io import CheckpointError
+from .merge import merge, merge_models
 
-__all__ = ["build", "convert", "load", "read_checkpoint", "save", "detect", "CheckpointError", "UnknownArchitecture"]
+__all__ = ["build", "convert", "load", "read_checkpoint", "save", "detect", "merge", "merge_models", "CheckpointError",
+           "UnknownArchitecture"]
