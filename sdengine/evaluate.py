@@ -37,9 +37,10 @@ def select(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 
 
 def run_eval(pipe: Pipeline, seeds: int = 4, steps: int = 20, sampler: str = "euler", cfg_scale: float = 5.0,
-             limit: int | None = None, size: int = 64, quiet: bool = False) -> tuple[dict, list[dict], list]:
-    """(scores, per-image records, the images) for ShapesEval with `seeds` seeds per prompt."""
-    items = select(shapes_eval(seeds_per_prompt=seeds), limit)
+             limit: int | None = None, size: int = 64, quiet: bool = False,
+             first_seed: int = 0) -> tuple[dict, list[dict], list]:
+    """(scores, per-image records, the images) for ShapesEval with `seeds` seeds per prompt from `first_seed`."""
+    items = select(shapes_eval(seeds_per_prompt=seeds, first_seed=first_seed), limit)
     by_prompt: dict[str, list[EvalItem]] = defaultdict(list)
     for it in items:
         by_prompt[it.prompt].append(it)

@@ -312,13 +312,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import format_table, run_eval, write_report
     from .pipeline import Pipeline
 
+    if args.seeds < 1 or args.first_seed < 0:  # a negative seed would mean "random" to the pipeline
+        raise ValueError(f"eval needs --seeds >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}")
     device = pick_device(args.device)
     model_path = resolve_model(args.model)
     pipe = Pipeline(load_for_inference(model_path, args, device))
     scores, records, images = run_eval(pipe, seeds=args.seeds, steps=args.steps, sampler=args.sampler,
-                                       cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet)
-    meta = {"model": str(model_path), "seeds": args.seeds, "steps": args.steps, "sampler": args.sampler,
-            "cfg_scale": args.cfg, "limit": args.limit}
+                                       cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet,
+                                       first_seed=args.first_seed)
+    meta = {"model": str(model_path), "seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps,
+            "sampler": args.sampler, "cfg_scale": args.cfg, "limit": args.limit}
     write_report(scores, records, images, args.out, meta)
     print(format_table(scores))
     print(f"wrote {args.out / 'report.json'} and {args.out / 'examples.png'}")
@@ -328,6 +331,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="ShapesEval: prompt adherence judged by the exact checker")
     p.add_argument("--model", default=None, help="checkpoint path or name (default: the shipped model)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from here (e.g. 4: four seeds no earlier choice was made on)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each category")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="euler")

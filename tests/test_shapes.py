@@ -116,6 +116,9 @@ def test_eval_set() -> None:
         assert (spec.relation is not None) == (cat == "position")
     items = shapes_eval(seeds_per_prompt=4)
     assert len(items) == 4 * len(prompts) and {it.seed for it in items} == {0, 1, 2, 3}
+    later = shapes_eval(seeds_per_prompt=2, first_seed=4)  # fresh seeds for a check after a choice made on 0-3
+    assert [it.prompt for it in later[::2]] == [it.prompt for it in items[::4]]
+    assert {it.seed for it in later} == {4, 5}
     scores = summarize(items[:40], [True] * 40)
     assert scores["overall"] == 1.0
 

@@ -143,10 +143,11 @@ def eval_prompts(seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
     return out
 
 
-def shapes_eval(seeds_per_prompt: int = 4, seed: int = 2024) -> list[EvalItem]:
-    """Every prompt of eval_prompts() with generation seeds 0 .. seeds_per_prompt-1 (GenEval uses 4)."""
-    return [EvalItem(cat, prompt, spec, s, held)
-            for cat, prompt, spec, held in eval_prompts(seed) for s in range(seeds_per_prompt)]
+def shapes_eval(seeds_per_prompt: int = 4, seed: int = 2024, first_seed: int = 0) -> list[EvalItem]:
+    """Every prompt of eval_prompts() with generation seeds first_seed .. first_seed+seeds_per_prompt-1 (GenEval
+    uses 4; seeds past the usual ones check a choice made on those)."""
+    return [EvalItem(cat, prompt, spec, s, held) for cat, prompt, spec, held in eval_prompts(seed)
+            for s in range(first_seed, first_seed + seeds_per_prompt)]
 
 
 def summarize(items: list[EvalItem], passed: list[bool]) -> dict[str, float]:
