@@ -178,3 +178,21 @@ def test_cli_info_and_init(tmp_path):
     assert info["parameters"]["unet"] == sum(p.numel() for p in StableDiffusion(TINY).unet.parameters())
     r = run_cli("info", out)
     assert "family:" in r.stdout and "text_encoder" in r.stdout
+
+
+def test_written_checkpoints_get_the_usual_permissions(tmp_path):
+    """Temporaries are private (mkdtemp 0700, safetensors 0600); what lands is 0644/0755 under umask 022."""
+    import os
+    import stat
+
+    model = StableDiffusion(TINY)
+    old = os.umask(0o022)
+    try:
+        single = sdengine.save(model, tmp_path / "m.safetensors")
+        folder = sdengine.save(model, tmp_path / "m", to="diffusers")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(single.stat().st_mode) == 0o644
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    inside = list(folder.rglob("*"))
+    assert inside and {stat.S_IMODE(p.stat().st_mode) for p in inside} <= {0o644, 0o755}

@@ -92,6 +92,13 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _usual_permissions(path: Path) -> None:
+    """What a plain open() or mkdir would have given under the process's umask (0644/0755 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of dst to write into; it becomes dst only if the block completes.
@@ -112,10 +119,8 @@ def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> I
             error = OSError(f"cannot write {dst}: {e.strerror or _first_line(e)}")
             error.errno = e.errno
             raise error from e
-        if is_dir:  # mkdtemp makes 0700 folders; give the result the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(target, 0o777 & ~umask)
+        if is_dir:  # mkdtemp makes 0700 folders
+            _usual_permissions(target)
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
         os.replace(target, dst)
@@ -129,6 +134,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors; callers and the CLI expect one
         raise OSError(_first_line(e)) from e
+    _usual_permissions(path)  # safetensors creates its files 0600
 
 
 def write_pickle(tensors: dict[str, torch.Tensor], path: Path) -> None:
