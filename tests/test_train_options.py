@@ -1,6 +1,6 @@
 """Training options that change what a run is made of: --precision auto, --stop-at (a result from the middle of a
-schedule), --init with --text (fine-tuning a model's UNet on another text encoder) and --clip-skip (on another of
-its layers)."""
+schedule), --init with --text (fine-tuning a model's UNet on another text encoder), --clip-skip (on another of
+its layers) and train vae --init --decoder-only (a new decoder for a model's latents)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_train import TINY, logged, make_images, one_error, tiny_model, train
 
 from sdengine.train import trainer as trainer_module
-from sdengine.train.stages import load_text
+from sdengine.train.stages import load_text, load_vae
 from sdengine.train.trainer import autocast_dtype
 
 
@@ -142,3 +142,47 @@ def test_clip_skip_trains_the_unet_on_an_earlier_text_layer_and_the_model_keeps_
     rc, err = train(capsys, "vae", tmp_path / "bad2", data, "--clip-skip", "2", "--steps", "1", "--batch", "4")
     assert rc == 1
     one_error(err, "--clip-skip", "train unet")
+
+
+# ---- train vae --init --decoder-only ------------------------------------------------------------------------------
+
+def test_decoder_only_moves_the_decoder_and_keeps_the_latents_and_the_rest_of_the_model(capsys, tmp_path, data):
+    """train vae --init MODEL --decoder-only: only the decoder side learns, so the encoder, its scaling factor and
+    every other part of MODEL come back bit for bit in the model.safetensors written beside vae.safetensors."""
+    import sdengine
+
+    sdengine.save(tiny_model(1), tmp_path / "base.safetensors", dtype=torch.float16)
+    base = sdengine.load(tmp_path / "base.safetensors")
+    rc, err = train(capsys, "vae", tmp_path / "dec", data, "--init", str(tmp_path / "base.safetensors"),
+                    "--decoder-only", "--steps", "3", "--batch", "4")
+    assert rc == 0, err
+    assert "kl" not in logged(tmp_path / "dec")[0]  # the encoder's KL is not this run's to move
+    model = sdengine.load(tmp_path / "dec" / "model.safetensors")
+    assert model.config.vae == base.config.vae
+    old, new = base.vae.state_dict(), model.vae.state_dict()
+    fixed = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert fixed and moved and len(fixed) + len(moved) == len(old)
+    assert all(torch.equal(new[k], old[k]) for k in fixed)
+    assert sum(not torch.equal(new[k], old[k]) for k in moved) > len(moved) // 2
+    for part in ("unet", "text_encoder"):
+        assert all(torch.equal(v, getattr(base, part).state_dict()[k])
+                   for k, v in getattr(model, part).state_dict().items())
+    # the VAE file beside it starts a further decoder-only run (the encoder still fixed)
+    vae_file = tmp_path / "dec" / "vae.safetensors"
+    assert train(capsys, "vae", tmp_path / "dec2", data, "--init", str(vae_file), "--decoder-only", "--steps", "1",
+                 "--batch", "4")[0] == 0
+    again = load_vae(tmp_path / "dec2" / "vae.safetensors")[0].state_dict()
+    assert all(torch.equal(again[k], old[k].float()) for k in fixed)
+    # a whole model's encoder is not retrained (its UNet reads those latents); --decoder-only needs --init
+    rc, err = train(capsys, "vae", tmp_path / "bad", data, "--init", str(tmp_path / "base.safetensors"), "--steps",
+                    "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--decoder-only", "latent")
+    rc, err = train(capsys, "vae", tmp_path / "bad2", data, "--decoder-only", "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--decoder-only", "--init")
+    rc, err = train(capsys, "unet", tmp_path / "bad3", data, "--init", str(tmp_path / "base.safetensors"),
+                    "--decoder-only", "--steps", "1", "--batch", "4")
+    assert rc == 1
+    one_error(err, "--decoder-only", "train vae")

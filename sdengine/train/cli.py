@@ -4,6 +4,7 @@
     sdengine train text --data shapes --out runs/text
     sdengine train unet --data shapes --out runs/unet --vae runs/vae/vae.safetensors --text runs/text/text.safetensors
     sdengine train unet --data DIR --out runs/ft --init model.safetensors      (fine-tune a whole model)
+    sdengine train vae --out runs/dec --init model.safetensors --decoder-only  (a sharper decoder, same latents)
 
 Under `torchrun --nproc_per_node N` the same commands train data-parallel.
 """
@@ -76,7 +77,11 @@ def register(sub) -> None:
     p.add_argument("--vae", type=Path, default=None, help="unet: the trained VAE (vae.safetensors)")
     p.add_argument("--text", type=Path, default=None,
                    help="unet: the trained text encoder (text.safetensors); with --init, it replaces the model's own")
-    p.add_argument("--init", type=Path, default=None, help="unet: fine-tune this whole model (any SD checkpoint)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="unet: fine-tune this whole model (any SD checkpoint); vae: start from this VAE (a VAE file "
+                        "or a whole checkpoint's)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="vae: train the decoder alone; the latents, and so any UNet trained on them, stay valid")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"])
     p.add_argument("--compile", action="store_true",
                    help="unet: compile the UNet with TorchInductor (fused kernels: 1.47x the images/s of the "
@@ -124,7 +129,10 @@ def build_stage(args: argparse.Namespace):
     source = make_source(args.data, args.size, args.seed, kinds, args.color_drop)
     arch = ARCH[args.arch]
     if args.stage == "vae":
-        return stages.VAEStage(arch["vae"], source, seed=args.seed)
+        if args.init is None:
+            return stages.VAEStage(arch["vae"], source, seed=args.seed, decoder_only=args.decoder_only)
+        vae, cfg, model = stages.load_vae_init(args.init)
+        return stages.VAEStage(cfg, source, seed=args.seed, init=vae, decoder_only=args.decoder_only, model=model)
     if args.stage == "text":
         captions = source.captions() if isinstance(source, ShapesSource) else [source.item(i)[1] for i in
                                                                                   range(len(source.items))]
@@ -202,6 +210,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--text-lr must be positive (got {args.text_lr})")
     if args.clip_skip != 1 and args.stage != "unet":
         raise ValueError("--clip-skip is for train unet (which text encoder layer the UNet reads)")
+    if args.decoder_only and args.stage != "vae":
+        raise ValueError("--decoder-only is for train vae")
     if args.cache_latents is not None and args.stage != "unet":
         raise ValueError("--cache-latents is for train unet (the VAE's latents are what the UNet learns from)")
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)

@@ -2,7 +2,8 @@
 what each leaves behind.
 
   vae:  KL autoencoder; L1 reconstruction weighted up on foreground pixels (objects, not the background that
-        fills most of the image) + KL to N(0, I). Leaves vae.safetensors (with the latent scaling factor).
+        fills most of the image) + KL to N(0, I). Leaves vae.safetensors (with the latent scaling factor); a
+        decoder-only fine-tune of a whole model's VAE also leaves that model, its UNet untouched.
   text: CLIP-style contrastive pretraining of the text encoder against a small image encoder, on its own BPE
         vocabulary. Leaves text.safetensors with the tokenizer inside; the image encoder is discarded.
   unet: the denoiser on latents of the frozen VAE, conditioned on the frozen text encoder, captions dropped 10%
@@ -69,10 +70,24 @@ class VAEStage:
     name = "vae"
 
     def __init__(self, cfg: VAEConfig, source: Source, seed: int = 0, fg_weight: float = 10.0,
-                 kl_weight: float = 1e-6):
+                 kl_weight: float = 1e-6, init: AutoencoderKL | None = None, decoder_only: bool = False,
+                 model: StableDiffusion | None = None):
+        """init: start from these weights instead of fresh ones. decoder_only: train the decoder alone, the
+        encoder and so the latent space fixed, as SD's ft-EMA/ft-MSE VAEs were made: every UNet trained on the
+        old latents works with the new decoder. model: the whole checkpoint `init` is the VAE of; export then
+        writes it again with the new decoder."""
+        if decoder_only and init is None:
+            raise ValueError("--decoder-only fine-tunes a trained VAE: give it with --init")
+        if model is not None and not decoder_only:
+            raise ValueError("a whole model's VAE is fine-tuned with --decoder-only: a retrained encoder would move "
+                             "the latent space its UNet learnt")
         self.cfg, self.source, self.seed = cfg, source, seed
         self.fg_weight, self.kl_weight = fg_weight, kl_weight
-        self.vae = AutoencoderKL(cfg)
+        self.decoder_only, self.checkpoint_model = decoder_only, model
+        self.vae = (init if init is not None else AutoencoderKL(cfg)).float().requires_grad_(True)
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"vae": self.vae}
@@ -90,11 +105,15 @@ class VAEStage:
 
     def loss(self, batch, step: int):
         x, gens = batch
-        post = self.vae.encode(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            post = self.vae.encode(x)
+        # a posterior sample, not its mean: the decoder also meets latents the UNet made, never exactly a mean
         z = post.mean + post.std * randn(gens, tuple(post.mean.shape[1:]), x.device).to(post.mean.dtype)
         rec = self.vae.decode(z)
         weight = 1 + self.fg_weight * self.foreground(x)
         rec_loss = ((rec.float() - x).abs() * weight).mean()
+        if self.decoder_only:  # the KL term is the encoder's: nothing trained here moves it
+            return rec_loss, {"rec": rec_loss.item()}
         kl = post.kl().float().mean() / x[0].numel()  # LDM's ratio: summed KL vs summed reconstruction error
         return rec_loss + self.kl_weight * kl, {"rec": rec_loss.item(), "kl": kl.item()}
 
@@ -119,9 +138,37 @@ class VAEStage:
 
     def export(self, modules: dict[str, nn.Module], out: Path) -> None:
         vae = modules["vae"]
-        cfg = dataclasses.replace(self.cfg, scaling_factor=round(self.scaling_factor(vae), 5))
+        # an untrained encoder keeps its latents, so its scaling factor too (a whole model's stays exact)
+        scale = self.cfg.scaling_factor if self.decoder_only else round(self.scaling_factor(vae), 5)
+        cfg = dataclasses.replace(self.cfg, scaling_factor=scale)
         tensors = {VAE + k: v for k, v in vae.state_dict().items()}
         save_part(tensors, out / "vae.safetensors", {"sdengine_vae_config": json.dumps(dataclasses.asdict(cfg))})
+        if self.checkpoint_model is not None:
+            from ..weights import save
+
+            self.checkpoint_model.vae.load_state_dict(vae.state_dict())
+            save(self.checkpoint_model, out / "model.safetensors", dtype=torch.float16, force=True)
+
+
+def load_vae_init(path: Path) -> tuple[AutoencoderKL, VAEConfig, StableDiffusion | None]:
+    """The VAE to fine-tune from PATH: one `sdengine train vae` wrote, a standalone SD VAE file, or a whole
+    checkpoint's (single file or diffusers folder; the model comes back too, to be written again)."""
+    from ..weights import load
+    from ..weights.single import standalone_vae
+
+    path = Path(path)
+    if path.is_file():
+        tensors, meta = read_tensors(path)
+        if "sdengine_vae_config" in meta:
+            vae, cfg = load_vae(path)
+            return vae, cfg, None
+        if not any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.")) for k in tensors):
+            sd, cfg = standalone_vae(tensors)
+            vae = AutoencoderKL(cfg)
+            vae.load_state_dict({k[len(VAE):]: v.float() for k, v in sd.items()})
+            return vae, cfg, None
+    model = load(path)
+    return model.vae, model.config.vae, model
 
 
 def load_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
@@ -474,4 +521,4 @@ def read_text_layer(model: StableDiffusion, clip_skip: int) -> StableDiffusion:
 
 
 __all__ = ["VAEStage", "TextStage", "UNetStage", "assemble", "replace_text_encoder", "read_text_layer",
-           "train_tokenizer", "load_vae", "load_text"]
+           "train_tokenizer", "load_vae", "load_vae_init", "load_text"]
