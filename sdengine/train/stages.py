@@ -143,10 +143,9 @@ class VAEStage:
         cfg = dataclasses.replace(self.cfg, scaling_factor=scale)
         tensors = {VAE + k: v for k, v in vae.state_dict().items()}
         save_part(tensors, out / "vae.safetensors", {"sdengine_vae_config": json.dumps(dataclasses.asdict(cfg))})
-        if self.checkpoint_model is not None:
+        if self.checkpoint_model is not None:  # its VAE is the module trained here (EMA weights copied in)
             from ..weights import save
 
-            self.checkpoint_model.vae.load_state_dict(vae.state_dict())
             save(self.checkpoint_model, out / "model.safetensors", dtype=torch.float16, force=True)
 
 
@@ -160,19 +159,21 @@ def load_vae_init(path: Path) -> tuple[AutoencoderKL, VAEConfig, StableDiffusion
     if path.is_file():
         tensors, meta = read_tensors(path)
         if "sdengine_vae_config" in meta:
-            vae, cfg = load_vae(path)
-            return vae, cfg, None
+            return (*_trained_vae(tensors, meta, path), None)
         if not any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.")) for k in tensors):
             sd, cfg = standalone_vae(tensors)
             vae = AutoencoderKL(cfg)
             vae.load_state_dict({k[len(VAE):]: v.float() for k, v in sd.items()})
             return vae, cfg, None
-    model = load(path)
+    model = load(path)  # a second read, for whole checkpoints only: `load` also settles their config and tokenizer
     return model.vae, model.config.vae, model
 
 
 def load_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
-    tensors, meta = read_tensors(path)
+    return _trained_vae(*read_tensors(path), path)
+
+
+def _trained_vae(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> tuple[AutoencoderKL, VAEConfig]:
     if "sdengine_vae_config" not in meta:
         raise ValueError(f"{path}: not a VAE written by `sdengine train vae`")
     fields = json.loads(meta["sdengine_vae_config"])

@@ -18,10 +18,10 @@ import torch
 
 from ..model import StableDiffusion
 from .checkpoint import load
+from .keys import TEXT, UNET, VAE
 
 # The single-file layout's top-level modules, by the names the CLI uses.
-PART_PREFIXES = {"unet": "model.", "vae": "first_stage_model.", "text": "cond_stage_model."}
-MODES = ("weighted-sum", "add-difference")
+PART_PREFIXES = {"unet": UNET, "vae": VAE, "text": TEXT}
 
 
 def _parts_prefixes(parts: Iterable[str]) -> tuple[str, ...]:
@@ -78,4 +78,4 @@ def merge(primary: str | Path, secondary: str | Path, alpha: float = 0.5, tertia
     return models[0]
 
 
-__all__ = ["merge", "merge_models", "MODES", "PART_PREFIXES"]
+__all__ = ["merge", "merge_models", "PART_PREFIXES"]
