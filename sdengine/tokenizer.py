@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
 BOS_TOKEN = "<|startoftext|>"
@@ -124,6 +124,19 @@ def _dir_specials(path: Path) -> tuple[str | None, dict[str, bool]]:
     return _token_str(cfg.get("pad_token")), flags
 
 
+def _with_clip_pipeline(tok: Tokenizer) -> Tokenizer:
+    """CLIP's text pipeline before BPE, for our tokenizers and for training a vocabulary alike."""
+    # NFC, whitespace runs -> one space, lowercase: transformers' CLIP normalizer (ftfy is not used).
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    # Keep only regex matches (whitespace is dropped), then map bytes to CLIP's unicode alphabet.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    return tok
+
+
 class CLIPTokenizer:
     """CLIP tokenizer: ``encode`` gives raw BPE ids; calling it gives the (B, 77) bos/eos/padded id tensor."""
 
@@ -147,15 +160,7 @@ class CLIPTokenizer:
                         end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS_TOKEN)
         except Exception as e:  # e.g. a merge whose parts are not in the vocab
             raise ValueError(f"invalid vocab/merges: {e}") from None
-        tok = Tokenizer(model)
-        # NFC, whitespace runs -> one space, lowercase: transformers' CLIP normalizer (ftfy is not used).
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        # Keep only regex matches (whitespace is dropped), then map bytes to CLIP's unicode alphabet.
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
+        tok = _with_clip_pipeline(Tokenizer(model))
         tok.decoder = decoders.ByteLevel()
         # transformers registers bos/eos/pad as special added tokens (unnormalized), so a literal
         # "<|endoftext|>" in a prompt becomes the eos id ("<|ENDOFTEXT|>" does not). With pad "!" this means
@@ -229,6 +234,19 @@ class CLIPTokenizer:
     def default(cls, **kw) -> CLIPTokenizer:
         """The standard 49408-token CLIP vocabulary, bundled with the package (works offline)."""
         merges = list(_default_merges())
+        return cls(vocab_from_merges(merges), merges, **kw)
+
+    @classmethod
+    def train(cls, texts: Sequence[str], extra_words: Sequence[str] = (), **kw) -> CLIPTokenizer:
+        """A small byte-level BPE vocabulary in CLIP's format learned from `texts` (`sdengine train text`): every
+        word seen becomes a single token; anything else still encodes, byte by byte."""
+        tok = _with_clip_pipeline(Tokenizer(BPE(end_of_word_suffix="</w>")))
+        words = sorted({w for t in texts for w in t.lower().split()} | set(extra_words))
+        trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False,
+                                      end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(list(texts) + words * 2, trainer)
+        merges = json.loads(tok.to_str())["model"]["merges"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
         return cls(vocab_from_merges(merges), merges, **kw)
 
     # ---- encoding -----------------------------------------------------------------------------------------

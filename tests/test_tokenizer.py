@@ -227,3 +227,17 @@ def test_bad_input(saved, tmp_path, case, exc, file):
         CLIPTokenizer.from_dir(d)
     msg = str(info.value)
     assert file in msg and "\n" not in msg
+
+
+def test_trained_vocabulary_makes_each_seen_word_one_token(tmp_path):
+    """CLIPTokenizer.train (what `sdengine train text` uses): CLIP's format and pipeline, every caption word a single
+    token, unseen text still encoded byte by byte, and the folder it saves reads back the same."""
+    captions = ["a red circle above a blue square", "two  GREEN stars", "a big purple square on a black background"]
+    tok = CLIPTokenizer.train(captions, extra_words=["yellow"])
+    for word in {w for c in captions for w in c.lower().split()} | {"yellow"}:
+        assert len(tok.encode(word)) == 1, word
+    assert tok.encode("two green stars") == tok.encode("Two   green STARS")  # CLIP's normalizer
+    assert len(tok.encode("zebra")) > 1 and tok.decode(tok.encode("zebra")) == "zebra"
+    tok.save(tmp_path / "tok")
+    again = CLIPTokenizer.from_dir(tmp_path / "tok")
+    assert again.vocab == tok.vocab and again(captions).tolist() == tok(captions).tolist()
