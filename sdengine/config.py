@@ -1,7 +1,8 @@
 """Frozen configs for the three networks of Stable Diffusion, with the original (CompVis) parameter names.
 
-The presets describe the published models; `sdengine.weights.detect` builds a ModelConfig from a checkpoint's
-tensor shapes and key set, so variants with fewer blocks load without a preset of their own.
+The presets describe the published models, the model sdengine ships (`shapes`) and small layouts for tests;
+`sdengine.weights.detect` builds a ModelConfig from a checkpoint's tensor shapes and key set, so variants with
+fewer blocks load without a preset of their own.
 """
 from __future__ import annotations
 
@@ -124,20 +125,22 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ModelConfig:
-        def build(cls, values: dict[str, Any]):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(values) - names
-            if unknown:
-                raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
         return ModelConfig(
-            unet=build(UNetConfig, d.get("unet", {})),
-            vae=build(VAEConfig, d.get("vae", {})),
-            text=build(TextConfig, d.get("text", {})),
+            unet=from_fields(UNetConfig, d.get("unet", {})),
+            vae=from_fields(VAEConfig, d.get("vae", {})),
+            text=from_fields(TextConfig, d.get("text", {})),
             prediction=d.get("prediction", "eps"),
             sample_size=d.get("sample_size"),
         )
+
+
+def from_fields(cls: type, values: dict[str, Any]) -> Any:
+    """A network config from its fields as JSON holds them (lists for tuples); unknown fields are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 SD15 = ModelConfig()
@@ -155,4 +158,27 @@ TINY = ModelConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
     text=TextConfig(width=64, layers=2, heads=2, mlp_width=256),
 )
-PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY}
+# The shipped model's architecture (sdengine/models/default), sized for the shapes world on a CPU: 64x64 images,
+# f=4 latents (16x16x4). Its own BPE vocabulary replaces CLIP's when `sdengine train text` builds it.
+SHAPES = ModelConfig(
+    # 9.0 M parameters, so the whole fp16 model stays under 30 MB: one res block per level, cross-attention at
+    # 16x16 and 8x8 (where colour-shape bindings and positions are decided) and in the middle block; at 4x4 a 3x3
+    # convolution already sees the whole latent.
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=(1, 1, 1), attention_resolutions=(1, 2),
+                    context_dim=256, num_heads=-1, num_head_channels=32, use_linear_in_transformer=True),
+    # 48 channels at full resolution: with 16, and still with 32, the points of small stars and the arms of small
+    # crosses were lost (they came back as circles and diamonds, failing the checker). 2.1 M parameters.
+    vae=VAEConfig(ch=48, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16),
+    text=TextConfig(width=256, layers=4, heads=4, mlp_width=1024),
+    sample_size=64,
+)
+# SHAPES' layout at test size (f=2 VAE, one text layer): `sdengine train --arch shapes-tiny` runs in seconds.
+SHAPES_TINY = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=(1, 1), attention_resolutions=(2,),
+                    context_dim=32, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1),
+    text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
+    sample_size=32,
+)
+PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "shapes": SHAPES,
+                                   "shapes-tiny": SHAPES_TINY}

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 import sdengine
-from sdengine.generate_cli import default_model, native_size
+from sdengine.runtime import default_model, native_size
 from sdengine.tokenizer import CLIPTokenizer
 
 SHIPPED = Path(sdengine.__file__).parent / "models" / "default"

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,12 @@ from safetensors.torch import load_file, save_file
 import sdengine
 from sdengine.config import PRESETS, SD15, SD21_BASE, TINY, ModelConfig, UNetConfig
 from sdengine.model import StableDiffusion
+from sdengine.nn.vae import AutoencoderKL
 from sdengine.weights import detect
 from sdengine.weights.keys import TEXT, UNET, VAE
+from sdengine.weights.parts import read_part, write_part
+
+SHIPPED = Path(sdengine.__file__).parent / "models" / "default" / "model.safetensors"
 
 
 def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -141,8 +147,12 @@ def test_detect_presets_from_shapes(name):
     with torch.device("meta"):
         sd = StableDiffusion(cfg).state_dict()
     found = detect(sd)
-    if name != "tiny":  # the head split and eps/v are not in the shapes; SD's families fix them
-        assert dataclasses.replace(found, prediction=cfg.prediction) == cfg
+    if cfg.family.startswith("custom"):  # the head split is in no shape: SD's families fix it, custom files record it
+        found = dataclasses.replace(found, text=dataclasses.replace(found.text, heads=cfg.text.heads),
+                                    unet=dataclasses.replace(found.unet, num_heads=cfg.unet.num_heads,
+                                                             num_head_channels=cfg.unet.num_head_channels))
+    # eps/v and the training size are not in the shapes either
+    assert dataclasses.replace(found, prediction=cfg.prediction, sample_size=cfg.sample_size) == cfg
 
 
 @pytest.mark.parametrize("change", [
@@ -196,3 +206,120 @@ def test_written_checkpoints_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     inside = list(folder.rglob("*"))
     assert inside and {stat.S_IMODE(p.stat().st_mode) for p in inside} <= {0o644, 0o755}
+
+
+# ---- load(..., vae=): every VAE sdengine writes, diffusers' and SD's; one that does not fit is refused ---------------
+
+def _decode(model: StableDiffusion, side: int) -> torch.Tensor:
+    z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.vae.decode(z)
+
+
+def test_load_keeps_the_recorded_sample_size(tmp_path):
+    """load(..., vae=) and load(..., prediction=) once rebuilt the config by hand, dropping sample_size (64 -> 512)."""
+    model = sdengine.load(SHIPPED)
+    write_part(tmp_path / "vae.safetensors", "vae", model.vae, model.config.vae)
+    for kwargs in ({"vae": tmp_path / "vae.safetensors"}, {"prediction": "eps"}, {"prediction": "v"}):
+        loaded = sdengine.load(SHIPPED, **kwargs)
+        assert loaded.config.sample_size == 64 and loaded.config.image_size == 64, kwargs
+        assert loaded.config == dataclasses.replace(model.config, **{k: v for k, v in kwargs.items() if k != "vae"})
+
+
+def test_sdengine_vaes_load_as_the_vae(tmp_path):
+    """The shipped model's VAE (48 channels: 16 norm groups, scaling factor 0.68956) as a bare state dict, as the
+    model itself, and a VAE part as `train vae` writes it (its own config and scaling factor)."""
+    model = sdengine.load(SHIPPED)
+    expected = _decode(model, 16)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()}, bare)  # no metadata: shapes only
+    for path in (bare, SHIPPED):
+        loaded = sdengine.load(SHIPPED, vae=path)
+        assert loaded.config == model.config, path  # groups found from shapes, the model's scaling factor kept
+        assert torch.equal(_decode(loaded, 16), expected)
+    cfg = dataclasses.replace(PRESETS["shapes"].vae, scaling_factor=0.5)
+    torch.manual_seed(1)
+    fresh = AutoencoderKL(cfg).eval()
+    write_part(tmp_path / "part.safetensors", "vae", fresh, cfg)
+    loaded = sdengine.load(SHIPPED, vae=tmp_path / "part.safetensors")
+    assert loaded.config.vae == cfg and loaded.config.sample_size == 64
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.vae.decode(z), fresh.decode(z))
+
+
+def test_diffusers_vae_loads_as_the_vae(single, tmp_path):
+    """A diffusers AutoencoderKL (16 norm groups) from its own save_pretrained folder (its config: scaling factor
+    0.5) and as a bare state dict (the model's scaling factor kept): both decode as diffusers does."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    torch.manual_seed(2)
+    vae = DiffusersVAE(block_out_channels=(48, 96), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                       scaling_factor=0.5).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae.save_pretrained(tmp_path / "folder")
+    save_file(vae.state_dict(), tmp_path / "bare.safetensors")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+    own_scale = sdengine.load(single).config.vae.scaling_factor
+    for path, scale in ((tmp_path / "folder", 0.5), (tmp_path / "bare.safetensors", own_scale)):
+        model = sdengine.load(single, vae=path)
+        assert model.config.vae.norm_groups == 16 and model.config.vae.scaling_factor == scale, path
+        with torch.no_grad():
+            got = model.vae.decode(z)
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), path
+
+
+def test_a_vae_of_another_latent_layout_is_refused(tmp_path):
+    tiny = PRESETS["shapes-tiny"].vae  # f=2: latents twice the shipped model's size
+    write_part(tmp_path / "f2.safetensors", "vae", AutoencoderKL(tiny), tiny)
+    with pytest.raises(ValueError, match=r"4 channels at 1/2 of the image size.* 4 channels at 1/4"):
+        sdengine.load(SHIPPED, vae=tmp_path / "f2.safetensors")
+    wide = dataclasses.replace(PRESETS["shapes"].vae, z_channels=8, embed_dim=8)
+    write_part(tmp_path / "z8.safetensors", "vae", AutoencoderKL(wide), wide)
+    with pytest.raises(ValueError, match=r"8 channels at 1/4 .* 4 channels at 1/4"):
+        sdengine.load(SHIPPED, vae=tmp_path / "z8.safetensors")
+
+
+def test_part_files_round_trip_and_older_ones_still_load(tmp_path):
+    """write_part/read_part keep config, weights and a text encoder's own vocabulary; files from before the one
+    metadata scheme (sdengine_vae_config / sdengine_text_config) still read."""
+    from sdengine.nn.clip import build_text_encoder
+    from sdengine.tokenizer import CLIPTokenizer
+    from sdengine.weights.metadata import tokenizer_metadata
+
+    arch = PRESETS["shapes-tiny"]
+    tokenizer = CLIPTokenizer.train(["a red circle", "two blue squares"])
+    text_cfg = dataclasses.replace(arch.text, vocab_size=len(tokenizer.vocab), eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    modules = {"vae": (AutoencoderKL(arch.vae), arch.vae), "text": (build_text_encoder(text_cfg), text_cfg)}
+    for kind, (module, cfg) in modules.items():
+        prefix = {"vae": VAE, "text": TEXT}[kind]
+        tensors = {prefix + k: v.contiguous() for k, v in module.state_dict().items()}
+        extra = tokenizer_metadata(tokenizer) if kind == "text" else {}
+        write_part(tmp_path / f"{kind}.safetensors", kind, module, cfg, tokenizer if kind == "text" else None)
+        save_file(tensors, tmp_path / f"old_{kind}.safetensors",
+                  metadata={f"sdengine_{kind}_config": json.dumps(dataclasses.asdict(cfg)), **extra})
+        for name in (kind, f"old_{kind}"):
+            part = read_part(tmp_path / f"{name}.safetensors", kind)
+            assert part.kind == kind and part.config == cfg and part.recorded
+            tensors_equal(part.module().state_dict(), module.state_dict())
+            if kind == "text":
+                assert part.tokenizer.vocab == tokenizer.vocab and part.tokenizer.merges == tokenizer.merges
+    with pytest.raises(ValueError, match="holds a VAE, not a text encoder"):
+        read_part(tmp_path / "vae.safetensors", "text")
+
+
+def test_init_writes_the_shipped_architecture(tmp_path):
+    """config.PRESETS holds the shipped model's architecture: `sdengine init shapes` writes a model shaped like it."""
+    r = run_cli("init", "shapes", tmp_path / "shapes.safetensors")
+    assert r.returncode == 0, r.stderr
+    shipped, fresh = load_file(SHIPPED), load_file(tmp_path / "shapes.safetensors")
+    vocab = TEXT + "transformer.text_model.embeddings.token_embedding.weight"  # the shipped model has its own
+    assert sorted(shipped) == sorted(fresh)
+    assert all(shipped[k].shape == fresh[k].shape for k in shipped if k != vocab)
+    assert sdengine.load(tmp_path / "shapes.safetensors").config.sample_size == 64

@@ -6,6 +6,7 @@ folders renamed through the table (keys.py); the model is then built from a dete
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -15,14 +16,13 @@ from ..config import ModelConfig
 from ..model import StableDiffusion
 from ..tokenizer import CLIPTokenizer
 from . import diffusers_folder
-from .detect import UnknownArchitecture, detect
+from .detect import UnknownArchitecture, check_keys, detect
 from .io import CheckpointError, atomic_path, read_tensors, write_pickle, write_safetensors
 from .keys import TEXT, UNET, VAE
-from .single import normalize, standalone_vae
+from .metadata import CONFIG_METADATA, tokenizer_from_metadata, tokenizer_metadata
+from .parts import check_vae_fits, read_vae
+from .single import normalize
 
-CONFIG_METADATA = "sdengine_config"  # our safetensors metadata: what shapes cannot tell (heads, eps/v)
-TOKENIZER_METADATA = "sdengine_tokenizer"  # a model's own (non-CLIP) vocabulary, so one file is the whole model
-CLIP_VOCAB_SIZE = 49408
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,7 +47,7 @@ def read_checkpoint(
             cfg = ModelConfig.from_dict(fields)
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA} metadata ({e})") from None
-        tokenizer = _tokenizer_from_metadata(metadata, cfg, path)
+        tokenizer = tokenizer_from_metadata(metadata, cfg.text.pad_with_eos, path)
         return sd, cfg, tokenizer
     else:
         try:
@@ -58,39 +58,6 @@ def read_checkpoint(
             what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
             raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
     return sd, cfg, None
-
-
-def _tokenizer_from_metadata(metadata: dict[str, str], cfg: ModelConfig, path: Path) -> CLIPTokenizer | None:
-    if TOKENIZER_METADATA not in metadata:
-        return None
-    try:
-        spec = json.loads(metadata[TOKENIZER_METADATA])
-        return CLIPTokenizer(spec["vocab"], spec["merges"], pad_with_eos=cfg.text.pad_with_eos)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: invalid {TOKENIZER_METADATA} metadata ({e})") from None
-
-
-def tokenizer_metadata(tokenizer: CLIPTokenizer) -> dict[str, str]:
-    """Metadata entry carrying a custom vocabulary (the standard CLIP one ships with the package)."""
-    if len(tokenizer.vocab) == CLIP_VOCAB_SIZE:
-        return {}
-    merges = [" ".join(m) for m in tokenizer.merges]
-    return {TOKENIZER_METADATA: json.dumps({"vocab": tokenizer.vocab, "merges": merges})}
-
-
-def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict loading with a readable error: name missing, unexpected and mis-shaped keys."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-            problems.append(f"{len(keys)} {label}: {shown}")
-    if problems:
-        raise UnknownArchitecture(f"{source}: unknown architecture; " + "; ".join(problems))
 
 
 def build(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
@@ -126,22 +93,26 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
          use_ema: bool = False, config: ModelConfig | None = None) -> StableDiffusion:
     """Load a single-file checkpoint or diffusers folder.
 
-    vae: a standalone VAE file that replaces the checkpoint's. config: the architecture, for files whose
+    vae: a VAE that replaces the checkpoint's (any file or folder weights.parts.read_vae reads; its latents must
+    fit the UNet). config: the architecture, for files whose
     head split or prediction type the detection rules would get wrong (the shapes are still checked).
     """
     path = Path(path)
     sd, cfg, tokenizer = read_checkpoint(path, use_ema=use_ema)
     cfg = config or cfg
     if vae is not None:
-        vae_sd, vae_cfg = standalone_vae(read_tensors(vae)[0])
-        sd = {k: v for k, v in sd.items() if not k.startswith(VAE)} | vae_sd
-        cfg = ModelConfig(unet=cfg.unet, vae=vae_cfg, text=cfg.text, prediction=cfg.prediction)
+        part = read_vae(vae)
+        # a VAE known only from its shapes is a drop-in for the model's latents (as SD's ft-MSE VAE is): its scale
+        vae_cfg = part.config if part.recorded else replace(part.config, scaling_factor=cfg.vae.scaling_factor)
+        check_vae_fits(vae_cfg, cfg, str(vae))
+        sd = {k: v for k, v in sd.items() if not k.startswith(VAE)} | part.tensors
+        cfg = replace(cfg, vae=vae_cfg)
     if prediction is not None:
-        cfg = ModelConfig(unet=cfg.unet, vae=cfg.vae, text=cfg.text, prediction=prediction)
+        cfg = replace(cfg, prediction=prediction)
     model = build(sd, cfg, tokenizer, device=device, dtype=dtype, source=str(path))
     if prediction is None and config is None and not path.is_dir() and cfg.family == "sd2":
         if probe_v_prediction(model):
-            model.config = ModelConfig(unet=cfg.unet, vae=cfg.vae, text=cfg.text, prediction="v")
+            model.config = replace(cfg, prediction="v")
     model.source = str(path)
     return model
 
@@ -166,7 +137,6 @@ def single_file_tensors(model: StableDiffusion) -> dict[str, torch.Tensor]:
 def single_file_config(model: StableDiffusion) -> ModelConfig:
     text = model.config.text
     if text.layout == "openclip" and text.skip_last_layers == 0:
-        from dataclasses import replace
         return replace(model.config, text=replace(text, layers=text.layers + 1, skip_last_layers=1))
     return model.config
 

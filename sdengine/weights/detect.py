@@ -18,6 +18,21 @@ class UnknownArchitecture(ValueError):
     pass
 
 
+def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict loading with a readable error: name missing, unexpected and mis-shaped keys."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k]))
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise UnknownArchitecture(f"{source}: unknown architecture; " + "; ".join(problems))
+
+
 def _indices(keys: list[str], pattern: str) -> list[int]:
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
@@ -82,10 +97,17 @@ def detect_vae(sd: dict[str, torch.Tensor], prefix: str = VAE) -> VAEConfig:
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
     mults = tuple(sd[prefix + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
     blocks = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
-    return VAEConfig(
+    return VAEConfig(norm_groups=vae_norm_groups([ch * m for m in mults]),
         in_channels=conv_in.shape[1], out_ch=_need(sd, prefix + "decoder.conv_out.weight").shape[0], ch=ch,
         ch_mult=mults, num_res_blocks=blocks, z_channels=_need(sd, prefix + "decoder.conv_in.weight").shape[1],
         embed_dim=_need(sd, prefix + "post_quant_conv.weight").shape[1])
+
+
+def vae_norm_groups(channels: list[int]) -> int:
+    """The GroupNorm group count of a VAE whose levels have these channel counts. Groups are in no tensor's shape:
+    SD's 32 where every level divides into it, else the largest power of two that does (sdengine's shapes VAE,
+    48/96 channels, uses 16); a file's recorded config overrides this guess."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
 
 
 def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> TextConfig:

@@ -45,11 +45,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def _read_part_tensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
+def _read_part_tensors(folder: Path, part: str, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights in folder/part, a model of `kind` (default: part) as diffusers names its files."""
     d = folder / part
     if not d.is_dir():
         raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
-    for stem in WEIGHT_NAMES[part]:
+    for stem in WEIGHT_NAMES[kind or part]:
         for ext in (".safetensors", ".bin"):
             if (d / (stem + ext)).exists():
                 return read_tensors(d / (stem + ext))[0]
@@ -115,6 +116,13 @@ def vae_config_from_diffusers(c: dict[str, Any]) -> VAEConfig:
                      ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=c.get("layers_per_block", 1),
                      z_channels=c.get("latent_channels", 4), embed_dim=c.get("latent_channels", 4),
                      norm_groups=c.get("norm_num_groups", 32), scaling_factor=c.get("scaling_factor", 0.18215))
+
+
+def read_vae_folder(folder: Path) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """A diffusers AutoencoderKL folder (what its save_pretrained writes: config.json and the weights) ->
+    (diffusers-named tensors, config)."""
+    return _read_part_tensors(folder.parent, folder.name, "vae"), vae_config_from_diffusers(
+        _read_json(folder / "config.json"))
 
 
 def vae_config_from_tensors(sd: dict[str, torch.Tensor]) -> VAEConfig:
