@@ -9,20 +9,19 @@ runs its tail), with its noise drawn again from the same seeds and variation see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .diffusion.samplers import get_sampler
-from .diffusion.schedule import SCHEDULES
-from .img2img_steps import a1111_img2img_steps
+from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES
+from .images import images_to_tensor, tensor_to_images
 
 if TYPE_CHECKING:
-    from .pipeline import Callback, Pipeline, Request
+    from .request import Request
 
 # A1111's latent upscale modes (shared.latent_upscale_modes): name -> (interpolation, antialias)
 LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
@@ -99,6 +98,11 @@ class HiresFix:
         to_w, to_h, crop_x, crop_y = self.target(width, height, downscale)
         return (to_w // downscale - crop_x) * downscale, (to_h // downscale - crop_y) * downscale
 
+    @property
+    def in_latent_space(self) -> bool:
+        """Whether the upscaler works on the latents (else on the decoded image)."""
+        return (self.upscaler or DEFAULT_UPSCALER) in LATENT_UPSCALERS
+
     def infotext(self, first: Request) -> dict[str, Any]:
         """The fields A1111 writes for a hires fix (the image's Size stays the first pass's)."""
         resized = self.resize_x or self.resize_y
@@ -106,7 +110,8 @@ class HiresFix:
         return {
             "Denoising strength": self.denoising_strength,
             "Hires sampler": sampler if sampler != first.sampler_spec.display else None,
-            "Hires schedule type": self.schedule.capitalize() if self.schedule not in (None, first.schedule) else None,
+            "Hires schedule type": SCHEDULE_LABELS[self.schedule] if self.schedule not in (None, first.schedule)
+            else None,
             "Hires prompt": self.prompt if self.prompt not in (None, first.prompt) else None,
             "Hires negative prompt": self.negative_prompt
             if self.negative_prompt not in (None, first.negative_prompt) else None,
@@ -117,44 +122,20 @@ class HiresFix:
         }
 
 
-def second_pass_request(first: Request, hr: HiresFix, downscale: int = 8) -> Request:
-    """The img2img request of the second pass (a size it cannot make is refused here, before any work), with
-    A1111's step count: the hires steps (one fewer with DDIM/PLMS/UniPC), the last of a schedule of
-    int(steps / strength) (a1111_img2img_steps, its fixed branch)."""
-    width, height = hr.output_size(first.width, first.height, downscale)
-    sampler = hr.sampler or first.sampler
-    total, run = a1111_img2img_steps(hr.steps or first.steps, hr.denoising_strength, sampler, fixed=True)
-    return replace(first, prompt=first.prompt if hr.prompt is None else hr.prompt,
-                   negative_prompt=first.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
-                   steps=total, sampler=sampler, schedule=hr.schedule or first.schedule,
-                   width=width, height=height, strength=hr.denoising_strength,
-                   denoise_steps=run)
+def upscale_latents(latents: torch.Tensor, hr: HiresFix, width: int, height: int, downscale: int) -> torch.Tensor:
+    """A first pass of width x height upscaled in latent space to the target and cropped (the "Latent" upscalers)."""
+    to_w, to_h, crop_x, crop_y = hr.target(width, height, downscale)
+    mode, antialias = LATENT_UPSCALERS[hr.upscaler or DEFAULT_UPSCALER]
+    up = F.interpolate(latents.float(), size=(to_h // downscale, to_w // downscale), mode=mode, antialias=antialias)
+    return up[..., crop_y // 2: up.shape[2] - (crop_y + 1) // 2, crop_x // 2: up.shape[3] - (crop_x + 1) // 2]
 
 
-def upscale(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix
-            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The first pass upscaled to the target and cropped: (latents, None) for a latent upscaler, (None, pixels
-    in [-1, 1]) for an image upscaler (the second pass encodes them, drawing from the seeds as img2img does)."""
-    f = pipe.model.config.vae.downscale
-    to_w, to_h, crop_x, crop_y = hr.target(first.width, first.height, f)
-    name = hr.upscaler or DEFAULT_UPSCALER
-    if name in LATENT_UPSCALERS:
-        mode, antialias = LATENT_UPSCALERS[name]
-        up = F.interpolate(latents.float(), size=(to_h // f, to_w // f), mode=mode, antialias=antialias)
-        return up[..., crop_y // 2: up.shape[2] - (crop_y + 1) // 2, crop_x // 2: up.shape[3] - (crop_x + 1) // 2], None
-    # A1111 turns the decoded first pass into 8-bit images (truncating) and resizes those
-    with pipe.tiling(first):
-        pixels = pipe.decode(latents)
-    arrays = (pixels.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+def upscale_pixels(pixels: torch.Tensor, hr: HiresFix, width: int, height: int, downscale: int) -> torch.Tensor:
+    """A decoded first pass (pixels in [0, 1]) upscaled on the image and cropped: pixels in [-1, 1] for the
+    second pass to encode. A1111 turns the first pass into 8-bit images (truncating) and resizes those."""
+    to_w, to_h, crop_x, crop_y = hr.target(width, height, downscale)
+    f = downscale
     box = (crop_x // 2 * f, crop_y // 2 * f, to_w - (crop_x + 1) // 2 * f, to_h - (crop_y + 1) // 2 * f)
-    out = [np.asarray(Image.fromarray(a).resize((to_w, to_h), PIXEL_UPSCALERS[name]).crop(box), dtype=np.float32)
-           for a in arrays]
-    return None, torch.from_numpy(np.stack(out) / 255.0).permute(0, 3, 1, 2).float() * 2 - 1
-
-
-def hires_pass(pipe: Pipeline, first: Request, latents: torch.Tensor, hr: HiresFix,
-               callback: Callback | None = None) -> tuple[torch.Tensor, Request]:
-    """The second pass over the first pass's latents: (final latents, the second pass's request)."""
-    req = second_pass_request(first, hr, pipe.model.config.vae.downscale)
-    init_latents, init_pixels = upscale(pipe, first, latents, hr)
-    return pipe.sample(req, init=init_pixels, init_latents=init_latents, callback=callback), req
+    method = PIXEL_UPSCALERS[hr.upscaler or DEFAULT_UPSCALER]
+    images = [image.resize((to_w, to_h), method).crop(box) for image in tensor_to_images(pixels, rounding=False)]
+    return images_to_tensor(images)

@@ -81,8 +81,9 @@ class StableDiffusion(nn.Module):
         return {name: sum(p.numel() for p in part.parameters())
                 for name, part in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))}
 
-    @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Prompts -> text context (b, 77, width) for the UNet."""
-        ids = self.tokenizer(prompts, max_length=self.config.text.max_positions).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)[0]
+        """Prompts -> text context (b, 77 * chunks, width) for the UNet, read with A1111's prompt syntax
+        (sdengine/prompts.py); a plain prompt of at most 75 tokens is one 77-token window, as diffusers encodes it."""
+        from .prompts import encode_prompts
+
+        return encode_prompts(self, [prompts] if isinstance(prompts, str) else list(prompts), clip_skip)

@@ -1,135 +1,44 @@
 """txt2img, img2img and inpainting: the generation loop, unrolled and readable in one place.
 
-prompt -> context; seed -> noise; sampler over the denoiser -> latents; VAE -> pixels -> PIL images that carry
-their A1111 "parameters" text. Random draws happen on the CPU, per image, in the same order as diffusers'
-pipelines with a list of generators, so a seed gives the same image here, there and on any device.
+A Request goes through named steps, each the one place its concern lives:
+  condition    prompt and negative prompt -> Conditioning (cross-attention context; later SDXL's vector)
+  sigmas       the sampler's schedule, or its img2img tail
+  sample       seed -> noise (+ the encoded init image) -> sampler over the denoiser stack -> latents
+  denoiser     UNet as x0 estimator -> classifier-free guidance -> inpainting's known-region blend
+  second_pass  the hires fix: upscale, then img2img at the larger size
+  decode       latents -> pixels; to_images adds each image's A1111 "parameters" text
+Random draws happen on the CPU, per image, in the same order as diffusers' pipelines with a list of generators,
+so a seed gives the same image here, there and on any device.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import random
+import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
-from .diffusion.denoiser import CFGDenoiser, Denoiser
-from .diffusion.samplers import SAMPLERS, BatchNoise, SamplerSpec, get_sampler
-from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES, SD_SCHEDULE, SPACINGS, NoiseSchedule
-from .diffusion.variation import Variation, initial_noise
-from .hires import HiresFix, hires_pass, second_pass_request
+from .diffusion.denoiser import CFGDenoiser, Conditioning, Denoiser
+from .diffusion.samplers import SAMPLERS, BatchNoise
+from .diffusion.schedule import SD_SCHEDULE, NoiseSchedule
+from .diffusion.variation import initial_noise
+from .hires import upscale_latents, upscale_pixels
+from .images import image_to_tensor, mask_to_tensor, tensor_to_images
 from .metadata import format_parameters
 from .model import StableDiffusion
 from .nn.seamless import circular_padding
 from .prompts import encode_prompts
+from .request import Request
+from .runtime import model_hash
 
-MAX_SIDE = 8192
 # callback(step, total_steps, latents (VE space), denoised x0 estimate)
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-
-
-@dataclass
-class Request:
-    """Everything that decides an image; validated on creation so bad values fail before any work."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    sampler: str = "euler"
-    schedule: str = "normal"
-    spacing: str | None = None  # None: what diffusers' scheduler of this sampler uses for SD1.5
-    cfg_scale: float = 7.5
-    seed: int = 0
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    clip_skip: int = 1
-    strength: float = 1.0  # img2img / inpaint: the share of the schedule that is run
-    subseed: int = -1  # variation seed (A1111's): image i's noise is slerped towards subseed + i's
-    subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
-    seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
-    tiling: bool = False  # seamless: the image tiles (A1111's Tiling: every padded convolution wraps around)
-    denoise_steps: int | None = None  # img2img: run exactly the schedule's last n steps; None: int(steps * strength)
-    seeds: list[int] = field(init=False, default_factory=list)
-    subseeds: list[int] = field(init=False, default_factory=list)
-
-    def __post_init__(self) -> None:
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 8 or v > MAX_SIDE:
-                raise ValueError(f"{name} must be a positive multiple of 8 up to {MAX_SIDE}, got {v}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps}")
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg scale must be a finite number, got {self.cfg_scale}")
-        if not 1 <= self.batch_size <= 64:
-            raise ValueError(f"batch size must be between 1 and 64, got {self.batch_size}")
-        if self.clip_skip < 1:
-            raise ValueError(f"clip skip must be >= 1, got {self.clip_skip}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-        n = self.denoise_steps
-        if n is not None and not (isinstance(n, int) and 1 <= n <= self.steps):
-            raise ValueError(f"denoise steps must be an integer from 1 to steps ({self.steps}), got {n}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.spacing is not None and self.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {self.spacing!r}; valid: {', '.join(SPACINGS)}")
-        self.sampler_spec: SamplerSpec = get_sampler(self.sampler)
-        if self.seed == -1:
-            self.seed = random.randrange(2 ** 32)
-        if not 0 <= self.seed < 2 ** 64 - 64:
-            raise ValueError(f"seed must be -1 or in [0, 2^64), got {self.seed}")
-        if self.subseed == -1:
-            self.subseed = random.randrange(2 ** 32)
-        if not 0 <= self.subseed < 2 ** 64 - 64:
-            raise ValueError(f"variation seed must be -1 or in [0, 2^64), got {self.subseed}")
-        if not 0.0 <= self.subseed_strength <= 1.0:
-            raise ValueError(f"variation strength must be in [0, 1], got {self.subseed_strength}")
-        # A1111: with a variation, every image keeps the seed and the variation seed counts up instead
-        self.seeds = [self.seed + (0 if self.subseed_strength else i) for i in range(self.batch_size)]
-        self.subseeds = [self.subseed + i for i in range(self.batch_size)]
-        if self.seed_resize_from is not None:
-            w, h = self.seed_resize_from
-            if not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in (w, h)):
-                raise ValueError(f"seed resize from must be two sizes from 1 to {MAX_SIDE}, got {w}x{h}")
-
-    @property
-    def run_strength(self) -> float:
-        """The share of the schedule an img2img runs: `strength`, or with denoise_steps the strength whose
-        int(steps * strength) is exactly that many steps (the samplers cut their tails by diffusers' rule)."""
-        if self.denoise_steps is None:
-            return self.strength
-        return min((self.denoise_steps + 0.5) / self.steps, 1.0)
-
-    def variation(self, downscale: int) -> Variation | None:
-        """The variation seeds for a model whose latents are `downscale` times smaller, or None if there are none."""
-        if self.subseed_strength == 0 and self.seed_resize_from is None:
-            return None
-        resize = None
-        if self.seed_resize_from is not None:
-            w, h = self.seed_resize_from
-            resize = (max(1, h // downscale), max(1, w // downscale))
-        return Variation(self.subseeds, self.subseed_strength, resize)
-
-
-def model_hash(path: str | Path | None) -> str | None:
-    """A1111's short model hash: the first 10 hex digits of the file's sha256 (None for folders)."""
-    if path is None or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+MASKED_LATENTS = ("original", "noise", "zeros")
 
 
 class Pipeline:
@@ -140,98 +49,122 @@ class Pipeline:
 
     # --- public API ---------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str = "", negative_prompt: str = "", steps: int = 20, sampler: str = "euler",
-                 schedule: str = "normal", cfg_scale: float = 7.5, seed: int = 0, width: int | None = None,
-                 height: int | None = None, batch_size: int = 1, clip_skip: int = 1, spacing: str | None = None,
-                 callback: Callback | None = None, subseed: int = -1, subseed_strength: float = 0.0,
-                 seed_resize_from: tuple[int, int] | None = None, tiling: bool = False,
-                 hires: HiresFix | None = None) -> list[Image.Image]:
-        """txt2img. Image i uses seed + i; each image carries its parameters in image.info["parameters"].
-        Width and height default to the model's training size (512 unless its file says otherwise).
-        subseed/subseed_strength/seed_resize_from: A1111's variation seeds (see diffusion/variation.py); with a
-        variation, image i keeps the seed and uses subseed + i. tiling: seamless images. hires: a second,
-        larger img2img pass over the upscaled first one (sdengine/hires.py)."""
-        size = self.model.config.image_size  # `is None`, not `or`: a width of 0 must be refused, not replaced
-        width, height = size if width is None else width, size if height is None else height
-        req = Request(prompt, negative_prompt, steps, sampler, schedule, spacing, cfg_scale, seed, width, height,
-                      batch_size, clip_skip, subseed=subseed, subseed_strength=subseed_strength,
-                      seed_resize_from=seed_resize_from, tiling=tiling)
-        if hires is not None:  # fail on a too-large target before the first pass, not after it
-            second_pass_request(req, hires, self.model.config.vae.downscale)
-        latents = self.sample(req, callback=callback)
-        if hires is None:
-            return self.to_images(latents, req)
-        latents, _ = hires_pass(self, req, latents, hires, callback)
-        return self.to_images(latents, req, hires.infotext(req))
+    def run(self, req: Request, init: Image.Image | list[Image.Image] | None = None, mask: Image.Image | None = None,
+            callback: Callback | None = None) -> list[Image.Image]:
+        """Every image of the request (batch_size x n_iter), each with its parameters in image.info["parameters"]
+        and its seed in image.info["seed"] (its variation seed in "subseed"). init: img2img (one image, or one
+        per image of the batch); with mask (white = repaint): inpainting. Width/height default to the init
+        image's, else the model's training size."""
+        req = self.sized(req, init)
+        inits = [init] if isinstance(init, Image.Image) else init
+        pixels = None if inits is None else torch.cat([image_to_tensor(im, req.width, req.height) for im in inits])
+        mask_t = None if mask is None else mask_to_tensor(mask, req.width, req.height)
+        images = []
+        for n in range(req.n_iter):
+            batch = req.iteration(n)
+            images += self.to_images(self.latents(batch, pixels, mask_t, callback), batch)
+        return images
 
-    def img2img(self, image: Image.Image, prompt: str = "", strength: float = 0.75, **kwargs) -> list[Image.Image]:
+    def generate(self, prompt: str = "", *, callback: Callback | None = None, **fields: Any) -> list[Image.Image]:
+        """txt2img: `fields` are Request's (steps, sampler, cfg_scale, seed, width, height, hires, ...)."""
+        return self.run(Request(prompt=prompt, **fields), callback=callback)
+
+    def img2img(self, image: Image.Image, prompt: str = "", *, strength: float = 0.75,
+                callback: Callback | None = None, **fields: Any) -> list[Image.Image]:
         """Start from `image` noised to the point `strength` of the way up the schedule (diffusers' convention:
         int(steps * strength) steps are run; `denoise_steps=n` runs exactly the last n, as A1111 counts them).
-        At strength 1.0 the image is still there, under sigma_max's noise. Width/height default to the image's,
-        rounded down to x8."""
-        req = self._request(image, prompt, strength, kwargs)
-        pixels = image_to_tensor(image, req.width, req.height)
-        return self.to_images(self.sample(req, init=pixels, callback=kwargs.get("callback")), req)
+        At strength 1.0 the image is still there, under sigma_max's noise."""
+        return self.run(Request(prompt=prompt, strength=strength, **fields), init=image, callback=callback)
 
-    def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str = "", strength: float = 1.0,
-                **kwargs) -> list[Image.Image]:
+    def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str = "", *, strength: float = 1.0,
+                callback: Callback | None = None, **fields: Any) -> list[Image.Image]:
         """Repaint where the mask is white. 9-channel inpainting UNets see mask and masked image; other UNets
         get the known region blended back at every step."""
-        req = self._request(image, prompt, strength, kwargs)
-        pixels = image_to_tensor(image, req.width, req.height)
-        mask_t = mask_to_tensor(mask, req.width, req.height)
-        return self.to_images(self.sample(req, init=pixels, mask=mask_t, callback=kwargs.get("callback")), req)
+        return self.run(Request(prompt=prompt, strength=strength, **fields), init=image, mask=mask,
+                        callback=callback)
 
-    # --- the loop ---------------------------------------------------------------------------------------------
+    def sized(self, req: Request, init: Image.Image | list[Image.Image] | None = None) -> Request:
+        """`req` with an unset width/height taken from the init image (rounded down to x8), else the model."""
+        first = init[0] if isinstance(init, list) else init
+        if first is not None:
+            return req.sized(first.width // 8 * 8, first.height // 8 * 8)
+        return req.sized(self.model.config.image_size, self.model.config.image_size)
+
+    def latents(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                callback: Callback | None = None, **inpaint: Any) -> torch.Tensor:
+        """One batch (n_iter 1) of a sized request: the first pass, then the hires fix's second pass if asked."""
+        latents = self.sample(req, init=init, mask=mask, callback=callback, **inpaint)
+        return latents if req.hires is None else self.second_pass(req, latents, callback)
+
+    # --- the steps ----------------------------------------------------------------------------------------------
 
     def tiling(self, req: Request) -> AbstractContextManager[None]:
         """The networks as `req` wants them: wrapping around for a seamless request, as loaded otherwise."""
         return circular_padding([self.model.unet, self.model.vae], req.tiling)
 
     @torch.no_grad()
+    def condition(self, req: Request) -> tuple[Conditioning, Conditioning | None]:
+        """(prompt, negative prompt) as conditionings for the batch; no negative when guidance is off. The two
+        contexts get the same number of 77-token chunks (the shorter one padded with empty chunks)."""
+        model, n = self.model, req.batch_size
+        cond = encode_prompts(model, [req.prompt] * n, req.clip_skip)
+        if req.cfg_scale == 1.0:
+            return Conditioning(cond), None
+        uncond = encode_prompts(model, [req.negative_prompt] * n, req.clip_skip, min_chunks=cond.shape[1] // 77)
+        if uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
+            cond = encode_prompts(model, [req.prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
+        return Conditioning(cond), Conditioning(uncond)
+
+    def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:
+        """The sampler's sigmas (final one appended); for img2img below full strength, the tail it runs."""
+        spec = req.sampler_spec
+        if img2img and req.run_strength < 1.0:
+            sigmas = spec.img2img_sigmas(self.schedule, req.steps, req.run_strength, req.schedule, req.spacing)
+        else:
+            sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
+        return torch.from_numpy(sigmas)
+
+    def denoiser(self, req: Request, cond: Conditioning, uncond: Conditioning | None) -> Callable:
+        """The UNet as an x0 estimator under classifier-free guidance: what the sampler calls."""
+        unet = Denoiser(self.model.unet, self.schedule, self.model.config.prediction)
+        return CFGDenoiser(unet, cond, uncond, req.cfg_scale)
+
+    @torch.no_grad()
     def sample(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                callback: Callback | None = None, masked_latents: str = "original",
                latent_mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents (b, 4, h/8, w/8), VP-scaled as the VAE expects after dividing by the scaling factor.
+        """Latents (b, 4, h/8, w/8) of one batch, VP-scaled as the VAE expects after dividing by the scaling factor.
 
+        init: pixels (1 or b, 3, h, w) in [-1, 1] to start from (img2img); mask (1, 1, h, w), 1 = repaint.
         masked_latents: what the encoded init image holds under the mask before noising: "original", "noise"
         (unit Gaussian noise: AUTOMATIC1111's "latent noise") or "zeros" ("latent nothing").
         latent_mask: (1, 1, h/8, w/8) in [0, 1], where the latents are repainted; default: `mask` resized nearest.
         A soft one blends the known region in gradually (AUTOMATIC1111 without mask_round).
         init_latents: (b, 4, h/8, w/8) scaled latents to start img2img from instead of encoding `init`."""
+        if req.width is None or req.height is None or req.n_iter != 1:
+            raise ValueError("Pipeline.sample takes one sized batch: use Pipeline.run, or Request.sized/iteration")
+        if masked_latents not in MASKED_LATENTS:
+            raise ValueError(f"masked_latents must be one of {', '.join(MASKED_LATENTS)}, not {masked_latents!r}")
         with self.tiling(req):
             return self._sample(req, init, mask, callback, masked_latents, latent_mask, init_latents)
 
     def _sample(self, req: Request, init: torch.Tensor | None, mask: torch.Tensor | None, callback: Callback | None,
                 masked_latents: str, latent_mask: torch.Tensor | None, init_latents: torch.Tensor | None
                 ) -> torch.Tensor:
-        if masked_latents not in ("original", "noise", "zeros"):
-            raise ValueError(f"masked_latents must be original, noise or zeros, not {masked_latents!r}")
-        model, device = self.model, self.model.device
-        spec = req.sampler_spec
+        model, device, spec = self.model, self.model.device, req.sampler_spec
         f = model.config.vae.downscale
-        shape = (req.batch_size, 4, req.height // f, req.width // f)
+        shape = (req.batch_size, model.config.unet.out_channels, req.height // f, req.width // f)
         if latent_mask is not None and latent_mask.shape[-2:] != shape[-2:]:
             raise ValueError(f"latent_mask must be {tuple(shape[-2:])}, got {tuple(latent_mask.shape[-2:])}")
         if init_latents is not None and tuple(init_latents.shape) != shape:
             raise ValueError(f"init_latents must be {shape}, got {tuple(init_latents.shape)}")
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         noise_source = BatchNoise(generators, shape, device)
+        cond, uncond = self.condition(req)
 
-        prompts = [req.prompt] * req.batch_size
-        negatives = [req.negative_prompt] * req.batch_size
-        guided = req.cfg_scale != 1.0
-        cond = encode_prompts(model, prompts, req.clip_skip)
-        uncond = encode_prompts(model, negatives, req.clip_skip, min_chunks=cond.shape[1] // 77) if guided else None
-        if uncond is not None and uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
-            cond = encode_prompts(model, prompts, req.clip_skip, min_chunks=uncond.shape[1] // 77)
-
-        strength = req.run_strength
-        if (init is not None or init_latents is not None) and strength < 1.0:
-            sigmas = spec.img2img_sigmas(self.schedule, req.steps, strength, req.schedule, req.spacing)
-        else:
-            sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
-        sigmas = torch.from_numpy(sigmas)
+        img2img = init is not None or init_latents is not None
+        sigmas = self.sigmas(req, img2img)
+        strength = req.run_strength if img2img else 1.0
         inpainting_unet = model.config.unet.in_channels == 9
         image_latents = None
         if init_latents is not None:
@@ -240,7 +173,6 @@ class Pipeline:
             image_latents = self.encode_image(init, generators)
         variation = req.variation(f)
         noise = noise_source() if variation is None else initial_noise(noise_source, req.seeds, variation)
-        concat = None
         if mask is None:
             latent_mask = None
         else:
@@ -257,12 +189,11 @@ class Pipeline:
         else:
             x = noise * spec.initial_scale(float(sigmas[0]), req.spacing)
 
-        if mask is not None:
-            if inpainting_unet:
-                concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators)], dim=1)
-
-        denoiser = Denoiser(model.unet, self.schedule, model.config.prediction)
-        denoise: Callable = CFGDenoiser(denoiser, cond, uncond, req.cfg_scale, concat)
+        if mask is not None and inpainting_unet:  # the UNet sees the mask and the masked image
+            concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators)], dim=1)
+            cond = cond.with_concat(concat)
+            uncond = uncond.with_concat(concat) if uncond is not None else None
+        denoise = self.denoiser(req, cond, uncond)
         if latent_mask is not None and not inpainting_unet:
             denoise = known_region_blend(denoise, latent_mask, image_latents, noise, sigmas[0])
         extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
@@ -271,6 +202,19 @@ class Pipeline:
         if latent_mask is not None and not inpainting_unet:  # the known region exactly as encoded
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
         return latents
+
+    def second_pass(self, first: Request, latents: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
+        """The hires fix (A1111's sample_hr_pass): the first pass's latents upscaled (in latent space, or decoded,
+        resized and encoded again), then img2img at the larger size, its noise drawn again from the same seeds."""
+        assert first.hires is not None and first.width is not None and first.height is not None
+        f = self.model.config.vae.downscale
+        hr, req = first.hires, first.second_pass(f)
+        if hr.in_latent_space:
+            return self.sample(req, init_latents=upscale_latents(latents, hr, first.width, first.height, f),
+                               callback=callback)
+        with self.tiling(first):
+            pixels = self.decode(latents)
+        return self.sample(req, init=upscale_pixels(pixels, hr, first.width, first.height, f), callback=callback)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -285,14 +229,14 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [0, 1]. A half-precision decode that overflows is redone in fp32."""
+        """Latents -> pixels in [0, 1]. A half-precision decode that overflows is redone in fp32 by a copy of the
+        VAE: the shared model is never changed (the server decodes previews from another thread)."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype
-        z = latents / self.model.config.vae.scaling_factor
+        z = latents.to(self.model.device) / self.model.config.vae.scaling_factor
         pixels = vae.decode(z.to(dtype)).float()
         if not torch.isfinite(pixels).all() and dtype != torch.float32:
-            pixels = vae.float().decode(z.float())
-            vae.to(dtype)
+            pixels = copy.deepcopy(vae).float().decode(z.float())
         return (pixels / 2 + 0.5).clamp(0, 1)
 
     def to_images(self, latents: torch.Tensor, req: Request, extra: dict[str, Any] | None = None
@@ -300,13 +244,12 @@ class Pipeline:
         """Decoded images, each with its infotext; `extra` adds infotext fields (before Version)."""
         with self.tiling(req):
             pixels = self.decode(latents)
-        arrays = (pixels.cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        images = []
-        for i, arr in enumerate(arrays):
-            img = Image.fromarray(arr)
+        images = tensor_to_images(pixels)
+        for i, img in enumerate(images):
             img.info["parameters"] = self.infotext(req, i, extra)
             img.info["seed"] = req.seeds[i]
-            images.append(img)
+            if req.subseed_strength:
+                img.info["subseed"] = req.subseeds[i]
         return images
 
     def infotext(self, req: Request, index: int, extra: dict[str, Any] | None = None) -> str:
@@ -314,27 +257,9 @@ class Pipeline:
         if self._model_hash is False:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
-        params = {
-            "Steps": req.steps, "Sampler": req.sampler_spec.display,
-            "Schedule type": SCHEDULE_LABELS[req.schedule],
-            "CFG scale": req.cfg_scale, "Seed": req.seeds[index], "Size": f"{req.width}x{req.height}",
-            "Model hash": self._model_hash, "Model": source.stem if source else None,
-            "Variation seed": req.subseeds[index] if req.subseed_strength else None,
-            "Variation seed strength": req.subseed_strength or None,
-            "Seed resize from": "{}x{}".format(*req.seed_resize_from) if req.seed_resize_from else None,
-            "Denoising strength": req.strength if req.strength < 1.0 else None,
-            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-            "Tiling": "True" if req.tiling else None,
-            **(extra or {}),
-            "Version": f"sdengine {__version__}",
-        }
+        params = {**req.infotext_fields(index), "Model hash": self._model_hash,
+                  "Model": source.stem if source else None, **(extra or {}), "Version": f"sdengine {__version__}"}
         return format_parameters(req.prompt, req.negative_prompt, params)
-
-    def _request(self, image: Image.Image, prompt: str, strength: float, kwargs: dict) -> Request:
-        fields = {k: v for k, v in kwargs.items() if k != "callback"}
-        fields.setdefault("width", image.width // 8 * 8)
-        fields.setdefault("height", image.height // 8 * 8)
-        return Request(prompt=prompt, strength=strength, **fields)
 
 
 def known_region_blend(model: Callable, latent_mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,
@@ -351,22 +276,4 @@ def known_region_blend(model: Callable, latent_mask: torch.Tensor, known: torch.
     return denoise
 
 
-def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image -> (1, 3, h, w) in [-1, 1], resized (Lanczos) when its size differs."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1
-
-
-def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Mask -> (1, 1, h, w) of 0/1, white (>= 0.5) = repaint."""
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.LANCZOS)
-    arr = np.asarray(mask, dtype=np.float32) / 255.0
-    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
-
-
-__all__ = ["Pipeline", "Request", "SAMPLERS"]
+__all__ = ["Pipeline", "Request", "SAMPLERS", "Callback", "model_hash"]

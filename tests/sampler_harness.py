@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sdengine.diffusion.denoiser import Denoiser
+from sdengine.diffusion.denoiser import Conditioning, Denoiser
 from sdengine.diffusion.samplers import BatchNoise, get_sampler
 from sdengine.diffusion.schedule import NoiseSchedule
 
@@ -65,7 +65,7 @@ def run_ours(name: str, steps: int, seed: int = 0, prediction: str = "eps", sche
     ns = NoiseSchedule()
     sigmas = torch.from_numpy(spec.sigmas(ns, steps, schedule, spacing))
     denoiser = Denoiser(ToyUNet(), ns, prediction)
-    model = lambda x, sigma: denoiser(x, sigma, context=torch.zeros(1))  # noqa: E731
+    model = lambda x, sigma: denoiser(x, sigma, Conditioning(torch.zeros(1)))  # noqa: E731
     generators = [torch.Generator().manual_seed(seed + i) for i in range(SHAPE[0])]
     noise = BatchNoise(generators, SHAPE, "cpu")
     x = noise() * spec.initial_scale(float(sigmas[0]), spacing)

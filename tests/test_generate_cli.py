@@ -270,23 +270,23 @@ def test_bad_input_real_process(sd1_folder, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_vae_decode_falls_back_to_fp32_on_overflow(sd1_folder, monkeypatch, dtype):
     model = sdengine.load(sd1_folder, dtype=dtype)
-    decoder = model.vae.decoder
-    real = decoder.forward
+    decoder_class = type(model.vae.decoder)  # patched on the class: the fp32 fallback decodes with a copy
+    real = decoder_class.forward
     calls = []
 
-    def overflowing(z):  # what an SD1.5 VAE does in fp16 on some latents
+    def overflowing(self, z):  # what an SD1.5 VAE does in fp16 on some latents
         calls.append(z.dtype)
-        out = real(z)
+        out = real(self, z)
         return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
 
-    monkeypatch.setattr(decoder, "forward", overflowing)
+    monkeypatch.setattr(decoder_class, "forward", overflowing)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pixels = Pipeline(model).decode(latents)
     assert calls == [dtype, torch.float32]
     assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all() and 0 <= pixels.min() <= pixels.max() <= 1
     assert pixels.std() > 0.01  # a real decode, not a clamp of inf/nan
-    assert next(model.vae.parameters()).dtype == dtype  # the VAE is back in its precision
+    assert next(model.vae.parameters()).dtype == dtype  # the shared VAE was never changed
     assert all(p.dtype == dtype for p in model.unet.parameters())
-    monkeypatch.setattr(decoder, "forward", real)
+    monkeypatch.setattr(decoder_class, "forward", real)
     reference = Pipeline(model.float()).decode(latents)  # the same (rounded) weights, all in fp32
     assert torch.equal(pixels, reference)  # the fallback is a full fp32 decode

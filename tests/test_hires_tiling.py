@@ -10,7 +10,7 @@ from PIL import Image
 from sampler_harness import SD15_SCHEDULER_CONFIG
 
 import sdengine
-from sdengine.hires import HiresFix, hires_pass, second_pass_request
+from sdengine.hires import HiresFix
 from sdengine.nn.seamless import circular_padding
 from sdengine.pipeline import Pipeline, Request
 
@@ -46,12 +46,13 @@ def test_latent_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(pipes)
                        generator=[torch.Generator().manual_seed(3)], output_type="latent").images
 
     pipe = pipes["ours"]
-    first_req = Request("a red circle", "", 4, "euler", cfg_scale=5, seed=3, width=W, height=H)
+    first_req = Request(prompt="a red circle", steps=4, cfg_scale=5, seed=3, width=W, height=H,
+                        hires=HiresFix(2, steps=3, denoising_strength=0.55))
     first = pipe.sample(first_req)
     assert rel(first, first_ref) < 1e-3
     steps = []
-    latents, req = hires_pass(pipe, first_req, first, HiresFix(2, steps=3, denoising_strength=0.55),
-                              callback=lambda i, n, x, d: steps.append(i))
+    latents = pipe.second_pass(first_req, first, callback=lambda i, n, x, d: steps.append(i))
+    req = first_req.second_pass()
     assert (req.width, req.height, req.steps, len(steps)) == (2 * W, 2 * H, 5, 3)
     assert rel(latents, ref) < 1e-3
 
@@ -63,9 +64,9 @@ def test_image_upscaler_hires_fix_resizes_the_8_bit_first_pass(pipes):
     image = Image.fromarray((first * 255).astype(np.uint8)).resize((2 * W, 2 * H), Image.LANCZOS)  # A1111 truncates
     ref = pipes["img"]("a blue square", image=image, strength=0.7, num_inference_steps=5, guidance_scale=5,
                        generator=[torch.Generator().manual_seed(4)], output_type="latent").images
-    req = Request("a blue square", "", 4, "euler", cfg_scale=5, seed=4, width=W, height=H)
-    latents, _ = hires_pass(pipes["ours"], req, pipes["ours"].sample(req),
-                            HiresFix(2, upscaler="Lanczos", steps=3, denoising_strength=0.55))
+    req = Request(prompt="a blue square", steps=4, cfg_scale=5, seed=4, width=W, height=H,
+                  hires=HiresFix(2, upscaler="Lanczos", steps=3, denoising_strength=0.55))
+    latents = pipes["ours"].second_pass(req, pipes["ours"].sample(req))
     assert rel(latents, ref) < 2e-2  # a decoded pixel's last bit can round differently before the resize
 
 
@@ -74,8 +75,9 @@ def test_image_upscaler_hires_fix_resizes_the_8_bit_first_pass(pipes):
 def test_second_pass_runs_exactly_a1111s_hires_steps_of_its_longer_schedule(steps, strength, sampler):
     from sdengine.diffusion.schedule import SD_SCHEDULE
 
-    first = Request("x", steps=30, sampler=sampler, width=64, height=64)
-    req = second_pass_request(first, HiresFix(steps=steps, denoising_strength=strength))
+    first = Request(prompt="x", steps=30, sampler=sampler, width=64, height=64,
+                    hires=HiresFix(steps=steps, denoising_strength=strength))
+    req = first.second_pass()
     total = int(steps / min(strength, 0.999))
     assert req.steps == total
     full = req.sampler_spec.sigmas(SD_SCHEDULE, total)

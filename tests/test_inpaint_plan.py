@@ -97,7 +97,7 @@ def test_latent_fills_change_only_the_masked_start(sd1_folder):
     pipe = Pipeline(sdengine.load(sd1_folder))
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     mask = mask_to_tensor(box_mask((64, 64), (0, 0, 32, 64)), 64, 64)
-    req = Request("a red circle", steps=3, cfg_scale=3.0, seed=5, width=64, height=64, strength=0.6)
+    req = Request(prompt="a red circle", steps=3, cfg_scale=3.0, seed=5, width=64, height=64, strength=0.6)
     init = image_to_tensor(image, 64, 64)
     out = {fill: pipe.sample(req, init=init, mask=mask, masked_latents=fill) for fill in ("original", "noise", "zeros")}
     f = out["original"].shape[-1] // 2
@@ -130,7 +130,7 @@ def test_sample_blends_with_a_given_latent_mask(sd1_folder):
     pipe = Pipeline(sdengine.load(sd1_folder))
     image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     init, mask = image_to_tensor(image, 64, 64), mask_to_tensor(box_mask((64, 64), (0, 0, 64, 64)), 64, 64)
-    req = Request("a red circle", steps=3, cfg_scale=3.0, seed=5, width=64, height=64, strength=0.6)
+    req = Request(prompt="a red circle", steps=3, cfg_scale=3.0, seed=5, width=64, height=64, strength=0.6)
     f = pipe.model.config.vae.downscale
     known = torch.ones(1, 1, 64 // f, 64 // f)
     known[..., : 64 // f // 2] = 0   # the whole image is masked, but the latent mask keeps the left half

@@ -117,8 +117,8 @@ def chunk_types(path) -> set[bytes]:
 ])
 def test_pipeline_png_parameters_read_back(pipe, tmp_path, prompt, chunk):
     negative = "blurry, 模糊" if chunk == b"iTXt" else "blurry"
-    image = pipe.generate(prompt, negative, steps=2, sampler="dpmpp_2m", schedule="karras", cfg_scale=6.5, seed=7,
-                          width=40, height=32)[0]
+    image = pipe.generate(prompt, negative_prompt=negative, steps=2, sampler="dpmpp_2m", schedule="karras",
+                          cfg_scale=6.5, seed=7, width=40, height=32)[0]
     text = image.info["parameters"]
     path = tmp_path / "out.png"
     save_png(image, path, text)

@@ -54,8 +54,8 @@ def test_txt2img_matches_diffusers(pipes, sampler):
     gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
     ref = pipes["ref"]("a red circle", negative_prompt="blue", num_inference_steps=6, guidance_scale=7.5,
                        generator=gens, height=H, width=W, num_images_per_prompt=2, output_type="latent").images
-    ours = pipes["ours"].sample(Request("a red circle", "blue", 6, sampler, cfg_scale=7.5, seed=5, width=W,
-                                        height=H, batch_size=2))
+    ours = pipes["ours"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, sampler=sampler,
+                                        cfg_scale=7.5, seed=5, width=W, height=H, batch_size=2))
     assert rel(ours, ref) < 1e-3
 
 
@@ -83,7 +83,8 @@ def test_img2img_matches_diffusers(pipes, sampler, strength):
     use_scheduler(ref, spec.diffusers_class, **spec.diffusers_options)
     out = ref("a red circle", image=init_image(), strength=strength, num_inference_steps=10, guidance_scale=5,
               generator=[torch.Generator().manual_seed(3)], output_type="latent").images
-    req = Request("a red circle", "", 10, sampler, cfg_scale=5, seed=3, width=W, height=H, strength=strength)
+    req = Request(prompt="a red circle", steps=10, sampler=sampler, cfg_scale=5, seed=3, width=W, height=H,
+                  strength=strength)
     ours = pipes["ours"].sample(req, init=image_to_tensor(init_image(), W, H))
     assert rel(ours, out) < 1e-3
 
@@ -95,7 +96,7 @@ def test_denoise_steps_runs_exactly_the_last_n_steps(sampler, steps, n):
     selects exactly n steps, whatever strength the infotext reports."""
     from sdengine.diffusion.schedule import SD_SCHEDULE
 
-    req = Request("x", steps=steps, sampler=sampler, width=64, height=64, strength=0.3, denoise_steps=n)
+    req = Request(prompt="x", steps=steps, sampler=sampler, width=64, height=64, strength=0.3, denoise_steps=n)
     full = req.sampler_spec.sigmas(SD_SCHEDULE, steps)
     if n == steps:
         assert req.run_strength == 1.0  # the whole schedule (Pipeline.sample keeps an img2img's image)
@@ -105,10 +106,10 @@ def test_denoise_steps_runs_exactly_the_last_n_steps(sampler, steps, n):
     if sampler not in ("ddim", "plms"):  # the discrete samplers slice diffusers' timestep lists their own way
         assert len(tail) - 1 == n * per_step
     assert req.sampler_spec.img2img_sigmas(SD_SCHEDULE, steps, (n + 0.4) / steps).tolist() == tail.tolist()
-    assert Request("x", steps=steps, strength=0.3).run_strength == 0.3
+    assert Request(prompt="x", steps=steps, strength=0.3).run_strength == 0.3
     for bad in (0, steps + 1, 2.5):
         with pytest.raises(ValueError, match="denoise steps"):
-            Request("x", steps=steps, denoise_steps=bad)
+            Request(prompt="x", steps=steps, denoise_steps=bad)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
@@ -122,7 +123,8 @@ def test_inpaint_matches_diffusers(pipes, strength):
     out = ref("a red circle", image=init_image(), mask_image=right_half_mask(), strength=strength,
               num_inference_steps=8, guidance_scale=5, generator=[torch.Generator().manual_seed(3)],
               output_type="latent", height=H, width=W).images
-    req = Request("a red circle", "", 8, "euler", cfg_scale=5, seed=3, width=W, height=H, strength=strength)
+    req = Request(prompt="a red circle", steps=8, sampler="euler", cfg_scale=5, seed=3, width=W, height=H,
+                  strength=strength)
     ours = pipes["ours"].sample(req, init=image_to_tensor(init_image(), W, H),
                                 mask=mask_to_tensor(right_half_mask(), W, H))
     assert rel(ours, out) < 1e-3
@@ -141,22 +143,23 @@ def test_inpainting_unet_matches_diffusers(tmp_path):
         out = ref("a cat", image=init_image(), mask_image=right_half_mask(), strength=strength,
                   num_inference_steps=5, guidance_scale=4, generator=[torch.Generator().manual_seed(9)],
                   output_type="latent", height=H, width=W).images
-        req = Request("a cat", "", 5, "euler", cfg_scale=4, seed=9, width=W, height=H, strength=strength)
+        req = Request(prompt="a cat", steps=5, sampler="euler", cfg_scale=4, seed=9, width=W, height=H,
+                      strength=strength)
         ours = pipe.sample(req, init=image_to_tensor(init_image(), W, H), mask=mask_to_tensor(right_half_mask(), W, H))
         assert rel(ours, out) < 1e-3
 
 
 def test_batch_image_reproducible_alone(pipes):
     """Image i of a batch uses seed + i and comes out the same when generated alone."""
-    batch = pipes["ours"].sample(Request("x", steps=3, seed=10, width=W, height=H, batch_size=3))
-    alone = pipes["ours"].sample(Request("x", steps=3, seed=12, width=W, height=H))
+    batch = pipes["ours"].sample(Request(prompt="x", steps=3, seed=10, width=W, height=H, batch_size=3))
+    alone = pipes["ours"].sample(Request(prompt="x", steps=3, seed=12, width=W, height=H))
     assert rel(batch[2:], alone) < 1e-4  # the same up to float reassociation in batched kernels
     assert not torch.allclose(batch[0], batch[1])
 
 
 @pytest.mark.parametrize("sampler", [n for n, s in SAMPLERS.items() if s.stochastic])
 def test_stochastic_samplers_are_deterministic_per_seed(pipes, sampler):
-    run = lambda seed: pipes["ours"].sample(Request("x", steps=4, sampler=sampler, seed=seed, width=W, height=H))  # noqa: E731
+    run = lambda seed: pipes["ours"].sample(Request(prompt="x", steps=4, sampler=sampler, seed=seed, width=W, height=H))  # noqa: E731
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
@@ -172,12 +175,12 @@ def test_callback_sees_every_step(pipes):
                                  dict(strength=0.0), dict(batch_size=0)])
 def test_bad_requests_fail_before_any_work(bad):
     with pytest.raises(ValueError) as e:
-        Request("x", **bad)
+        Request(prompt="x", **bad)
     assert "\n" not in str(e.value)
     if "sampler" in bad:
         assert "euler" in str(e.value)  # the valid ones are listed
 
 
 def test_seed_minus_one_picks_and_reports(pipes):
-    req = Request("x", seed=-1, width=W, height=H)
+    req = Request(prompt="x", seed=-1, width=W, height=H)
     assert req.seed >= 0 and req.seeds == [req.seed]

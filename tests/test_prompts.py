@@ -182,12 +182,13 @@ def test_batch_padded_with_empty_chunks(model):
 @pytest.mark.parametrize("prompt, negative", [("a cat", " ".join(words(100))), (" ".join(words(100)), "blurry")])
 def test_pipeline_pads_prompt_and_negative_to_one_length(model, prompt, negative):
     pipe = Pipeline(model)
-    req = Request(prompt, negative, steps=2, width=32, height=32, seed=1)
+    req = Request(prompt=prompt, negative_prompt=negative, steps=2, width=32, height=32, seed=1)
     latents = pipe.sample(req)
     assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
     # the longer text matters: it is not truncated to the other's length
     cut = lambda text: " ".join(text.split()[:75])  # noqa: E731
-    short = pipe.sample(Request(cut(prompt), cut(negative), steps=2, width=32, height=32, seed=1))
+    short = pipe.sample(Request(prompt=cut(prompt), negative_prompt=cut(negative), steps=2, width=32, height=32,
+                                seed=1))
     assert not torch.allclose(latents, short)
 
 

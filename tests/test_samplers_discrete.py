@@ -7,7 +7,8 @@ import torch
 from sampler_harness import SHAPE, ToyUNet, diffusers_scheduler, max_rel_error, run_diffusers, run_ours
 
 from sdengine.diffusion import samplers
-from sdengine.diffusion.denoiser import Denoiser
+from sdengine.diffusion.denoiser import Conditioning, Denoiser
+from sdengine.diffusion.img2img_steps import skipped_steps
 from sdengine.diffusion.samplers import BatchNoise, discrete, unipc
 from sdengine.diffusion.schedule import NoiseSchedule
 
@@ -22,7 +23,7 @@ def ours_with(name: str, steps: int, seed: int = 0, pred: str = "eps", sigmas: n
     spec, ns = OURS[name], NoiseSchedule()
     sigmas = torch.from_numpy(spec.sigmas(ns, steps) if sigmas is None else sigmas)
     denoiser = Denoiser(ToyUNet(), ns, pred)
-    model = lambda x, sigma: denoiser(x, sigma, context=torch.zeros(1))  # noqa: E731
+    model = lambda x, sigma: denoiser(x, sigma, Conditioning(torch.zeros(1)))  # noqa: E731
     noise = BatchNoise([torch.Generator().manual_seed(seed + i) for i in range(SHAPE[0])], SHAPE, "cpu")
     x = noise() * spec.initial_scale(float(sigmas[0])) if init is None else init + noise() * sigmas[0]
     return spec(model, x, sigmas, noise=noise, **options) / (1 + sigmas[-1] ** 2) ** 0.5
@@ -47,7 +48,7 @@ def diffusers_with(class_name: str, steps: int, seed: int = 0, prediction: str =
             timesteps = sched.timesteps
         else:
             sched.set_timesteps(steps)
-            t_start = discrete.img2img_start(steps, strength)
+            t_start = skipped_steps(steps, strength)
             timesteps = sched.timesteps[t_start * sched.order:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
@@ -176,7 +177,7 @@ def test_img2img_slicing(name, cls, steps, strength):
     """StableDiffusionImg2ImgPipeline's timesteps[t_start * order:] is our sigma list sliced at t_start."""
     init = clean_latent()
     ref = diffusers_with(cls, steps, strength=strength, init=init)
-    sigmas = OURS[name].sigmas(NoiseSchedule(), steps)[discrete.img2img_start(steps, strength):]
+    sigmas = OURS[name].sigmas(NoiseSchedule(), steps)[skipped_steps(steps, strength):]
     assert max_rel_error(ours_with(name, steps, sigmas=sigmas, init=init), ref) < 1e-4
 
 
@@ -188,7 +189,7 @@ def test_plms_img2img_start(steps, strength):
     ns = NoiseSchedule()
     sched = diffusers_scheduler("PNDMScheduler")
     sched.set_timesteps(steps)
-    t = sched.timesteps[discrete.img2img_start(steps, strength):].numpy()
+    t = sched.timesteps[skipped_steps(steps, strength):].numpy()
     sigmas = OURS["plms"].img2img_sigmas(ns, steps, strength)
     np.testing.assert_allclose(sigmas[:-1], ns.t_to_sigma(np.unique(t)[::-1]).astype(np.float32), rtol=1e-6)
 

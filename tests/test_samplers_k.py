@@ -15,7 +15,7 @@ import pytest
 import torch
 from sampler_harness import SD15_SCHEDULER_CONFIG, SHAPE, ToyUNet, max_rel_error, run_diffusers, run_ours
 
-from sdengine.diffusion.denoiser import Denoiser
+from sdengine.diffusion.denoiser import Conditioning, Denoiser
 from sdengine.diffusion.samplers import BatchNoise, get_sampler, multistep
 from sdengine.diffusion.schedule import NoiseSchedule
 
@@ -44,7 +44,7 @@ def needs(class_name: str) -> None:
 
 def toy_model(prediction: str = "eps"):
     denoiser = Denoiser(ToyUNet(), NoiseSchedule(), prediction)
-    return lambda x, sigma: denoiser(x, sigma, context=torch.zeros(1))
+    return lambda x, sigma: denoiser(x, sigma, Conditioning(torch.zeros(1)))
 
 
 def seeded(seed: int, shape=SHAPE) -> BatchNoise:

@@ -301,7 +301,7 @@ def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
 def test_img2img_runs_a1111s_step_count(steps, strength, sampler, expected):
     """setup_img2img_steps: t_enc = int(min(strength, 0.999) * steps); k-diffusion samplers run t_enc + 1 steps,
     DDIM/PLMS/UniPC (A1111's timestep samplers) t_enc."""
-    from sdengine.img2img_steps import a1111_img2img_steps
+    from sdengine.diffusion.img2img_steps import a1111_img2img_steps
 
     assert a1111_img2img_steps(steps, strength, sampler) == (steps, expected)
 

@@ -107,4 +107,4 @@ def test_generation_with_variation_seeds(sd1_folder):
 def test_bad_variation_values_are_refused(fields, match):
     from sdengine.pipeline import Request
     with pytest.raises(ValueError, match=match):
-        Request("x", width=64, height=64, **fields)
+        Request(prompt="x", width=64, height=64, **fields)

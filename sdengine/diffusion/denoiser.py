@@ -1,11 +1,15 @@
-"""The UNet as a denoiser D(x, sigma) -> x0 estimate, and classifier-free guidance, each written once.
+"""The denoiser stack: the UNet as a denoiser D(x, sigma, cond) -> x0 estimate, then classifier-free guidance,
+each written once. What conditions the UNet is one value, `Conditioning`, passed through whole.
 
 Samplers see only a callable `model(x, sigma) -> denoised` over x = x0 + sigma * eps (the variance-exploding
 view); the parameterization (eps or v) and the scaling to the UNet's variance-preserving input live here.
+Wrappers that change the model's input or output (inpainting's known-region blend, later adapters) wrap the
+guided callable the same way.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,6 +24,34 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything that conditions one UNet call besides x and t, for a batch.
+
+    context: cross-attention states (b, 77k, width). y: the "vector" conditioning of class-conditional and SDXL
+    UNets (None for SD1/SD2). concat: extra input channels (inpainting UNets: mask and masked-image latents)."""
+
+    context: torch.Tensor
+    y: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
+
+    def with_concat(self, concat: torch.Tensor | None) -> Conditioning:
+        return Conditioning(self.context, self.y, concat)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Batch several conditionings along the batch axis (one UNet call for guidance's halves)."""
+        def join(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError("conditionings to batch together must carry the same parts")
+            return torch.cat(values)  # type: ignore[arg-type]
+
+        return Conditioning(join([p.context for p in parts]), join([p.y for p in parts]),
+                            join([p.concat for p in parts]))
+
+
 class Denoiser:
     """Wraps a UNet trained on VP latents with eps or v targets."""
 
@@ -28,9 +60,8 @@ class Denoiser:
         self.schedule = schedule
         self.prediction = prediction
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 concat: torch.Tensor | None = None) -> torch.Tensor:
-        """x0 estimate. sigma: (b,) or scalar; concat: extra input channels (inpainting UNets' mask + image)."""
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x0 estimate. sigma: (b,) or scalar."""
         # Sigmas live on the CPU (schedules are numpy); move them to x, which may be on a GPU.
         sigma = sigma.to(x.device, torch.float32)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
@@ -38,10 +69,11 @@ class Denoiser:
         c_in = 1.0 / (s ** 2 + 1.0) ** 0.5
         t = self.schedule.sigma_to_t_torch(sigma)
         unet_in = x * c_in
-        if concat is not None:
-            unet_in = torch.cat([unet_in, concat], dim=1)
+        if cond.concat is not None:
+            unet_in = torch.cat([unet_in, cond.concat.to(x.dtype)], dim=1)
         dtype = next(self.unet.parameters()).dtype
-        out = self.unet(unet_in.to(dtype), t.to(x.device), context.to(dtype)).to(x.dtype)
+        extra = {} if cond.y is None else {"y": cond.y.to(dtype)}  # SD1/SD2 UNets take no vector
+        out = self.unet(unet_in.to(dtype), t.to(x.device), cond.context.to(dtype), **extra).to(x.dtype)
         if self.prediction == "eps":
             return x - s * out
         # v = alpha * eps - sigma_vp * x0, rewritten for VE x: x0 = x / (s^2 + 1) - v * s / sqrt(s^2 + 1)
@@ -51,16 +83,15 @@ class Denoiser:
 class CFGDenoiser:
     """Classifier-free guidance: uncond + scale * (cond - uncond), both halves in one batched UNet call."""
 
-    def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
-                 concat: torch.Tensor | None = None):
+    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float):
         self.denoiser = denoiser
-        self.cond, self.uncond, self.scale, self.concat = cond, uncond, scale, concat
+        self.cond, self.uncond, self.scale = cond, uncond, scale
+        self.both = None if uncond is None or scale == 1.0 else Conditioning.cat([uncond, cond])
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        if self.uncond is None or self.scale == 1.0:  # guidance off: one pass suffices
-            return self.denoiser(x, sigma, self.cond, self.concat)
-        concat = None if self.concat is None else torch.cat([self.concat, self.concat])
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([self.uncond, self.cond]), concat)
+        if self.both is None:  # guidance off: one pass suffices
+            return self.denoiser(x, sigma, self.cond)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self.both)
         uncond, cond = both.chunk(2)
         return uncond + self.scale * (cond - uncond)

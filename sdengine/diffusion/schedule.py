@@ -19,7 +19,9 @@ Spacing = Literal["leading", "linspace", "trailing"]
 ScheduleType = Literal["normal", "karras", "exponential"]
 SPACINGS = ("leading", "linspace", "trailing")
 SCHEDULES = ("normal", "karras", "exponential")
-SCHEDULE_LABELS = {"normal": None, "karras": "Karras", "exponential": "Exponential"}  # infotext "Schedule type"
+SCHEDULE_LABELS = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential"}  # A1111's labels
+# A1111's scheduler names -> ours. Its "uniform" spaces timesteps evenly, as our "normal" does.
+A1111_SCHEDULERS = {"uniform": "normal", "normal": "normal", "karras": "karras", "exponential": "exponential"}
 
 
 def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType) -> np.ndarray:

@@ -15,11 +15,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedule import A1111_SCHEDULERS
 from ..metadata import parse_parameters
-from .app import error_response
-from .engine import AUTOMATIC_SCHEDULE, Service
-from .images import BadInput, decode_image
+from .errors import BadInput
+from .images import decode_image
 from .jobs import Job
+from .service import Service
+from .validation import AUTOMATIC_SCHEDULE, check_clip_skip
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_\-()]{1,64}$")
 
@@ -120,18 +122,20 @@ def echo(body: BaseModel) -> dict[str, Any]:
     return params
 
 
+async def submit(service: Service, mode: str, data: dict[str, Any], ephemeral: bool = False,
+                 echo: dict[str, Any] | None = None) -> Job:
+    """Read the body (in a worker thread: image decoding is CPU work) and queue the job."""
+    gen = await run_in_threadpool(service.read, data, mode)
+    job = Job(mode, gen, ephemeral=ephemeral, echo=echo)
+    task_id = data.get("force_task_id")
+    if task_id and TASK_ID.match(task_id) and service.queue.get(task_id) is None:
+        job.id = task_id
+    return service.queue.submit(job)
+
+
 async def generate(service: Service, mode: str, body: Txt2ImgBody) -> JSONResponse:
-    data = body.model_dump()
-    try:
-        spec = await run_in_threadpool(service.build_spec, data, mode)  # image decoding is CPU work
-        job = Job(mode, spec, ephemeral=True)
-        task_id = data.get("force_task_id")
-        if task_id and TASK_ID.match(task_id) and service.queue.get(task_id) is None:
-            job.id = task_id
-        service.queue.submit(job)
-        result = await asyncio.wrap_future(job.future)
-    except Exception as e:  # noqa: BLE001 - mapped to 4xx/5xx with the message; the server goes on
-        return error_response(e)
+    job = await submit(service, mode, body.model_dump(), ephemeral=True)
+    result = await asyncio.wrap_future(job.future)  # failures reach the app's handlers (server/errors.py)
     return JSONResponse({"images": result["images"], "parameters": echo(body), "info": result["info"]})
 
 
@@ -154,13 +158,9 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        rows = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
-                 "need_inner_model": False}]
-        for name, label in (("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
-                            ("normal", "Normal")):
-            rows.append({"name": name, "label": label, "aliases": None,
-                         "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False})
-        return rows
+        return [{"name": name, "label": name.capitalize(), "aliases": None,
+                 "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False}
+                for name in ("automatic", *A1111_SCHEDULERS)]
 
     @api.get("/sd-models")
     def sd_models() -> list[dict[str, Any]]:
@@ -196,29 +196,26 @@ def router(service: Service) -> APIRouter:
     @api.post("/options")
     async def set_options(body: dict[str, Any]) -> Any:
         changes: dict[str, Any] = {}
-        try:
-            for key, value in body.items():  # everything checked before anything changes
-                if key not in SETTABLE:
-                    names_a_path = re.search(r"dir|path|folder|file", key, re.IGNORECASE)
-                    why = "paths and folders are never settable" if names_a_path else f"settable: {', '.join(SETTABLE)}"
-                    raise BadInput(f"option {key!r} cannot be set through the API ({why})")
-                if key == "sd_model_checkpoint":
-                    changes[key] = service.registry.find(value).name
-                elif key == "CLIP_stop_at_last_layers":
-                    changes[key] = service.check_clip_skip(value)
-                elif key == "sd_vae" and value not in ("Automatic", "None"):
-                    raise BadInput("sd_vae: only 'Automatic' or 'None' (the checkpoint's own VAE)")
-                elif key == "samples_format" and value != "png":
-                    raise BadInput("samples_format: only 'png'")
-                elif key == "live_previews_enable" and not isinstance(value, bool):
-                    raise BadInput("live_previews_enable must be true or false")
-                elif key == "show_progress_every_n_steps" and (not isinstance(value, int) or value < -1):
-                    raise BadInput("show_progress_every_n_steps must be an integer >= -1 (-1, 0: no live preview)")
-            if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it
-                job = service.queue.submit(Job("load", changes.pop("sd_model_checkpoint")))
-                await asyncio.wrap_future(job.future)
-        except Exception as e:  # noqa: BLE001
-            return error_response(e)
+        for key, value in body.items():  # everything checked before anything changes
+            if key not in SETTABLE:
+                names_a_path = re.search(r"dir|path|folder|file", key, re.IGNORECASE)
+                why = "paths and folders are never settable" if names_a_path else f"settable: {', '.join(SETTABLE)}"
+                raise BadInput(f"option {key!r} cannot be set through the API ({why})")
+            if key == "sd_model_checkpoint":
+                changes[key] = service.registry.find(value).name
+            elif key == "CLIP_stop_at_last_layers":
+                changes[key] = check_clip_skip(value)
+            elif key == "sd_vae" and value not in ("Automatic", "None"):
+                raise BadInput("sd_vae: only 'Automatic' or 'None' (the checkpoint's own VAE)")
+            elif key == "samples_format" and value != "png":
+                raise BadInput("samples_format: only 'png'")
+            elif key == "live_previews_enable" and not isinstance(value, bool):
+                raise BadInput("live_previews_enable must be true or false")
+            elif key == "show_progress_every_n_steps" and (not isinstance(value, int) or value < -1):
+                raise BadInput("show_progress_every_n_steps must be an integer >= -1 (-1, 0: no live preview)")
+        if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it
+            job = service.queue.submit(Job("load", changes.pop("sd_model_checkpoint")))
+            await asyncio.wrap_future(job.future)
         service.settings.update({k: v for k, v in changes.items() if k in service.settings})
         return None
 
@@ -238,10 +235,7 @@ def router(service: Service) -> APIRouter:
 
     @api.post("/png-info")
     def png_info(body: PNGInfoBody) -> Any:
-        try:
-            image = decode_image(body.image, "image", service.limits.max_image_pixels)
-        except BadInput as e:
-            return error_response(e)
+        image = decode_image(body.image, "image", service.limits.max_image_pixels)
         items = {k: v for k, v in (image.info or {}).items() if isinstance(v, (str, int, float))}
         text = items.pop("parameters", None) or ""
         return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}

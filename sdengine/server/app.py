@@ -1,8 +1,6 @@
-"""The FastAPI application: HTTP basic auth and a body-size cap around every route, error mapping, the routers.
-
-Status codes: 401 without credentials (when --api-auth is set), 413 for an oversized body, 422 for a request
-the client must fix (with a message), 429 when the queue is full, 409 for a cancelled job, 500 only when a
-job itself failed (the server goes on with the next one).
+"""The FastAPI application: HTTP basic auth and a body-size cap around every route, the error handlers, the
+routers. 401 without credentials (when --api-auth is set), 413 for an oversized body; the other status codes
+are chosen in server/errors.py.
 """
 from __future__ import annotations
 
@@ -20,9 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from .engine import ModelLoadError, Service
-from .images import BadInput
-from .jobs import JobCancelled, QueueFull
+from .errors import HANDLED, error_response
+from .service import Service
 
 STATIC = Path(__file__).with_name("static")  # the web page: plain HTML/JS/CSS, no build step
 # The page loads nothing from elsewhere and may not be framed by another site (clickjacking).
@@ -33,20 +30,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """One mapping from what went wrong to a status code and a JSON body with a readable `detail`."""
-    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, QueueFull):
-        return JSONResponse({"error": "QueueFull", "detail": message}, status_code=429, headers={"Retry-After": "5"})
-    if isinstance(exc, JobCancelled):
-        return JSONResponse({"error": "Cancelled", "detail": message}, status_code=409)
-    if isinstance(exc, ModelLoadError):
-        return JSONResponse({"error": "ModelLoadError", "detail": message}, status_code=500)
-    if isinstance(exc, ValueError):  # BadInput, and anything the engine refuses about the request
-        return JSONResponse({"error": type(exc).__name__, "detail": message}, status_code=422)
-    return JSONResponse({"error": type(exc).__name__, "detail": message}, status_code=500)
 
 
 class BodyTooLarge(Exception):
@@ -126,7 +109,7 @@ def create_app(service: Service, credentials: list[tuple[str, str]] | None = Non
     app = FastAPI(title="sdengine", version=__version__, lifespan=lifespan)
     app.state.service = service
 
-    for exc_type in (BadInput, QueueFull, JobCancelled, ModelLoadError):
+    for exc_type in HANDLED:  # the routes raise; the status codes are chosen in one place (server/errors.py)
         app.add_exception_handler(exc_type, lambda request, exc: error_response(exc))
 
     @app.get("/", include_in_schema=False)

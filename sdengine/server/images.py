@@ -13,14 +13,11 @@ import re
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ..metadata import png_info
+from .errors import BadInput
 
 # Formats whose decoders are plain pixel codecs: EPS (Ghostscript) and friends are refused.
 SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
-
-
-class BadInput(ValueError):
-    """A request the client must fix; the message says what (HTTP 422)."""
 
 
 def decode_image(data: object, what: str, max_pixels: int) -> Image.Image:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..errors import first_line
+
 QUEUED, RUNNING, SUCCEEDED, INTERRUPTED, CANCELLED, FAILED = (
     "queued", "running", "succeeded", "interrupted", "cancelled", "failed")
 FINISHED = (SUCCEEDED, INTERRUPTED, CANCELLED, FAILED)
@@ -39,6 +41,14 @@ class StopSampling(Exception):
 
 class JobCancelled(Exception):
     """The job was cancelled before it produced a result."""
+
+
+class JobFailed(Exception):
+    """The job's runner raised `cause`; what a waiting client is answered with (see server/errors.py)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {first_line(cause)}")
+        self.cause = cause
 
 
 @dataclass
@@ -206,8 +216,8 @@ class JobQueue:
                 self._done(job, CANCELLED if cancelled else INTERRUPTED, exc=JobCancelled(
                     "cancelled while running" if cancelled else "stopped before the first step finished"))
             except BaseException as e:  # noqa: BLE001 - one job's failure must not stop the worker
-                message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self._done(job, FAILED, exc=e, error=f"{type(e).__name__}: {message}")
+                failure = JobFailed(e)
+                self._done(job, FAILED, exc=failure, error=str(failure))
             else:
                 status = INTERRUPTED if job.interrupt else SUCCEEDED  # a cancel after the last step came too late
                 self._done(job, status, result=result)

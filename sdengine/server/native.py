@@ -9,14 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from .a1111 import TASK_ID, Img2ImgBody, echo
-from .app import error_response
-from .engine import Service
-from .images import BadInput
+from .a1111 import Img2ImgBody, echo, submit
+from .errors import BadInput, error_response
 from .jobs import FINISHED, Job
+from .service import Service
 
 
 class JobBody(Img2ImgBody):
@@ -43,19 +41,11 @@ def router(service: Service) -> APIRouter:
     async def create(body: JobBody) -> Any:
         data = body.model_dump()
         mode = data.pop("mode") or ("img2img" if data.get("init_images") else "txt2img")
-        try:
-            if mode not in ("txt2img", "img2img"):
-                raise BadInput(f"mode must be 'txt2img' or 'img2img', got {mode!r}")
-            if mode == "img2img" and data.get("denoising_strength") is None:
-                data["denoising_strength"] = 0.75
-            spec = await run_in_threadpool(service.build_spec, data, mode)
-            job = Job(mode, spec, echo=echo(body))
-            task_id = data.get("force_task_id")
-            if task_id and TASK_ID.match(task_id) and service.queue.get(task_id) is None:
-                job.id = task_id
-            service.queue.submit(job)
-        except Exception as e:  # noqa: BLE001
-            return error_response(e)
+        if mode not in ("txt2img", "img2img"):
+            raise BadInput(f"mode must be 'txt2img' or 'img2img', got {mode!r}")
+        if mode == "img2img" and data.get("denoising_strength") is None:
+            data["denoising_strength"] = 0.75
+        job = await submit(service, mode, data, echo=echo(body))
         return JSONResponse(status(service, job), status_code=202)
 
     @api.get("")

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from ..img2img_steps import skipped_steps
 from ..schedule import NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +78,7 @@ class SamplerSpec:
         for samplers with more than one sigma per step, such as Heun's doubled ones)."""
         full = self.sigmas(schedule, steps, schedule_type, spacing)
         n = len(full) - 1
-        skip = max(steps - min(int(steps * strength), steps), 0)
+        skip = skipped_steps(steps, strength)
         per_step = n // steps if n >= steps else 1
         return full[min(skip * per_step, n - 1):]
 

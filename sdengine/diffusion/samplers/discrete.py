@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..img2img_steps import skipped_steps
 from ..schedule import SD_SCHEDULE, NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 from .base import DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 
@@ -36,11 +37,6 @@ def respace(sigmas: np.ndarray, schedule_type: ScheduleType) -> np.ndarray:
     if schedule_type == "normal":
         return sigmas
     return spaced_sigmas(float(sigmas[0]), float(sigmas[-1]), len(sigmas), schedule_type)
-
-
-def img2img_start(steps: int, strength: float) -> int:
-    """diffusers' img2img t_start: the number of leading steps skipped for `strength`."""
-    return max(steps - min(int(steps * strength), steps), 0)
 
 
 @dataclass(frozen=True)
@@ -76,7 +72,7 @@ class PLMSSpec(DiscreteSpec):
 
     def img2img_sigmas(self, schedule: NoiseSchedule, steps: int, strength: float,
                        schedule_type: ScheduleType = "normal", spacing: Spacing | None = None) -> np.ndarray:
-        t_start = img2img_start(steps, strength)
+        t_start = skipped_steps(steps, strength)
         # diffusers' list [T_n-1, T_n-2, T_n-2, T_n-3, ..., T_0]: index k >= 2 is our sigma k - 1
         return self.sigmas(schedule, steps, schedule_type, spacing)[t_start - 1 if t_start >= 2 else t_start:]
 

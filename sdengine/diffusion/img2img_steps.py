@@ -1,5 +1,6 @@
-"""AUTOMATIC1111's img2img step arithmetic (its `setup_img2img_steps`), for the HTTP API's img2img and the hires
-pass, which run exactly A1111's number of steps (`Request.denoise_steps`) where diffusers' rule would differ.
+"""How many steps an img2img runs, by both rules in use: diffusers' (the Python API and the CLI) and
+AUTOMATIC1111's `setup_img2img_steps` (the HTTP API's img2img and the hires pass, which run exactly A1111's number
+of steps through `Request.denoise_steps`).
 
 A1111 has two branches. The implicit one (plain img2img): a schedule of `steps`, t_enc = int(s * steps) with the
 strength s capped at 0.999. The fixed one (the hires pass, or img2img with "fix steps" set): the user's steps are
@@ -13,6 +14,11 @@ from __future__ import annotations
 TIMESTEP_SAMPLERS = frozenset({"ddim", "plms", "unipc", "ddpm"})
 
 
+def skipped_steps(steps: int, strength: float) -> int:
+    """diffusers' img2img t_start: how many leading steps of `steps` are skipped; int(steps * strength) are run."""
+    return max(steps - min(int(steps * strength), steps), 0)
+
+
 def a1111_img2img_steps(steps: int, strength: float, sampler: str, fixed: bool = False) -> tuple[int, int]:
     """(schedule length, steps run from its end) of A1111's img2img; fixed: the hires pass's branch."""
     s = min(strength, 0.999)
@@ -21,4 +27,4 @@ def a1111_img2img_steps(steps: int, strength: float, sampler: str, fixed: bool =
     return total, max(1, min(run, total))
 
 
-__all__ = ["a1111_img2img_steps", "TIMESTEP_SAMPLERS"]
+__all__ = ["skipped_steps", "a1111_img2img_steps", "TIMESTEP_SAMPLERS"]

@@ -41,11 +41,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise RuntimeError(f"sdengine serve needs {' and '.join(missing)}: pip install 'sdengine[server]'")
     import uvicorn
 
+    from .. import runtime
     from ..compile import check_compiler
-    from ..generate_cli import default_model, models_dir, pick_device, pick_dtype
     from ..prompts import BUNDLED_STYLES, load_styles
-    from .app import create_app
-    from .engine import Limits, ModelRegistry, Service
+    from ..server.app import create_app
+    from ..server.registry import ModelRegistry
+    from ..server.service import Service
+    from ..server.validation import Limits
 
     credentials = parse_auth(args.api_auth)
     limits = Limits(args.max_width, args.max_height, args.max_steps, args.max_batch, args.max_prompt_chars,
@@ -55,19 +57,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be at least 1")
-    folder = args.models_dir if args.models_dir is not None else models_dir()
+    folder = args.models_dir if args.models_dir is not None else runtime.models_dir()
     if args.models_dir is not None and not folder.is_dir():
         raise ValueError(f"--models-dir {folder} is not a folder")
-    device = pick_device(args.device)
+    device = runtime.pick_device(args.device)
     pinned = None  # a model outside the folder, served under its file name
     if args.model is None:
-        pinned = default_model()  # the shipped model, when this install has one
+        pinned = runtime.default_model()  # the shipped model, when this install has one
     elif Path(args.model).expanduser().exists():
         pinned = Path(args.model).expanduser()
     if args.compile:
         check_compiler(device)
-    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device, pick_dtype(args.precision, device),
-                             compile=args.compile)
+    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device,
+                             runtime.inference_dtype(args.precision, device), compile=args.compile)
     name = pinned.name if pinned is not None else args.model  # else a name in the folder
     if name is None:
         entries = registry.entries()
@@ -104,10 +106,10 @@ def _server_class():
     return Server
 
 
-def register(sub) -> None:
-    from ..generate_cli import add_runtime_args
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    from ..runtime import DEVICES, PRECISIONS
+    from .generate import add_runtime_args
 
-    p = sub.add_parser("serve", help="HTTP API compatible with AUTOMATIC1111's /sdapi/v1, with a job queue")
     p.add_argument("--model", default=None,
                    help="checkpoint path or name in the models folder (default: the shipped model, else the "
                         "folder's first)")
@@ -116,7 +118,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
-    add_runtime_args(p, first="request")
+    add_runtime_args(p, DEVICES, PRECISIONS, first="request")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")

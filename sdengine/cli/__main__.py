@@ -1,0 +1,4 @@
+"""`python -m sdengine.cli ...`: the same as the `sdengine` command."""
+from . import main
+
+main()

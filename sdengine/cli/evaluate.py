@@ -1,0 +1,58 @@
+"""`sdengine eval`: ShapesEval, prompt adherence of a model judged by the exact checker (sdengine/evaluate.py)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .generate import add_runtime_args
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:  # a negative seed would mean "random" to the pipeline
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .. import runtime
+    from ..evaluate import format_table, run_eval, write_report
+    from ..pipeline import Pipeline
+
+    device = runtime.pick_device(args.device)
+    model_path = runtime.resolve_model(args.model)
+    model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
+                                       compile=args.compile)
+    scores, records, images = run_eval(Pipeline(model), seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+                                       cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet,
+                                       first_seed=args.first_seed)
+    meta = {"model": str(model_path), "seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps,
+            "sampler": args.sampler, "cfg_scale": args.cfg, "limit": args.limit}
+    write_report(scores, records, images, args.out, meta)
+    print(format_table(scores))
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'examples.png'}")
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    from ..runtime import DEVICES, PRECISIONS
+
+    p.add_argument("--model", default=None, help="checkpoint path or name (default: the shipped model)")
+    p.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt")
+    p.add_argument("--first-seed", type=non_negative_int, default=0,
+                   help="seeds run from here (e.g. 4: four seeds no earlier choice was made on)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts of each category")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--size", type=positive_int, default=64)
+    add_runtime_args(p, DEVICES, PRECISIONS)
+    p.add_argument("--out", type=Path, default=Path("shapes-eval"), help="folder for report.json and examples.png")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,227 @@
+"""`sdengine generate | img2img | inpaint`: the generation commands.
+
+Options map onto Request fields through one table (REQUEST_OPTIONS); an option left out takes Request's default.
+Everything a run needs is checked before the model loads (the Request, the output folder, the input images), so
+a mistake costs a second, not a model load and a generation.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from . import CLIError
+
+# CLI option -> (Request field, argparse keywords). Defaults are Request's: an option not given is not passed.
+REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--negative": ("negative_prompt", {"help": "negative prompt"}),
+    "--steps": ("steps", {"type": int}),
+    "--sampler": ("sampler", {"help": "euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde, ddim, plms, "
+                                      "ddpm, unipc, lcm (or an A1111 name)"}),
+    "--schedule": ("schedule", {"help": "normal, karras or exponential"}),
+    "--spacing": ("spacing", {"help": "timestep spacing: leading, linspace or trailing (default: the sampler's)"}),
+    "--cfg": ("cfg_scale", {"type": float, "help": "classifier-free guidance scale"}),
+    "--seed": ("seed", {"type": int, "help": "-1 picks one (and reports it)"}),
+    "--width": ("width", {"type": int, "help": "multiple of 8 (default: the model's size, or the init image's)"}),
+    "--height": ("height", {"type": int}),
+    "--batch": ("batch_size", {"type": int, "help": "images per batch"}),
+    "--batch-count": ("n_iter", {"type": int, "help": "batches, one after another, seeds continuing"}),
+    "--clip-skip": ("clip_skip", {"type": int}),
+    "--variation-seed": ("subseed", {"type": int, "help": "A1111's variation seed (-1 picks one)"}),
+    "--variation-strength": ("subseed_strength", {"type": float, "help": "0..1: how far the seed's noise moves "
+                                                                          "towards the variation seed's"}),
+    "--seed-resize-from": ("seed_resize_from", {"type": "size", "metavar": "WxH", "help": "keep the composition "
+                                                "the seed had at this size (noise drawn there, centred)"}),
+    "--tiling": ("tiling", {"action": "store_true", "help": "seamless: the image tiles (its edges wrap around)"}),
+}
+# Options of the second pass -> HiresFix fields (sdengine/hires.py); any of them turns the hires fix on.
+HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--hires-scale": ("scale", {"type": float, "help": "upscale by this factor (default: 2)"}),
+    "--hires-resize": ("resize", {"type": "size", "metavar": "WxH",
+                                  "help": "upscale to this size instead (0 for a side: keep the aspect ratio)"}),
+    "--hires-steps": ("steps", {"type": int, "help": "steps of the second pass (default: --steps)"}),
+    "--hires-strength": ("denoising_strength", {"type": float, "help": "denoising strength of the second pass "
+                                                                       "(default: 0.7)"}),
+    "--hires-upscaler": ("upscaler", {"metavar": "NAME", "help": "Latent (default), Latent (antialiased), "
+                                      "Latent (bicubic), Latent (nearest), Lanczos, Nearest, ..."}),
+    "--hires-sampler": ("sampler", {"help": "sampler of the second pass (default: --sampler)"}),
+}
+# Per command: Request fields whose CLI default differs from Request's.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0}}
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
+    return w, h
+
+
+def _add(group: argparse._ActionsContainer, flag: str, dest: str, options: dict[str, Any], default: Any) -> None:
+    options = dict(options)
+    if options.get("type") == "size":
+        options["type"] = size_pair
+    if default is not None and options.get("action") != "store_true":
+        options["help"] = f"{options.get('help', '')} (default: {default})".lstrip()
+    group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+
+
+def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
+    from ..runtime import DEVICES, PRECISIONS
+
+    defaults = {f.name: f.default for f in fields(_request_class()) if f.default is not MISSING}
+    defaults.update(COMMAND_DEFAULTS.get(command, {}))
+    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
+    p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
+    p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
+    p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
+    for flag, (field, options) in REQUEST_OPTIONS.items():
+        _add(p, flag, field, options, defaults.get(field))
+    if command != "generate":
+        _add(p, "--strength", "strength", {"type": float, "help": "how much to change: 0 < s <= 1"},
+             defaults["strength"])
+    else:
+        g = p.add_argument_group("hires fix", "generate, upscale, then refine at the larger size with img2img "
+                                              "(A1111's Hires. fix); on with any --hires option")
+        for flag, (field, options) in HIRES_OPTIONS.items():
+            _add(g, flag, f"hires_{field}", options, None)
+    add_runtime_args(p, DEVICES, PRECISIONS)
+    p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, devices: tuple[str, ...], precisions: tuple[str, ...],
+                     first: str = "call") -> None:
+    """Where and how the networks run: --device, --precision, --compile (generation, eval and serve alike)."""
+    p.add_argument("--device", default="auto", choices=devices)
+    p.add_argument("--precision", default="auto", choices=precisions)
+    p.add_argument("--compile", action="store_true",
+                   help=f"compile the UNet with TorchInductor: faster steps after a slow first {first}")
+
+
+def _request_class():
+    from ..request import Request
+
+    return Request
+
+
+def request_from_args(args: argparse.Namespace, command: str, width: int | None, height: int | None):
+    """The Request the options ask for (ValueError names a bad value); width/height fill unset sizes."""
+    from ..hires import HiresFix
+    from ..prompts import BUNDLED_STYLES, apply_styles, load_styles
+
+    given = vars(args)
+    values = {**COMMAND_DEFAULTS.get(command, {}),
+              **{field: given[field] for field, _ in REQUEST_OPTIONS.values() if field in given}}
+    if "strength" in given:
+        values["strength"] = given["strength"]
+    values.setdefault("seed", -1)
+    values["prompt"], values["negative_prompt"] = args.prompt, values.get("negative_prompt", "")
+    if args.style:
+        styles = load_styles(args.styles_file or BUNDLED_STYLES)
+        values["prompt"], values["negative_prompt"] = apply_styles(values["prompt"], values["negative_prompt"],
+                                                                   args.style, styles)
+    hires = {field: given[f"hires_{field}"] for field, _ in HIRES_OPTIONS.values() if f"hires_{field}" in given}
+    if hires:
+        resize_x, resize_y = hires.pop("resize", (0, 0))
+        values["hires"] = HiresFix(resize_x=resize_x, resize_y=resize_y, **hires)
+    values.setdefault("width", width)
+    values.setdefault("height", height)
+    return _request_class()(**values)
+
+
+def output_paths(out: Path | None, ids: list[int]) -> list[Path]:
+    """One path per image: --out as given for one image, NAME-ID.png for several; default sdengine-ID.png.
+    `ids`: what tells the images apart (the seeds, or the variation seeds when there is a variation)."""
+    if out is None:
+        return [Path(f"sdengine-{s}.png") for s in ids]
+    if out.is_dir():
+        return [out / f"sdengine-{s}.png" for s in ids]
+    if not out.parent.is_dir():
+        raise CLIError(f"output folder {out.parent} does not exist")
+    if len(ids) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{s}{out.suffix or '.png'}") for s in ids]
+
+
+def open_image(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise CLIError(f"{what} {path} is not a readable image ({e.__class__.__name__})") from None
+
+
+def run_generation(args: argparse.Namespace) -> None:
+    from .. import runtime
+    from ..metadata import save_png
+
+    command = args.command
+    init = mask = note = None
+    if command in ("img2img", "inpaint"):
+        init = open_image(args.image, "init image")
+    if command == "inpaint":
+        mask = open_image(args.mask, "mask")
+        if mask.size != init.size:
+            note = (f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
+                    f"{init.size[0]}x{init.size[1]}")
+            mask = mask.resize(init.size)
+    model_path = runtime.resolve_model(args.model)
+    if init is not None:
+        width, height = init.width // 8 * 8, init.height // 8 * 8
+    else:  # the size the model file records, read from its header: the Request is checked before any load
+        width = height = runtime.native_size(model_path)
+    req = request_from_args(args, command, width, height)
+    paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids])
+    device = runtime.pick_device(args.device)
+    if note:  # only once every check has passed, so an error stays the one line on stderr
+        print(note, file=sys.stderr)
+
+    from ..pipeline import Pipeline
+
+    model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
+                                       vae=args.vae, compile=args.compile)
+    callback, bar = progress(args.quiet)
+    try:
+        images = Pipeline(model).run(req, init=init, mask=mask, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    for image, path in zip(images, paths):
+        save_png(image, path, image.info["parameters"])
+        variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""
+        print(f"wrote {path} (seed {image.info['seed']}{variation})")
+
+
+def progress(quiet: bool):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True, desc="sampling")
+
+    def callback(i: int, n: int, x, denoised) -> None:
+        if bar.total != n:
+            bar.reset(total=n)
+        bar.update(1)
+
+    return callback, bar
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    if name in ("img2img", "inpaint"):
+        p.add_argument("image", type=Path)
+    if name == "inpaint":
+        p.add_argument("mask", type=Path)
+    add_generation_args(p, name)
+    p.set_defaults(func=run_generation)

@@ -1,0 +1,41 @@
+"""PIL images <-> tensors, written once: pixels are (b, 3, h, w) in [-1, 1] going into the VAE and [0, 1] coming
+out of `Pipeline.decode`; masks are (1, 1, h, w) of 0/1 with white (>= 0.5) meaning repaint."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL image -> (1, 3, h, w) in [-1, 1], resized (Lanczos) when its size differs."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return images_to_tensor([image])
+
+
+def images_to_tensor(images: list[Image.Image] | list[np.ndarray]) -> torch.Tensor:
+    """Same-sized RGB images (PIL or uint8 HxWx3 arrays) -> (b, 3, h, w) in [-1, 1]."""
+    arrays = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) * 2 - 1
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """Mask -> (1, 1, h, w) of 0/1, white (>= 0.5) = repaint."""
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.LANCZOS)
+    arr = np.asarray(mask, dtype=np.float32) / 255.0
+    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
+
+
+def tensor_to_arrays(pixels: torch.Tensor, rounding: bool = True) -> np.ndarray:
+    """(b, 3, h, w) in [0, 1] -> uint8 (b, h, w, 3). rounding=False truncates, as A1111 does before resizing."""
+    scaled = pixels.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255
+    return (scaled.round() if rounding else scaled).astype(np.uint8)
+
+
+def tensor_to_images(pixels: torch.Tensor, rounding: bool = True) -> list[Image.Image]:
+    """(b, 3, h, w) in [0, 1] -> PIL images."""
+    return [Image.fromarray(a) for a in tensor_to_arrays(pixels, rounding)]

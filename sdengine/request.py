@@ -1,0 +1,235 @@
+"""The generation request: every field that decides an image, declared once and validated once.
+
+The CLI, the Python API and the HTTP API each map their own names onto these fields (a table per interface) and
+build a Request with keywords; a bad value fails here, before any model loads. A Request is frozen: derived
+requests (the hires fix's second pass, batch n of n_iter) are made with `dataclasses.replace`, which validates
+again. Inputs that are not parameters (init image, mask, callbacks) are arguments of `Pipeline.run`.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .diffusion.img2img_steps import a1111_img2img_steps
+from .diffusion.samplers import SamplerSpec, get_sampler
+from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES, SPACINGS
+from .diffusion.variation import Variation
+from .hires import HiresFix
+
+MAX_SIDE = 8192
+MAX_BATCH = 64
+MAX_SEED = 2 ** 64 - 64  # image i of a batch uses seed + i: leave room for a batch
+MAX_CLIP_SKIP = 12  # A1111's range; a text encoder with fewer layers refuses more when it runs
+MAX_CFG = 100.0  # beyond this guidance only overflows (a scale of 1e308 gives NaN-black images)
+
+
+# How messages name the fields whose names say less than A1111's labels do
+FIELD_NAMES = {"subseed": "variation seed", "subseed_strength": "variation strength", "n_iter": "batch count"}
+
+
+class FieldError(ValueError):
+    """A bad value for one Request field. Interfaces name the field as their users know it (`--batch`,
+    `batch_size`) with `for_label`."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{FIELD_NAMES.get(field, field.replace('_', ' '))} {problem}")
+        self.field, self.problem = field, problem
+
+    def for_label(self, label: str) -> str:
+        return f"{label} {self.problem}"
+
+
+def random_seed() -> int:
+    """A seed for -1, drawn as A1111 draws it."""
+    return random.randrange(4294967294)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_size(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0 or value % 8 or value > MAX_SIDE:
+        raise FieldError(name, f"must be a positive multiple of 8 up to {MAX_SIDE}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """Everything that decides an image (A1111's generation parameters). Keyword-only and frozen.
+
+    width/height None: the model's training size, or the init image's size rounded down to x8 (resolved by
+    `Pipeline.run` with `sized`). seed/subseed -1: drawn at random once, here, and reported. Image i of a batch
+    uses seed + i; batch n of n_iter continues the seeds (`iteration`)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "euler"  # CLI name, A1111 display name or alias
+    schedule: str = "normal"
+    spacing: str | None = None  # None: what diffusers' scheduler of this sampler uses for SD1.5
+    cfg_scale: float = 7.5
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1  # batch count: batches run one after another, seeds continuing
+    clip_skip: int = 1
+    strength: float = 1.0  # img2img / inpaint: the share of the schedule that is run
+    denoise_steps: int | None = None  # img2img: run exactly the schedule's last n steps; None: int(steps * strength)
+    subseed: int = -1  # variation seed (A1111's): image i's noise is slerped towards subseed + i's
+    subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
+    seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
+    tiling: bool = False  # seamless: every padded convolution wraps around (A1111's Tiling)
+    hires: HiresFix | None = None  # txt2img: a second, larger img2img pass (sdengine/hires.py)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise FieldError(name, f"must be text, got {getattr(self, name)!r}")
+        for name in ("width", "height"):
+            if getattr(self, name) is not None:
+                _check_size(name, getattr(self, name))
+        if not _is_int(self.steps) or self.steps < 1:
+            raise FieldError("steps", f"must be a positive integer, got {self.steps!r}")
+        if not (_is_number(self.cfg_scale) and abs(self.cfg_scale) <= MAX_CFG):
+            raise FieldError("cfg_scale", f"must be a finite number from -{MAX_CFG:g} to {MAX_CFG:g}, got "
+                             f"{self.cfg_scale!r}")
+        for name in ("batch_size", "n_iter"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_BATCH:
+                raise FieldError(name, f"must be an integer from 1 to {MAX_BATCH}, got {value!r}")
+        if not _is_int(self.clip_skip) or not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise FieldError("clip_skip", f"must be >= 1 and <= {MAX_CLIP_SKIP}, got {self.clip_skip!r}")
+        if not (_is_number(self.strength) and 0.0 < self.strength <= 1.0):
+            raise FieldError("strength", f"must be in (0, 1], got {self.strength!r}")
+        n = self.denoise_steps
+        if n is not None and not (_is_int(n) and 1 <= n <= self.steps):
+            raise FieldError("denoise_steps", f"must be an integer from 1 to steps ({self.steps}), got {n!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}; valid: {', '.join(SPACINGS)}")
+        if not isinstance(self.sampler, str):
+            raise FieldError("sampler", f"must be a sampler's name, got {self.sampler!r}")
+        object.__setattr__(self, "sampler", get_sampler(self.sampler).name)  # one spelling from here on
+        images = self.batch_size * self.n_iter
+        for name in ("seed", "subseed"):
+            value = getattr(self, name)
+            if value == -1:
+                object.__setattr__(self, name, value := random_seed())  # frozen: resolved once, at creation
+            if not _is_int(value) or not 0 <= value <= MAX_SEED - images:
+                raise FieldError(name, f"must be -1 or in [0, {MAX_SEED - images}] (this request makes {images} "
+                                 f"images from it), got {value!r}")
+        if not (_is_number(self.subseed_strength) and 0.0 <= self.subseed_strength <= 1.0):
+            raise FieldError("subseed_strength", f"must be in [0, 1], got {self.subseed_strength!r}")
+        if self.seed_resize_from is not None:
+            pair = tuple(self.seed_resize_from)
+            if len(pair) != 2 or not all(_is_int(v) and 0 < v <= MAX_SIDE for v in pair):
+                raise FieldError("seed_resize_from", f"must be two sizes from 1 to {MAX_SIDE}, got {pair!r}")
+            object.__setattr__(self, "seed_resize_from", pair)
+        if not isinstance(self.tiling, bool):
+            raise FieldError("tiling", f"must be true or false, got {self.tiling!r}")
+        if self.hires is not None and not isinstance(self.hires, HiresFix):
+            raise FieldError("hires", f"must be a HiresFix, got {type(self.hires).__name__}")
+        if self.hires is not None and self.width is not None and self.height is not None:
+            self.second_pass()  # a size the second pass cannot make is refused now, not after the first pass
+
+    # --- derived values -----------------------------------------------------------------------------------------
+
+    @property
+    def sampler_spec(self) -> SamplerSpec:
+        return get_sampler(self.sampler)
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image. A1111: with a variation every image keeps the seed and the variation seed counts up."""
+        return [self.seed + (0 if self.subseed_strength else i) for i in range(self.batch_size)]
+
+    @property
+    def subseeds(self) -> list[int]:
+        return [self.subseed + i for i in range(self.batch_size)]
+
+    @property
+    def image_ids(self) -> list[int]:
+        """What tells a batch's images apart: the variation seeds when there is a variation, else the seeds."""
+        return self.subseeds if self.subseed_strength else self.seeds
+
+    @property
+    def run_strength(self) -> float:
+        """The share of the schedule an img2img runs: `strength`, or with denoise_steps the strength whose
+        int(steps * strength) is exactly that many steps (the samplers cut their tails by diffusers' rule)."""
+        if self.denoise_steps is None:
+            return self.strength
+        return min((self.denoise_steps + 0.5) / self.steps, 1.0)
+
+    def sized(self, width: int, height: int) -> Request:
+        """This request with its unset width/height filled in."""
+        if self.width is not None and self.height is not None:
+            return self
+        return replace(self, width=self.width if self.width is not None else width,
+                       height=self.height if self.height is not None else height)
+
+    def iteration(self, n: int) -> Request:
+        """Batch n of n_iter, as one batch: seeds (variation seeds, if any) continue from the batches before it."""
+        if not 0 <= n < self.n_iter:
+            raise ValueError(f"batch {n} of a request with {self.n_iter} batches")
+        return replace(self, n_iter=1, seed=self.seed + (0 if self.subseed_strength else n * self.batch_size),
+                       subseed=self.subseed + n * self.batch_size)
+
+    def a1111_img2img(self) -> Request:
+        """This img2img request with A1111's step count (one more than diffusers' with k-diffusion samplers)."""
+        return replace(self, denoise_steps=a1111_img2img_steps(self.steps, self.strength, self.sampler)[1])
+
+    def second_pass(self, downscale: int = 8) -> Request:
+        """The hires fix's img2img request, with A1111's step count: the hires steps (one fewer with DDIM/PLMS/
+        UniPC), the last of a schedule of int(steps / strength) (a1111_img2img_steps, its fixed branch)."""
+        hr = self.hires
+        if hr is None or self.width is None or self.height is None:
+            raise ValueError("a second pass needs a sized request with a hires fix")
+        width, height = hr.output_size(self.width, self.height, downscale)
+        if width < 8 or height < 8:
+            raise ValueError(f"the hires fix would make {width}x{height} images")
+        sampler = hr.sampler or self.sampler
+        total, run = a1111_img2img_steps(hr.steps or self.steps, hr.denoising_strength, get_sampler(sampler).name,
+                                         fixed=True)
+        return replace(self, prompt=self.prompt if hr.prompt is None else hr.prompt,
+                       negative_prompt=self.negative_prompt if hr.negative_prompt is None else hr.negative_prompt,
+                       steps=total, sampler=sampler, schedule=hr.schedule or self.schedule, width=width,
+                       height=height, strength=hr.denoising_strength, denoise_steps=run, hires=None)
+
+    def variation(self, downscale: int) -> Variation | None:
+        """The variation seeds for a model whose latents are `downscale` times smaller, or None if there are none."""
+        if self.subseed_strength == 0 and self.seed_resize_from is None:
+            return None
+        resize = None
+        if self.seed_resize_from is not None:
+            w, h = self.seed_resize_from
+            resize = (max(1, h // downscale), max(1, w // downscale))
+        return Variation(self.subseeds, self.subseed_strength, resize)
+
+    def infotext_fields(self, index: int) -> dict[str, Any]:
+        """Image `index`'s A1111 parameters (the prompts and the model's fields are added by the pipeline)."""
+        assert self.width is not None and self.height is not None
+        fields: dict[str, Any] = {
+            "Steps": self.steps, "Sampler": self.sampler_spec.display,
+            "Schedule type": SCHEDULE_LABELS[self.schedule] if self.schedule != "normal" else None,
+            "CFG scale": self.cfg_scale, "Seed": self.seeds[index], "Size": f"{self.width}x{self.height}",
+            "Variation seed": self.subseeds[index] if self.subseed_strength else None,
+            "Variation seed strength": self.subseed_strength or None,
+            "Seed resize from": "{}x{}".format(*self.seed_resize_from) if self.seed_resize_from else None,
+            "Denoising strength": self.strength if self.strength < 1.0 else None,
+            "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
+            "Tiling": "True" if self.tiling else None,
+        }
+        if self.hires is not None:
+            fields.update(self.hires.infotext(self))
+        return fields
+
+
+__all__ = ["Request", "FieldError", "random_seed", "MAX_SIDE", "MAX_SEED", "MAX_CLIP_SKIP"]

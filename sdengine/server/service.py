@@ -1,0 +1,166 @@
+"""The generation service behind the routes: the job runner (n_iter batches, progress, previews, interrupt/skip/
+cancel) over the model registry, with bodies read into GenJobs by server/validation.py."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..diffusion.samplers import SAMPLERS
+from ..images import image_to_tensor, mask_to_tensor, tensor_to_images
+from ..pipeline import Pipeline
+from ..prompts import Style
+from .images import encode_png
+from .jobs import Job, JobQueue, StopSampling
+from .registry import ModelEntry, ModelRegistry
+from .validation import BodyReader, GenJob, Limits, check_clip_skip
+
+
+class Service:
+    """Everything the routes share: caps, models, settings, styles and the queue with its runner."""
+
+    def __init__(self, registry: ModelRegistry, limits: Limits, styles: dict[str, Style], threads: int | None = None):
+        self.registry, self.limits, self.styles, self.threads = registry, limits, styles, threads
+        # A1111's defaults; a preview is a full VAE decode, hence one every 10 steps at most
+        self.settings: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
+                                         "show_progress_every_n_steps": 10}
+        self.bodies = BodyReader(limits, registry, styles, self.settings)
+        self.queue = JobQueue(self.run, max_waiting=limits.queue_size)
+        self._preview_lock = threading.Lock()
+        self._preview_cache: tuple[str, int, str | None] = ("", -1, None)
+
+    def read(self, body: dict[str, Any], mode: str) -> GenJob:
+        """A request body -> a job that can run (BadInput otherwise). Request threads."""
+        return self.bodies.read(body, mode)
+
+    check_clip_skip = staticmethod(check_clip_skip)
+
+    # --- the worker thread ---------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> dict[str, Any]:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it here
+        if job.mode == "load":
+            self.registry.ensure(job.spec)
+            self.registry.default_name = self.registry.current.name
+            return {}
+        gen: GenJob = job.spec
+        req = gen.request
+        pipe, entry = self.registry.ensure(gen.model)
+        if "sd_model_checkpoint" in gen.persist:
+            self.registry.default_name = entry.name
+        if "CLIP_stop_at_last_layers" in gen.persist:
+            self.settings["CLIP_stop_at_last_layers"] = req.clip_skip
+        job.job_count, job.job_timestamp = req.n_iter, datetime.now().strftime("%Y%m%d%H%M%S")
+        init = torch.cat([image_to_tensor(img, req.width, req.height) for img in gen.init]) if gen.init else None
+        mask = mask_to_tensor(gen.mask, req.width, req.height) if gen.mask is not None else None
+        inpaint: dict[str, Any] = {}
+        if gen.masked is not None and gen.mask is not None:
+            inpaint = {"latent_mask": gen.masked.latent_mask(gen.mask, pipe.model.config.vae.downscale),
+                       "masked_latents": gen.masked.latent_fill}
+        images: list[str] = []
+        infotexts: list[str] = []
+        latest: list[torch.Tensor] = []  # the current batch's last denoised estimate
+
+        def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            job.step, job.steps = step + 1, total
+            latest[:] = [denoised]
+            # a reference, not a copy: no device sync per step (samplers never write into `denoised`)
+            job.preview, job.preview_step = denoised[:1], job.preview_step + 1
+            job.check()
+
+        for n in range(req.n_iter):
+            if job.cancel:
+                raise StopSampling("cancel")
+            if job.interrupt:  # between batches: return the batches done so far
+                break
+            job.skip, job.job_no, job.step, job.steps = False, n, 0, 0
+            batch = req.iteration(n)
+            latest.clear()
+            try:
+                latents = pipe.latents(batch, init, mask, callback, **inpaint)
+            except StopSampling as stop:  # interrupt/skip keep the last estimate, as A1111 does
+                if stop.kind == "cancel" or not latest:
+                    raise
+                latents = latest[0]
+            for i, image in enumerate(pipe.to_images(latents, batch, gen.masked.extra if gen.masked else None)):
+                if gen.masked is not None:
+                    image = gen.masked.finish(image, i)
+                infotexts.append(image.info["parameters"])
+                if gen.send_images:
+                    images.append(encode_png(image, image.info["parameters"]))
+        return {"images": images, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job))}
+
+    def info(self, gen: GenJob, entry: ModelEntry, pipe: Pipeline, infotexts: list[str], job: Job) -> dict:
+        req = gen.request
+        count = req.batch_size * req.n_iter
+        sha = self.registry.sha256(entry)
+        inpainting_unet = pipe.model.config.unet.in_channels == 9
+        resize_from = req.seed_resize_from or (-1, -1)
+        batches = [req.iteration(n) for n in range(req.n_iter)]  # their seeds follow A1111's rules (Request)
+        fields = req.infotext_fields(0)
+        extra = {k: v for k, v in fields.items() if v is not None and (k.startswith("Hires") or k == "Schedule type")}
+        return {
+            "prompt": gen.prompt, "all_prompts": [req.prompt] * count,
+            "negative_prompt": gen.negative_prompt, "all_negative_prompts": [req.negative_prompt] * count,
+            "seed": req.seed, "all_seeds": [s for b in batches for s in b.seeds],
+            "subseed": req.subseed, "all_subseeds": [s for b in batches for s in b.subseeds],
+            "subseed_strength": req.subseed_strength, "width": req.width, "height": req.height,
+            "sampler_name": SAMPLERS[req.sampler].display, "scheduler": req.schedule, "cfg_scale": req.cfg_scale,
+            "steps": req.steps, "batch_size": req.batch_size, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": entry.stem, "sd_model_hash": sha[:10] if sha else None,
+            "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": resize_from[0],
+            "seed_resize_from_h": resize_from[1],
+            "denoising_strength": gen.denoising_strength,
+            "extra_generation_params": extra,
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": gen.styles,
+            "job_timestamp": job.job_timestamp, "clip_skip": req.clip_skip,
+            "is_using_inpainting_conditioning": inpainting_unet and gen.mode == "img2img",
+            "version": f"sdengine {__version__}",
+            # ours: whether sampling was stopped early, what was ignored, and the job's id for /api/v1/jobs
+            "interrupted": job.interrupt, "warnings": gen.warnings, "job_id": job.id,
+        }
+
+    # --- progress (request threads) ------------------------------------------------------------------------
+
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        job = self.queue.running
+        if job is None or job.mode == "load":
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "current_task": None, "state": {
+                        "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                        "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                        "sampling_steps": 0}, "queued": self.queue.waiting()}
+        progress = job.progress
+        elapsed = time.time() - (job.started or time.time())
+        image = None
+        if not skip_current_image and self.settings["live_previews_enable"] and \
+                self.settings["show_progress_every_n_steps"] > 0:
+            image = self.preview(job)
+        label = f"Batch {job.job_no + 1} out of {job.job_count}" if job.job_count > 1 else f"scripts_{job.mode}"
+        return {"progress": progress, "eta_relative": elapsed / progress - elapsed if progress > 0 else 0.0,
+                "current_image": image, "textinfo": f"Sampling step {job.step}/{job.steps}" if job.steps else None,
+                "current_task": job.id, "queued": self.queue.waiting(), "state": {
+                    "skipped": job.skip, "interrupted": job.interrupt, "stopping_generation": False, "job": label,
+                    "job_count": job.job_count, "job_timestamp": job.job_timestamp, "job_no": job.job_no,
+                    "sampling_step": job.step, "sampling_steps": job.steps, "job_id": job.id}}
+
+    def preview(self, job: Job) -> str | None:
+        """The running job's latest denoised estimate through the VAE, as base64 PNG. A new one at most every
+        show_progress_every_n_steps steps however many clients poll, one decode at a time: polling cannot pile
+        up work (on a CPU a full-size decode costs more than a few UNet steps)."""
+        with self._preview_lock:
+            latent, step, pipe = job.preview, job.preview_step, self.registry.pipeline
+            if latent is None or pipe is None:
+                return None
+            cached_id, cached_step, cached = self._preview_cache
+            if cached_id == job.id and 0 <= step - cached_step < self.settings["show_progress_every_n_steps"]:
+                return cached
+            png = encode_png(tensor_to_images(pipe.decode(latent).nan_to_num())[0])
+            self._preview_cache = (job.id, step, png)
+            return png

@@ -1,0 +1,272 @@
+"""A1111 request bodies -> Request: one table for the fields that map one to one, a few rules for the rest, and
+the serve caps on top of Request's own checks.
+
+Every check that can fail on the client's input runs when the request arrives (BadInput -> 422), so the queue
+only holds jobs that can run. Field names in messages are A1111's, as the client sent them.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ..diffusion.samplers import SAMPLERS, get_sampler
+from ..diffusion.schedule import A1111_SCHEDULERS
+from ..hires import HiresFix
+from ..prompts import Style, apply_styles
+from ..request import MAX_CLIP_SKIP, FieldError, Request
+from . import inpaint
+from .errors import BadInput
+from .images import decode_image, prepare_mask, resize_image
+from .registry import ModelRegistry
+
+# A1111 body field -> (Request field, A1111's default when the body leaves it out or sends null)
+A1111_FIELDS: dict[str, tuple[str, Any]] = {
+    "steps": ("steps", 50), "cfg_scale": ("cfg_scale", 7.0), "width": ("width", 512), "height": ("height", 512),
+    "batch_size": ("batch_size", 1), "n_iter": ("n_iter", 1), "seed": ("seed", -1), "subseed": ("subseed", -1),
+    "subseed_strength": ("subseed_strength", 0.0), "tiling": ("tiling", False),
+}
+# enable_hr's fields -> (HiresFix field, default)
+A1111_HIRES_FIELDS: dict[str, tuple[str, Any]] = {
+    "hr_scale": ("scale", 2.0), "hr_resize_x": ("resize_x", 0), "hr_resize_y": ("resize_y", 0),
+    "hr_upscaler": ("upscaler", None), "hr_second_pass_steps": ("steps", 0),
+    "denoising_strength": ("denoising_strength", 0.75),  # A1111's txt2img default
+}
+# A1111's "automatic" scheduler: what each sampler's options name (sd_samplers_kdiffusion), else the plain one.
+AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+LABELS = {request_field: key for key, (request_field, _) in A1111_FIELDS.items()}
+LABELS.update({"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "denoising_strength",
+               "clip_skip": "CLIP_stop_at_last_layers", "seed_resize_from": "seed_resize_from_w/h"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_width: int = 1024
+    max_height: int = 1024
+    max_steps: int = 150
+    max_batch: int = 8  # caps batch_size, and n_iter too
+    max_prompt_chars: int = 4000
+    queue_size: int = 16
+    max_body_bytes: int = 64 << 20
+
+    @property
+    def max_image_pixels(self) -> int:
+        """Init images may be larger than the output (they are resized), within reason."""
+        return 16 * self.max_width * self.max_height
+
+
+@dataclass
+class GenJob:
+    """A validated generation: the Request and what the HTTP API adds around it (images in, styles, settings)."""
+
+    mode: str  # "txt2img" | "img2img"
+    request: Request  # styles applied: what is generated
+    prompt: str  # as sent
+    negative_prompt: str
+    styles: list[str]
+    init: list[Image.Image] | None = None  # already resized to width x height (or the originals when masked)
+    mask: Image.Image | None = None
+    masked: inpaint.MaskedPlan | None = None  # a masked request's crop, fill and paste-back (server/inpaint.py)
+    model: str | None = None  # entry name; None: the default
+    persist: dict[str, Any] = field(default_factory=dict)  # settings kept after the job (restore_afterwards=False)
+    send_images: bool = True
+    denoising_strength: float | None = None  # as A1111 reports it
+    warnings: list[str] = field(default_factory=list)
+
+
+def _get(body: dict, key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _int(body: dict, key: str, default: int, lo: int, hi: int, why: str = "") -> int:
+    value = _get(body, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadInput(f"{key} must be an integer from {lo} to {hi}{why}, got {value!r}")
+    return value
+
+
+def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
+    """A1111 sampler (display name, alias, or old-style "DPM++ 2M Karras") + scheduler -> (sampler, schedule)."""
+    name = (name or "Euler").strip()
+    from_name = None
+    try:
+        spec = get_sampler(name)
+    except ValueError:
+        spec = None
+        for suffix in ("karras", "exponential"):  # before A1111 1.9 the schedule was part of the name
+            if name.lower().endswith(" " + suffix):
+                try:
+                    spec, from_name = get_sampler(name[: -len(suffix) - 1]), suffix
+                except ValueError:
+                    pass
+        if spec is None:
+            raise BadInput(f"unknown sampler {name!r}; valid: "
+                           + ", ".join(s.display for s in SAMPLERS.values())) from None
+    key = (scheduler or "automatic").strip().lower()
+    if key == "automatic":
+        return spec.name, from_name or AUTOMATIC_SCHEDULE.get(spec.name, "normal")
+    if key not in A1111_SCHEDULERS:
+        raise BadInput(f"unknown scheduler {scheduler!r}; valid: automatic, {', '.join(A1111_SCHEDULERS)}")
+    return spec.name, A1111_SCHEDULERS[key]
+
+
+def check_clip_skip(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
+        raise BadInput(f"CLIP_stop_at_last_layers must be an integer from 1 to {MAX_CLIP_SKIP}, got {value!r}")
+    return value
+
+
+def make_request(**fields: Any) -> Request:
+    """Request(**fields), its complaints named as the client's fields."""
+    try:
+        return Request(**fields)
+    except FieldError as e:
+        raise BadInput(e.for_label(LABELS.get(e.field, e.field))) from None
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+class BodyReader:
+    """Builds GenJobs from request bodies for a server's caps, models, styles and settings."""
+
+    def __init__(self, limits: Limits, registry: ModelRegistry, styles: dict[str, Style],
+                 settings: dict[str, Any]):
+        self.limits, self.registry, self.styles, self.settings = limits, registry, styles, settings
+        self._decoding = threading.BoundedSemaphore(2)  # bounds the memory that image uploads can take at once
+
+    def read(self, body: dict[str, Any], mode: str) -> GenJob:
+        lim = self.limits
+        warnings: list[str] = []
+        prompt, negative = _get(body, "prompt", ""), _get(body, "negative_prompt", "")
+        self._check_prompts((("prompt", prompt), ("negative_prompt", negative)))
+        styles = list(_get(body, "styles", []))
+        try:
+            styled_prompt, styled_negative = apply_styles(prompt, negative, styles, self.styles)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        values = {request_field: _get(body, key, default) for key, (request_field, default) in A1111_FIELDS.items()}
+        for key, hi in (("width", lim.max_width), ("height", lim.max_height), ("steps", lim.max_steps),
+                        ("batch_size", lim.max_batch), ("n_iter", lim.max_batch)):
+            value = values[key]
+            if isinstance(value, int) and not isinstance(value, bool) and value > hi:
+                raise BadInput(f"{key} must be at most {hi} on this server, got {value}")
+        resize_w = _int(body, "seed_resize_from_w", -1, -1, lim.max_width)
+        resize_h = _int(body, "seed_resize_from_h", -1, -1, lim.max_height)
+        values["seed_resize_from"] = (resize_w, resize_h) if resize_w > 0 and resize_h > 0 else None  # both or none
+        values["sampler"], values["schedule"] = resolve_sampler(
+            _get(body, "sampler_name", None) or _get(body, "sampler_index", None), _get(body, "scheduler", None))
+        values["clip_skip"], model, persist = self.settings["CLIP_stop_at_last_layers"], None, {}
+        overrides = _get(body, "override_settings", {})
+        keep = _get(body, "override_settings_restore_afterwards", True) is False
+        for key, value in overrides.items():
+            if key == "CLIP_stop_at_last_layers":
+                values["clip_skip"] = check_clip_skip(value)
+            elif key == "sd_model_checkpoint":
+                model = self.registry.find(value).name
+            else:
+                warnings.append(f"override_settings.{key} ignored")
+                continue
+            if keep:
+                persist[key] = values["clip_skip"] if key == "CLIP_stop_at_last_layers" else model
+        if _get(body, "script_name", None):
+            raise BadInput(f"scripts are not supported (script_name {body['script_name']!r})")
+        for key, note in (("restore_faces", "face restoration"), ("save_images", "saving on the server")):
+            if _get(body, key, False):
+                warnings.append(f"{key}: {note} is not supported; ignored")
+        if _get(body, "alwayson_scripts", {}):
+            warnings.append("alwayson_scripts ignored: " + ", ".join(map(str, body["alwayson_scripts"])))
+        job = GenJob(mode, make_request(prompt=styled_prompt, negative_prompt=styled_negative, **values), prompt,
+                     negative, styles, model=model, persist=persist, send_images=bool(_get(body, "send_images", True)),
+                     denoising_strength=_get(body, "denoising_strength", None), warnings=warnings)
+        if mode == "img2img":
+            if _get(body, "enable_hr", False):
+                warnings.append("enable_hr: hires fix is a txt2img option; ignored")
+            self._img2img(body, job)
+        elif _get(body, "enable_hr", False):
+            self._hires(body, job)
+        return job
+
+    def _check_prompts(self, prompts: tuple[tuple[str, str], ...]) -> None:
+        for key, text in prompts:
+            if not isinstance(text, str):
+                raise BadInput(f"{key} must be text")
+            if len(text) > self.limits.max_prompt_chars:
+                raise BadInput(f"{key} has {len(text)} characters; at most {self.limits.max_prompt_chars} are "
+                               "accepted")
+
+    def _img2img(self, body: dict[str, Any], job: GenJob) -> None:
+        req = job.request
+        sources = _get(body, "init_images", [])
+        if not isinstance(sources, list) or not sources:
+            raise BadInput("init_images must be a list of one or more base64 images")
+        if len(sources) > req.batch_size and len(sources) > 1:
+            raise BadInput(f"{len(sources)} init_images for batch_size {req.batch_size}: send 1 or at most "
+                           "batch_size images")
+        mode = _int(body, "resize_mode", 0, 0, 3)
+        if mode == 3:
+            job.warnings.append("resize_mode 3 (latent upscale) is done in pixel space, as resize_mode 0")
+        max_pixels = self.limits.max_image_pixels
+        masked = _get(body, "mask", None) is not None
+        with self._decoding:  # one full-size image alive at a time, two requests decoding at a time
+            originals = [decode_image(s, f"init_images[{i}]", max_pixels).convert("RGB") for i, s in enumerate(sources)]
+            if not masked:  # the originals are needed only for a masked request's paste-back
+                originals = [resize_image(im, req.width, req.height, mode) for im in originals]
+        strength = _get(body, "denoising_strength", 0.75)
+        batch = len(sources) if len(sources) > 1 else req.batch_size  # A1111: several init images make the batch
+        job.request = make_request(**{**_fields(req), "batch_size": batch, "strength": strength}).a1111_img2img()
+        job.denoising_strength = job.request.strength
+        if not masked:
+            job.init = originals
+            return
+        blur = _get(body, "mask_blur", None)
+        blur_x = _int(body, "mask_blur_x", 4, 0, 64) if blur is None else _int(body, "mask_blur", 4, 0, 64)
+        blur_y = _int(body, "mask_blur_y", 4, 0, 64) if blur is None else blur_x
+        invert = _int(body, "inpainting_mask_invert", 0, 0, 1) == 1
+        with self._decoding:
+            mask = prepare_mask(decode_image(body["mask"], "mask", max_pixels), invert, blur_x, blur_y)
+        job.init, job.mask, job.masked = inpaint.plan(
+            originals, mask, req.width, req.height, mode, bool(_get(body, "inpaint_full_res", True)),
+            _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
+            max(blur_x, blur_y), invert, job.warnings, bool(_get(body, "mask_round", True)))
+
+    def _hires(self, body: dict[str, Any], job: GenJob) -> None:
+        """enable_hr: the second pass's settings, its size checked against the caps now."""
+        lim, req = self.limits, job.request
+        values = {hires_field: _get(body, key, default) for key, (hires_field, default) in A1111_HIRES_FIELDS.items()}
+        values["steps"] = _int(body, "hr_second_pass_steps", 0, 0, lim.max_steps)
+        hr_sampler, hr_scheduler = _get(body, "hr_sampler_name", None), _get(body, "hr_scheduler", None)
+        if hr_sampler in ("", "Use same sampler"):
+            hr_sampler = None
+        if hr_scheduler in ("", "Use same scheduler"):
+            hr_scheduler = None
+        if hr_sampler is not None or hr_scheduler is not None:
+            values["sampler"], values["schedule"] = resolve_sampler(hr_sampler or SAMPLERS[req.sampler].display,
+                                                                    hr_scheduler)
+        hr_prompt, hr_negative = _get(body, "hr_prompt", ""), _get(body, "hr_negative_prompt", "")
+        self._check_prompts((("hr_prompt", hr_prompt), ("hr_negative_prompt", hr_negative)))
+        if hr_prompt or hr_negative:  # A1111: an empty one is the first pass's; styles apply to both
+            values["prompt"], values["negative_prompt"] = apply_styles(
+                hr_prompt or job.prompt, hr_negative or job.negative_prompt, job.styles, self.styles)
+        if _get(body, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
+            job.warnings.append("hr_checkpoint_name ignored: the second pass uses the first pass's model")
+        try:
+            hires = HiresFix(**values)
+        except (ValueError, TypeError) as e:
+            raise BadInput(str(e)) from None
+        width, height = hires.output_size(req.width, req.height)
+        if width > lim.max_width or height > lim.max_height:
+            raise BadInput(f"the hires fix makes {width}x{height} images; at most {lim.max_width}x{lim.max_height} "
+                           "are allowed")
+        job.request = make_request(**{**_fields(req), "hires": hires})
+        job.denoising_strength = hires.denoising_strength
+
+
+def _fields(req: Request) -> dict[str, Any]:
+    """A Request's fields as keywords, to build a changed one (dataclasses.replace, with A1111's names on error)."""
+    return {name: getattr(req, name) for name in req.__dataclass_fields__}
+
+
+__all__ = ["BodyReader", "GenJob", "Limits", "resolve_sampler", "AUTOMATIC_SCHEDULE"]
