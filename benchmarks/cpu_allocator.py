@@ -26,7 +26,7 @@ def child(workload: str, repeats: int, tuned: bool) -> None:
     import torch
 
     from sdengine.cpu_memory import keep_freed_memory
-    from sdengine.generate_cli import default_model
+    from sdengine.runtime import default_model
     from sdengine.pipeline import Pipeline
     from sdengine.weights import load
 

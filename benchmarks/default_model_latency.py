@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from sdengine.compile import compile_unet
-from sdengine.generate_cli import default_model
+from sdengine.runtime import default_model
 from sdengine.pipeline import Pipeline
 from sdengine.weights import load
 from sdengine.weights.diffusers_folder import unet_config_to_diffusers

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 
+class CLIError(Exception):
+    """An error whose message is meant for the user as it is (the CLI prints it as its one line)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type's name when it has none. A KeyError's message is its
     key, shown without the quotes str() adds."""

@@ -10,7 +10,10 @@ from sampler_harness import SD15_SCHEDULER_CONFIG
 
 import sdengine
 from sdengine.diffusion.samplers import SAMPLERS
-from sdengine.pipeline import Pipeline, Request, image_to_tensor, mask_to_tensor
+from sdengine.hires import HiresFix
+from sdengine.images import image_to_tensor, mask_to_tensor
+from sdengine.pipeline import Pipeline
+from sdengine.request import Request
 
 W, H = 40, 32  # non-square, multiples of 8; the tiny VAE downsamples by 2
 
@@ -184,3 +187,45 @@ def test_bad_requests_fail_before_any_work(bad):
 def test_seed_minus_one_picks_and_reports(pipes):
     req = Request(prompt="x", seed=-1, width=W, height=H)
     assert req.seed >= 0 and req.seeds == [req.seed]
+
+
+def test_request_is_keyword_only_frozen_and_resolves_its_seeds_once():
+    with pytest.raises(TypeError):
+        Request("a cat", "", 20)  # the positional form, where a new field would silently shift values
+    req = Request(prompt="x", seed=-1, subseed=-1, width=64, height=64)
+    with pytest.raises(AttributeError):
+        req.steps = 3  # type: ignore[misc]
+    again = req.sized(32, 32)  # derived requests keep the drawn seeds
+    assert again is req and (req.seed, req.subseed) == (req.iteration(0).seed, req.iteration(0).subseed)
+    assert Request(prompt="x", sampler="DPM++ 2M").sampler == "dpmpp_2m"  # one spelling from here on
+    assert Request(prompt="x").sized(24, 16).width == 24 and Request(prompt="x", width=8).sized(24, 16).width == 8
+
+
+def test_batches_of_n_iter_continue_the_seeds_as_a1111():
+    req = Request(prompt="x", seed=10, subseed=50, batch_size=2, n_iter=3, width=64, height=64)
+    assert [b.seeds for b in map(req.iteration, range(3))] == [[10, 11], [12, 13], [14, 15]]
+    varied = Request(prompt="x", seed=10, subseed=50, subseed_strength=0.5, batch_size=2, n_iter=2)
+    assert [b.seeds for b in map(varied.iteration, range(2))] == [[10, 10], [10, 10]]
+    assert [b.subseeds for b in map(varied.iteration, range(2))] == [[50, 51], [52, 53]]
+    with pytest.raises(ValueError, match="batch 3 of a request with 3"):
+        req.iteration(3)
+    with pytest.raises(ValueError, match="seed"):  # the last image's seed must exist too
+        Request(prompt="x", seed=2 ** 64 - 64 - 5, batch_size=2, n_iter=3)
+
+
+def test_run_makes_every_batch_and_equals_the_batches_alone(pipes):
+    pipe = pipes["ours"]
+    images = pipe.run(Request(prompt="a red circle", steps=2, seed=3, width=W, height=H, n_iter=2))
+    alone = pipe.generate("a red circle", steps=2, seed=4, width=W, height=H)[0]
+    assert [im.info["seed"] for im in images] == [3, 4]
+    assert np.array_equal(np.asarray(images[1]), np.asarray(alone))
+    assert images[1].info["parameters"] == alone.info["parameters"]
+
+
+def test_a_hires_target_too_large_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="up to 8192"):
+        Request(prompt="x", width=4096, height=64, hires=HiresFix(4.0))
+    Request(prompt="x", hires=HiresFix(4.0))  # unsized: checked once the size is known (Pipeline.run)
+    with pytest.raises(ValueError, match="up to 8192"):
+        Request(prompt="x", hires=HiresFix(4.0)).sized(4096, 64)
+

@@ -31,10 +31,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CLIError(Exception):
-    """An error whose message is meant for the user as it is."""
-
-
 class Parser(argparse.ArgumentParser):
     """Usage mistakes get the same one-line form as every other error (and argparse's exit code 2)."""
 
@@ -60,7 +56,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from ..errors import first_line
+    from ..errors import CLIError, first_line
 
     args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func

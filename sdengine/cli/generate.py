@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from . import CLIError
+from ..errors import CLIError
 
 # CLI option -> (Request field, argparse keywords). Defaults are Request's: an option not given is not passed.
 REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import CLIError
+from ..errors import CLIError
 
 DTYPE_CHOICES = ["fp16", "fp32", "bf16"]
 
