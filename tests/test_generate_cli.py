@@ -88,6 +88,18 @@ def test_batch_seeds_and_image_two_equals_single_run(cli, tmp_path):
     assert np.abs(pixels(first) - pixels(second)).max() > 10
 
 
+def test_batch_count_runs_batches_one_after_another(cli, tmp_path):
+    """--batch-count (A1111's batch count, Request.n_iter): batches of --batch, the seeds continuing."""
+    code, stdout, _ = cli("generate", "a cat", "--seed", "10", "--batch", "2", "--batch-count", "2", "--out",
+                          tmp_path / "n.png", *FAST)
+    assert code == 0 and stdout.count("wrote") == 4
+    assert [params_of(tmp_path / f"n-{s}.png")["Seed"] for s in (10, 11, 12, 13)] == [10, 11, 12, 13]
+    assert cli("generate", "a cat", "--seed", "12", "--out", tmp_path / "s.png", *FAST)[0] == 0
+    assert np.abs(pixels(tmp_path / "n-12.png") - pixels(tmp_path / "s.png")).max() <= 1
+    code, _, stderr = cli("generate", "a cat", "--batch-count", "0", *FAST)
+    assert code != 0 and "batch count must be" in stderr
+
+
 def test_img2img_and_inpaint(cli, tmp_path):
     init = write_image(tmp_path / "init.png", 44, 36)  # not a multiple of 8: rounded down to 40x32
     code, _, _ = cli("img2img", init, "a cat", "--strength", "0.5", "--steps", "4", "--seed", "1", "--quiet",
