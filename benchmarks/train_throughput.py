@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from sdengine.config import PRESETS
 from sdengine.nn.unet import UNetModel
-from sdengine.train.cli import ARCH
 from sdengine.weights.diffusers_folder import unet_config_to_diffusers
 
 
@@ -43,7 +43,7 @@ def throughput(model, call, batch: int, latent: int, context_dim: int, steps: in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="shapes", choices=sorted(ARCH))
+    ap.add_argument("--arch", default="shapes", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--context-dim", type=int, default=256)
@@ -53,7 +53,7 @@ def main() -> None:
     import dataclasses
 
     from diffusers import UNet2DConditionModel
-    cfg = dataclasses.replace(ARCH[args.arch]["unet"], context_dim=args.context_dim)
+    cfg = dataclasses.replace(PRESETS[args.arch].unet, context_dim=args.context_dim)
     torch.manual_seed(0)
     ours = UNetModel(cfg).train()
     config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from sdengine.data.shapes import COLORS, HELD_OUT, SHAPES, Group, SceneSpec, describe
-from sdengine.train.stages import replace_text_encoder
 from sdengine.weights import load
+from sdengine.weights.parts import read_part, replace_text_encoder
 
 
 def caption(color: str, shape: str) -> str:
@@ -66,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     model = load(args.model, dtype=torch.float32).eval()
     if args.text is not None:
-        model = replace_text_encoder(model, args.text).eval()
+        model = replace_text_encoder(model, read_part(args.text, "text")).eval()
     result = probe(model)
     skips = sorted(result)
     print("nearest other caption at the shape token (clip skip K: the K-th layer from the end; the UNet reads 1)")

@@ -33,9 +33,9 @@ python3 - "$INIT" "$RUNS/dec2/model.safetensors" <<'PY'
 import sys
 import torch
 from sdengine.evaluate import reconstruction_pass_rate
-from sdengine.train.stages import load_vae_init
+from sdengine.train.stages.vae import load_init
 for path in sys.argv[1:]:
     with torch.no_grad():
-        rate = reconstruction_pass_rate(load_vae_init(path)[0].eval(), n=520)
+        rate = reconstruction_pass_rate(load_init(path)[0].eval(), n=520)
     print(f"{path}: VAE reconstructions passing the checker {rate:.3f} (n=520)")
 PY

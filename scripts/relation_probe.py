@@ -25,8 +25,7 @@ import torch
 from sdengine.data.shapes import exchange_colors, parse_prompt, turn_relation
 from sdengine.diffusion.schedule import SD_SCHEDULE
 from sdengine.tokenizer import CLIPTokenizer
-from sdengine.train.data import ShapesSource
-from sdengine.train.stages import to_pixels
+from sdengine.train.data import ShapesSource, to_pixels
 from sdengine.weights import load
 
 

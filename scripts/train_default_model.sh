@@ -21,8 +21,8 @@ stage vae vae.safetensors --steps 4000 --batch 32 --lr 3e-4 --save-every 200 --s
 python - "$RUNS/vae/vae.safetensors" <<'PY'
 import sys
 from sdengine.evaluate import reconstruction_pass_rate
-from sdengine.train.stages import load_vae
-rate = reconstruction_pass_rate(load_vae(sys.argv[1])[0], n=500)
+from sdengine.weights.parts import read_part
+rate = reconstruction_pass_rate(read_part(sys.argv[1], "vae").module(), n=500)
 print(f"VAE reconstruction pass rate: {rate:.3f}")
 if rate < 0.98:
     sys.exit("the VAE must reconstruct >= 98% of ShapesEval images before the UNet is trained")

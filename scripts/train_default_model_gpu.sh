@@ -33,8 +33,8 @@ say "VAE gate"
 python3 - "$RUNS/vae/vae.safetensors" "$DEVICE" "${GATE:-stop}" <<'PY'
 import sys, torch
 from sdengine.evaluate import reconstruction_pass_rate
-from sdengine.train.stages import load_vae
-vae = load_vae(sys.argv[1])[0].to(sys.argv[2])
+from sdengine.weights.parts import read_part
+vae = read_part(sys.argv[1], "vae").module().to(sys.argv[2])
 rate = reconstruction_pass_rate(vae, n=500)
 print(f"VAE reconstruction pass rate: {rate:.3f} (n=500)")
 if rate < 0.98 and sys.argv[3] != "warn":

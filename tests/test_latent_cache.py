@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import TINY, logged, make_images, one_error, train
+from test_train import ARCH, TINY, logged, make_images, one_error, train
 
-from sdengine.train.data import FolderSource
+from sdengine.train.data import FolderSource, to_pixels
 from sdengine.train.latent_cache import CACHE_FILE
-from sdengine.train.stages import load_text, load_vae, to_pixels
+from sdengine.weights.parts import assemble, read_part
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def test_cache_holds_the_vae_posterior_and_the_captions(capsys, tmp_path, stages
     assert rc == 0, err
     cache = load_file(tmp_path / "run" / CACHE_FILE)
     assert cache["mean"].shape == cache["std"].shape == (5, 4, 16, 16) and cache["ids"].shape == (5, 77)
-    vae = load_vae(vae_path)[0]
-    _, _, tokenizer = load_text(text_path)
+    vae = read_part(vae_path, "vae").module()
+    tokenizer = read_part(text_path, "text").tokenizer
     source = FolderSource(data, 32, seed=0)  # the run's --seed 0: the same order
     items = [source.item(i) for i in range(5)]
     with torch.no_grad():
@@ -94,17 +94,17 @@ def test_a_cache_of_another_scene_mix_is_rebuilt(capsys, tmp_path, stages):
         assert torch.equal(load_file(tmp_path / run / CACHE_FILE)["ids"], built) != rebuilt
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["vae", "--cache-latents", "10"], ("--cache-latents", "train unet")),
-    (["unet", "--cache-latents", "0"], ("--cache-latents", "at least 1")),
-    (["unet", "--cache-latents", "4", "--scene-kinds", "pair"], ("--scene-kinds", "--data shapes")),
-    (["unet", "--cache-latents", "4", "--color-drop", "0.15"], ("--color-drop", "--data shapes")),
+@pytest.mark.parametrize("argv, words, status", [  # 2: a usage error, from argparse
+    (["vae", "--cache-latents", "10"], ("--cache-latents", "train unet"), 2),
+    (["unet", "--cache-latents", "0"], ("--cache-latents", "at least 1"), 2),
+    (["unet", "--cache-latents", "4", "--scene-kinds", "pair"], ("--scene-kinds", "--data shapes"), 1),
+    (["unet", "--cache-latents", "4", "--color-drop", "0.15"], ("--color-drop", "--data shapes"), 1),
 ])
-def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words):
+def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words, status):
     stage, *extra = argv
     rc, err = train(capsys, stage, tmp_path / "run", stages[0], *(unet_args(stages) if stage == "unet" else []),
                     *extra)
-    assert rc == 1
+    assert rc == status
     one_error(err, *words)
     assert not (tmp_path / "run" / CACHE_FILE).exists()
 
@@ -112,18 +112,18 @@ def test_cache_arguments_refused(capsys, tmp_path, stages, argv, words):
 def test_batch_positions_draw_the_same_numbers_however_the_batch_is_split(stages):
     """Processes and accumulation steps split a step's batch; each position must get the same row, timestep,
     noise and dropout either way (also across the generator blocks of DRAW_BLOCK positions)."""
-    from sdengine.train.cli import ARCH
+    from sdengine.train.draws import DRAW_BLOCK
     from sdengine.train.latent_cache import LatentCache
-    from sdengine.train.stages import DRAW_BLOCK, UNetStage, assemble
+    from sdengine.train.stages import UNetStage
 
     _, vae, text = stages
-    stage = UNetStage(assemble(ARCH["tiny"]["unet"], vae, text), source=None, seed=5)
+    stage = UNetStage(assemble(ARCH.unet, read_part(vae, "vae"), read_part(text, "text")), source=None, seed=5)
     g = torch.Generator().manual_seed(0)
     stage.use_cache(LatentCache(torch.randn(50, 4, 16, 16, generator=g).half(), torch.rand(50, 4, 16, 16).half(),
                                 torch.randint(0, 100, (50, 77), dtype=torch.int32), "key"))
     cpu = torch.device("cpu")
     whole = stage.batch(3, range(0, 2 * DRAW_BLOCK), cpu)
-    stage._block_cache.clear()
+    stage.draws.clear()
     parts = [stage.batch(3, range(a, b), cpu) for a, b in ((0, DRAW_BLOCK - 5), (DRAW_BLOCK - 5, 2 * DRAW_BLOCK))]
     for w, *p in zip(whole, *parts):
         torch.testing.assert_close(w, torch.cat(p), atol=1e-5, rtol=1e-5)  # the text encoder batched differently
@@ -134,9 +134,9 @@ def test_batch_positions_draw_the_same_numbers_however_the_batch_is_split(stages
 def test_timestep_shift_draws_noisier_steps_and_leaves_the_other_draws(stages):
     """--timestep-shift S maps uniform draws u to t/T = S u / (1 + (S - 1) u): S = 1 is uniform, S = 3 puts
     half the steps above 750. The rows, noise and caption dropout of a batch are those of an unshifted run."""
-    from sdengine.train.cli import ARCH
     from sdengine.train.latent_cache import LatentCache
-    from sdengine.train.stages import UNetStage, assemble, shift_timesteps
+    from sdengine.train.stages import UNetStage
+    from sdengine.train.stages.unet import shift_timesteps
 
     u = torch.linspace(0, 1, 10001)[:-1]
     assert torch.equal(shift_timesteps(u, 1.0), (u * 1000).long())
@@ -144,7 +144,7 @@ def test_timestep_shift_draws_noisier_steps_and_leaves_the_other_draws(stages):
     assert shifted.min() == 0 and shifted.max() == 999 and bool((shifted.diff() >= 0).all())
     assert (shifted >= 750).float().mean().item() == pytest.approx(0.5, abs=1e-3)
     _, vae, text = stages
-    model = assemble(ARCH["tiny"]["unet"], vae, text)
+    model = assemble(ARCH.unet, read_part(vae, "vae"), read_part(text, "text"))
     cache = LatentCache(torch.randn(50, 4, 16, 16).half(), torch.rand(50, 4, 16, 16).half(),
                         torch.randint(0, 100, (50, 77), dtype=torch.int32), "key")
     batches = {}
@@ -163,11 +163,10 @@ def test_snr_floor_raises_the_weight_of_noisy_steps_only(stages):
     """--snr-floor F: a step's weight on its x0 error is clamped to [F, 5] instead of [SNR, 5], so with eps
     prediction the loss of a step whose SNR is below F is multiplied by F / SNR and the others are unchanged."""
     from sdengine.diffusion.schedule import SD_SCHEDULE
-    from sdengine.train.cli import ARCH
-    from sdengine.train.stages import UNetStage, assemble
+    from sdengine.train.stages import UNetStage
 
     _, vae, text = stages
-    model = assemble(ARCH["tiny"]["unet"], vae, text)
+    model = assemble(ARCH.unet, read_part(vae, "vae"), read_part(text, "text"))
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     context = torch.randn(2, 77, model.config.unet.context_dim, generator=g)
@@ -184,8 +183,9 @@ def test_snr_floor_raises_the_weight_of_noisy_steps_only(stages):
 @pytest.mark.parametrize("stage, shift, words", [("vae", "3", ["--timestep-shift", "train unet"]),
                                                   ("unet", "0", ["--timestep-shift", "positive"])])
 def test_timestep_shift_refused(capsys, tmp_path, stages, stage, shift, words):
-    rc, err = train(capsys, stage, tmp_path / "run", stages[0], *unet_args(stages, "--timestep-shift", shift))
-    assert rc == 1
+    rc, err = train(capsys, stage, tmp_path / "run", stages[0], *(unet_args(stages) if stage == "unet" else []),
+                    "--timestep-shift", shift)
+    assert rc == 2  # usage errors
     one_error(err, *words)
 
 
@@ -224,7 +224,7 @@ def test_resume_refuses_a_run_that_trained_other_modules(capsys, tmp_path, stage
     assert rc == 1
     one_error(err, "--resume", "'text'", "--train-text-encoder")
     rc, err = train(capsys, "vae", tmp_path / "vae", data, "--train-text-encoder")
-    assert rc == 1
+    assert rc == 2
     one_error(err, "--train-text-encoder", "train unet")
 
 
@@ -271,5 +271,5 @@ def test_compiled_unet_trains_as_the_eager_one(capsys, tmp_path, stages, monkeyp
         losses[name] = [r["loss"] for r in logged(tmp_path / name)]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     rc, err = train(capsys, "vae", tmp_path / "vae", data, "--compile")
-    assert rc == 1
+    assert rc == 2
     one_error(err, "--compile", "train unet")

@@ -23,11 +23,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdengine import cli
-from sdengine.config import ModelConfig
+from sdengine.config import PRESETS
 from sdengine.model import StableDiffusion
 from sdengine.tokenizer import CLIPTokenizer
 from sdengine.train.checkpoint import checkpoints, load_latest
-from sdengine.train.cli import ARCH
 from sdengine.train.data import FolderSource
 from sdengine.train.stages import VAEStage
 from sdengine.train.trainer import TrainConfig, Trainer, TrainingAborted
@@ -35,7 +34,9 @@ from sdengine.train.trainer import TrainConfig, Trainer, TrainingAborted
 torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two fighting
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = ["--arch", "tiny", "--size", "32", "--warmup", "1", "--precision", "fp32", "--log-every", "1", "--lr", "1e-3"]
+ARCH = PRESETS["shapes-tiny"]  # the shapes model's layout at test size
+TINY = ["--arch", "shapes-tiny", "--size", "32", "--warmup", "1", "--precision", "fp32", "--log-every", "1", "--lr",
+        "1e-3"]
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
@@ -56,18 +57,19 @@ def make_images(folder: Path, n: int = 8, captions: bool = True) -> Path:
 
 
 def train(capsys, stage: str, out: Path, data: Path, *extra: str, quiet: bool = True) -> tuple[int, str]:
-    """`sdengine train STAGE` in this process: (exit status, stderr)."""
+    """`sdengine train STAGE` in this process: (exit status, stderr); a usage error is argparse's exit 2."""
     capsys.readouterr()
-    rc = cli.run(["train", stage, "--data", str(data), "--out", str(out), *TINY, *(["--quiet"] if quiet else []),
-                  *extra])
+    try:
+        rc = cli.run(["train", stage, "--data", str(data), "--out", str(out), *TINY, *(["--quiet"] if quiet else []),
+                      *extra])
+    except SystemExit as e:
+        rc = e.code
     return rc, capsys.readouterr().err
 
 
 def tiny_model(text_layers: int) -> StableDiffusion:
     """A fresh model of the tiny architecture with `text_layers` text-encoder layers (for clip skip)."""
-    tiny = ARCH["tiny"]
-    cfg = ModelConfig(unet=dataclasses.replace(tiny["unet"], context_dim=32), vae=tiny["vae"],
-                      text=dataclasses.replace(tiny["text"], layers=text_layers), sample_size=32)
+    cfg = dataclasses.replace(ARCH, text=dataclasses.replace(ARCH.text, layers=text_layers))
     return StableDiffusion(cfg).init_weights().eval()
 
 
@@ -101,7 +103,7 @@ class FlakyVAE(VAEStage):
 
 def trainer(run: Path, data: Path, stage=VAEStage, **cfg) -> Trainer:
     torch.manual_seed(0)
-    st = stage(ARCH["tiny"]["vae"], FolderSource(data, 32), seed=0)
+    st = stage(ARCH.vae, FolderSource(data, 32), seed=0)
     cfg = {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 1, "precision": "fp32", "save_every": 100,
            "log_every": 1, "quiet": True, **cfg}
     return Trainer(st, TrainConfig(run_dir=run, **cfg), torch.device("cpu"))
@@ -199,14 +201,14 @@ def test_text_hard_negatives(capsys, tmp_path):
     for the same weights and items that can only raise the image-to-text loss, never lower it; the log then
     reports how often an image prefers its own caption to them (neg_acc)."""
     from sdengine.train.data import ShapesSource
-    from sdengine.train.stages import TextStage, train_tokenizer
+    from sdengine.train.stages import TextStage
 
     source = ShapesSource(size=32, seed=4)
-    tokenizer = train_tokenizer(source.captions(200))
+    tokenizer = CLIPTokenizer.train(source.captions(200))
     losses = {}
     for hard in (False, True):
         torch.manual_seed(0)
-        stage = TextStage(ARCH["tiny"]["text"], source, tokenizer, seed=0, hard_negatives=hard)
+        stage = TextStage(ARCH.text, source, tokenizer, seed=0, hard_negatives=hard)
         batch = stage.batch(0, range(16), torch.device("cpu"))
         x, ids, keys, owners = batch
         assert (len(ids) > len(x) and len(owners) == len(ids) - len(x)) if hard else (len(ids) == len(x) and not owners)
@@ -443,6 +445,23 @@ def test_bf16_autocast_runs(tmp_path, data):
     after = t.modules["vae"].state_dict()
     assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(start[k], after[k])
                                                                           for k in start)
+
+
+def test_fp16_trains_with_a_loss_scaler_that_resumes(tmp_path, data):
+    """fp16 autocast scales the loss (torch.amp.GradScaler, on the CPU too): small gradients do not underflow, an
+    overflow skips its step and lowers the scale, and the scale is part of the checkpoint."""
+    t = trainer(tmp_path / "fp16", data, steps=3, precision="fp16", save_every=2)
+    assert t.scaler.is_enabled() and not trainer(tmp_path / "bf16", data, precision="bf16").scaler.is_enabled()
+    start = {k: v.clone() for k, v in t.modules["vae"].state_dict().items()}
+    t.run()
+    assert any(math.isfinite(r["loss"] or math.nan) for r in t.history)
+    after = t.modules["vae"].state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(start[k], after[k])
+                                                                          for k in start)
+    assert load_latest(tmp_path / "fp16")[1]["scaler"]["scale"] == t.scaler.get_scale()
+    resumed = trainer(tmp_path / "fp16", data, steps=4, precision="fp16")
+    resumed.run(resume=True)
+    assert resumed.step == 4
 
 
 # ---- data workers and the time budget -----------------------------------------------------------------------------

@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import TINY, logged, make_images, one_error, tiny_model, train
 
-from sdengine.train import trainer as trainer_module
-from sdengine.train.stages import load_text, load_vae
-from sdengine.train.trainer import autocast_dtype
+from sdengine import runtime
+from sdengine.weights.parts import read_part
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,9 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     """Emulated bf16 on a CPU without bf16 instructions is ~3x slower than fp32: auto picks fp32 there."""
-    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
+    autocast_dtype = runtime.training_autocast_dtype
     assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
     assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
     assert autocast_dtype("fp32", cpu) is None
@@ -34,8 +34,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
 
 def test_auto_is_the_default_precision(capsys, tmp_path, data, monkeypatch):
     seen = []
-    real = trainer_module.autocast_dtype
-    monkeypatch.setattr(trainer_module, "autocast_dtype", lambda p, d: seen.append(p) or real(p, d))
+    real = runtime.training_autocast_dtype
+    monkeypatch.setattr(runtime, "training_autocast_dtype", lambda p, d: seen.append(p) or real(p, d))
     args = [a for a in TINY if a not in ("--precision", "fp32")]
     from sdengine import cli
     assert cli.run(["train", "vae", "--data", str(data), "--out", str(tmp_path / "run"), *args, "--quiet",
@@ -65,7 +65,7 @@ def test_stop_at_writes_the_result_midway_and_resume_goes_on(capsys, tmp_path, d
     assert all(torch.equal(end[k], unbroken[k]) for k in unbroken)
     assert any(not torch.equal(midway[k], end[k]) for k in end)
     rc, err = train(capsys, "vae", tmp_path / "bad", data, "--stop-at", "0")
-    assert rc == 1
+    assert rc == 2  # a usage error
     one_error(err, "--stop-at")
 
 
@@ -85,7 +85,8 @@ def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, da
                  str(root / "text" / "text.safetensors"), "--steps", "2", "--batch", "4")[0] == 0
     # another encoder, pretrained on the shapes world: another vocabulary
     assert train(capsys, "text", root / "other", "shapes", "--steps", "2", "--batch", "4")[0] == 0
-    other_text, _, other_tokenizer = load_text(root / "other" / "text.safetensors")
+    other = read_part(root / "other" / "text.safetensors", "text")
+    other_text, other_tokenizer = other.module(), other.tokenizer
     base = sdengine.load(root / "base" / "model.safetensors")
     assert base.tokenizer.vocab != other_tokenizer.vocab
     rc, err = train(capsys, "unet", root / "ft", data, "--init", str(root / "base" / "model.safetensors"), "--text",
@@ -140,7 +141,7 @@ def test_clip_skip_trains_the_unet_on_an_earlier_text_layer_and_the_model_keeps_
     assert rc == 1
     one_error(err, "--clip-skip", "1 to 2")
     rc, err = train(capsys, "vae", tmp_path / "bad2", data, "--clip-skip", "2", "--steps", "1", "--batch", "4")
-    assert rc == 1
+    assert rc == 2  # a usage error: train vae has no such option
     one_error(err, "--clip-skip", "train unet")
 
 
@@ -172,7 +173,7 @@ def test_decoder_only_moves_the_decoder_and_keeps_the_latents_and_the_rest_of_th
     vae_file = tmp_path / "dec" / "vae.safetensors"
     assert train(capsys, "vae", tmp_path / "dec2", data, "--init", str(vae_file), "--decoder-only", "--steps", "1",
                  "--batch", "4")[0] == 0
-    again = load_vae(tmp_path / "dec2" / "vae.safetensors")[0].state_dict()
+    again = read_part(tmp_path / "dec2" / "vae.safetensors", "vae").module().state_dict()
     assert all(torch.equal(again[k], old[k].float()) for k in fixed)
     # a whole model's encoder is not retrained (its UNet reads those latents); --decoder-only needs --init
     rc, err = train(capsys, "vae", tmp_path / "bad", data, "--init", str(tmp_path / "base.safetensors"), "--steps",
@@ -184,5 +185,5 @@ def test_decoder_only_moves_the_decoder_and_keeps_the_latents_and_the_rest_of_th
     one_error(err, "--decoder-only", "--init")
     rc, err = train(capsys, "unet", tmp_path / "bad3", data, "--init", str(tmp_path / "base.safetensors"),
                     "--decoder-only", "--steps", "1", "--batch", "4")
-    assert rc == 1
+    assert rc == 2  # a usage error: train unet has no such option
     one_error(err, "--decoder-only", "train vae")

@@ -25,8 +25,7 @@ from torch import nn
 
 from ..tokenizer import CLIPTokenizer
 from ..weights.io import atomic_path, read_tensors, write_safetensors
-from .data import Prefetcher, Source, batch_items
-from .stages import to_pixels
+from .data import Prefetcher, Source, batch_items, to_pixels
 
 CACHE_FILE = "latents.safetensors"
 _FORMAT = "sdengine-latent-cache-1"

@@ -1,12 +1,14 @@
-"""The training loop shared by every stage: optimizer, warmup + cosine LR, bf16 autocast, accumulation, EMA,
-atomic checkpoints with resume, SIGTERM, NaN/inf guards, logs and pictures, and data parallelism under torchrun.
+"""The training loop shared by every stage: optimizer, warmup + cosine LR, bf16 autocast (fp16 with a loss scaler),
+accumulation, EMA, atomic checkpoints with resume, SIGTERM, NaN/inf guards, logs and pictures, and data parallelism
+under torchrun (DistributedDataParallel).
 
-A stage (stages.py) supplies the modules to train, a loss over a batch, and a deterministic batch stream:
+A stage (stages/) supplies the modules to train, a loss over a batch, and a deterministic batch stream:
 batch(step, indices) returns the items `indices` of global step `step`, so under torchrun each rank takes its
 slice of the same global batch and N processes compute what one process with the same global batch computes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +23,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import runtime
 from .checkpoint import ResumeError, checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from .data import Prefetcher, Source
 from .plots import write_loss_curve
@@ -43,8 +47,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables the EMA
-    precision: str = "auto"  # autocast dtype: auto | bf16 | fp16 | fp32 (see autocast_dtype)
-    grad_checkpointing: bool = False
+    precision: str = "auto"  # autocast dtype: auto | bf16 | fp16 | fp32 (runtime.training_autocast_dtype)
     save_every: int = 500  # 0: only at the end (and on SIGTERM)
     keep: int = 3
     log_every: int = 20
@@ -55,31 +58,6 @@ class TrainConfig:
     workers: int = 0  # processes preparing the data of coming steps (0: in the training process)
     time_budget: float = 0.0  # seconds; > 0 fits the step count to the measured speed (see Trainer.run)
     module_lr: dict[str, float] = field(default_factory=dict)  # a trained module's own peak LR (else lr)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16). Elsewhere PyTorch emulates bf16 on the
-    CPU: measured on a 2-core Xeon with AVX512 but no BF16, a bf16 matmul took 3.3x as long as fp32 and the text
-    stage ran at half the images/s; on a Zen4 with AVX512-BF16, bf16 matmuls run ~2.2x fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux: no way to tell without timing, and fp32 is never the slow one
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for TrainConfig.precision (None: fp32, no autocast). auto is bf16 where it is fast: a GPU
-    that supports it, or a CPU with bf16 instructions; fp32 otherwise."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        else:
-            precision = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32 (got {precision!r})")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 class Stage(Protocol):
@@ -136,6 +114,19 @@ class EMA:
             m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in self.shadow[name].items()})
 
 
+class StageLoss(nn.Module):
+    """A stage's trainable modules as one module whose forward is the stage's loss: what DistributedDataParallel
+    wraps, so every parameter the loss uses is seen by its gradient hooks."""
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        self.parts = nn.ModuleDict(stage.trainable())
+        self.stage = [stage]  # in a list: not a submodule
+
+    def forward(self, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.stage[0].loss(batch, step)
+
+
 def distributed(device: torch.device | None = None) -> tuple[int, int]:
     """(rank, world size); initializes the process group when launched by torchrun (NCCL for CUDA, else gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -148,7 +139,9 @@ def distributed(device: torch.device | None = None) -> tuple[int, int]:
 class Trainer:
     def __init__(self, stage: Stage, cfg: TrainConfig, device: torch.device):
         self.stage, self.cfg, self.device = stage, cfg, device
-        self.autocast = autocast_dtype(cfg.precision, device)
+        self.autocast = runtime.training_autocast_dtype(cfg.precision, device)
+        # fp16's range is narrow: small gradients underflow unless the loss is scaled (bf16 has fp32's range)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.rank, self.world = distributed(device)
         per_step = cfg.batch_size // cfg.grad_accum
         if cfg.batch_size % (cfg.grad_accum * self.world) or per_step < self.world:
@@ -159,12 +152,12 @@ class Trainer:
         self.prefetcher = Prefetcher(stage.source, cfg.workers) if cfg.workers > 0 else None
         torch.manual_seed(cfg.seed)
         self.modules = stage.trainable()
-        if self.world > 1:  # rank 0's fresh weights are authoritative (the stage built them before we were called)
-            for m in self.modules.values():
-                for t in m.state_dict().values():
-                    dist.broadcast(t, 0)
         for m in self.modules.values():
             m.to(device).train()
+        self.loss_module: nn.Module = StageLoss(stage)
+        if self.world > 1:  # averages gradients in buckets during backward; broadcasts rank 0's weights first
+            self.loss_module = DistributedDataParallel(
+                self.loss_module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
@@ -197,6 +190,7 @@ class Trainer:
                 "modules": {n: m.state_dict() for n, m in self.modules.items()},
                 "ema": self.ema.shadow if self.ema else None, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
                 "config": {k: str(v) for k, v in asdict(self.cfg).items()}}
 
     def resume(self) -> None:
@@ -215,6 +209,8 @@ class Trainer:
                               "(was --text-lr added or dropped?)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         self.saved_step = self.step
@@ -255,18 +251,22 @@ class Trainer:
             ahead = max(2, -(-2 * self.prefetcher.workers // cfg.grad_accum))
             self.prefetcher.request([k for s in range(self.step + 1, min(cfg.steps, self.step + 1 + ahead))
                                      for k in self._slices(s)])
-        for key in self._slices(self.step):
+        slices = self._slices(self.step)
+        for i, key in enumerate(slices):
             items = self.prefetcher.take(key) if self.prefetcher is not None else None
             batch = self.stage.batch(self.step, range(key[1], key[2]), self.device, items)
-            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-                loss, parts = self.stage.loss(batch, self.step)
-            finite &= bool(torch.isfinite(loss).item())
-            (loss / cfg.grad_accum).backward()
+            # DDP averages gradients on the last micro-step only; the others accumulate locally
+            last = i == len(slices) - 1
+            with (contextlib.nullcontext() if last or self.world == 1 else self.loss_module.no_sync()):
+                with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+                    loss, parts = self.loss_module(batch, self.step)
+                finite &= bool(torch.isfinite(loss).item())
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.world > 1:  # average gradients, loss and logged parts; agree on finiteness and on a SIGTERM
+        if self.world > 1:  # average loss and logged parts; agree on finiteness and on a SIGTERM
             keys = sorted(logs)
             flags = torch.tensor([0.0 if finite else 1.0, float(self.sigterm), total if finite else 0.0,
                                   *(logs[k] if finite else 0.0 for k in keys)], dtype=torch.float64, device=self.device)
@@ -274,15 +274,13 @@ class Trainer:
             finite, total = flags[0].item() == 0, flags[2].item() / self.world
             logs = {k: flags[3 + i].item() / self.world for i, k in enumerate(keys)}
             self.stop_requested = flags[1].item() > 0  # torchrun signals all; they stop after the same step
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
-        if finite:  # also catches inf/NaN gradients from a finite loss; clips when grad_clip > 0
+        self.scaler.unscale_(self.optimizer)  # true gradients for the clip (a no-op unless fp16)
+        if finite:  # also catches inf/NaN gradients from a finite loss (fp16 overflow included); clips when > 0
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             finite = bool(torch.isfinite(norm).item())
         if finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # an overflow lowers the fp16 loss scale for the next step
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # (a skipped first step: "scheduler.step() before optimizer.step()")
             warnings.simplefilter("ignore", UserWarning)

@@ -1,0 +1,14 @@
+"""The three training stages of Stable Diffusion, one module each, as the trainer sees them (trainer.Stage):
+modules to train, deterministic batches, a loss, pictures, and what each leaves behind.
+
+  vae.py   the KL autoencoder -> vae.safetensors (a VAE part file, weights/parts.py)
+  text.py  contrastive pretraining of the text encoder on its own vocabulary -> text.safetensors (+ tokenizer)
+  unet.py  the denoiser on the frozen VAE's latents -> model.safetensors (the whole model)
+
+A batch's random numbers come from draws.BatchDraws, so results do not depend on how a batch is split.
+"""
+from .text import TextStage
+from .unet import UNetStage
+from .vae import VAEStage
+
+__all__ = ["VAEStage", "TextStage", "UNetStage"]
