@@ -371,8 +371,12 @@ def test_consecutive_nans_abort(tmp_path, data):
 
 # ---- 9. data parallel under torchrun ------------------------------------------------------------------------------
 
-def test_torchrun_matches_one_process(capsys, tmp_path, data):
-    args = ["train", "vae", "--data", str(data), *TINY, "--quiet", "--steps", "3", "--batch", "4", "--device", "cpu"]
+@pytest.mark.parametrize("accum", [[], ["--grad-accum", "2"]], ids=["one-micro-step", "accumulated"])
+def test_torchrun_matches_one_process(capsys, tmp_path, data, accum):
+    """DistributedDataParallel on gloo; with accumulation, the micro-steps before the last skip the gradient
+    all-reduce (no_sync) and the result is still one process's."""
+    args = ["train", "vae", "--data", str(data), *TINY, "--quiet", "--steps", "3", "--batch", "4", "--device", "cpu",
+            *accum]
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "sdengine.cli", *args,
                            "--out", str(tmp_path / "ddp")], env=ENV, capture_output=True, text=True, timeout=300,
