@@ -17,6 +17,7 @@ import torch
 
 from .data.checker import check
 from .data.shapes_eval import EVAL_CATEGORIES, EvalItem, shapes_eval, summarize
+from .images import images_to_tensor, tensor_to_arrays
 from .pipeline import Pipeline
 from .train.plots import image_grid
 
@@ -108,8 +109,7 @@ def reconstruction_pass_rate(vae, n: int = 200, size: int = 64, seed: int = 0) -
     passed = 0
     for k in range(0, len(picks), 32):
         batch = picks[k:k + 32]
-        x = torch.from_numpy(np.stack([it.render(size) for it in batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x.to(device)).mode()).float().clamp(-1, 1)
-        arr = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        x = images_to_tensor([it.render(size) for it in batch], device)
+        arr = tensor_to_arrays(vae.decode(vae.encode(x).mode()).float() / 2 + 0.5)
         passed += sum(check(a, it.prompt)[0] for a, it in zip(arr, batch))
     return passed / len(picks)

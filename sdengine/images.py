@@ -15,10 +15,12 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     return images_to_tensor([image])
 
 
-def images_to_tensor(images: list[Image.Image] | list[np.ndarray]) -> torch.Tensor:
-    """Same-sized RGB images (PIL or uint8 HxWx3 arrays) -> (b, 3, h, w) in [-1, 1]."""
-    arrays = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2) * 2 - 1
+def images_to_tensor(images: list[Image.Image] | list[np.ndarray], device: torch.device | str = "cpu"
+                     ) -> torch.Tensor:
+    """Same-sized RGB images (PIL or uint8 HxWx3 arrays) -> (b, 3, h, w) float32 in [-1, 1] on `device`. The uint8
+    values cross to the device (4x fewer bytes than floats) and are converted there."""
+    arrays = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+    return arrays.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
