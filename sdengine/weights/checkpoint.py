@@ -13,10 +13,11 @@ from typing import Literal
 import torch
 
 from ..config import ModelConfig
+from ..diffusion.schedule import SD_SCHEDULE
 from ..model import StableDiffusion
 from ..tokenizer import CLIPTokenizer
-from . import diffusers_folder
 from .detect import UnknownArchitecture, check_keys, detect
+from .diffusers_folder import is_diffusers_folder, read_folder, write_folder
 from .io import CheckpointError, atomic_path, read_tensors, write_pickle, write_safetensors
 from .keys import TEXT, UNET, VAE
 from .metadata import CONFIG_METADATA, tokenizer_from_metadata, tokenizer_metadata
@@ -34,9 +35,9 @@ def read_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
-        if not diffusers_folder.is_diffusers_folder(path):
+        if not is_diffusers_folder(path):
             raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json or unet/)")
-        return diffusers_folder.read_folder(path)
+        return read_folder(path)
     raw, metadata = read_tensors(path)
     sd = normalize(raw, use_ema=use_ema)
     if CONFIG_METADATA in metadata:
@@ -77,14 +78,16 @@ def build(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenize
 def probe_v_prediction(model: StableDiffusion) -> bool:
     """Does this SD2-layout UNet predict v? Decided from the weights, not from a file name.
 
-    At t=999 the input is almost pure noise: an eps-model's output stays close to its input, while a
-    v-model's output (v = alpha*eps - sigma*x0, sigma ~ 1) is pulled strongly negative against a constant input.
+    At the last training timestep (t=999) the input is almost pure noise: an eps-model's output stays close to its
+    input, while a v-model's output (v = alpha*eps - sigma*x0, sigma ~ 1) is pulled strongly negative against a
+    constant input.
     """
     unet = model.unet
     unet_dtype = next(unet.parameters()).dtype
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=model.device)
     context = torch.full((1, 2, unet.config.context_dim), 0.5, device=model.device)
-    out = unet(x.to(unet_dtype), torch.tensor([999.0], device=model.device), context.to(unet_dtype)).float()
+    t = torch.tensor([SD_SCHEDULE.num_train_timesteps - 1.0], device=model.device)
+    out = unet(x.to(unet_dtype), t, context.to(unet_dtype)).float()
     return (out - x[:, : out.shape[1]]).mean().item() < -1.0
 
 
@@ -148,7 +151,7 @@ def save(model: StableDiffusion, dst: str | Path, to: Literal["single", "diffuse
     if to == "diffusers":
         sd = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
         with atomic_path(dst, force=force, is_dir=True) as tmp:
-            diffusers_folder.write_folder(sd, model.config, model.tokenizer, tmp)
+            write_folder(sd, model.config, model.tokenizer, tmp)
         return dst
     sd = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in single_file_tensors(model).items()}
     with atomic_path(dst, force=force) as tmp:

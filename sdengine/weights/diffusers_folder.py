@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ..diffusion.schedule import SD_SCHEDULE
 from ..tokenizer import CLIPTokenizer
 from .detect import UnknownArchitecture
 from .io import CheckpointError, read_tensors, write_safetensors
@@ -25,9 +26,11 @@ WEIGHT_NAMES = {
 }
 OPENCLIP_EXTRAS = "sdengine_openclip_extras.safetensors"  # what diffusers' CLIPTextModel has no place for
 # SD's training schedule, as in the scheduler/ folder of the published SD1.x/SD2.x pipelines.
-SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None}
+SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": SD_SCHEDULE.beta_start,
+                    "beta_end": SD_SCHEDULE.beta_end, "beta_schedule": SD_SCHEDULE.beta_schedule,
+                    "num_train_timesteps": SD_SCHEDULE.num_train_timesteps, "set_alpha_to_one": False,
+                    "skip_prk_steps": True, "steps_offset": SD_SCHEDULE.steps_offset, "clip_sample": False,
+                    "trained_betas": None}
 # diffusers UNet features that change the architecture beyond SD1.x/SD2.x (SDXL, LCM-distilled, ...).
 UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim")
 
