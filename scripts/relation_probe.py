@@ -24,8 +24,9 @@ import torch
 
 from sdengine.data.shapes import exchange_colors, parse_prompt, turn_relation
 from sdengine.diffusion.schedule import SD_SCHEDULE
+from sdengine.images import images_to_tensor
 from sdengine.tokenizer import CLIPTokenizer
-from sdengine.train.data import ShapesSource, to_pixels
+from sdengine.train.data import ShapesSource
 from sdengine.weights import load
 
 
@@ -110,7 +111,7 @@ def main() -> None:
         print(f"{name:>9} {word:>7.3f} {after:>7.3f} {end:>7.3f}")
     if args.text_only:
         return
-    z0 = model.vae.encode(to_pixels([d[0] for d in data], torch.device("cpu"))).mean * model.config.vae.scaling_factor
+    z0 = model.vae.encode(images_to_tensor([d[0] for d in data])).mean * model.config.vae.scaling_factor
     g = torch.Generator().manual_seed(0)
     print(f"{len(data)} scenes; share of the caption's worth lost when one part is wrong (0: ignored)")
     print(f"{'t':>5} {'true':>9} {'empty':>9} {'relation':>9} {'colours':>9}")

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import ARCH, TINY, logged, make_images, one_error, train
 
-from sdengine.train.data import FolderSource, to_pixels
+from sdengine.images import images_to_tensor
+from sdengine.train.data import FolderSource
 from sdengine.train.latent_cache import CACHE_FILE
 from sdengine.weights.parts import assemble, read_part
 
@@ -44,7 +45,7 @@ def test_cache_holds_the_vae_posterior_and_the_captions(capsys, tmp_path, stages
     source = FolderSource(data, 32, seed=0)  # the run's --seed 0: the same order
     items = [source.item(i) for i in range(5)]
     with torch.no_grad():
-        post = vae.encode(to_pixels([im for im, _ in items], torch.device("cpu")))
+        post = vae.encode(images_to_tensor([im for im, _ in items], torch.device("cpu")))
     torch.testing.assert_close(cache["mean"].float(), post.mean, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(cache["std"].float(), post.std, atol=2e-3, rtol=2e-3)
     assert torch.equal(cache["ids"].long(), tokenizer([c for _, c in items], max_length=77))

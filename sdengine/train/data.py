@@ -1,4 +1,4 @@
-"""Training data: image-caption sources with deterministic, index-addressed items, and their pixels as tensors.
+"""Training data: image-caption sources with deterministic, index-addressed items.
 
 `source.item(i)` returns item i of an endless stream, always the same, so a global batch is the items
 [step * B, (step + 1) * B) and any process can compute its slice. Sources: the procedural shapes world
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -145,13 +144,6 @@ def make_source(data: str, size: int, seed: int, kinds: tuple[str, ...] | None =
     if kinds is not None or color_drop is not None:
         raise ValueError("--scene-kinds and --color-drop are for --data shapes")
     return FolderSource(data, size, seed)
-
-
-def to_pixels(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """uint8 (h, w, 3) images -> a (b, 3, h, w) float batch in [-1, 1] on `device` (images.images_to_tensor's
-    values, converted on the device)."""
-    # uint8 crosses to the device (4x fewer bytes) and is converted there: the same values, less host work
-    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def batch_items(source: Source, step: int, indices: range) -> list[tuple[np.ndarray, str]]:

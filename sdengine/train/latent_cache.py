@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..images import images_to_tensor
 from ..tokenizer import CLIPTokenizer
 from ..weights.io import atomic_path, read_tensors, write_safetensors
-from .data import Prefetcher, Source, batch_items, to_pixels
+from .data import Prefetcher, Source, batch_items
 
 CACHE_FILE = "latents.safetensors"
 _FORMAT = "sdengine-latent-cache-1"
@@ -72,7 +73,7 @@ class LatentCache:
                 if pool is not None:
                     pool.request(slices[i + 1: i + 1 + 2 * workers])
                 items = pool.take(key_) if pool is not None else batch_items(source, 0, range(key_[1], key_[2]))
-                post = vae.encode(to_pixels([im for im, _ in items], device).to(dtype))
+                post = vae.encode(images_to_tensor([im for im, _ in items], device).to(dtype))
                 means.append(post.mean.half().cpu())
                 stds.append(post.std.half().cpu())
                 ids.append(tokenizer([c for _, c in items], max_length=max_length).int())

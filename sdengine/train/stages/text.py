@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TextConfig
+from ...images import images_to_tensor
 from ...nn.clip import build_text_encoder
 from ...tokenizer import CLIPTokenizer
 from ...weights.parts import write_part
-from ..data import Source, batch_items, to_pixels
+from ..data import Source, batch_items
 
 RESULT = "text.safetensors"
 
@@ -92,7 +93,7 @@ class TextStage:
         # caption's end cannot change it: cut them (captions here are far shorter than 77 tokens).
         length = int((ids == self.tokenizer.eos_id).int().argmax(dim=1).max()) + 1
         keys = [meaning(c) for c in captions]
-        return to_pixels([im for im, _ in items], device), ids[:, :length].to(device), keys, owners
+        return images_to_tensor([im for im, _ in items], device), ids[:, :length].to(device), keys, owners
 
     def loss(self, batch, step: int):
         x, ids, keys, owners = batch

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ...diffusion.schedule import SD_SCHEDULE, NoiseSchedule
+from ...images import images_to_tensor
 from ...model import StableDiffusion
-from ..data import Source, batch_items, to_pixels
+from ..data import Source, batch_items
 from ..draws import BatchDraws, Draw
 from ..plots import image_grid
 
@@ -109,7 +110,7 @@ class UNetStage:
         else:
             items = items if items is not None else batch_items(self.source, step, indices)
             vae = self.model.vae.to(device)
-            post = vae.encode(to_pixels([im for im, _ in items], device).to(next(vae.parameters()).dtype))
+            post = vae.encode(images_to_tensor([im for im, _ in items], device).to(next(vae.parameters()).dtype))
             mean, std = post.mean.float(), post.std.float()
             captions = ["" if d else c for d, (_, c) in zip(drop.tolist(), items)]
             ids = self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device)

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from ...config import VAEConfig
-from ...images import tensor_to_images
+from ...images import images_to_tensor, tensor_to_images
 from ...model import StableDiffusion
 from ...nn.vae import AutoencoderKL
 from ...weights.io import read_tensors
 from ...weights.keys import TEXT, UNET
 from ...weights.parts import part_from_tensors, write_part
-from ..data import Source, batch_items, to_pixels
+from ..data import Source, batch_items
 from ..draws import BatchDraws, Draw
 from ..plots import image_grid
 
@@ -54,7 +54,7 @@ class VAEStage:
 
     def batch(self, step: int, indices: range, device: torch.device, items: list | None = None):
         items = items if items is not None else batch_items(self.source, step, indices)
-        return to_pixels([image for image, _ in items], device), self.draws(step, indices, device)["posterior"]
+        return images_to_tensor([image for image, _ in items], device), self.draws(step, indices, device)["posterior"]
 
     @staticmethod
     def foreground(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class VAEStage:
         vae = modules["vae"]
         was = vae.training
         vae.eval()
-        x = to_pixels(self.eval_images(), next(vae.parameters()).device)
+        x = images_to_tensor(self.eval_images(), next(vae.parameters()).device)
         rec = vae.decode(vae.encode(x).mode())
         image_grid(tensor_to_images((torch.cat([x, rec]) + 1) / 2), columns=len(x)).save(out)
         vae.train(was)
@@ -92,7 +92,7 @@ class VAEStage:
     @torch.no_grad()
     def scaling_factor(self, vae: AutoencoderKL, n: int = 256) -> float:
         """1 / std of the latents, SD's recipe, so diffused latents have unit variance."""
-        x = to_pixels(self.eval_images(n), next(vae.parameters()).device)
+        x = images_to_tensor(self.eval_images(n), next(vae.parameters()).device)
         return float(1.0 / vae.encode(x).mode().float().std())
 
     def export(self, modules: dict[str, nn.Module], out: Path) -> None:
