@@ -258,6 +258,7 @@ def test_text_lr_is_the_text_encoders_own_step_size(capsys, tmp_path, stages):
     one_error(err, "--text-lr", "--train-text-encoder")
 
 
+@pytest.mark.slow  # a TorchInductor compile
 def test_compiled_unet_trains_as_the_eager_one(capsys, tmp_path, stages, monkeypatch):
     """train unet --compile (TorchInductor, no freezing): the same losses step after step, up to float noise."""
     from sdengine.train.stages import UNetStage

@@ -94,6 +94,7 @@ def test_another_architecture_is_an_error_naming_the_tensor(files, tmp_path):
         sdengine.merge(files["a"], files["b"], alpha=5.0)
 
 
+@pytest.mark.slow  # CLI processes
 def test_cli_merge_writes_a_loadable_checkpoint_and_errors_are_one_line(files, tmp_path):
     out = tmp_path / "soup.safetensors"
     r = run_cli("merge", files["a"], files["b"], "--out", out, "--alpha", "0.5", "--parts", "unet,text")

@@ -196,6 +196,7 @@ def test_stages_end_to_end(capsys, tmp_path, data, vae_run):
 
 # ---- 2. exact resume ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a vocabulary from 20,000 shapes captions: ~20 s
 def test_text_hard_negatives(capsys, tmp_path):
     """--hard-negatives adds, per shapes caption, the same words meaning another scene as texts no image matches:
     for the same weights and items that can only raise the image-to-text loss, never lower it; the log then
@@ -283,6 +284,7 @@ def test_fresh_start_over_checkpoints_refused(capsys, tmp_path, vae_run, data):
 
 # ---- 5. SIGTERM ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a training process of its own
 def test_sigterm_saves_and_resumes(capsys, tmp_path, data):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sdengine.cli", "train", "vae", "--data", str(data), "--out",
@@ -371,6 +373,7 @@ def test_consecutive_nans_abort(tmp_path, data):
 
 # ---- 9. data parallel under torchrun ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # torchrun: two processes per case
 @pytest.mark.parametrize("accum", [[], ["--grad-accum", "2"]], ids=["one-micro-step", "accumulated"])
 def test_torchrun_matches_one_process(capsys, tmp_path, data, accum):
     """DistributedDataParallel on gloo; with accumulation, the micro-steps before the last skip the gradient

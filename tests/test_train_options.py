@@ -71,6 +71,7 @@ def test_stop_at_writes_the_result_midway_and_resume_goes_on(capsys, tmp_path, d
 
 # ---- --init with --text -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # five training runs, two text vocabularies from the shapes stream
 def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, data):
     """train unet --init MODEL --text TEXT: the model's text encoder and tokenizer are replaced by TEXT's (its own
     vocabulary included), the VAE stays the model's, and the UNet trains on the new encoder's features."""

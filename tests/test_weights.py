@@ -45,6 +45,7 @@ def single(reference, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # CLI processes
 def test_single_diffusers_single_is_exact(single, tmp_path):
     assert run_cli("convert", single, tmp_path / "d", "--to", "diffusers").returncode == 0
     assert run_cli("convert", tmp_path / "d", tmp_path / "back.safetensors", "--to", "single").returncode == 0
@@ -177,6 +178,7 @@ def test_families():
         UNetConfig(num_heads=8, num_head_channels=64)
 
 
+@pytest.mark.slow  # CLI processes
 def test_cli_info_and_init(tmp_path):
     out = tmp_path / "tiny.safetensors"
     assert run_cli("init", "tiny", out).returncode == 0

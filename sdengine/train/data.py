@@ -58,7 +58,8 @@ class ShapesSource:
         return np.asarray(sample.image, dtype=np.uint8), sample.caption
 
     def captions(self, n: int = 20000) -> list[str]:
-        return [self.item(i)[1] for i in range(n)]
+        """The captions of items 0..n-1, without drawing their images (a vocabulary is learnt from them)."""
+        return [self.sampler.scene(i)[1] for i in range(n)]
 
 
 class FolderSource:
