@@ -1,4 +1,5 @@
-"""Start a real `sdengine serve` process on loopback with a tiny model, for tests that talk to it over HTTP."""
+"""The one harness for tests that talk to a real `sdengine serve` process over HTTP (test_server, test_a1111_client,
+test_webpage): `serve()` starts it on loopback with a tiny model and yields a `Running` server to call."""
 from __future__ import annotations
 
 import base64
@@ -13,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 def free_port() -> int:
@@ -37,6 +39,28 @@ class Running:
     proc: subprocess.Popen
     models: Path
     log: Path
+    auth: tuple[str, str] | None = None
+
+    def client(self, auth: tuple[str, str] | None | Literal["server's"] = "server's"):
+        """An httpx client on the server; by default with the credentials the server was started with."""
+        import httpx
+
+        return httpx.Client(base_url=self.url, auth=self.auth if auth == "server's" else auth, timeout=300)
+
+    def post(self, path: str, body: dict):
+        with self.client() as c:
+            return c.post(path, json=body)
+
+    def get(self, path: str, **params):
+        with self.client() as c:
+            return c.get(path, params=params)
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
 
 
 def _ready(url: str, auth: tuple[str, str] | None) -> bool:
@@ -77,8 +101,9 @@ def _start(cmd: list[str], log: Path, auth: tuple[str, str] | None, timeout: flo
 @contextlib.contextmanager
 def serve(root: Path, auth: tuple[str, str] | None = None, extra: list[str] | None = None,
           timeout: float = 120) -> Iterator[Running]:
-    """A server on 127.0.0.1 with one tiny model (root/models/tiny.safetensors), CPU, fp32, one thread per job;
-    stopped (SIGTERM, then SIGKILL) on exit."""
+    """A server on 127.0.0.1 with one tiny model (root/models/tiny.safetensors, written unless there; other files
+    put in root/models first are listed too), CPU, fp32, one thread per job, 256 px at most (`extra` adds or
+    overrides options); stopped (SIGTERM, then SIGKILL) on exit."""
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     if not (models / "tiny.safetensors").exists():
@@ -86,13 +111,15 @@ def serve(root: Path, auth: tuple[str, str] | None = None, extra: list[str] | No
     log = root / "server.log"
     cmd = [sys.executable, "-m", "sdengine.cli", "serve", "--models-dir", str(models), "--model", "tiny",
            "--device", "cpu", "--precision", "fp32",
-           # one CPU thread per job: on a small machine shared with other work, OpenMP teams stall at barriers
+           # one CPU thread per job: on a small machine shared with other work, 2-thread OpenMP teams stall at
+           # their barriers (measured here: 64x64 jobs went from ~0.2 s to 2-20 s each)
            "--threads", "1", "--max-width", "256", "--max-height", "256"]
     if auth:
         cmd += ["--api-auth", ":".join(auth)]
     proc, port = _start(cmd + (extra or []), log, auth, timeout)
     try:
-        yield Running(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc, models, log)
+        yield Running(url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, proc=proc, models=models, log=log,
+                      auth=auth)
     finally:
         proc.terminate()
         try:

@@ -1,4 +1,5 @@
-"""Generation against diffusers' pipelines (txt2img, img2img, inpaint) with the same weights, seeds and settings."""
+"""Generation against diffusers' pipelines (txt2img, img2img, inpaint) with the same weights, seeds and settings;
+Request's checks; the VAE's fp32 fallback when a half-precision decode overflows."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from reference import save_pipeline
-from sampler_harness import SD15_SCHEDULER_CONFIG
+from sampler_harness import SD15_SCHEDULER_CONFIG, max_rel_error
 
 import sdengine
 from sdengine.diffusion.samplers import SAMPLERS
@@ -16,10 +17,6 @@ from sdengine.pipeline import Pipeline
 from sdengine.request import Request
 
 W, H = 40, 32  # non-square, multiples of 8; the tiny VAE downsamples by 2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def test_txt2img_matches_diffusers(pipes, sampler):
                        generator=gens, height=H, width=W, num_images_per_prompt=2, output_type="latent").images
     ours = pipes["ours"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, sampler=sampler,
                                         cfg_scale=7.5, seed=5, width=W, height=H, batch_size=2))
-    assert rel(ours, ref) < 1e-3
+    assert max_rel_error(ours, ref) < 1e-3
 
 
 def test_txt2img_images_match(pipes):
@@ -89,7 +86,7 @@ def test_img2img_matches_diffusers(pipes, sampler, strength):
     req = Request(prompt="a red circle", steps=10, sampler=sampler, cfg_scale=5, seed=3, width=W, height=H,
                   strength=strength)
     ours = pipes["ours"].sample(req, init=image_to_tensor(init_image(), W, H))
-    assert rel(ours, out) < 1e-3
+    assert max_rel_error(ours, out) < 1e-3
 
 
 @pytest.mark.parametrize("steps,n", [(10, 1), (10, 4), (10, 10), (7, 5)])
@@ -130,7 +127,7 @@ def test_inpaint_matches_diffusers(pipes, strength):
                   strength=strength)
     ours = pipes["ours"].sample(req, init=image_to_tensor(init_image(), W, H),
                                 mask=mask_to_tensor(right_half_mask(), W, H))
-    assert rel(ours, out) < 1e-3
+    assert max_rel_error(ours, out) < 1e-3
 
 
 def test_inpainting_unet_matches_diffusers(tmp_path):
@@ -149,14 +146,14 @@ def test_inpainting_unet_matches_diffusers(tmp_path):
         req = Request(prompt="a cat", steps=5, sampler="euler", cfg_scale=4, seed=9, width=W, height=H,
                       strength=strength)
         ours = pipe.sample(req, init=image_to_tensor(init_image(), W, H), mask=mask_to_tensor(right_half_mask(), W, H))
-        assert rel(ours, out) < 1e-3
+        assert max_rel_error(ours, out) < 1e-3
 
 
 def test_batch_image_reproducible_alone(pipes):
     """Image i of a batch uses seed + i and comes out the same when generated alone."""
     batch = pipes["ours"].sample(Request(prompt="x", steps=3, seed=10, width=W, height=H, batch_size=3))
     alone = pipes["ours"].sample(Request(prompt="x", steps=3, seed=12, width=W, height=H))
-    assert rel(batch[2:], alone) < 1e-4  # the same up to float reassociation in batched kernels
+    assert max_rel_error(batch[2:], alone) < 1e-4  # the same up to float reassociation in batched kernels
     assert not torch.allclose(batch[0], batch[1])
 
 
@@ -229,3 +226,29 @@ def test_a_hires_target_too_large_is_refused_before_any_work():
     with pytest.raises(ValueError, match="up to 8192"):
         Request(prompt="x", hires=HiresFix(4.0)).sized(4096, 64)
 
+
+# ---- VAE half-precision fallback ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vae_decode_falls_back_to_fp32_on_overflow(sd1_folder, monkeypatch, dtype):
+    model = sdengine.load(sd1_folder, dtype=dtype)
+    decoder_class = type(model.vae.decoder)  # patched on the class: the fp32 fallback decodes with a copy
+    real = decoder_class.forward
+    calls = []
+
+    def overflowing(self, z):  # what an SD1.5 VAE does in fp16 on some latents
+        calls.append(z.dtype)
+        out = real(self, z)
+        return out if z.dtype == torch.float32 else torch.full_like(out, float("inf"))
+
+    monkeypatch.setattr(decoder_class, "forward", overflowing)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = Pipeline(model).decode(latents)
+    assert calls == [dtype, torch.float32]
+    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all() and 0 <= pixels.min() <= pixels.max() <= 1
+    assert pixels.std() > 0.01  # a real decode, not a clamp of inf/nan
+    assert next(model.vae.parameters()).dtype == dtype  # the shared VAE was never changed
+    assert all(p.dtype == dtype for p in model.unet.parameters())
+    monkeypatch.setattr(decoder_class, "forward", real)
+    reference = Pipeline(model.float()).decode(latents)  # the same (rounded) weights, all in fp32
+    assert torch.equal(pixels, reference)  # the fallback is a full fp32 decode

@@ -16,12 +16,11 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from server_helpers import free_port, write_model
+from server_helpers import Running, serve, write_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -30,28 +29,6 @@ httpx = pytest.importorskip("httpx")
 AUTH = ("tester", "s3cret")
 SMALL = {"prompt": "a red circle above a blue square", "steps": 2, "width": 64, "height": 64}
 LONG = {**SMALL, "steps": 5000}  # interrupted long before the end
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, models: Path, log: Path):
-        self.url, self.proc, self.models, self.log = url, proc, models, log
-
-    def client(self, auth: tuple[str, str] | None = AUTH) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=auth, timeout=300)
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        with self.client() as c:
-            return c.post(path, json=body)
-
-    def get(self, path: str, **params) -> httpx.Response:
-        with self.client() as c:
-            return c.get(path, params=params)
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
 
 
 def test_serve_without_the_extra_is_one_line():
@@ -64,44 +41,21 @@ def test_serve_without_the_extra_is_one_line():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
+def server(tmp_path_factory) -> Running:
+    """The tiny model, another one and a broken file, with auth and room for the queue and long jobs."""
     root = tmp_path_factory.mktemp("serve")
     models = root / "models"
     models.mkdir()
     write_model(models / "tiny.safetensors", 0)
     write_model(models / "other.safetensors", 1)
     (models / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    port, log = free_port(), root / "server.log"
-    cmd = [sys.executable, "-m", "sdengine.cli", "serve", "--models-dir", str(models), "--model", "tiny",
-           "--port", str(port), "--api-auth", ":".join(AUTH), "--device", "cpu", "--precision", "fp32",
-           # one CPU thread per job: on a small machine shared with other work, 2-thread OpenMP teams stall at
-           # their barriers (measured here: 64x64 jobs went from ~0.2 s to 2-20 s each)
-           "--threads", "1",
-           "--max-width", "256", "--max-height", "256", "--max-steps", "5000", "--max-batch", "8",
-           "--max-prompt-chars", "500", "--queue-size", "8"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", proc, models, log)
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, f"server exited: {log.read_text()}"
-        try:
-            if srv.get("/sdapi/v1/samplers").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, f"server not ready: {log.read_text()}"
-        time.sleep(0.2)
-    yield srv
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve(root, auth=AUTH, extra=["--max-steps", "5000", "--max-batch", "8", "--max-prompt-chars", "500",
+                                       "--queue-size", "8"]) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def pipe(server: Server):
+def pipe(server: Running):
     import torch
 
     from sdengine.pipeline import Pipeline
@@ -136,7 +90,7 @@ def info_of(r: httpx.Response) -> dict:
     return json.loads(r.json()["info"])
 
 
-def test_listing_routes(server: Server):
+def test_listing_routes(server: Running):
     samplers = {s["name"]: s for s in server.get("/sdapi/v1/samplers").json()}
     assert {"Euler a", "Euler", "LMS", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC",
             "LCM"} <= set(samplers)
@@ -164,7 +118,7 @@ def test_listing_routes(server: Server):
     fresh.unlink()
 
 
-def test_txt2img_variation_seeds(server: Server, pipe):
+def test_txt2img_variation_seeds(server: Running, pipe):
     """subseed/subseed_strength/seed_resize_from_w,h as A1111: with a variation every image keeps the seed and the
     variation seed counts up across the batches of n_iter; the image equals the Python API's with the same values."""
     body = {**SMALL, "seed": 3, "subseed": 20, "subseed_strength": 0.4, "seed_resize_from_w": 96,
@@ -183,7 +137,7 @@ def test_txt2img_variation_seeds(server: Server, pipe):
     assert bad.status_code == 422 and "subseed_strength" in bad.text
 
 
-def test_txt2img_hires_fix_and_tiling(server: Server, pipe):
+def test_txt2img_hires_fix_and_tiling(server: Running, pipe):
     """enable_hr with A1111's fields: a second pass at hr_scale, reported as A1111 does (the first pass's size,
     the Hires fields); tiling; the image equals the Python API's with the same settings."""
     from sdengine.hires import HiresFix
@@ -214,7 +168,7 @@ def test_txt2img_hires_fix_and_tiling(server: Server, pipe):
         assert bad.status_code == 422 and needle in bad.text, (extra, bad.text)
 
 
-def test_txt2img_fields_seeds_and_images(server: Server, pipe):
+def test_txt2img_fields_seeds_and_images(server: Running, pipe):
     r = server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 42, "batch_size": 2, "n_iter": 2, "eta": 1.0,
                                           "s_noise": 1, "scheduler": "automatic", "restore_faces": True,
                                           "alwayson_scripts": {}, "unknown_client_field": 3})
@@ -251,7 +205,7 @@ def test_txt2img_fields_seeds_and_images(server: Server, pipe):
         "images"] == []
 
 
-def test_parallel_requests_keep_their_seeds(server: Server, pipe):
+def test_parallel_requests_keep_their_seeds(server: Running, pipe):
     seeds = [1000 + 17 * i for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda s: server.post("/sdapi/v1/txt2img", {**SMALL, "seed": s}), seeds))
@@ -263,7 +217,7 @@ def test_parallel_requests_keep_their_seeds(server: Server, pipe):
         assert same(unb64(r.json()["images"][0]), direct), seed
 
 
-def test_img2img_resize_modes_and_inpaint(server: Server, pipe):
+def test_img2img_resize_modes_and_inpaint(server: Running, pipe):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     body = {**SMALL, "steps": 4, "seed": 7, "init_images": [b64png(image)], "denoising_strength": 0.5}
@@ -306,7 +260,7 @@ def test_img2img_runs_a1111s_step_count(steps, strength, sampler, expected):
     assert a1111_img2img_steps(steps, strength, sampler) == (steps, expected)
 
 
-def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server: Server):
+def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server: Running):
     """A1111's API default (inpaint_full_res): the mask's padded box is generated at width x height and pasted
     back into the original, whatever its size; everything outside the blurred mask is the original's."""
     rng = np.random.default_rng(3)
@@ -326,7 +280,7 @@ def test_inpaint_only_masked_returns_the_original_with_the_box_repainted(server:
     assert "Mask blur: 4" in info and "Inpaint area: Only masked" in info and "Masked area padding: 8" in info
 
 
-def wait_for(server: Server, ok, timeout: float = 120) -> dict:
+def wait_for(server: Running, ok, timeout: float = 120) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         progress = server.get("/sdapi/v1/progress", skip_current_image="true").json()
@@ -344,7 +298,7 @@ def in_background(fn, *args) -> dict:
     return box
 
 
-def test_progress_interrupt_and_skip(server: Server, pipe):
+def test_progress_interrupt_and_skip(server: Running, pipe):
     long = in_background(server.post, "/sdapi/v1/txt2img", {**LONG, "seed": 5})
     wait_for(server, lambda p: p["state"]["sampling_step"] >= 2)
     progress = server.get("/sdapi/v1/progress").json()
@@ -374,7 +328,7 @@ def test_progress_interrupt_and_skip(server: Server, pipe):
     assert server.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 
-def test_native_jobs_queue_full_and_cancel(server: Server):
+def test_native_jobs_queue_full_and_cancel(server: Running):
     with server.client() as c:
         job = c.post("/api/v1/jobs", json={**SMALL, "seed": 3}).json()
         assert job["status"] in ("queued", "running") and job["mode"] == "txt2img"
@@ -414,7 +368,7 @@ def test_native_jobs_queue_full_and_cancel(server: Server):
         assert c.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 4}).status_code == 200
 
 
-def test_auth(server: Server):
+def test_auth(server: Running):
     for auth in (None, ("tester", "wrong"), ("other", "s3cret")):
         with server.client(auth=auth) as c:
             for path in ("/", "/docs", "/openapi.json", "/sdapi/v1/samplers", "/api/v1/jobs"):
@@ -480,7 +434,7 @@ BAD = [
 ]
 
 
-def test_caps_and_bad_inputs_are_422_with_a_message(server: Server):
+def test_caps_and_bad_inputs_are_422_with_a_message(server: Running):
     with server.client() as c:
         for route, body, needle in BAD:
             full = {**SMALL, **body} if route != "options" and route != "png-info" else body
@@ -492,7 +446,7 @@ def test_caps_and_bad_inputs_are_422_with_a_message(server: Server):
         assert c.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 8}).status_code == 200  # still serving
 
 
-def test_failing_job_then_next_and_model_switch(server: Server, pipe):
+def test_failing_job_then_next_and_model_switch(server: Running, pipe):
     r = server.post("/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "broken"}})
     assert r.status_code == 500 and "broken.safetensors could not be loaded" in r.json()["detail"]
     info = info_of(server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 11}))  # the next job is served as usual
@@ -514,7 +468,7 @@ def test_failing_job_then_next_and_model_switch(server: Server, pipe):
                                                             width=64, height=64)[0])
 
 
-def test_png_info_round_trip(server: Server):
+def test_png_info_round_trip(server: Running):
     r = server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 77, "negative_prompt": "blurry, (ugly:1.2)"})
     image, infotext = r.json()["images"][0], info_of(r)["infotexts"][0]
     out = server.post("/sdapi/v1/png-info", {"image": image}).json()
@@ -525,7 +479,8 @@ def test_png_info_round_trip(server: Server):
     assert plain["info"] == "" and plain["parameters"] == {}
 
 
-def test_load_and_memory(server: Server):
+@pytest.mark.slow
+def test_load_and_memory(server: Running):
     """>= 50 small jobs from 4 clients at once: all correct, and the server's memory back near its baseline."""
     def one(seed: int) -> tuple[float, int, int]:
         with server.client() as c:

@@ -24,8 +24,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 expect = sync_api.expect
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="no /usr/bin/chromium: apt-get install chromium (Debian's; .ci/run does)")
+pytestmark = [pytest.mark.slow,  # Chromium and two server processes: ~25 s in all
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason="no /usr/bin/chromium: apt-get install chromium (Debian's; .ci/run does)")]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 AUTH = ("painter", "p4ss-word")

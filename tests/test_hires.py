@@ -1,5 +1,5 @@
 """Hires fix (sdengine/hires.py) against diffusers' txt2img + img2img on the upscaled first pass, A1111's target
-sizes and step counts; seamless tiling (sdengine/nn/seamless.py) by the roll equivariance it must give."""
+sizes and step counts. Seamless tiling is in test_tiling.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,18 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sampler_harness import SD15_SCHEDULER_CONFIG
+from sampler_harness import SD15_SCHEDULER_CONFIG, max_rel_error
 
 import sdengine
 from sdengine.hires import HiresFix
-from sdengine.nn.seamless import circular_padding
 from sdengine.pipeline import Pipeline, Request
 
 W, H = 24, 16  # the tiny VAE downsamples by 2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +27,6 @@ def pipes(sd1_folder):
         p.set_progress_bar_config(disable=True)
     return {"ours": Pipeline(sdengine.load(sd1_folder)), "txt": txt, "img": img}
 
-
-# --- hires fix -------------------------------------------------------------------------------------------------
 
 def test_latent_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(pipes):
     """A1111's pass with the "Latent" upscaler: bilinear latent upscale, then exactly `steps` img2img steps, the
@@ -49,12 +42,12 @@ def test_latent_hires_fix_is_txt2img_then_img2img_on_the_upscaled_latents(pipes)
     first_req = Request(prompt="a red circle", steps=4, cfg_scale=5, seed=3, width=W, height=H,
                         hires=HiresFix(2, steps=3, denoising_strength=0.55))
     first = pipe.sample(first_req)
-    assert rel(first, first_ref) < 1e-3
+    assert max_rel_error(first, first_ref) < 1e-3
     steps = []
     latents = pipe.second_pass(first_req, first, callback=lambda i, n, x, d: steps.append(i))
     req = first_req.second_pass()
     assert (req.width, req.height, req.steps, len(steps)) == (2 * W, 2 * H, 5, 3)
-    assert rel(latents, ref) < 1e-3
+    assert max_rel_error(latents, ref) < 1e-3
 
 
 def test_image_upscaler_hires_fix_resizes_the_8_bit_first_pass(pipes):
@@ -67,7 +60,7 @@ def test_image_upscaler_hires_fix_resizes_the_8_bit_first_pass(pipes):
     req = Request(prompt="a blue square", steps=4, cfg_scale=5, seed=4, width=W, height=H,
                   hires=HiresFix(2, upscaler="Lanczos", steps=3, denoising_strength=0.55))
     latents = pipes["ours"].second_pass(req, pipes["ours"].sample(req))
-    assert rel(latents, ref) < 2e-2  # a decoded pixel's last bit can round differently before the resize
+    assert max_rel_error(latents, ref) < 2e-2  # a decoded pixel's last bit can round differently before the resize
 
 
 @pytest.mark.parametrize("steps,strength", [(3, 0.55), (20, 0.7), (10, 0.3), (7, 1.0), (15, 0.999)])
@@ -138,38 +131,3 @@ def test_a_too_large_hires_target_fails_before_the_first_pass(pipes):
         pipes["ours"].generate("x", steps=2, width=W, height=H, hires=HiresFix(resize_x=9000),
                                callback=lambda *a: calls.append(a))
     assert not calls
-
-
-# --- tiling ----------------------------------------------------------------------------------------------------
-
-def test_circular_padding_makes_the_decoder_roll_equivariant(pipes):
-    vae = pipes["ours"].model.vae
-    z = torch.randn(1, 4, 8, 10, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        with circular_padding([vae]):
-            out, rolled = vae.decode(z), vae.decode(z.roll((3, 1), dims=(2, 3)))
-        torch.testing.assert_close(rolled, out.roll((6, 2), dims=(2, 3)), atol=1e-4, rtol=1e-4)  # f = 2
-        plain = vae.decode(z.roll((3, 1), dims=(2, 3)))
-    assert (plain - rolled).abs().max() > 1e-2  # zero padding breaks it at the borders
-    assert all(m.padding_mode == "zeros" for m in vae.modules() if isinstance(m, torch.nn.Conv2d))
-
-
-def test_circular_padding_makes_the_unet_roll_equivariant_by_its_stride(pipes):
-    model = pipes["ours"].model
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(2))
-    t = torch.tensor([500.0])
-    with torch.no_grad(), circular_padding([model.unet]):
-        out, rolled = model.unet(x, t, context), model.unet(x.roll(2, dims=3), t, context)  # one downsample: 2
-    torch.testing.assert_close(rolled, out.roll(2, dims=3), atol=1e-4, rtol=1e-4)
-
-
-def test_tiled_generation(pipes):
-    pipe = pipes["ours"]
-    kw = dict(steps=3, cfg_scale=5, seed=2, width=W, height=H)
-    tiled = pipe.generate("a red circle", **kw, tiling=True)[0]
-    plain = pipe.generate("a red circle", **kw)[0]
-    assert "Tiling: True" in tiled.info["parameters"] and "Tiling" not in plain.info["parameters"]
-    assert np.abs(np.asarray(tiled, np.int16) - np.asarray(plain, np.int16)).max() > 0
-    again = pipe.generate("a red circle", **kw)[0]  # the model is back to zero padding afterwards
-    assert np.array_equal(np.asarray(again), np.asarray(plain))

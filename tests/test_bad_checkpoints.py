@@ -1,21 +1,20 @@
-"""Bad input: a clear one-line error (API: a typed exception; CLI: one stderr line, non-zero exit, no traceback),
-no code run from pickles, and nothing left half-written when a write fails."""
+"""Bad checkpoint files and folders (truncated, corrupted, lying headers, pickles that run code, not Stable
+Diffusion, parts missing): a clear one-line error from `sdengine.load` (a typed exception) and `sdengine info` (one
+stderr line, non-zero exit, no traceback), no code run; and `sdengine convert` leaves nothing half-written when its
+destination exists or the disk fills. Bad generation arguments are in test_generate_cli.py."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
 import random
-import resource
 import shutil
-import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_cli_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -23,29 +22,6 @@ import sdengine
 from sdengine import CheckpointError, UnknownArchitecture
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-def run_cli(*args, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """The real `sdengine` command in a subprocess; limit_bytes caps file writes (EFBIG, as on a full disk)."""
-    def preexec():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    env = {k: v for k, v in os.environ.items() if k != "SDENGINE_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "sdengine.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120, preexec_fn=preexec if limit_bytes else None)
-
-
-def assert_cli_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Non-zero exit, stderr exactly one 'sdengine: error:' line holding every fragment; returns that line."""
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdengine: error:"), proc.stderr
-    assert "internal error" not in lines[0], lines[0]  # the CLI's last resort for bugs: not a clear error
-    for fragment in fragments:
-        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])
-    return lines[0]
-
 
 def assert_refused(path: Path, exc: type[Exception], *fragments: str) -> None:
     """Both `sdengine.load` (raises exc, message one line with the fragments) and `sdengine info` refuse path."""
@@ -228,6 +204,7 @@ def test_path_does_not_exist(tmp_path):
 
 # ---- 7. existing destination --------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # two `sdengine convert` processes, one a full conversion: ~6-12 s
 def test_convert_refuses_existing_destination_without_force(good, out):
     dst = out / "model.safetensors"
     dst.write_bytes(b"precious bytes")
