@@ -4,21 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .generate import add_runtime_args
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:  # a negative seed would mean "random" to the pipeline
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+from .options import add_runtime_args, non_negative_int, positive_int
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -41,8 +27,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
-    from ..runtime import DEVICES, PRECISIONS
-
     p.add_argument("--model", default=None, help="checkpoint path or name (default: the shipped model)")
     p.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt")
     p.add_argument("--first-seed", type=non_negative_int, default=0,
@@ -52,7 +36,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--size", type=positive_int, default=64)
-    add_runtime_args(p, DEVICES, PRECISIONS)
+    add_runtime_args(p)
     p.add_argument("--out", type=Path, default=Path("shapes-eval"), help="folder for report.json and examples.png")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

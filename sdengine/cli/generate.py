@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CLIError
+from .options import add_runtime_args, size_pair
 
 # CLI option -> (Request field, argparse keywords). Defaults are Request's: an option not given is not passed.
 REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -32,14 +33,14 @@ REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--variation-seed": ("subseed", {"type": int, "help": "A1111's variation seed (-1 picks one)"}),
     "--variation-strength": ("subseed_strength", {"type": float, "help": "0..1: how far the seed's noise moves "
                                                                           "towards the variation seed's"}),
-    "--seed-resize-from": ("seed_resize_from", {"type": "size", "metavar": "WxH", "help": "keep the composition "
+    "--seed-resize-from": ("seed_resize_from", {"type": size_pair, "metavar": "WxH", "help": "keep the composition "
                                                 "the seed had at this size (noise drawn there, centred)"}),
     "--tiling": ("tiling", {"action": "store_true", "help": "seamless: the image tiles (its edges wrap around)"}),
 }
 # Options of the second pass -> HiresFix fields (sdengine/hires.py); any of them turns the hires fix on.
 HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--hires-scale": ("scale", {"type": float, "help": "upscale by this factor (default: 2)"}),
-    "--hires-resize": ("resize", {"type": "size", "metavar": "WxH",
+    "--hires-resize": ("resize", {"type": size_pair, "metavar": "WxH",
                                   "help": "upscale to this size instead (0 for a side: keep the aspect ratio)"}),
     "--hires-steps": ("steps", {"type": int, "help": "steps of the second pass (default: --steps)"}),
     "--hires-strength": ("denoising_strength", {"type": float, "help": "denoising strength of the second pass "
@@ -52,27 +53,14 @@ HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0}}
 
 
-def size_pair(text: str) -> tuple[int, int]:
-    """'640x480' -> (640, 480)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
-    return w, h
-
-
 def _add(group: argparse._ActionsContainer, flag: str, dest: str, options: dict[str, Any], default: Any) -> None:
     options = dict(options)
-    if options.get("type") == "size":
-        options["type"] = size_pair
     if default is not None and options.get("action") != "store_true":
         options["help"] = f"{options.get('help', '')} (default: {default})".lstrip()
     group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
 
 
 def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
-    from ..runtime import DEVICES, PRECISIONS
-
     defaults = {f.name: f.default for f in fields(_request_class()) if f.default is not MISSING}
     defaults.update(COMMAND_DEFAULTS.get(command, {}))
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
@@ -90,18 +78,9 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
                                               "(A1111's Hires. fix); on with any --hires option")
         for flag, (field, options) in HIRES_OPTIONS.items():
             _add(g, flag, f"hires_{field}", options, None)
-    add_runtime_args(p, DEVICES, PRECISIONS)
+    add_runtime_args(p)
     p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_runtime_args(p: argparse.ArgumentParser, devices: tuple[str, ...], precisions: tuple[str, ...],
-                     first: str = "call") -> None:
-    """Where and how the networks run: --device, --precision, --compile (generation, eval and serve alike)."""
-    p.add_argument("--device", default="auto", choices=devices)
-    p.add_argument("--precision", default="auto", choices=precisions)
-    p.add_argument("--compile", action="store_true",
-                   help=f"compile the UNet with TorchInductor: faster steps after a slow first {first}")
 
 
 def _request_class():

@@ -107,8 +107,7 @@ def _server_class():
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
-    from ..runtime import DEVICES, PRECISIONS
-    from .generate import add_runtime_args
+    from .options import add_runtime_args
 
     p.add_argument("--model", default=None,
                    help="checkpoint path or name in the models folder (default: the shipped model, else the "
@@ -118,7 +117,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
-    add_runtime_args(p, DEVICES, PRECISIONS, first="request")
+    add_runtime_args(p, first="request")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")
