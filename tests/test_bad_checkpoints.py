@@ -10,6 +10,8 @@ import pickle
 import random
 import shutil
 import struct
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,19 +22,9 @@ from safetensors.torch import load_file, save_file
 
 import sdengine
 from sdengine import CheckpointError, UnknownArchitecture
+from sdengine.cli import run
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-def assert_refused(path: Path, exc: type[Exception], *fragments: str) -> None:
-    """Both `sdengine.load` (raises exc, message one line with the fragments) and `sdengine info` refuse path."""
-    with pytest.raises(exc) as info:
-        sdengine.load(path)
-    message = str(info.value)
-    assert "\n" not in message.strip(), message
-    for fragment in fragments:
-        assert fragment.lower() in message.lower(), (fragment, message)
-    assert_cli_error(run_cli("info", path), *fragments)
-
 
 def write_raw_safetensors(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:
     """A .safetensors built by hand: 8-byte little-endian header length, JSON header, data."""
@@ -76,6 +68,33 @@ def good(sd1_folder, tmp_path_factory) -> dict[str, Path]:
             "ckpt": sdengine.save(model, root / "model.ckpt"), "folder": sd1_folder}
 
 
+@pytest.fixture(params=["in-process", pytest.param("process", marks=pytest.mark.slow)])
+def assert_refused(request, capsys, monkeypatch) -> Callable[..., None]:
+    """assert_refused(path, exc, *fragments): both `sdengine.load` (raises exc, message one line with the fragments)
+    and `sdengine info` refuse path. The command runs as `run([...])` in this process, and (slow: each is a fresh
+    interpreter importing torch, ~2 s) as the real command in a process of its own."""
+    monkeypatch.delenv("SDENGINE_DEBUG", raising=False)
+
+    def info(path: Path) -> subprocess.CompletedProcess:
+        if request.param == "process":
+            return run_cli("info", path)
+        capsys.readouterr()
+        code = run(["info", str(path)])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["sdengine", "info", str(path)], code, out.out, out.err)
+
+    def check(path: Path, exc: type[Exception], *fragments: str) -> None:
+        with pytest.raises(exc) as raised:
+            sdengine.load(path)
+        message = str(raised.value)
+        assert "\n" not in message.strip(), message
+        for fragment in fragments:
+            assert fragment.lower() in message.lower(), (fragment, message)
+        assert_cli_error(info(path), *fragments)
+
+    return check
+
+
 @pytest.fixture()
 def out(tmp_path) -> Path:
     """An empty folder for a destination, so that anything left over in it is visible."""
@@ -87,14 +106,14 @@ def out(tmp_path) -> Path:
 # ---- 1. truncated / corrupted files -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
-def test_truncated_file(good, tmp_path, kind):
+def test_truncated_file(good, tmp_path, kind, assert_refused):
     data = good[kind].read_bytes()
     bad = tmp_path / f"truncated.{kind}"
     bad.write_bytes(data[: len(data) // 2])
     assert_refused(bad, CheckpointError, str(bad))
 
 
-def test_corrupted_safetensors_header(good, tmp_path):
+def test_corrupted_safetensors_header(good, tmp_path, assert_refused):
     data = bytearray(good["safetensors"].read_bytes())
     n = header_length(good["safetensors"])
     rng = random.Random(0)
@@ -115,13 +134,13 @@ LYING_HEADERS = {
 
 
 @pytest.mark.parametrize("case", sorted(LYING_HEADERS))
-def test_safetensors_header_lies(tmp_path, case):
+def test_safetensors_header_lies(tmp_path, case, assert_refused):
     header, n_data, header_len = LYING_HEADERS[case]
     bad = write_raw_safetensors(tmp_path / "lies.safetensors", header, bytes(n_data), header_len)
     assert_refused(bad, CheckpointError, str(bad))
 
 
-def test_invalid_config_metadata(good, tmp_path):
+def test_invalid_config_metadata(good, tmp_path, assert_refused):
     tensors, metadata = tensors_and_metadata(good["safetensors"])
     bad = tmp_path / "badmeta.safetensors"
     save_file(tensors, str(bad), metadata=dict(metadata, sdengine_config="[1, 2]"))
@@ -141,7 +160,7 @@ def write_malicious(path: Path, variant: str, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("variant", ["zip", "legacy", "plain"])
-def test_pickle_that_runs_code_is_refused(tmp_path, variant):
+def test_pickle_that_runs_code_is_refused(tmp_path, variant, assert_refused):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.ckpt"
     write_malicious(bad, variant, marker)
@@ -157,14 +176,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path, variant):
 
 # ---- 4. not Stable Diffusion / wrong key set ----------------------------------------------------------------------
 
-def test_unrelated_tensors(tmp_path):
+def test_unrelated_tensors(tmp_path, assert_refused):
     bad = tmp_path / "unrelated.safetensors"
     save_file({"encoder.layer.0.weight": torch.randn(4, 4), "classifier.bias": torch.randn(4)}, str(bad))
     assert_refused(bad, UnknownArchitecture, str(bad), "not a Stable Diffusion checkpoint")
 
 
 @pytest.mark.parametrize("with_config", [True, False], ids=["sdengine_config", "detected"])
-def test_keys_missing_and_unexpected(good, tmp_path, with_config):
+def test_keys_missing_and_unexpected(good, tmp_path, with_config, assert_refused):
     tensors, metadata = tensors_and_metadata(good["safetensors"])
     assert "sdengine_config" in metadata
     removed = ["first_stage_model.decoder.conv_out.bias", "model.diffusion_model.input_blocks.1.0.out_layers.3.weight"]
@@ -182,14 +201,14 @@ def test_keys_missing_and_unexpected(good, tmp_path, with_config):
 
 # ---- 5. diffusers folders -----------------------------------------------------------------------------------------
 
-def test_diffusers_folder_missing_part(good, tmp_path):
+def test_diffusers_folder_missing_part(good, tmp_path, assert_refused):
     folder = tmp_path / "pipe"
     shutil.copytree(good["folder"], folder)
     shutil.rmtree(folder / "vae")
     assert_refused(folder, CheckpointError, "vae/")
 
 
-def test_folder_that_is_not_a_model(tmp_path):
+def test_folder_that_is_not_a_model(tmp_path, assert_refused):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "cat.jpg").write_bytes(b"\xff\xd8\xff")
@@ -198,7 +217,7 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 # ---- 6. missing path ----------------------------------------------------------------------------------------------
 
-def test_path_does_not_exist(tmp_path):
+def test_path_does_not_exist(tmp_path, assert_refused):
     assert_refused(tmp_path / "nope.safetensors", FileNotFoundError, "nope.safetensors")
 
 
@@ -248,7 +267,7 @@ def test_convert_disk_full_leaves_nothing_half_written(good, out, to, existing):
 
 @pytest.mark.parametrize("obj, fragment", [([torch.zeros(2), torch.ones(2)], "holds a list"),
                                            ({"epoch": 3, "note": "no weights"}, "holds no tensors")])
-def test_ckpt_without_state_dict(tmp_path, obj, fragment):
+def test_ckpt_without_state_dict(tmp_path, obj, fragment, assert_refused):
     bad = tmp_path / "odd.ckpt"
     torch.save(obj, bad)
     assert_refused(bad, CheckpointError, fragment)
