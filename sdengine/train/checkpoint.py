@@ -12,12 +12,14 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import first_line
+from ..weights.io import atomic_path
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
@@ -89,22 +91,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int =
     for stale in run_dir.glob(f".{PREFIX}*.partial*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     final = run_dir / f"{PREFIX}{step:09d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial", dir=run_dir))
     try:
-        torch.save(state, tmp / "state.pt")
-        _fsync(tmp / "state.pt")  # the data on disk before COMPLETE says it is
-        (tmp / MARKER).write_text(f"{step}\n")
-        _fsync(tmp / MARKER)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_path(final, force=True, is_dir=True) as tmp:  # a `.step-*.partial-*` folder until complete
+            torch.save(state, tmp / "state.pt")
+            _fsync(tmp / "state.pt")  # the data on disk before COMPLETE says it is
+            (tmp / MARKER).write_text(f"{step}\n")
+            _fsync(tmp / MARKER)
         _fsync(run_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
-            raise
-        reason = (f"{os.strerror(e.errno)}" if isinstance(e, OSError) and e.errno else
-                  (str(e).strip().splitlines() or [type(e).__name__])[0])
+    except Exception as e:  # KeyboardInterrupt, SystemExit: as they are (the partial folder is gone either way)
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else first_line(e)
         previous = checkpoints(run_dir)
         kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint"
         raise CheckpointError(f"could not save the checkpoint of step {step} in {run_dir}: {reason} "
@@ -129,7 +124,7 @@ def load_latest(run_dir: Path, quiet: bool = False) -> tuple[Path, dict[str, Any
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a training checkpoint")
         except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
-            errors.append(f"{path.name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            errors.append(f"{path.name}: {first_line(e)}")
             continue
         if errors and not quiet:
             print(f"sdengine: warning: skipped unreadable checkpoints ({'; '.join(errors)}); resuming from the older "

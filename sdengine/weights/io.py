@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import first_line
+
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a checkpoint; the message is one line that says why."""
@@ -61,15 +63,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         except (SafetensorError, ValueError, json.JSONDecodeError, struct.error, OSError) as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{path}: corrupt .safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: corrupt .safetensors file ({first_line(e)})") from None
     if kind in ("zip", "pickle"):
         return _read_pickle(path), {}
     raise CheckpointError(f"{path}: not a checkpoint (neither .safetensors nor a torch.save file)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -80,8 +77,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         if "Weights only load failed" in msg or "Unsupported global" in msg or "unpickl" in msg.lower():
             detail = next((line.strip() for line in msg.splitlines() if "GLOBAL" in line or "global" in line), "")
             raise CheckpointError(f"{path}: refused: the pickle holds code or objects, not only tensors "
-                                  f"({detail or _first_line(e)})") from None
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+                                  f"({detail or first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -116,7 +113,7 @@ def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> I
         try:
             yield target
         except OSError as e:  # a full disk, say: name the destination, not the temporary being written
-            error = OSError(f"cannot write {dst}: {e.strerror or _first_line(e)}")
+            error = OSError(f"cannot write {dst}: {e.strerror or first_line(e)}")
             error.errno = e.errno
             raise error from e
         if is_dir:  # mkdtemp makes 0700 folders
@@ -133,7 +130,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors; callers and the CLI expect one
-        raise OSError(_first_line(e)) from e
+        raise OSError(first_line(e)) from e
     _usual_permissions(path)  # safetensors creates its files 0600
 
 
@@ -141,4 +138,4 @@ def write_pickle(tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         torch.save({"state_dict": {k: v.detach().contiguous().cpu() for k, v in tensors.items()}}, path)
     except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError from its zip writer
-        raise OSError(_first_line(e)) from e
+        raise OSError(first_line(e)) from e
