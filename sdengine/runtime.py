@@ -140,12 +140,11 @@ def cpu_has_native_bf16() -> bool:
 
 def dtype_of(precision: str) -> torch.dtype:
     """fp32 | bf16 | fp16 -> the torch dtype."""
-    import torch
+    from .weights.checkpoint import DTYPES  # the names files and the CLI use for dtypes, defined once there
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
+    if precision not in DTYPES:
         raise UnavailableError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    return dtypes[precision]
+    return DTYPES[precision]
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
