@@ -26,8 +26,8 @@ def child(workload: str, repeats: int, tuned: bool) -> None:
     import torch
 
     from sdengine.cpu_memory import keep_freed_memory
-    from sdengine.runtime import default_model
     from sdengine.pipeline import Pipeline
+    from sdengine.runtime import default_model
     from sdengine.weights import load
 
     applied = keep_freed_memory() if tuned else False

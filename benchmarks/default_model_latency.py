@@ -17,8 +17,8 @@ from functools import partial
 import torch
 
 from sdengine.compile import compile_unet
-from sdengine.runtime import default_model
 from sdengine.pipeline import Pipeline
+from sdengine.runtime import default_model
 from sdengine.weights import load
 from sdengine.weights.diffusers_folder import unet_config_to_diffusers
 from sdengine.weights.keys import to_diffusers
