@@ -246,6 +246,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(f.relative_to(path.parent)): f.read_bytes() for f in files if f.is_file()}
 
 
+@pytest.mark.slow  # four real processes (~4 s each): the write limit needs its own process
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-existing"])
 @pytest.mark.parametrize("to", ["single", "diffusers"])
 def test_convert_disk_full_leaves_nothing_half_written(good, out, to, existing):

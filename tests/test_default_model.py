@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import sdengine
@@ -27,6 +28,7 @@ def test_shipped_model_is_small_and_self_describing():
     assert files(prompt, max_length=77).tolist() == model.tokenizer(prompt, max_length=77).tolist()
 
 
+@pytest.mark.slow  # a real process that loads the shipped model (~4 s)
 def test_generate_without_model_uses_the_shipped_one(tmp_path):
     out = tmp_path / "img.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SDENGINE_HOME": str(tmp_path / "home")}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import ARCH, TINY, logged, make_images, one_error, train
+from train_helpers import ARCH, TINY, logged, make_images, one_error, train
 
 from sdengine.images import images_to_tensor
 from sdengine.train.data import FolderSource
@@ -52,6 +52,7 @@ def test_cache_holds_the_vae_posterior_and_the_captions(capsys, tmp_path, stages
     assert [r["step"] for r in logged(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_cache_and_a_damaged_one_is_rebuilt(capsys, tmp_path, stages):
     data = stages[0]
     run = tmp_path / "run"
@@ -81,6 +82,7 @@ def test_cache_built_from_other_inputs_is_not_used(capsys, tmp_path, stages):
     assert rc == 0 and "6/6 items encoded" in err and load_file(tmp_path / "b" / CACHE_FILE)["ids"].shape[0] == 6
 
 
+@pytest.mark.slow
 def test_a_cache_of_another_scene_mix_is_rebuilt(capsys, tmp_path, stages):
     """The shapes stream's mix is part of the cache key; its defaults spelt out are not another mix."""
     args = unet_args(stages, "--steps", "1", "--cache-latents", "4")
@@ -192,6 +194,7 @@ def test_timestep_shift_refused(capsys, tmp_path, stages, stage, shift, words):
 
 # ---- the text encoder trained with the UNet (--train-text-encoder) -------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [[], ["--cache-latents", "8"]], ids=["stream", "cache"])
 def test_text_encoder_trains_with_the_unet_only_when_asked(capsys, tmp_path, stages, cache):
     import sdengine
@@ -229,6 +232,7 @@ def test_resume_refuses_a_run_that_trained_other_modules(capsys, tmp_path, stage
     one_error(err, "--train-text-encoder", "train unet")
 
 
+@pytest.mark.slow
 def test_text_lr_is_the_text_encoders_own_step_size(capsys, tmp_path, stages):
     """--text-lr LR: the text encoder gets its own peak LR in its own optimizer group. Adam's first step moves
     each weight by about its LR (m/sqrt(v) = +-1), so the largest change of each module is its LR."""

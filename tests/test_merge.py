@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 import sdengine
 from sdengine.config import TINY
@@ -38,9 +37,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def state(path: Path) -> dict[str, torch.Tensor]:
     return sdengine.load(path, dtype=None).state_dict()
 
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdengine.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def test_weighted_sum_is_a_lerp_of_every_floating_tensor(files):

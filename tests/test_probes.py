@@ -5,7 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from test_train import tiny_model
+from train_helpers import tiny_model
 
 from sdengine.data.shapes import COLORS, HELD_OUT, SHAPES
 

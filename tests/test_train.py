@@ -2,7 +2,6 @@
 parallelism under torchrun, folder data and accumulation. Tiny models on 32x32 images from a folder made here."""
 from __future__ import annotations
 
-import dataclasses
 import errno
 import importlib.util
 import json
@@ -21,10 +20,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_helpers import ARCH, ENV, ROOT, TINY, logged, make_images, one_error, train
 
 from sdengine import cli
-from sdengine.config import PRESETS
-from sdengine.model import StableDiffusion
 from sdengine.tokenizer import CLIPTokenizer
 from sdengine.train.checkpoint import checkpoints, load_latest
 from sdengine.train.data import FolderSource
@@ -32,59 +30,6 @@ from sdengine.train.stages import VAEStage
 from sdengine.train.trainer import TrainConfig, Trainer, TrainingAborted
 
 torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two fighting
-ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-ARCH = PRESETS["shapes-tiny"]  # the shapes model's layout at test size
-TINY = ["--arch", "shapes-tiny", "--size", "32", "--warmup", "1", "--precision", "fp32", "--log-every", "1", "--lr",
-        "1e-3"]
-
-
-# ---- helpers ------------------------------------------------------------------------------------------------------
-
-def make_images(folder: Path, n: int = 8, captions: bool = True) -> Path:
-    """n 32x32 pictures of a coloured square on a plain background, with same-name .txt captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        a = np.empty((32, 32, 3), np.uint8)
-        a[:] = rng.integers(0, 256, 3)
-        x, y = rng.integers(2, 20, 2)
-        a[y:y + 10, x:x + 10] = rng.integers(0, 256, 3)
-        Image.fromarray(a).save(folder / f"{i}.png")
-        if captions:
-            (folder / f"{i}.txt").write_text(f"a {['red', 'blue', 'green'][i % 3]} square")
-    return folder
-
-
-def train(capsys, stage: str, out: Path, data: Path, *extra: str, quiet: bool = True) -> tuple[int, str]:
-    """`sdengine train STAGE` in this process: (exit status, stderr); a usage error is argparse's exit 2."""
-    capsys.readouterr()
-    try:
-        rc = cli.run(["train", stage, "--data", str(data), "--out", str(out), *TINY, *(["--quiet"] if quiet else []),
-                      *extra])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
-def tiny_model(text_layers: int) -> StableDiffusion:
-    """A fresh model of the tiny architecture with `text_layers` text-encoder layers (for clip skip)."""
-    cfg = dataclasses.replace(ARCH, text=dataclasses.replace(ARCH.text, layers=text_layers))
-    return StableDiffusion(cfg).init_weights().eval()
-
-
-def one_error(err: str, *words: str) -> str:
-    """The single `sdengine: error:` line of stderr, which must contain all of `words`; no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("sdengine: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert all(w in lines[0] for w in words), lines[0]
-    return lines[0]
-
-
-def logged(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def ckpt_steps(run: Path) -> list[int]:
     return [int(p.name.split("-")[1]) for p in checkpoints(run)]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import TINY, logged, make_images, one_error, tiny_model, train
+from train_helpers import TINY, logged, make_images, one_error, tiny_model, train
 
 from sdengine import runtime
 from sdengine.weights.parts import read_part
@@ -113,6 +113,7 @@ def test_init_with_text_puts_another_encoder_under_the_unet(capsys, tmp_path, da
 
 # ---- --clip-skip --------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_clip_skip_trains_the_unet_on_an_earlier_text_layer_and_the_model_keeps_reading_it(capsys, tmp_path, data):
     """train unet --init MODEL --clip-skip 2: the saved model's config says skip_last_layers 1, so it reads layer 1 of
     its 2 by default (what clip skip 2 gave before); with --train-text-encoder only the layers it reads learn."""

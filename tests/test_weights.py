@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from reference import make_components
 from safetensors.torch import load_file, save_file
 
@@ -33,9 +32,6 @@ def folder_tensors(folder) -> dict[str, torch.Tensor]:
     return {f"{p.parent.name}/{p.name}/{k}": v for p in sorted(folder.rglob("*.safetensors"))
             for k, v in load_file(p).items()}
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdengine.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +312,7 @@ def test_part_files_round_trip_and_older_ones_still_load(tmp_path):
         read_part(tmp_path / "vae.safetensors", "text")
 
 
+@pytest.mark.slow  # a real process (~3 s)
 def test_init_writes_the_shipped_architecture(tmp_path):
     """config.PRESETS holds the shipped model's architecture: `sdengine init shapes` writes a model shaped like it."""
     r = run_cli("init", "shapes", tmp_path / "shapes.safetensors")
