@@ -24,18 +24,37 @@ class UNetConfig:
     num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)
     # Downsampling factors (1, 2, 4, ...) at which blocks get a SpatialTransformer.
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    transformer_depth: int = 1
+    # Transformer blocks in each SpatialTransformer, per level (generative-models' parameter: an int is every
+    # level's; SDXL: (0, 2, 10)); the middle block's defaults to the last level's, as in the original.
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int = 768
     num_heads: int = 8  # used when num_head_channels == -1 (SD1: 8 heads at every level)
     num_head_channels: int = -1  # SD2: 64 channels per head
     use_linear_in_transformer: bool = False
     norm_groups: int = 32
+    # Width of the "vector" conditioning y (SDXL: pooled text + Fourier-embedded size/crop/aesthetic values), added
+    # to the time embedding through label_emb (the original's num_classes="sequential"); None: no y (SD1/SD2).
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         # Sets, really: one order so that configs compare equal however they were written.
         object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
         if len(self.num_res_blocks) != len(self.channel_mult):
             raise ValueError("num_res_blocks needs one entry per channel_mult level")
+        depth = self.transformer_depth
+        depth = (depth,) * len(self.channel_mult) if isinstance(depth, int) else tuple(depth)
+        if len(depth) != len(self.channel_mult):
+            raise ValueError("transformer_depth needs one entry per channel_mult level (or one int)")
+        if self.transformer_depth_middle is None:
+            object.__setattr__(self, "transformer_depth_middle", depth[-1])
+        # A level without attention has no transformer: depth 0 there (as SDXL's own config writes it), so that
+        # configs compare equal however they were written.
+        depth = tuple(d if 2 ** level in self.attention_resolutions else 0 for level, d in enumerate(depth))
+        if any(d < 1 for level, d in enumerate(depth) if 2 ** level in self.attention_resolutions):
+            raise ValueError(f"transformer_depth {depth} has no blocks at a level with attention "
+                             f"(attention_resolutions {self.attention_resolutions})")
+        object.__setattr__(self, "transformer_depth", depth)
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError("set exactly one of num_heads and num_head_channels")
 
@@ -103,9 +122,14 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """A short name for the architecture: sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, or custom-*."""
+        """A short name for the architecture: sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, sdxl, sdxl-inpaint,
+        sdxl-refiner, or custom-*."""
         u = self.unet
-        if u.context_dim == 768 and u.model_channels == 320 and self.text.layout == "clip":
+        if u.adm_in_channels == 2816 and u.context_dim == 2048 and u.model_channels == 320:
+            base = "sdxl"
+        elif u.adm_in_channels == 2560 and u.context_dim == 1280 and u.model_channels == 384:
+            base = "sdxl-refiner"
+        elif u.context_dim == 768 and u.model_channels == 320 and self.text.layout == "clip":
             base = "sd1"
         elif u.context_dim == 1024 and u.model_channels == 320 and self.text.layout == "openclip":
             base = "sd2"
@@ -180,5 +204,22 @@ SHAPES_TINY = ModelConfig(
     text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
     sample_size=32,
 )
-PRESETS: dict[str, ModelConfig] = {"sd15": SD15, "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "shapes": SHAPES,
+# SDXL (Stability's generative-models sd_xl_base.yaml / sd_xl_refiner.yaml). The text configs are SD1's until the
+# two-encoder conditioner lands; the UNet and VAE are SDXL's.
+SDXL = ModelConfig(
+    unet=UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_resolutions=(4, 2),
+                    transformer_depth=(0, 2, 10), context_dim=2048, num_heads=-1, num_head_channels=64,
+                    use_linear_in_transformer=True, adm_in_channels=2816),
+    vae=VAEConfig(scaling_factor=0.13025),
+    sample_size=1024,
+)
+SDXL_REFINER = ModelConfig(
+    unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2),
+                    attention_resolutions=(4, 2), transformer_depth=4, context_dim=1280, num_heads=-1,
+                    num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2560),
+    vae=VAEConfig(scaling_factor=0.13025),
+    sample_size=1024,
+)
+PRESETS: dict[str, ModelConfig] = {"sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sd15": SD15,
+                                   "sd21": SD21, "sd21-base": SD21_BASE, "tiny": TINY, "shapes": SHAPES,
                                    "shapes-tiny": SHAPES_TINY}

@@ -1,4 +1,5 @@
-"""The denoising UNet with cross-attention (the original ldm UNetModel, SD1.x/SD2.x layouts).
+"""The denoising UNet with cross-attention (the original UNetModel: SD1.x/SD2.x, and SDXL's layout from
+Stability's generative-models, with per-level transformer depth and the "vector" conditioning y).
 
 Module paths equal the keys under `model.diffusion_model.` in original single-file checkpoints.
 """
@@ -24,6 +25,24 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+VECTOR_EMBED_DIM = 256  # SDXL's Fourier embedding width per size/crop/aesthetic value
+
+
+def vector_embedding(values: torch.Tensor, dim: int = VECTOR_EMBED_DIM) -> torch.Tensor:
+    """(b, n) scalar conditions (original size h, w; crop top, left; target size h, w; or an aesthetic score) ->
+    (b, n * dim): each value's sinusoidal embedding, concatenated in order (generative-models'
+    ConcatTimestepEmbedderND; diffusers' add_time_proj over add_time_ids)."""
+    b, n = values.shape
+    return timestep_embedding(values.reshape(-1), dim).reshape(b, n * dim)
+
+
+def sdxl_vector(pooled: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+    """SDXL's y: the pooled text embedding, then the Fourier embeddings of each (b, k) group of conditions (base:
+    original size, crop top-left, target size; refiner: original size, crop, aesthetic score)."""
+    values = torch.cat([c.to(pooled.device, torch.float32).reshape(pooled.shape[0], -1) for c in conditions], dim=1)
+    return torch.cat([pooled.float(), vector_embedding(values)], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -92,12 +111,17 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, groups)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                                      groups)
 
+        depths = cfg.transformer_depth
+        assert isinstance(depths, tuple) and cfg.transformer_depth_middle is not None  # set by UNetConfig
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:  # the original's num_classes="sequential": one Sequential inside another
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -108,7 +132,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -117,7 +141,8 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups))
+            ResBlock(ch, emb_dim, ch, groups), transformer(ch, cfg.transformer_depth_middle),
+            ResBlock(ch, emb_dim, ch, groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -126,7 +151,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == n - 1:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -142,12 +167,19 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, size, use_reentrant=False)
         return block(h, emb, context, size)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context and, for
+        UNets with a vector input (SDXL), y (b, adm_in_channels)."""
+        if (y is not None) != (self.config.adm_in_channels is not None):
+            raise ValueError("y must be given exactly when the UNet has a vector input (adm_in_channels = "
+                             f"{self.config.adm_in_channels})")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         context = context.to(x.dtype)
         skips = []
         h = x

@@ -6,12 +6,15 @@ the file's own metadata says otherwise, and SD2's eps/v is probed from the weigh
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .keys import TEXT, UNET, VAE
+
+SDXL_SCALING_FACTOR = 0.13025
 
 
 class UnknownArchitecture(ValueError):
@@ -53,28 +56,35 @@ def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> 
     mults: list[int] = []
     res_counts: list[int] = []
     attention: set[int] = set()
-    count, ds, channels = 0, 1, mc
+    depths: list[int] = []
+    count, ds, channels, depth = 0, 1, mc, 0
     for i in _indices(keys, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in keys:
             mults.append(channels // mc)
             res_counts.append(count)
-            count, ds = 0, ds * 2
+            depths.append(depth)
+            count, ds, depth = 0, ds * 2, 0
             continue
         channels = sd[UNET + f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]
         count += 1
         if f"input_blocks.{i}.1.norm.weight" in keys:
             attention.add(ds)
+            depth = len(_indices(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
     mults.append(channels // mc)
     res_counts.append(count)
+    depths.append(depth)
     proj_in = _need(sd, UNET + "middle_block.1.proj_in.weight")
     context_dim = _need(sd, UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
-    depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    middle = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    label = sd.get(UNET + "label_emb.0.0.weight")
     heads = heads_hint or _head_rule(context_dim, [mc * m for m in mults])
     groups = sd[UNET + "out.0.weight"].shape[0]
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=mc, channel_mult=tuple(mults),
         num_res_blocks=tuple(res_counts), attention_resolutions=tuple(sorted(attention)),
-        transformer_depth=depth, context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
+        transformer_depth=tuple(depths), transformer_depth_middle=middle,
+        adm_in_channels=None if label is None else label.shape[1],
+        context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
         norm_groups=32 if groups % 32 == 0 else groups, **heads)
 
 
@@ -144,4 +154,7 @@ def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
         sample = ", ".join(sorted(sd)[:5])
         raise UnknownArchitecture(
             f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
-    return ModelConfig(unet=detect_unet(sd), vae=detect_vae(sd), text=detect_text(sd))
+    unet, vae = detect_unet(sd), detect_vae(sd)
+    if unet.adm_in_channels is not None:  # SDXL's VAE (same layout as SD's) is trained to another latent scale
+        vae = dataclasses.replace(vae, scaling_factor=SDXL_SCALING_FACTOR)
+    return ModelConfig(unet=unet, vae=vae, text=detect_text(sd))

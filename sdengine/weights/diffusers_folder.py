@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from ..diffusion.schedule import SD_SCHEDULE
+from ..nn.unet import VECTOR_EMBED_DIM
 from ..tokenizer import CLIPTokenizer
 from .detect import UnknownArchitecture
 from .io import CheckpointError, read_tensors, write_safetensors
@@ -31,8 +32,8 @@ SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": SD_SCHEDULE.be
                     "num_train_timesteps": SD_SCHEDULE.num_train_timesteps, "set_alpha_to_one": False,
                     "skip_prk_steps": True, "steps_offset": SD_SCHEDULE.steps_offset, "clip_sample": False,
                     "trained_betas": None}
-# diffusers UNet features that change the architecture beyond SD1.x/SD2.x (SDXL, LCM-distilled, ...).
-UNSUPPORTED_UNET = ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim")
+# diffusers UNet features that change the architecture beyond SD1.x/SD2.x/SDXL (LCM-distilled, ...).
+UNSUPPORTED_UNET = ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim")
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -73,7 +74,14 @@ def _per_level(value: Any, levels: int) -> tuple:
 def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
     for name in UNSUPPORTED_UNET:
         if c.get(name) is not None:
-            raise UnknownArchitecture(f"unsupported UNet: its config sets {name}={c[name]!r} (not SD1.x/SD2.x)")
+            raise UnknownArchitecture(f"unsupported UNet: its config sets {name}={c[name]!r} (not SD1.x/SD2.x/SDXL)")
+    adm = None
+    if c.get("addition_embed_type") is not None:  # SDXL: pooled text + Fourier-embedded time ids
+        if c["addition_embed_type"] != "text_time" or c.get("addition_time_embed_dim") != VECTOR_EMBED_DIM:
+            raise UnknownArchitecture(f"unsupported UNet: addition_embed_type={c['addition_embed_type']!r}, "
+                                      f"addition_time_embed_dim={c.get('addition_time_embed_dim')!r} (SDXL: "
+                                      f"'text_time', {VECTOR_EMBED_DIM})")
+        adm = c["projection_class_embeddings_input_dim"]
     boc = list(c["block_out_channels"])
     levels = len(boc)
     mc = boc[0]
@@ -86,13 +94,14 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         head_args = {"num_heads": -1, "num_head_channels": per_head.pop()}
     else:
         raise UnknownArchitecture(f"unsupported attention head layout {heads} for channels {boc}")
-    depth = set(_per_level(c.get("transformer_layers_per_block", 1), levels))
-    if len(depth) != 1:
-        raise UnknownArchitecture("transformer depth differing per level is not supported yet")
+    depth = _per_level(c.get("transformer_layers_per_block", 1), levels)
+    if c.get("reverse_transformer_layers_per_block") is not None:
+        raise UnknownArchitecture("unsupported UNet: reverse_transformer_layers_per_block is set")
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
         channel_mult=tuple(b // mc for b in boc), num_res_blocks=_per_level(c.get("layers_per_block", 2), levels),
-        attention_resolutions=attention, transformer_depth=depth.pop(), context_dim=c.get("cross_attention_dim", 768),
+        attention_resolutions=attention, transformer_depth=depth, transformer_depth_middle=depth[-1],
+        adm_in_channels=adm, context_dim=c.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
         norm_groups=c.get("norm_num_groups", 32), **head_args)
 
@@ -100,14 +109,24 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
 def unet_config_to_diffusers(u: UNetConfig) -> dict[str, Any]:
     boc = [u.model_channels * m for m in u.channel_mult]
     attn = [2 ** i in u.attention_resolutions for i in range(len(boc))]
-    return {
+    # diffusers' middle block takes the last level's depth: a level without attention holds any value, so 1
+    # there except the last, which carries the middle block's
+    depth = [d if a else 1 for d, a in zip(u.transformer_depth, attn)]  # type: ignore[arg-type]
+    if not attn[-1]:
+        depth[-1] = u.transformer_depth_middle
+    elif depth[-1] != u.transformer_depth_middle:
+        raise ValueError("diffusers cannot hold a middle-block transformer depth other than the last level's")
+    vector = {} if u.adm_in_channels is None else {
+        "addition_embed_type": "text_time", "addition_time_embed_dim": VECTOR_EMBED_DIM,
+        "projection_class_embeddings_input_dim": u.adm_in_channels}
+    return {**vector,
         "_class_name": "UNet2DConditionModel", "in_channels": u.in_channels, "out_channels": u.out_channels,
         "block_out_channels": boc, "layers_per_block": list(u.num_res_blocks),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": u.context_dim,
         "attention_head_dim": [u.heads_for(b)[0] for b in boc], "use_linear_projection": u.use_linear_in_transformer,
-        "transformer_layers_per_block": u.transformer_depth, "norm_num_groups": u.norm_groups, "norm_eps": 1e-5,
+        "transformer_layers_per_block": depth, "norm_num_groups": u.norm_groups, "norm_eps": 1e-5,
         "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1,
         "center_input_sample": False, "mid_block_scale_factor": 1, "sample_size": 64,
     }

@@ -39,6 +39,8 @@ def _unet_resnet(orig: str, diff: str) -> Pairs:
 def unet_pairs(cfg: UNetConfig) -> Pairs:
     pairs: Pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
                     ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    if cfg.adm_in_channels is not None:  # SDXL's vector input (diffusers: addition_embed_type="text_time")
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     levels = len(cfg.channel_mult)
     index, ds = 1, 1
     for level in range(levels):

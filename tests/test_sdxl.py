@@ -1,0 +1,132 @@
+"""SDXL against the reference: a tiny diffusers UNet2DConditionModel in SDXL's layout (no attention at the first
+level, transformer depth per level, the "text_time" vector input), random weights, converted through our key
+table; the vector y built by our code against what diffusers builds from add_time_ids."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdengine.config import PRESETS, ModelConfig
+from sdengine.nn.unet import UNetModel, sdxl_vector
+from sdengine.weights.detect import detect_unet
+from sdengine.weights.diffusers_folder import unet_config_from_diffusers, unet_config_to_diffusers
+from sdengine.weights.keys import UNET, from_diffusers, to_diffusers
+
+POOLED = 32
+SDXL_UNET = dict(
+    block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(1, 2, 2), cross_attention_dim=64,
+    transformer_layers_per_block=(1, 2, 3), use_linear_projection=True, norm_num_groups=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=POOLED + 6 * 256)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert ours.shape == ref.shape
+    assert scale > 1e-3, "degenerate reference output"
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
+
+
+def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """diffusers zero-initialises some output layers; perturb every weight so each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    """(reference diffusers UNet, our UNet with its weights through the key table)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref = perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **SDXL_UNET), 0)
+    cfg = unet_config_from_diffusers(dict(ref.config))
+    sd = from_diffusers({"unet": ref.state_dict()}, ModelConfig(unet=cfg))
+    ours = UNetModel(cfg)
+    ours.load_state_dict({k[len(UNET):]: v for k, v in sd.items()}, strict=True)
+    return ref, ours.eval(), sd
+
+
+def test_config_from_diffusers(sdxl_unet):
+    _, ours, sd = sdxl_unet
+    cfg = ours.config
+    assert cfg.transformer_depth == (0, 2, 3) and cfg.transformer_depth_middle == 3
+    assert cfg.adm_in_channels == POOLED + 6 * 256 and cfg.attention_resolutions == (2, 4)
+    assert "model.diffusion_model.label_emb.0.0.weight" in sd and "model.diffusion_model.label_emb.0.2.bias" in sd
+    assert detect_unet(sd) == cfg  # the single-file view (shapes, key set) finds the same layout
+    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+
+
+def test_vector_matches_diffusers_time_ids(sdxl_unet):
+    ref, _, _ = sdxl_unet
+    g = torch.Generator().manual_seed(3)
+    pooled = torch.randn(2, POOLED, generator=g)
+    original, crop, target = torch.tensor([[1024, 768], [512, 512]]), torch.tensor([[0, 0], [16, 8]]), \
+        torch.tensor([[1024, 768], [640, 384]])
+    time_ids = torch.cat([original, crop, target], dim=1).float()
+    with torch.no_grad():
+        expected = torch.cat([pooled, ref.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=1)
+    y = sdxl_vector(pooled, original, crop, target)
+    assert y.shape == (2, POOLED + 6 * 256)
+    assert_close(y, expected, rel=1e-6)
+
+
+def test_unet_matches_diffusers(sdxl_unet):
+    ref, ours, _ = sdxl_unet
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 24, generator=g)
+    context = torch.randn(2, 77, 64, generator=g)
+    pooled = torch.randn(2, POOLED, generator=g)
+    time_ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 768], [512, 512, 16, 8, 640, 384]])
+    y = sdxl_vector(pooled, time_ids)
+    with torch.no_grad():
+        for t in (torch.tensor([3, 981]), torch.tensor(421.5)):
+            expected = ref(x, t, encoder_hidden_states=context,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            assert_close(ours(x, t, context, y), expected)
+        with pytest.raises(ValueError, match="y must be given"):
+            ours(x, t, context)
+
+
+def test_diffusers_table_round_trip(sdxl_unet):
+    ref, ours, sd = sdxl_unet
+    back = to_diffusers(sd, ModelConfig(unet=ours.config))["unet"]
+    expected = ref.state_dict()
+    assert set(back) == set(expected)
+    assert all(torch.equal(back[k], expected[k]) for k in expected)
+
+
+# diffusers' published configs of the two UNets (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0)
+DIFFUSERS_SDXL = {
+    "sdxl": dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 transformer_layers_per_block=(1, 2, 10), projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "sdxl-refiner": dict(block_out_channels=(384, 768, 1536, 1536), attention_head_dim=(6, 12, 24, 24),
+                         cross_attention_dim=1280, transformer_layers_per_block=4,
+                         projection_class_embeddings_input_dim=2560,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                           "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+}
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sdxl-refiner"])
+def test_presets_match_diffusers_configs(preset):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(DIFFUSERS_SDXL[preset], sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256)
+    assert unet_config_from_diffusers(config) == PRESETS[preset].unet
+    with torch.device("meta"):
+        ours, ref = UNetModel(PRESETS[preset].unet), UNet2DConditionModel(**config)
+    ours_sd = {UNET + k: v for k, v in ours.state_dict().items()}
+    mapped = to_diffusers(ours_sd, ModelConfig(unet=PRESETS[preset].unet))["unet"]
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert detect_unet(ours_sd) == PRESETS[preset].unet
