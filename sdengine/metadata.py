@@ -105,8 +105,14 @@ def png_info(parameters: str) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> None:
-    image.save(path, format="PNG", pnginfo=png_info(parameters))
+def save_png(image: Image.Image, path: str | Path, parameters: str, force: bool = False) -> None:
+    """Write atomically (weights.io.atomic_path: temp file, fsync, rename): a failed write (a full disk) leaves no
+    partial PNG and any existing file as it was; an existing file is replaced only with `force`."""
+    from .weights.io import atomic_path
+
+    info = png_info(parameters)
+    with atomic_path(path, force=force) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_parameters(path: str | Path) -> str | None:

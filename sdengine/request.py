@@ -59,6 +59,16 @@ def _check_size(name: str, value: Any) -> None:
         raise FieldError(name, f"must be a positive multiple of 8 up to {MAX_SIDE}, got {value!r}")
 
 
+def _check_text(name: str, value: str) -> None:
+    """Text must be encodable as UTF-8 (the PNG's parameters are): a lone surrogate (JSON's "\\ud800", or invalid
+    UTF-8 in a command-line argument, which Python decodes to U+DC80..U+DCFF) is refused before any work."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(name, f"is not valid text: a lone surrogate U+{ord(value[e.start]):04X} at character "
+                               f"{e.start} (invalid UTF-8?)") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Request:
     """Everything that decides an image (A1111's generation parameters). Keyword-only and frozen.
@@ -92,6 +102,7 @@ class Request:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise FieldError(name, f"must be text, got {getattr(self, name)!r}")
+            _check_text(name, getattr(self, name))
         for name in ("width", "height"):
             if getattr(self, name) is not None:
                 _check_size(name, getattr(self, name))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_cli_error, run_cli
 from PIL import Image
 
 import sdengine
@@ -239,6 +239,10 @@ BAD = [
     (["inpaint", "{init}", "{missing}", "a"], "mask {missing} does not exist"),
     (["inpaint", "{init}", "{smallmask}", "a", "--width", "12"], "width must be"),  # no resize note either
     (["generate", "a", "--out", "{nofolder}"], "does not exist"),
+    (["generate", "a", "--out", "{missingdir}/"], "output folder {missingdir}/ does not exist"),  # was: a file
+    (["generate", "a \udcff cat"], "prompt is not valid text: a lone surrogate U+DCFF"),  # invalid UTF-8 in argv
+    (["generate", "a", "--negative", "\ud800"], "negative prompt is not valid text"),
+    (["generate", "a", "--cfg", "1e308"], "cfg scale must be a finite number from -100 to 100"),
     (["generate", "a", "--model", "nosuchmodel"], "no model 'nosuchmodel'"),
 ]
 
@@ -249,7 +253,7 @@ def test_bad_input_one_line_no_output(cli, sd1_folder, tmp_path, argv, message):
     out.mkdir()
     paths = {"notimage": tmp_path / "fake.png", "missing": tmp_path / "missing.png",
              "init": write_image(tmp_path / "init.png"), "smallmask": write_image(tmp_path / "m.png", 8, 8, "L"),
-             "nofolder": tmp_path / "no" / "such" / "x.png"}
+             "nofolder": tmp_path / "no" / "such" / "x.png", "missingdir": tmp_path / "missingdir"}
     paths["notimage"].write_text("not an image")
     argv = [a.format(**paths) for a in argv]
     for flag, value in {"--out": out / "x.png", "--steps": 1, "--width": 16, "--height": 16}.items():
@@ -260,6 +264,7 @@ def test_bad_input_one_line_no_output(cli, sd1_folder, tmp_path, argv, message):
     assert code != 0 and len(lines) == 1 and lines[0].startswith("sdengine: error:"), stderr
     assert message.format(**paths) in lines[0]
     assert list(out.iterdir()) == [] and not list(tmp_path.glob("sdengine-*.png")) and stdout == ""
+    assert not paths["missingdir"].exists()
 
 
 def test_bad_input_real_process(sd1_folder, tmp_path):
@@ -269,3 +274,53 @@ def test_bad_input_real_process(sd1_folder, tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == "sdengine: error: width must be a positive multiple of 8 up to 8192, got 36\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outputs_are_replaced_only_with_force(cli, tmp_path):
+    """Issue 34 (2): --out replaced a text file, the img2img input itself and a symlink's target without --force."""
+    text = tmp_path / "notes.png"
+    text.write_text("keep me")
+    init = write_image(tmp_path / "init.png", 16, 16)
+    before = init.read_bytes()
+    target = tmp_path / "target.png"
+    target.write_text("target")
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    for argv in (["generate", "a", "--out", text], ["img2img", init, "a", "--out", init],
+                 ["generate", "a", "--out", link]):
+        code, stdout, stderr = cli(*argv, *FAST)
+        assert code == 1 and stdout == "" and "exists (use --force to replace it)" in stderr, stderr
+    assert text.read_text() == "keep me" and init.read_bytes() == before and target.read_text() == "target"
+    code, stdout, _ = cli("generate", "a", "--seed", "3", "--out", text, "--force", *FAST)
+    assert code == 0 and Image.open(text).format == "PNG"
+    code, _, stderr = cli("generate", "a", "--seed", "3", "--batch", "2", "--out", tmp_path / "b.png", *FAST)
+    assert code == 0 and {p.name for p in tmp_path.glob("b-*.png")} == {"b-3.png", "b-4.png"}
+    (tmp_path / "b-3.png").unlink()  # one of a batch's names taken: refused before any work, nothing written
+    code, _, stderr = cli("generate", "a", "--seed", "3", "--batch", "2", "--out", tmp_path / "b.png", *FAST)
+    assert code == 1 and "b-4.png exists" in stderr and not (tmp_path / "b-3.png").exists()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_folder_out_writes_into_it(cli, tmp_path):
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    for out in (folder, f"{folder}/"):
+        code, stdout, _ = cli("generate", "a", "--seed", "5", "--out", out, "--force", *FAST)
+        assert code == 0 and f"wrote {folder / 'sdengine-5.png'}" in stdout
+    assert [p.name for p in folder.iterdir()] == ["sdengine-5.png"]
+
+
+@pytest.mark.slow
+def test_full_disk_leaves_the_previous_png_intact(sd1_folder, tmp_path):
+    """Issue 34 (2): a full disk left 0-byte PNGs, and truncated an existing PNG into an unreadable file."""
+    out = tmp_path / "x.png"
+    args = ["generate", "a", "--model", sd1_folder, "--seed", "1", "--out", out, *FAST]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    before = out.read_bytes()
+    proc = run_cli(*args[:-len(FAST)], "--seed", "2", "--force", *FAST, cwd=tmp_path, limit_bytes=200)
+    line = assert_cli_error(proc, f"cannot write {out}", "left as it was")
+    assert "File too large" in line
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+    proc = run_cli(*args[:-len(FAST)], "--out", tmp_path / "new.png", *FAST, cwd=tmp_path, limit_bytes=200)
+    assert_cli_error(proc, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no 0-byte PNG, no temporary

@@ -7,6 +7,7 @@ a mistake costs a second, not a model load and a generation.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -79,7 +80,9 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
         for flag, (field, options) in HIRES_OPTIONS.items():
             _add(g, flag, f"hires_{field}", options, None)
     add_runtime_args(p)
-    p.add_argument("--out", type=Path, default=None, help="output PNG (a batch adds -SEED), or a folder")
+    p.add_argument("--out", default=None, help="output PNG (a batch adds -SEED), or a folder (sdengine-SEED.png "
+                                              "in it; a name ending in / must be an existing folder)")
+    p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -114,18 +117,30 @@ def request_from_args(args: argparse.Namespace, command: str, width: int | None,
     return _request_class()(**values)
 
 
-def output_paths(out: Path | None, ids: list[int]) -> list[Path]:
-    """One path per image: --out as given for one image, NAME-ID.png for several; default sdengine-ID.png.
-    `ids`: what tells the images apart (the seeds, or the variation seeds when there is a variation)."""
+def output_paths(out: str | Path | None, ids: list[int], force: bool = False) -> list[Path]:
+    """One path per image: --out as given for one image, NAME-ID.png for several; default sdengine-ID.png; in
+    --out's folder when it is one. `ids`: what tells the images apart (the seeds, or the variation seeds when there
+    is a variation). Checked before any work: the folder exists, and no path exists (or is the same as another)
+    unless `force`; a folder is never replaced."""
     if out is None:
-        return [Path(f"sdengine-{s}.png") for s in ids]
-    if out.is_dir():
-        return [out / f"sdengine-{s}.png" for s in ids]
-    if not out.parent.is_dir():
-        raise CLIError(f"output folder {out.parent} does not exist")
-    if len(ids) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{s}{out.suffix or '.png'}") for s in ids]
+        paths = [Path(f"sdengine-{s}.png") for s in ids]
+    elif Path(out).is_dir():
+        paths = [Path(out) / f"sdengine-{s}.png" for s in ids]
+    elif str(out).endswith(("/", os.sep)):
+        raise CLIError(f"output folder {out} does not exist")
+    else:
+        out = Path(out)
+        if not out.parent.is_dir():
+            raise CLIError(f"output folder {out.parent} does not exist")
+        paths = [out] if len(ids) == 1 else [out.with_name(f"{out.stem}-{s}{out.suffix or '.png'}") for s in ids]
+    for path in paths:
+        if path.is_dir():
+            raise CLIError(f"output {path} is a folder")
+        if os.path.lexists(path) and not force:
+            raise CLIError(f"output {path} exists (use --force to replace it)")
+    if len(set(paths)) < len(paths):
+        raise CLIError(f"two images of this run would be written to the same file ({paths[0]}, ...)")
+    return paths
 
 
 def open_image(path: Path, what: str):
@@ -161,7 +176,7 @@ def run_generation(args: argparse.Namespace) -> None:
     else:  # the size the model file records, read from its header: the Request is checked before any load
         width = height = runtime.native_size(model_path)
     req = request_from_args(args, command, width, height)
-    paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids])
+    paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids], args.force)
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
@@ -177,7 +192,7 @@ def run_generation(args: argparse.Namespace) -> None:
         if bar is not None:
             bar.close()
     for image, path in zip(images, paths):
-        save_png(image, path, image.info["parameters"])
+        save_png(image, path, image.info["parameters"], force=args.force)
         variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""
         print(f"wrote {path} (seed {image.info['seed']}{variation})")
 

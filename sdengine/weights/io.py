@@ -96,14 +96,29 @@ def _usual_permissions(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; a filesystem that cannot fsync a folder is let be."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of dst to write into; it becomes dst only if the block completes.
 
-    On any error (a full disk included) the temporary is removed and dst is left as it was.
+    A written file is fsynced before the rename and the folder after it, so a crash leaves the old file or the new
+    one, never a torn one. On any error (a full disk included) the temporary is removed and dst is left as it was
+    (the error says so).
     """
     dst = Path(dst)
-    if dst.exists() and not force:
+    existed = os.path.lexists(dst)
+    if existed and not force:
         raise FileExistsError(f"{dst} exists (use --force to replace it)")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"folder {dst.parent} does not exist")
@@ -112,15 +127,19 @@ def atomic_path(dst: str | Path, force: bool = False, is_dir: bool = False) -> I
     try:
         try:
             yield target
+            if not is_dir:
+                fsync_path(target)
         except OSError as e:  # a full disk, say: name the destination, not the temporary being written
-            error = OSError(f"cannot write {dst}: {e.strerror or first_line(e)}")
+            kept = f"; the existing {dst} is left as it was" if existed else ""
+            error = OSError(f"cannot write {dst}: {e.strerror or first_line(e)}{kept}")
             error.errno = e.errno
             raise error from e
         if is_dir:  # mkdtemp makes 0700 folders
             _usual_permissions(target)
-        if dst.exists():
+        if os.path.lexists(dst):
             shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
         os.replace(target, dst)
+        fsync_path(dst.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
