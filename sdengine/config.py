@@ -100,6 +100,11 @@ class TextConfig:
     pad_with_eos: bool = True  # SD1's tokenizer pads with the end token; SD2's with 0
     eos_token_id: int = 49407
     has_projection: bool = False  # OpenCLIP's text_projection / logit_scale present in the checkpoint
+    # SD1/SD2 apply the final layer norm to the layer they read; SDXL's encoders read it raw (hidden_states[-2]).
+    final_norm: bool = True
+    # SDXL's bigG: the pooled output is the last layer's final-layer-normed end token through text_projection
+    # (whatever layer the context comes from); the tower then carries no logit_scale.
+    pooled_projection: bool = False
 
     @property
     def hidden_layers_used(self) -> int:
@@ -111,10 +116,21 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # SDXL's second text encoder (bigG beside CLIP-L; the refiner has bigG alone, as `text`)
+    text_2: TextConfig | None = None
     prediction: Prediction = "eps"
     # The image size (pixels) the model was trained at, when known (our trained models record it); generation
     # defaults to it. None: 512, as A1111 does for any SD checkpoint.
     sample_size: int | None = None
+
+    @property
+    def conditioner(self) -> bool:
+        """SDXL's layout: text encoders under `conditioner.embedders.N.` and a vector input to the UNet."""
+        return self.unet.adm_in_channels is not None
+
+    @property
+    def text_encoders(self) -> tuple[TextConfig, ...]:
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
 
     @property
     def image_size(self) -> int:
@@ -153,6 +169,7 @@ class ModelConfig:
             unet=from_fields(UNetConfig, d.get("unet", {})),
             vae=from_fields(VAEConfig, d.get("vae", {})),
             text=from_fields(TextConfig, d.get("text", {})),
+            text_2=None if d.get("text_2") is None else from_fields(TextConfig, d["text_2"]),
             prediction=d.get("prediction", "eps"),
             sample_size=d.get("sample_size"),
         )

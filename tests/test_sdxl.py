@@ -130,3 +130,67 @@ def test_presets_match_diffusers_configs(preset):
     mapped = to_diffusers(ours_sd, ModelConfig(unet=PRESETS[preset].unet))["unet"]
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert detect_unet(ours_sd) == PRESETS[preset].unet
+
+
+# --- text encoders: CLIP-L and OpenCLIP bigG as diffusers' SDXL pipeline runs them --------------------------------
+
+TEXT = dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=1,
+            intermediate_size=64, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def sdxl_text():
+    """(reference CLIP-L, reference bigG, our config, original-keyed tensors) with the same random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdengine.weights.diffusers_folder import text_config_from_diffusers
+
+    torch.manual_seed(0)
+    clip_l = perturbed(CLIPTextModel(CLIPTextConfig(hidden_size=32, num_attention_heads=4, hidden_act="quick_gelu",
+                                                    **TEXT)), 1)
+    big_g = perturbed(CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, num_attention_heads=2, hidden_act="gelu", projection_dim=32, **TEXT)), 2)
+    texts = [text_config_from_diffusers(m.config.to_dict(), 0, m is big_g, sdxl=True) for m in (clip_l, big_g)]
+    unet = unet_config_from_diffusers(dict(SDXL_UNET, in_channels=4, out_channels=4))
+    cfg = ModelConfig(unet=unet, text=texts[0], text_2=texts[1])
+    sd = from_diffusers({"text_encoder": clip_l.state_dict(), "text_encoder_2": big_g.state_dict()}, cfg)
+    return clip_l, big_g, cfg, sd
+
+
+def test_text_configs_from_diffusers(sdxl_text):
+    _, _, cfg, sd = sdxl_text
+    assert cfg.text.layout == "clip" and not cfg.text.pooled_projection and not cfg.text.final_norm
+    assert cfg.text_2.layout == "openclip" and cfg.text_2.pooled_projection and not cfg.text_2.pad_with_eos
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in sd
+    assert "conditioner.embedders.1.model.text_projection" in sd and "conditioner.embedders.1.model.ln_final.bias" in sd
+    assert not any(k.startswith("cond_stage_model.") for k in sd)
+
+
+def test_text_encoders_match_transformers(sdxl_text):
+    from sdengine.nn.clip import build_text_encoder
+
+    clip_l, big_g, cfg, sd = sdxl_text
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72,  # CLIP-L pads with the end token
+                        [49406, 1929, 49407] + [49407] * 74])
+    ids_g = torch.where(torch.arange(77) > torch.tensor([[4], [2]]), 0, ids)  # bigG pads with 0 ("!")
+    for index, (ref, tokens) in enumerate(((clip_l, ids), (big_g, ids_g))):
+        prefix = f"conditioner.embedders.{index}."
+        ours = build_text_encoder(cfg.text_encoders[index])
+        ours.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+        with torch.no_grad():
+            out = ref(tokens, output_hidden_states=True)
+            context, pooled = ours.eval()(tokens)
+        assert_close(context, out.hidden_states[-2])  # penultimate layer, no final norm (diffusers' SDXL pipeline)
+        if index == 1:
+            assert_close(pooled, out.text_embeds)  # last layer, final-normed end token through text_projection
+
+
+def test_text_table_round_trip(sdxl_text):
+    clip_l, big_g, cfg, sd = sdxl_text
+    back = to_diffusers(sd, cfg)
+    assert not back["openclip_extras"]
+    for part, ref in (("text_encoder", clip_l), ("text_encoder_2", big_g)):
+        expected = {k if k.startswith("text_") else "text_model." + k: v for k, v in ref.state_dict().items()
+                    if not k.endswith("position_ids")}
+        assert set(back[part]) == set(expected)
+        assert all(torch.equal(back[part][k], expected[k]) for k in expected)

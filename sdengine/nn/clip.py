@@ -1,4 +1,5 @@
-"""Text encoders: SD1's CLIP ViT-L/14 text model and SD2's OpenCLIP ViT-H text tower.
+"""Text encoders: SD1's CLIP ViT-L/14 text model and SD2's OpenCLIP ViT-H text tower (SDXL: both kinds, CLIP-L and
+OpenCLIP bigG, read raw at the penultimate layer, bigG's pooled output projected).
 
 Both are the same causal pre-norm transformer; they differ in parameter layout (and so in checkpoint keys),
 activation, and which layer SD reads. Each is wrapped so that its module paths equal the original keys under
@@ -54,20 +55,29 @@ class TextEncoderBase(nn.Module):
         return states
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (b, n) -> (context (b, n, width), pooled (b, width)).
+        """Token ids (b, n) -> (context (b, n, width), pooled (b, width or projection width)).
 
         clip_skip=1 gives the layer this model's SD conditions on; 2 the one before it (A1111's "Clip skip")...
-        The final layer norm is applied to the chosen layer, as SD and A1111 do.
+        The final layer norm is applied to the chosen layer, as SD1/SD2 and A1111 do (SDXL: not, config.final_norm).
+        pooled: the context's end token; with config.pooled_projection (SDXL's bigG) the last layer's, normed and
+        projected, as diffusers' text_embeds.
         """
+        cfg = self.config
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
-        index = self.config.hidden_layers_used - (clip_skip - 1)
+        index = cfg.hidden_layers_used - (clip_skip - 1)
         if index < 1:
-            raise ValueError(f"clip_skip {clip_skip} exceeds the {self.config.hidden_layers_used} layers in use")
-        hidden = self.final_norm(self.hidden_states(ids, upto=index)[-1])
-        eos = (ids == self.config.eos_token_id).int().argmax(dim=-1)  # first end token of each row
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
-        return hidden, pooled
+            raise ValueError(f"clip_skip {clip_skip} exceeds the {cfg.hidden_layers_used} layers in use")
+        states = self.hidden_states(ids, upto=None if cfg.pooled_projection else index)
+        hidden = self.final_norm(states[index]) if cfg.final_norm else states[index]
+        eos = (ids == cfg.eos_token_id).int().argmax(dim=-1)  # first end token of each row
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if cfg.pooled_projection:
+            return hidden, self.final_norm(states[-1])[rows, eos] @ self.projection()
+        return hidden, hidden[rows, eos]
+
+    def projection(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no text projection")
 
 
 # --- SD1: CLIP text model in the transformers layout -------------------------------------------------------
@@ -214,9 +224,10 @@ class OpenCLIPTextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.max_positions, cfg.width))
         self.transformer = OpenCLIPTransformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
-        if cfg.has_projection:  # CLIP's contrastive head; SD does not use it, checkpoints carry it
+        if cfg.has_projection:  # CLIP's contrastive head; SD1/SD2 do not use it, checkpoints carry it
             self.text_projection = nn.Parameter(torch.zeros(cfg.width, cfg.width))
-            self.logit_scale = nn.Parameter(torch.tensor(0.0))
+            if not cfg.pooled_projection:  # SDXL files may carry one too: dropped on load (keys.IGNORED_KEYS)
+                self.logit_scale = nn.Parameter(torch.tensor(0.0))
 
 
 class OpenCLIPTextEncoder(TextEncoderBase):
@@ -235,6 +246,9 @@ class OpenCLIPTextEncoder(TextEncoderBase):
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.ln_final(x)
+
+    def projection(self) -> torch.Tensor:
+        return self.model.text_projection
 
 
 def build_text_encoder(cfg: TextConfig) -> TextEncoderBase:

@@ -17,7 +17,7 @@ from ..nn.unet import VECTOR_EMBED_DIM
 from ..tokenizer import CLIPTokenizer
 from .detect import UnknownArchitecture
 from .io import CheckpointError, read_tensors, write_safetensors
-from .keys import from_diffusers, to_diffusers
+from .keys import diffusers_text_layers, from_diffusers, to_diffusers
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_NAMES = {
@@ -167,9 +167,24 @@ def vae_config_to_diffusers(v: VAEConfig) -> dict[str, Any]:
             "scaling_factor": v.scaling_factor, "sample_size": 512}
 
 
-def text_config_from_diffusers(c: dict[str, Any], extra_layers: int, has_projection: bool) -> TextConfig:
+def text_config_from_diffusers(c: dict[str, Any], extra_layers: int, has_projection: bool,
+                               sdxl: bool = False) -> TextConfig:
+    """A text encoder's config.json -> TextConfig. sdxl: one of SDXL's encoders, read raw at the penultimate layer
+    of the whole model; has_projection there: bigG (text_encoder_2, a CLIPTextModelWithProjection), whose projected
+    pooled output SDXL uses."""
     act = c.get("hidden_act", "quick_gelu")
     openclip = act == "gelu"  # SD2's OpenCLIP tower; SD1's OpenAI CLIP uses quick_gelu
+    if sdxl:
+        projected = has_projection
+        if projected and c.get("projection_dim", c["hidden_size"]) != c["hidden_size"]:
+            raise UnknownArchitecture(f"unsupported text encoder: projection_dim {c['projection_dim']} is not its "
+                                      f"width {c['hidden_size']}")
+        return TextConfig(
+            layout="openclip" if openclip else "clip", vocab_size=c["vocab_size"], width=c["hidden_size"],
+            max_positions=c.get("max_position_embeddings", 77), layers=c["num_hidden_layers"],
+            heads=c["num_attention_heads"], mlp_width=c["intermediate_size"], activation=act, skip_last_layers=1,
+            pad_with_eos=not openclip, eos_token_id=c.get("eos_token_id") or c["vocab_size"] - 1,
+            has_projection=projected, final_norm=False, pooled_projection=projected)
     return TextConfig(
         layout="openclip" if openclip else "clip", vocab_size=c["vocab_size"], width=c["hidden_size"],
         max_positions=c.get("max_position_embeddings", 77), layers=c["num_hidden_layers"] + extra_layers,
@@ -179,8 +194,9 @@ def text_config_from_diffusers(c: dict[str, Any], extra_layers: int, has_project
 
 
 def text_config_to_diffusers(t: TextConfig) -> dict[str, Any]:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
-            "hidden_size": t.width, "intermediate_size": t.mlp_width, "num_hidden_layers": t.hidden_layers_used,
+    return {"architectures": ["CLIPTextModelWithProjection" if t.pooled_projection else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": t.vocab_size,
+            "hidden_size": t.width, "intermediate_size": t.mlp_width, "num_hidden_layers": diffusers_text_layers(t),
             "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions, "hidden_act": t.activation,
             "layer_norm_eps": 1e-5, "projection_dim": t.width, "bos_token_id": t.eos_token_id - 1,
             "eos_token_id": t.eos_token_id, "pad_token_id": 1, "torch_dtype": "float32"}

@@ -13,18 +13,22 @@ from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT = "cond_stage_model."
-PARTS = {"unet": UNET, "vae": VAE, "text_encoder": TEXT}
+CONDITIONER = "conditioner.embedders."  # SDXL's text encoders: conditioner.embedders.0., .1.
 
 # Entries of original checkpoints that are not weights of the three networks (schedule buffers, training-only
 # losses, EMA bookkeeping): dropped on load.
 IGNORED_PREFIXES = ("first_stage_model.loss.", "model_ema.", "cond_stage_model.model.visual.", "lvlb_weights",
-                    "loss.")
+                    "loss.", "conditioner.embedders.0.model.visual.", "conditioner.embedders.1.model.visual.")
 IGNORED_KEYS = {
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "cond_stage_model.transformer.text_model.embeddings.position_ids",
     "cond_stage_model.model.attn_mask",
+    # SDXL: unused by generation and absent from diffusers' CLIPTextModelWithProjection (stable-diffusion.cpp and
+    # ComfyUI drop them too)
+    "conditioner.embedders.0.model.logit_scale", "conditioner.embedders.1.model.logit_scale",
+    "conditioner.embedders.0.model.attn_mask", "conditioner.embedders.1.model.attn_mask",
 }
 
 Pairs = list[tuple[str, str]]
@@ -137,18 +141,46 @@ def _check_unmapped(unmapped: list[str], what: str) -> None:
         raise KeyError(f"{len(unmapped)} {what} keys have no counterpart: {shown}")
 
 
+def text_parts(cfg: ModelConfig) -> dict[str, tuple[str, TextConfig]]:
+    """Each text encoder's diffusers part -> (original prefix, config). SD1/SD2: `cond_stage_model.`; SDXL: the
+    conditioner's embedders in order, CLIP-L as text_encoder and bigG as text_encoder_2 (the refiner: bigG alone,
+    `conditioner.embedders.0.`, diffusers' text_encoder_2)."""
+    if not cfg.conditioner:
+        return {"text_encoder": (TEXT, cfg.text)}
+    return {("text_encoder_2" if t.pooled_projection else "text_encoder"): (f"{CONDITIONER}{i}.", t)
+            for i, t in enumerate(cfg.text_encoders)}
+
+
+def part_prefixes(cfg: ModelConfig) -> dict[str, str]:
+    """diffusers part -> the prefix of its keys in the original layout."""
+    return {"unet": UNET, "vae": VAE, **{part: prefix for part, (prefix, _) in text_parts(cfg).items()}}
+
+
+def diffusers_text_layers(cfg: TextConfig) -> int:
+    """Layers diffusers' text model holds: SD2's drops the one SD never reads; SDXL's pipelines read
+    hidden_states[-2] of the whole model (and bigG's pooled output comes from the last layer)."""
+    return cfg.hidden_layers_used if cfg.final_norm else cfg.layers
+
+
+def _tables(cfg: ModelConfig) -> dict[str, Pairs]:
+    return {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae),
+            **{part: text_pairs(t, diffusers_text_layers(t)) for part, (_, t) in text_parts(cfg).items()}}
+
+
 def to_diffusers(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Original-keyed state dict -> {"unet": ..., "vae": ..., "text_encoder": ..., "openclip_extras": ...}."""
-    out: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}, "openclip_extras": {}}
-    text_layers = cfg.text.layers - cfg.text.skip_last_layers  # diffusers keeps only the layers SD reads
-    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae),
-              "text_encoder": text_pairs(cfg.text, text_layers)}
+    """Original-keyed state dict -> {"unet": ..., "vae": ..., "text_encoder": ..., ["text_encoder_2": ...,]
+    "openclip_extras": ...}."""
+    prefixes, texts, tables = part_prefixes(cfg), text_parts(cfg), _tables(cfg)
+    out: dict[str, dict[str, torch.Tensor]] = {part: {} for part in prefixes} | {"openclip_extras": {}}
     unmapped = []
     for key, value in sd.items():
-        part = next(p for p, prefix in PARTS.items() if key.startswith(prefix))
-        local = key[len(PARTS[part]):]
-        if part == "text_encoder" and cfg.text.layout == "openclip":
-            if _openclip_special(local, value, out, text_layers):
+        part = next((p for p, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if part is None:
+            unmapped.append(key)
+            continue
+        local = key[len(prefixes[part]):]
+        if part in texts and texts[part][1].layout == "openclip":
+            if _openclip_special(local, value, out, part, texts[part][1]):
                 continue
         new = _rename(local, tables[part], reverse=False)
         if new is None:
@@ -161,9 +193,10 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, dic
     return out
 
 
-def _openclip_special(local: str, value: torch.Tensor, out: dict, text_layers: int) -> bool:
-    """Fused q/k/v, the positional table, and what diffusers' CLIPTextModel has no place for."""
-    te = out["text_encoder"]
+def _openclip_special(local: str, value: torch.Tensor, out: dict, part: str, cfg: TextConfig) -> bool:
+    """Fused q/k/v, the positional table, the projection, and what diffusers' CLIPTextModel has no place for."""
+    te = out[part]
+    text_layers = diffusers_text_layers(cfg)
     if local == "model.positional_embedding":
         te["text_model.embeddings.position_embedding.weight"] = value
         return True
@@ -177,6 +210,9 @@ def _openclip_special(local: str, value: torch.Tensor, out: dict, text_layers: i
             for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
                 te[f"text_model.encoder.layers.{layer}.self_attn.{name}.{kind}"] = chunk
             return True
+    if local == "model.text_projection" and cfg.pooled_projection:  # x @ P here, a Linear (weight P^T) there
+        te["text_projection.weight"] = value.t().contiguous()
+        return True
     if local in ("model.text_projection", "model.logit_scale"):
         out["openclip_extras"][local] = value
         return True
@@ -186,21 +222,28 @@ def _openclip_special(local: str, value: torch.Tensor, out: dict, text_layers: i
 def from_diffusers(parts: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of `to_diffusers`: diffusers part state dicts -> one original-keyed state dict."""
     sd: dict[str, torch.Tensor] = {}
-    text_layers = cfg.text.layers - cfg.text.skip_last_layers
-    tables = {"unet": unet_pairs(cfg.unet), "vae": vae_pairs(cfg.vae),
-              "text_encoder": text_pairs(cfg.text, text_layers)}
+    prefixes, texts, tables = part_prefixes(cfg), text_parts(cfg), _tables(cfg)
     unmapped = []
     for part, tensors in parts.items():
         if part == "openclip_extras":
             sd.update({TEXT + k: v for k, v in tensors.items()})
             continue
+        if part not in prefixes:
+            raise KeyError(f"a {cfg.family} model has no {part} part")
+        prefix = prefixes[part]
+        openclip = part in texts and texts[part][1].layout == "openclip"
         fused: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            if part == "text_encoder" and key.endswith("position_ids"):
+            if part in texts and key.endswith("position_ids"):
                 continue
-            if part == "text_encoder" and cfg.text.layout == "openclip":
+            if part in texts and not key.startswith(("text_model.", "text_projection.")):
+                key = "text_model." + key  # transformers 5's CLIPTextModel state dict has no text_model level
+            if openclip:
                 if key == "text_model.embeddings.position_embedding.weight":
-                    sd[TEXT + "model.positional_embedding"] = value
+                    sd[prefix + "model.positional_embedding"] = value
+                    continue
+                if key == "text_projection.weight":
+                    sd[prefix + "model.text_projection"] = value.t().contiguous()
                     continue
                 if any(f"self_attn.{n}_proj." in key for n in "qkv"):
                     layer, kind = key.split(".")[3], key.rsplit(".", 1)[1]
@@ -212,9 +255,9 @@ def from_diffusers(parts: dict[str, dict[str, torch.Tensor]], cfg: ModelConfig) 
                 continue
             if part == "vae" and ".mid.attn_1." in new and new.endswith("weight") and value.ndim == 2:
                 value = value[:, :, None, None]
-            sd[PARTS[part] + new] = value
+            sd[prefix + new] = value
         for name, pieces in fused.items():
             ordered = [next(v for k, v in pieces.items() if f"self_attn.{n}_proj." in k) for n in "qkv"]
-            sd[TEXT + name] = torch.cat(ordered, dim=0)
+            sd[prefix + name] = torch.cat(ordered, dim=0)
     _check_unmapped(unmapped, "diffusers")
     return sd
