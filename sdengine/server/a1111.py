@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import A1111_SCHEDULERS
 from ..metadata import parse_parameters
-from .errors import BadInput
+from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
 from .service import Service
@@ -27,7 +27,9 @@ TASK_ID = re.compile(r"^[A-Za-z0-9_\-()]{1,64}$")
 
 
 class Txt2ImgBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are accepted (clients send A1111's newer ones) but never echoed; NaN/Infinity (and 1e400,
+    # which JSON parsing makes infinite) in a number field are a 422 naming the field.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str | None = ""
     negative_prompt: str | None = ""
@@ -106,6 +108,7 @@ class Img2ImgBody(Txt2ImgBody):
 
 
 class PNGInfoBody(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     image: str
 
 
@@ -114,12 +117,17 @@ SETTABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_p
             "show_progress_every_n_steps", "samples_format")
 
 
+# Fields that take any JSON: echoed shortened (json_safe), as a client may put anything of any size there.
+FREE_FORM = ("override_settings", "comments", "script_args", "alwayson_scripts")
+
+
 def echo(body: BaseModel) -> dict[str, Any]:
-    """The request as A1111 echoes it in "parameters"; init images and mask left out unless asked for."""
-    params = body.model_dump()
+    """The request as A1111 echoes it in "parameters": the known fields only (unknown extras are dropped, as
+    A1111's own models drop them), init images and mask left out unless asked for, made JSON-safe."""
+    params = body.model_dump(exclude=set(body.model_extra or ()))
     if "init_images" in params and not params.get("include_init_images"):
         params["init_images"], params["mask"] = None, None
-    return params
+    return {k: json_safe(v, 200 if k in FREE_FORM else None) for k, v in params.items()}
 
 
 async def submit(service: Service, mode: str, data: dict[str, Any], ephemeral: bool = False,
@@ -211,8 +219,12 @@ def router(service: Service) -> APIRouter:
                 raise BadInput("samples_format: only 'png'")
             elif key == "live_previews_enable" and not isinstance(value, bool):
                 raise BadInput("live_previews_enable must be true or false")
-            elif key == "show_progress_every_n_steps" and (not isinstance(value, int) or value < -1):
-                raise BadInput("show_progress_every_n_steps must be an integer >= -1 (-1, 0: no live preview)")
+            elif key == "show_progress_every_n_steps" and (isinstance(value, bool) or not isinstance(value, int)
+                                                            or not -1 <= value <= 10000):
+                raise BadInput("show_progress_every_n_steps must be an integer from -1 to 10000 (-1, 0: no live "
+                               "preview)")
+            if key in ("live_previews_enable", "show_progress_every_n_steps"):  # read by Service.progress/preview
+                changes[key] = value
         if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it
             job = service.queue.submit(Job("load", changes.pop("sd_model_checkpoint")))
             await asyncio.wrap_future(job.future)

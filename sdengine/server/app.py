@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from .errors import HANDLED, error_response
+from .errors import HANDLED, error_response, validation_response
 from .service import Service
 
 STATIC = Path(__file__).with_name("static")  # the web page: plain HTML/JS/CSS, no build step
@@ -111,6 +112,7 @@ def create_app(service: Service, credentials: list[tuple[str, str]] | None = Non
 
     for exc_type in HANDLED:  # the routes raise; the status codes are chosen in one place (server/errors.py)
         app.add_exception_handler(exc_type, lambda request, exc: error_response(exc))
+    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_response(exc.errors()))
 
     @app.get("/", include_in_schema=False)
     def root() -> Any:  # the web page; it calls /sdapi/v1 like any client (basic auth: see Guard)

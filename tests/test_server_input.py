@@ -1,0 +1,177 @@
+"""Hostile client input against the HTTP API, in this process (FastAPI's TestClient over the real app, tiny model):
+every input is a 4xx with a JSON body that says what is wrong, never a 500, and the server keeps answering.
+Issue 34, finding 3: NaN/Infinity/1e400 in a number field, lone surrogates, unknown fields echoed at full size."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import random
+
+import pytest
+from PIL import Image
+from server_helpers import write_model
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+SMALL = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}
+BIG = "__1e400__"  # serialised as the literal 1e400 (json.loads makes it inf)
+
+
+def dumps(body) -> bytes:
+    """JSON as a hostile client writes it: NaN/Infinity literals, lone surrogates escaped, 1e400 as written."""
+    return json.dumps(body, allow_nan=True).replace(f'"{BIG}"', "1e400").encode()
+
+
+def b64png(w=64, h=64, color=(200, 30, 30), mode="RGB") -> str:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from sdengine.prompts import BUNDLED_STYLES, load_styles
+    from sdengine.server.app import create_app
+    from sdengine.server.registry import ModelRegistry
+    from sdengine.server.service import Service
+    from sdengine.server.validation import Limits
+
+    models = tmp_path_factory.mktemp("models")
+    write_model(models / "tiny.safetensors")
+    registry = ModelRegistry(models, None, torch.device("cpu"), torch.float32)
+    registry.ensure("tiny.safetensors")
+    registry.default_name = registry.current.name
+    limits = Limits(max_width=64, max_height=64, max_steps=3, max_batch=2, max_prompt_chars=300, queue_size=4)
+    service = Service(registry, limits, load_styles(BUNDLED_STYLES))
+    with TestClient(create_app(service), raise_server_exceptions=False) as c:
+        c.service = service
+        yield c
+
+
+def post(client, route: str, body) -> tuple[int, object]:
+    r = client.post(route, content=dumps(body), headers={"content-type": "application/json"})
+    return r.status_code, r.json()  # a 4xx body is JSON too (the default 422 handler failed on NaN: a 500)
+
+
+@pytest.mark.parametrize("field", ["steps", "cfg_scale", "width", "seed", "subseed_strength", "eta", "hr_scale"])
+def test_non_finite_numbers_are_a_422_naming_the_field(client, field):
+    for literal in (math.nan, math.inf, -math.inf, BIG):
+        status, body = post(client, "/sdapi/v1/txt2img", {**SMALL, field: literal})
+        assert status == 422, (field, literal, body)
+        assert field in json.dumps(body), body
+
+
+def test_lone_surrogates_are_refused_before_any_work(client):
+    for body, needle in (({**SMALL, "prompt": "a \ud800 cat"}, "prompt is not valid text"),
+                         ({**SMALL, "negative_prompt": "\udcff"}, "negative_prompt is not valid text"),
+                         ({**SMALL, "styles": ["\ud800"]}, "style"),
+                         ({**SMALL, "sampler_name": "\ud800"}, "unknown sampler")):
+        status, reply = post(client, "/sdapi/v1/txt2img", body)
+        assert status == 422 and needle in reply["detail"], reply
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "\udc80": 2})  # pydantic refuses such a key
+    assert status == 422 and reply["detail"][0]["input"] == "\\udc80", reply
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "override_settings": {"\ud800": 1}})
+    assert status == 200, reply
+    assert json.loads(reply["info"])["warnings"] == ["override_settings.\ud800 ignored"]  # info: ASCII JSON
+
+
+def test_unknown_fields_are_not_echoed_and_free_form_ones_are_cut(client):
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "junk": "x" * 200_000,
+                                                       "comments": {"note": "y" * 200_000, "n": math.nan}})
+    assert status == 200
+    params = reply["parameters"]
+    assert "junk" not in params and len(json.dumps(reply)) < 20_000
+    assert params["comments"]["n"] == "nan" and params["comments"]["note"].endswith("(200000 characters)")
+    assert params["prompt"] == SMALL["prompt"] and params["steps"] == 2
+
+
+def test_a_422_quoting_a_huge_value_stays_small(client):
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "sampler_name": "z" * 100_000})
+    assert status == 422 and len(json.dumps(reply)) < 2_000
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "steps": "s" * 100_000})
+    assert status == 422 and len(json.dumps(reply)) < 2_000
+
+
+# --- a bounded fuzz: random hostile values in random fields of otherwise valid bodies ----------------------------
+
+def _deep(n: int):
+    value: object = 1
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+HOSTILE = [math.nan, math.inf, -math.inf, BIG, -1, 0, 1, 3, 8, 64, 65, 2 ** 64, -(10 ** 30), 1.5, -0.0, 1e-320,
+           True, False, None, "", "\ud800", "a\udcff", "Euler", "Karras", "DPM++ 2M", "x" * 5000, "../x", [], [1, "a"],
+           {}, {"a": math.nan}, {"\ud800": [None]}, _deep(200), ["\ud800"], [math.inf]]
+FIELDS = ["prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+          "seed_resize_from_w", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
+          "cfg_scale", "width", "height", "restore_faces", "tiling", "eta", "denoising_strength", "s_churn",
+          "override_settings", "override_settings_restore_afterwards", "comments", "enable_hr", "hr_scale",
+          "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler",
+          "hr_prompt", "hr_negative_prompt", "force_task_id", "script_name", "script_args", "send_images",
+          "alwayson_scripts", "infotext", "unknown_field", "\ud800"]
+IMG2IMG_FIELDS = ["init_images", "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur",
+                  "mask_round", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                  "inpainting_mask_invert", "initial_noise_multiplier", "include_init_images"]
+CASES_PER_ROUTE = 500
+
+
+def hostile_bodies(seed: int, img2img: bool):
+    rng = random.Random(seed)
+    image, mask = b64png(), b64png(color=(255, 0, 0))
+    fields = FIELDS + (IMG2IMG_FIELDS if img2img else [])
+    pool = HOSTILE + ([image, [image], [image, "bm90IGFuIGltYWdl"], "bm90IGFuIGltYWdl"] if img2img else [])
+    for _ in range(CASES_PER_ROUTE):
+        body = {**SMALL, "steps": 1, **({"init_images": [image]} if img2img else {})}
+        if img2img and rng.random() < 0.3:
+            body["mask"] = mask
+        for field in rng.sample(fields, rng.randint(1, 4)):
+            body[field] = rng.choice(pool)
+        if rng.random() < 0.05:
+            body = rng.choice(pool)  # not even an object
+        yield body
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["txt2img", "img2img"])
+def test_fuzz_no_500_and_the_server_still_answers(client, route):
+    statuses: dict[int, int] = {}
+    for body in hostile_bodies(34, route == "img2img"):
+        r = client.post(f"/sdapi/v1/{route}", content=dumps(body), headers={"content-type": "application/json"})
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (body if len(dumps(body)) < 2000 else "(large body)", r.text[:500])
+        r.json()
+    assert sum(statuses.values()) == CASES_PER_ROUTE and statuses.get(422, 0) > CASES_PER_ROUTE // 3, statuses
+    assert post(client, f"/sdapi/v1/{route}", {**SMALL, "init_images": [b64png()]})[0] == 200
+
+
+def test_preview_options_are_applied(client, monkeypatch):
+    """Issue 34 (6): /options accepted live_previews_enable and show_progress_every_n_steps and ignored them."""
+    import torch
+
+    from sdengine.server.jobs import Job
+
+    service = client.service
+    job = Job("txt2img", None)
+    job.steps, job.step, job.preview, job.preview_step = 4, 2, torch.zeros(1, 4, 8, 8), 2
+    monkeypatch.setattr(type(service.queue), "running", property(lambda q: job))
+    assert service.progress(False)["current_image"] is not None  # A1111's defaults: previews on
+    try:
+        for options in ({"live_previews_enable": False}, {"live_previews_enable": True,
+                                                           "show_progress_every_n_steps": 0}):
+            assert client.post("/sdapi/v1/options", json=options).status_code == 200
+            got = client.get("/sdapi/v1/options").json()
+            assert all(got[k] == v for k, v in options.items()), got
+            assert service.progress(False)["current_image"] is None
+        for bad in ({"show_progress_every_n_steps": True}, {"show_progress_every_n_steps": math.inf},
+                    {"live_previews_enable": "no"}):
+            assert post(client, "/sdapi/v1/options", bad)[0] == 422
+    finally:
+        client.post("/sdapi/v1/options", json={"live_previews_enable": True, "show_progress_every_n_steps": 10})
