@@ -41,6 +41,20 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 MASKED_LATENTS = ("original", "noise", "zeros")
 
 
+class NonFiniteError(RuntimeError):
+    """Sampling or decoding gave NaN or Inf: an error, never a black image reported as success (the CLI exits
+    non-zero, the server answers 500 with this message)."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteError(f"{what} hold NaN or Inf ({bad} of {x.numel()} values): the model overflowed in "
+                             f"{str(x.dtype).removeprefix('torch.')} or its weights are broken; nothing was written "
+                             "(try --precision fp32, a lower CFG scale or weaker emphasis)")
+    return x
+
+
 class Pipeline:
     def __init__(self, model: StableDiffusion, schedule: NoiseSchedule = SD_SCHEDULE):
         self.model = model
@@ -198,7 +212,7 @@ class Pipeline:
             denoise = known_region_blend(denoise, latent_mask, image_latents, noise, sigmas[0])
         extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
         x = spec(denoise, x, sigmas, callback=callback, noise=noise_source, **extra)
-        latents = x / (1 + sigmas[-1] ** 2) ** 0.5
+        latents = check_finite(x / (1 + sigmas[-1] ** 2) ** 0.5, "the sampled latents")
         if latent_mask is not None and not inpainting_unet:  # the known region exactly as encoded
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
         return latents
@@ -237,7 +251,7 @@ class Pipeline:
         pixels = vae.decode(z.to(dtype)).float()
         if not torch.isfinite(pixels).all() and dtype != torch.float32:
             pixels = copy.deepcopy(vae).float().decode(z.float())
-        return (pixels / 2 + 0.5).clamp(0, 1)
+        return (check_finite(pixels, "the decoded pixels") / 2 + 0.5).clamp(0, 1)
 
     def to_images(self, latents: torch.Tensor, req: Request, extra: dict[str, Any] | None = None
                   ) -> list[Image.Image]:

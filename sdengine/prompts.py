@@ -19,6 +19,10 @@ from .tokenizer import CLIPTokenizer
 CHUNK = 75  # tokens per window, between the start and end tokens
 COMMA_BACKTRACK = 20  # how far back a chunk boundary may move to land after a comma
 ROUND, SQUARE = 1.1, 1 / 1.1
+# Emphasis weights are clamped to +-MAX_WEIGHT at every product: 3000 nested brackets, or "(a:1" and 400
+# nines, overflowed the weights to inf (NaN after A1111's mean restoring) and gave a black image. A1111 leaves
+# them unbounded; no weight near this bound makes a useful image, so nothing that works changes.
+MAX_WEIGHT = 100.0
 
 _TOKENS = re.compile(r"""
     \\\( | \\\) | \\\[ | \\\] | \\\\ | \\   # escapes
@@ -42,7 +46,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     def scale(start: int, factor: float) -> None:
         for i in range(start, len(runs)):
             if i not in breaks:
-                runs[i][1] *= factor
+                runs[i][1] = min(max(runs[i][1] * factor, -MAX_WEIGHT), MAX_WEIGHT)
 
     for m in _TOKENS.finditer(text):
         tok, weight = m.group(0), m.group(1)
@@ -53,7 +57,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         elif tok == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            scale(round_open.pop(), min(float(weight), MAX_WEIGHT))  # a 400-digit weight is inf: inf * 0 is NaN
         elif tok == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif tok == "]" and square_open:

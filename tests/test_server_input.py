@@ -36,14 +36,21 @@ def client(tmp_path_factory):
     import torch
     from fastapi.testclient import TestClient
 
+    from sdengine.config import TINY
+    from sdengine.model import StableDiffusion
     from sdengine.prompts import BUNDLED_STYLES, load_styles
     from sdengine.server.app import create_app
     from sdengine.server.registry import ModelRegistry
     from sdengine.server.service import Service
     from sdengine.server.validation import Limits
+    from sdengine.weights import save
 
     models = tmp_path_factory.mktemp("models")
     write_model(models / "tiny.safetensors")
+    broken = StableDiffusion(TINY).init_weights(seed=0)
+    with torch.no_grad():
+        broken.model.diffusion_model.out[-1].weight.fill_(math.nan)  # sampling gives NaN latents
+    save(broken, models / "nan.safetensors")
     registry = ModelRegistry(models, None, torch.device("cpu"), torch.float32)
     registry.ensure("tiny.safetensors")
     registry.default_name = registry.current.name
@@ -147,7 +154,8 @@ def test_fuzz_no_500_and_the_server_still_answers(client, route):
         r = client.post(f"/sdapi/v1/{route}", content=dumps(body), headers={"content-type": "application/json"})
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert r.status_code < 500, (body if len(dumps(body)) < 2000 else "(large body)", r.text[:500])
-        r.json()
+        assert "detail" in r.json() or r.status_code == 200, r.text[:500]
+        assert "not JSON compliant" not in r.text, (body if len(dumps(body)) < 2000 else "(large body)")
     assert sum(statuses.values()) == CASES_PER_ROUTE and statuses.get(422, 0) > CASES_PER_ROUTE // 3, statuses
     assert post(client, f"/sdapi/v1/{route}", {**SMALL, "init_images": [b64png()]})[0] == 200
 
@@ -175,3 +183,10 @@ def test_preview_options_are_applied(client, monkeypatch):
             assert post(client, "/sdapi/v1/options", bad)[0] == 422
     finally:
         client.post("/sdapi/v1/options", json={"live_previews_enable": True, "show_progress_every_n_steps": 10})
+
+
+def test_nan_latents_are_a_500_with_a_message_and_the_server_goes_on(client):
+    """Issue 34 (4): a NaN-black image was an HTTP 200."""
+    status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "nan"}})
+    assert status == 500 and "the sampled latents hold NaN or Inf" in reply["detail"], reply
+    assert post(client, "/sdapi/v1/txt2img", SMALL)[0] == 200

@@ -13,7 +13,7 @@ import torch
 from .. import __version__
 from ..diffusion.samplers import SAMPLERS
 from ..images import image_to_tensor, mask_to_tensor, tensor_to_images
-from ..pipeline import Pipeline
+from ..pipeline import NonFiniteError, Pipeline
 from ..prompts import Style
 from .images import encode_png
 from .jobs import Job, JobQueue, StopSampling
@@ -161,6 +161,9 @@ class Service:
             cached_id, cached_step, cached = self._preview_cache
             if cached_id == job.id and 0 <= step - cached_step < self.settings["show_progress_every_n_steps"]:
                 return cached
-            png = encode_png(tensor_to_images(pipe.decode(latent).nan_to_num())[0])
+            try:
+                png = encode_png(tensor_to_images(pipe.decode(latent))[0])
+            except NonFiniteError:  # an estimate gone NaN: no preview (the job itself fails with the message)
+                png = None
             self._preview_cache = (job.id, step, png)
             return png
