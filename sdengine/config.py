@@ -141,10 +141,8 @@ class ModelConfig:
         """A short name for the architecture: sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, sdxl, sdxl-inpaint,
         sdxl-refiner, or custom-*."""
         u = self.unet
-        if u.adm_in_channels == 2816 and u.context_dim == 2048 and u.model_channels == 320:
-            base = "sdxl"
-        elif u.adm_in_channels == 2560 and u.context_dim == 1280 and u.model_channels == 384:
-            base = "sdxl-refiner"
+        if self.conditioner:  # SDXL's layout, at any size: two text encoders, or bigG alone (the refiner)
+            base = "sdxl" if self.text_2 is not None else "sdxl-refiner"
         elif u.context_dim == 768 and u.model_channels == 320 and self.text.layout == "clip":
             base = "sd1"
         elif u.context_dim == 1024 and u.model_channels == 320 and self.text.layout == "openclip":
@@ -221,13 +219,18 @@ SHAPES_TINY = ModelConfig(
     text=TextConfig(width=32, layers=1, heads=2, mlp_width=64),
     sample_size=32,
 )
-# SDXL (Stability's generative-models sd_xl_base.yaml / sd_xl_refiner.yaml). The text configs are SD1's until the
-# two-encoder conditioner lands; the UNet and VAE are SDXL's.
+# SDXL (Stability's generative-models sd_xl_base.yaml / sd_xl_refiner.yaml): CLIP ViT-L and OpenCLIP ViT-bigG, both
+# read raw at the penultimate layer; bigG's pooled output, projected, goes into the UNet's vector input.
+SDXL_CLIP_L = dataclasses.replace(SD15.text, skip_last_layers=1, final_norm=False)
+SDXL_BIG_G = TextConfig(layout="openclip", width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu",
+                        skip_last_layers=1, pad_with_eos=False, has_projection=True, final_norm=False,
+                        pooled_projection=True)
 SDXL = ModelConfig(
     unet=UNetConfig(model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2), attention_resolutions=(4, 2),
                     transformer_depth=(0, 2, 10), context_dim=2048, num_heads=-1, num_head_channels=64,
                     use_linear_in_transformer=True, adm_in_channels=2816),
     vae=VAEConfig(scaling_factor=0.13025),
+    text=SDXL_CLIP_L, text_2=SDXL_BIG_G,
     sample_size=1024,
 )
 SDXL_REFINER = ModelConfig(
@@ -235,6 +238,7 @@ SDXL_REFINER = ModelConfig(
                     attention_resolutions=(4, 2), transformer_depth=4, context_dim=1280, num_heads=-1,
                     num_head_channels=64, use_linear_in_transformer=True, adm_in_channels=2560),
     vae=VAEConfig(scaling_factor=0.13025),
+    text=SDXL_BIG_G,
     sample_size=1024,
 )
 PRESETS: dict[str, ModelConfig] = {"sdxl": SDXL, "sdxl-refiner": SDXL_REFINER, "sd15": SD15,

@@ -1,7 +1,8 @@
 """StableDiffusion: the three networks under the original checkpoint's top-level names.
 
 `StableDiffusion(cfg).state_dict()` has exactly the keys of an original single-file checkpoint
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`), so those files load with strict=True.
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`; SDXL: `conditioner.embedders.N.*` in place
+of `cond_stage_model.*`, as Stability's generative-models holds them), so those files load with strict=True.
 """
 from __future__ import annotations
 
@@ -21,14 +22,30 @@ class _DiffusionWrapper(nn.Module):
         self.diffusion_model = unet
 
 
+class Conditioner(nn.Module):
+    """SDXL's text encoders in generative-models' order: `embedders.0` CLIP-L and `embedders.1` OpenCLIP bigG (the
+    refiner: bigG alone). The size/crop/aesthetic embedders hold no weights (nn.unet.sdxl_vector)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embedders = nn.ModuleList(build_text_encoder(t) for t in cfg.text_encoders)
+
+
 class StableDiffusion(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None):
+    def __init__(self, cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
+                 tokenizer_2: CLIPTokenizer | None = None):
         super().__init__()
         self.config = cfg
         self.model = _DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = build_text_encoder(cfg.text)
+        if cfg.conditioner:
+            self.conditioner = Conditioner(cfg)
+        else:
+            self.cond_stage_model = build_text_encoder(cfg.text)
         self.tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.text.pad_with_eos)
+        # the second encoder's (SDXL's bigG pads with 0 where CLIP-L pads with the end token)
+        self.tokenizer_2 = None if cfg.text_2 is None else (
+            tokenizer_2 or CLIPTokenizer.default(pad_with_eos=cfg.text_2.pad_with_eos))
         self.source: str | None = None  # the path it was loaded from, for display
 
     @torch.no_grad()
@@ -46,7 +63,7 @@ class StableDiffusion(nn.Module):
         for layer in zeroed:
             layer.weight.zero_()
             layer.bias.zero_()
-        for name, p in self.cond_stage_model.named_parameters():
+        for name, p in (p for encoder in self.text_encoders for p in encoder.named_parameters()):
             if "token_embedding" in name:
                 p.normal_(0, 0.02)
             elif "position" in name:
@@ -67,7 +84,19 @@ class StableDiffusion(nn.Module):
 
     @property
     def text_encoder(self) -> TextEncoderBase:
-        return self.cond_stage_model
+        """The (first) text encoder."""
+        return self.text_encoders[0]
+
+    @property
+    def text_encoders(self) -> list[TextEncoderBase]:
+        """Every text encoder, in order (SDXL: CLIP-L, bigG), each read with its tokenizer in `tokenizers`."""
+        if self.config.conditioner:
+            return list(self.conditioner.embedders)  # type: ignore[arg-type]
+        return [self.cond_stage_model]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
 
     @property
     def device(self) -> torch.device:
@@ -78,8 +107,9 @@ class StableDiffusion(nn.Module):
         return next(self.parameters()).dtype
 
     def parameter_counts(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in part.parameters())
-                for name, part in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))}
+        parts = [("unet", self.unet), ("vae", self.vae)] + [
+            ("text_encoder" + (f"_{i + 1}" if i else ""), encoder) for i, encoder in enumerate(self.text_encoders)]
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts}
 
     def encode_prompt(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
         """Prompts -> text context (b, 77 * chunks, width) for the UNet, read with A1111's prompt syntax

@@ -194,3 +194,116 @@ def test_text_table_round_trip(sdxl_text):
                     if not k.endswith("position_ids")}
         assert set(back[part]) == set(expected)
         assert all(torch.equal(back[part][k], expected[k]) for k in expected)
+
+
+# --- the whole model: a StableDiffusionXLPipeline folder written by diffusers, loaded, converted both ways -------
+
+def sdxl_pipeline(folder, seed: int = 0):
+    """A tiny StableDiffusionXLPipeline with random weights, saved by diffusers to `folder`; returns it."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from sdengine.tokenizer import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **SDXL_UNET), seed)
+    vae = perturbed(AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=32, scaling_factor=0.13025,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2), seed + 1)
+    clip_l = perturbed(CLIPTextModel(CLIPTextConfig(hidden_size=32, num_attention_heads=4, hidden_act="quick_gelu",
+                                                    **TEXT)), seed + 2)
+    big_g = perturbed(CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, num_attention_heads=2, hidden_act="gelu", projection_dim=32, **TEXT)), seed + 3)
+    tokenizers = []
+    for pad_with_eos in (True, False):
+        tok_dir = folder.parent / f"{folder.name}-tokenizer-{pad_with_eos}"
+        CLIPTokenizer.default(pad_with_eos=pad_with_eos).save(tok_dir)
+        tokenizers.append(HFTokenizer.from_pretrained(tok_dir))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=big_g, tokenizer=tokenizers[0],
+                                     tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    return folder, sdxl_pipeline(folder)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_sdxl_folder_loads_and_converts_both_ways(sdxl_folder, tmp_path):
+    import dataclasses as dc
+
+    import safetensors.torch
+
+    import sdengine
+    from sdengine.weights.io import read_tensors
+
+    folder, _ = sdxl_folder
+    model = sdengine.load(folder)
+    assert model.config.family == "sdxl" and model.config.vae.scaling_factor == 0.13025
+    assert model.tokenizer.pad_id == 49407 and model.tokenizer_2.pad_id == 0
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in model.state_dict())
+    sd = model.state_dict()
+
+    single = tmp_path / "sdxl.safetensors"
+    sdengine.save(model, single)
+    _equal(sdengine.load(single).state_dict(), sd)
+    # a file without our metadata (as Stability and diffusers' conversion script write them): found from shapes
+    bare = tmp_path / "bare.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, bare)
+    found = sdengine.weights.read_checkpoint(bare)[1]
+    # the head split is in no shape (SDXL's own sizes fix it: 64 channels per head); the tiny model's, given
+    heads = {"text": dc.replace(found.text, heads=4), "text_2": dc.replace(found.text_2, heads=2)}
+    assert dc.replace(found, **heads) == model.config
+    _equal(sdengine.load(bare, config=model.config).state_dict(), sd)
+
+    back = tmp_path / "back"
+    sdengine.convert(single, back, to="diffusers")
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        name = "model" if part.startswith("text") else "diffusion_pytorch_model"
+        ours = read_tensors(back / part / f"{name}.safetensors")[0]
+        ref = {k if part == "unet" or part == "vae" or k.startswith("text_") else "text_model." + k: v
+               for k, v in read_tensors(folder / part / f"{name}.safetensors")[0].items()
+               if not k.endswith("position_ids")}
+        _equal(ours, ref)
+    assert sdengine.load(back).config == model.config
+
+
+def test_sdxl_folder_we_write_loads_in_diffusers(sdxl_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    import sdengine
+
+    folder, ref = sdxl_folder
+    sdengine.save(sdengine.load(folder), tmp_path / "ours", to="diffusers")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "ours")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _equal(getattr(pipe, name).state_dict(), getattr(ref, name).state_dict())
+    assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == 49407
+
+
+def test_sdxl_families():
+    import dataclasses as dc
+
+    assert PRESETS["sdxl"].family == "sdxl" and PRESETS["sdxl-refiner"].family == "sdxl-refiner"
+    inpaint = dc.replace(PRESETS["sdxl"], unet=dc.replace(PRESETS["sdxl"].unet, in_channels=9))
+    assert inpaint.family == "sdxl-inpaint"
+
+
+def test_info_names_the_family(sdxl_folder, capsys):
+    from sdengine.cli import run
+
+    assert run(["info", str(sdxl_folder[0])]) == 0
+    out = capsys.readouterr().out
+    assert "family:     sdxl" in out and "text_encoder_2:" in out

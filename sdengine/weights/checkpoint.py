@@ -151,7 +151,7 @@ def save(model: StableDiffusion, dst: str | Path, to: Literal["single", "diffuse
     if to == "diffusers":
         sd = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
         with atomic_path(dst, force=force, is_dir=True) as tmp:
-            write_folder(sd, model.config, model.tokenizer, tmp)
+            write_folder(sd, model.config, model.tokenizer, tmp, model.tokenizer_2)
         return dst
     sd = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in single_file_tensors(model).items()}
     with atomic_path(dst, force=force) as tmp:

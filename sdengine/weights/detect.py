@@ -12,7 +12,7 @@ import re
 import torch
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .keys import TEXT, UNET, VAE
+from .keys import CONDITIONER, TEXT, UNET, VAE
 
 SDXL_SCALING_FACTOR = 0.13025
 
@@ -120,10 +120,21 @@ def vae_norm_groups(channels: list[int]) -> int:
     return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
 
 
-def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> TextConfig:
-    keys = [k[len(TEXT):] for k in sd if k.startswith(TEXT)]
+def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None, prefix: str = TEXT,
+                sdxl: bool = False) -> TextConfig:
+    """The text encoder under `prefix`. sdxl: one of SDXL's conditioner embedders (penultimate layer read raw;
+    bigG's pooled output projected)."""
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    found = _detect_text(sd, keys, heads_hint, prefix)
+    if sdxl:
+        found = dataclasses.replace(found, skip_last_layers=1, final_norm=False,
+                                    pooled_projection=found.has_projection)
+    return found
+
+
+def _detect_text(sd: dict[str, torch.Tensor], keys: list[str], heads_hint: int | None, prefix: str) -> TextConfig:
     if any(k.startswith("transformer.text_model.") for k in keys):
-        p = TEXT + "transformer.text_model."
+        p = prefix + "transformer.text_model."
         tok = _need(sd, p + "embeddings.token_embedding.weight")
         width = tok.shape[1]
         return TextConfig(
@@ -133,7 +144,7 @@ def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> T
             heads=heads_hint or width // 64, mlp_width=_need(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0],
             activation="quick_gelu", skip_last_layers=0, pad_with_eos=True, eos_token_id=tok.shape[0] - 1)
     if any(k.startswith("model.") for k in keys):
-        p = TEXT + "model."
+        p = prefix + "model."
         tok = _need(sd, p + "token_embedding.weight")
         width = tok.shape[1]
         return TextConfig(
@@ -144,8 +155,8 @@ def detect_text(sd: dict[str, torch.Tensor], heads_hint: int | None = None) -> T
             mlp_width=_need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
             activation="gelu", skip_last_layers=1, pad_with_eos=False, eos_token_id=tok.shape[0] - 1,
             has_projection=p + "text_projection" in sd)
-    raise UnknownArchitecture("no text encoder found: expected keys under 'cond_stage_model.transformer.text_model.' "
-                              "(SD1) or 'cond_stage_model.model.' (SD2)")
+    raise UnknownArchitecture(f"no text encoder found: expected keys under '{prefix}transformer.text_model.' "
+                              f"(CLIP) or '{prefix}model.' (OpenCLIP)")
 
 
 def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
@@ -155,6 +166,12 @@ def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
         raise UnknownArchitecture(
             f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
     unet, vae = detect_unet(sd), detect_vae(sd)
-    if unet.adm_in_channels is not None:  # SDXL's VAE (same layout as SD's) is trained to another latent scale
-        vae = dataclasses.replace(vae, scaling_factor=SDXL_SCALING_FACTOR)
-    return ModelConfig(unet=unet, vae=vae, text=detect_text(sd))
+    if unet.adm_in_channels is None:
+        return ModelConfig(unet=unet, vae=vae, text=detect_text(sd))
+    # SDXL: its VAE (SD's layout) is trained to another latent scale; text encoders under conditioner.embedders.N.
+    vae = dataclasses.replace(vae, scaling_factor=SDXL_SCALING_FACTOR)
+    texts = [detect_text(sd, prefix=f"{CONDITIONER}{i}.", sdxl=True) for i in range(2)
+             if any(k.startswith(f"{CONDITIONER}{i}.") for k in sd)]
+    if not texts:
+        raise UnknownArchitecture(f"an SDXL UNet without text encoders: expected keys under '{CONDITIONER}0.'")
+    return ModelConfig(unet=unet, vae=vae, text=texts[0], text_2=texts[1] if len(texts) > 1 else None)

@@ -17,7 +17,7 @@ from ..nn.unet import VECTOR_EMBED_DIM
 from ..tokenizer import CLIPTokenizer
 from .detect import UnknownArchitecture
 from .io import CheckpointError, read_tensors, write_safetensors
-from .keys import diffusers_text_layers, from_diffusers, to_diffusers
+from .keys import diffusers_text_layers, from_diffusers, text_parts, to_diffusers
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_NAMES = {
@@ -204,6 +204,9 @@ def text_config_to_diffusers(t: TextConfig) -> dict[str, Any]:
 
 def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
     """A diffusers folder -> (original-keyed tensors, config, tokenizer)."""
+    unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+    if unet.adm_in_channels is not None:
+        return _read_sdxl_folder(folder, unet)
     for part in PARTS:
         if not (folder / part).is_dir():
             raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
@@ -212,7 +215,7 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLI
     extra_layers = len({k.split(".")[3] for k in extras if k.startswith("model.transformer.resblocks.")})
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     cfg = ModelConfig(
-        unet=unet_config_from_diffusers(_read_json(folder / "unet" / "config.json")),
+        unet=unet,
         vae=vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")),
         text=text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"), extra_layers,
                                         "model.text_projection" in extras),
@@ -225,8 +228,35 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLI
     return from_diffusers(parts, cfg), cfg, tokenizer
 
 
-def write_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer, folder: Path) -> None:
+SDXL_TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L, bigG (the refiner: text_encoder_2 alone)
+
+
+def _read_sdxl_folder(folder: Path, unet: UNetConfig) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
+    """A StableDiffusionXLPipeline (or the refiner's StableDiffusionXLImg2ImgPipeline) folder. The second
+    tokenizer is CLIP's vocabulary padded with "!" (id 0), as tokenizer_2/ of the published SDXL folders."""
+    texts = [p for p in SDXL_TEXT_PARTS if (folder / p).is_dir()]
+    for part in ("vae", "scheduler", *[p.replace("text_encoder", "tokenizer") for p in texts]):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
+    if not texts:
+        raise CheckpointError(f"diffusers folder {folder} has an SDXL UNet but no text_encoder/ or text_encoder_2/")
+    configs = [text_config_from_diffusers(_read_json(folder / p / "config.json"), 0, p == "text_encoder_2",
+                                          sdxl=True) for p in texts]
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    cfg = ModelConfig(unet=unet, vae=vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")),
+                      text=configs[0], text_2=configs[1] if len(configs) > 1 else None,
+                      prediction="v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
+    parts = {p: _read_part_tensors(folder, p, "text_encoder" if p in texts else None)
+             for p in ("unet", "vae", *texts)}
+    tokenizer = CLIPTokenizer.from_dir(folder / texts[0].replace("text_encoder", "tokenizer"))
+    return from_diffusers(parts, cfg), cfg, tokenizer
+
+
+def write_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer, folder: Path,
+                 tokenizer_2: CLIPTokenizer | None = None) -> None:
     """Write an original-keyed state dict as a diffusers StableDiffusionPipeline folder (folder must exist)."""
+    if cfg.conditioner:
+        return _write_sdxl_folder(sd, cfg, [tokenizer] + ([tokenizer_2] if tokenizer_2 else []), folder)
     parts = to_diffusers(sd, cfg)
     model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
                    "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
@@ -246,4 +276,40 @@ def write_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPT
     scheduler = dict(SCHEDULER_CONFIG, prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     tokenizer.save(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def _write_sdxl_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizers: list[CLIPTokenizer],
+                       folder: Path) -> None:
+    """SDXL as diffusers' StableDiffusionXLPipeline (the refiner: StableDiffusionXLImg2ImgPipeline) writes it."""
+    parts = to_diffusers(sd, cfg)
+    texts = list(text_parts(cfg))
+    refiner = "text_encoder" not in texts
+    model_index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1", "feature_extractor": [None, None], "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": not refiner, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": [None, None], "tokenizer": [None, None]}
+    if refiner:
+        model_index["requires_aesthetics_score"] = True
+    configs = {"unet": unet_config_to_diffusers(cfg.unet), "vae": vae_config_to_diffusers(cfg.vae)}
+    for part, (_, text) in text_parts(cfg).items():
+        configs[part] = text_config_to_diffusers(text)
+        model_index[part] = ["transformers", text_config_to_diffusers(text)["architectures"][0]]
+        model_index[part.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    for part, config in configs.items():
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
+        name = "model.safetensors" if part in texts else "diffusion_pytorch_model.safetensors"
+        write_safetensors(parts[part], folder / part / name, metadata={"format": "pt"})
+    for part, tokenizer in zip(texts, tokenizers):
+        tokenizer.save(folder / part.replace("text_encoder", "tokenizer"))
+    (folder / "scheduler").mkdir()
+    scheduler = dict(SCHEDULER_CONFIG, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
+                     timestep_spacing="leading", use_karras_sigmas=False,
+                     prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
+    for key in ("set_alpha_to_one", "skip_prk_steps", "clip_sample"):
+        scheduler.pop(key)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
