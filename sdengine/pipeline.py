@@ -32,7 +32,8 @@ from .images import image_to_tensor, mask_to_tensor, tensor_to_images
 from .metadata import format_parameters
 from .model import StableDiffusion
 from .nn.seamless import circular_padding
-from .prompts import encode_prompts
+from .nn.unet import sdxl_vector
+from .prompts import encode_text
 from .request import Request
 from .runtime import model_hash
 
@@ -119,15 +120,37 @@ class Pipeline:
     @torch.no_grad()
     def condition(self, req: Request) -> tuple[Conditioning, Conditioning | None]:
         """(prompt, negative prompt) as conditionings for the batch; no negative when guidance is off. The two
-        contexts get the same number of 77-token chunks (the shorter one padded with empty chunks)."""
+        contexts get the same number of 77-token chunks (the shorter one padded with empty chunks). SDXL: both
+        text encoders, and the vector y (`vector`); an empty negative prompt is zeros, as diffusers' SDXL pipeline
+        does (force_zeros_for_empty_prompt; not the refiner's)."""
         model, n = self.model, req.batch_size
-        cond = encode_prompts(model, [req.prompt] * n, req.clip_skip)
+        cond, pooled = encode_text(model, [req.prompt] * n, req.clip_skip)
         if req.cfg_scale == 1.0:
-            return Conditioning(cond), None
-        uncond = encode_prompts(model, [req.negative_prompt] * n, req.clip_skip, min_chunks=cond.shape[1] // 77)
+            return Conditioning(cond, self.vector(req, pooled)), None
+        if model.config.text_2 is not None and not req.negative_prompt:
+            zeros = Conditioning(torch.zeros_like(cond), self.vector(req, torch.zeros_like(pooled), negative=True))
+            return Conditioning(cond, self.vector(req, pooled)), zeros
+        uncond, uncond_pooled = encode_text(model, [req.negative_prompt] * n, req.clip_skip,
+                                            min_chunks=cond.shape[1] // 77)
         if uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
-            cond = encode_prompts(model, [req.prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
-        return Conditioning(cond), Conditioning(uncond)
+            cond, pooled = encode_text(model, [req.prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
+        return (Conditioning(cond, self.vector(req, pooled)),
+                Conditioning(uncond, self.vector(req, uncond_pooled, negative=True)))
+
+    def vector(self, req: Request, pooled: torch.Tensor, negative: bool = False) -> torch.Tensor | None:
+        """SDXL's vector input y: the pooled text embedding and the Fourier-embedded original size (h, w), crop
+        top-left and target size, as diffusers and A1111 pass them: the generated size, crop (0, 0). The refiner
+        conditions on an aesthetic score in place of the target size (6.0, and 2.5 for the negative, diffusers'
+        defaults). None for UNets without a vector input."""
+        if not self.model.config.conditioner:
+            return None
+        assert req.width is not None and req.height is not None
+        n = pooled.shape[0]
+        size = torch.tensor([[req.height, req.width]] * n)
+        crop = torch.zeros(n, 2)
+        if self.model.config.text_2 is None:  # the refiner
+            return sdxl_vector(pooled, size, crop, torch.full((n, 1), 2.5 if negative else 6.0))
+        return sdxl_vector(pooled, size, crop, size)
 
     def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:
         """The sampler's sigmas (final one appended); for img2img below full strength, the tail it runs."""

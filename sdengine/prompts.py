@@ -139,22 +139,36 @@ def encode_prompts(model, prompts: list[str], clip_skip: int = 1, min_chunks: in
     Emphasis scales each token's hidden state by its weight, then restores the chunk's mean (A1111's
     "Original" emphasis), so weights move attention between words without changing the overall scale.
     """
-    tokenizer = model.tokenizer
-    per_prompt = [chunk_prompt(tokenizer, p) for p in prompts]
-    n = max(min_chunks, max(len(c) for c in per_prompt))
-    rows = []
-    for chunks in per_prompt:
-        chunks = chunks + [Chunk([], [])] * (n - len(chunks))
-        ids, weights = zip(*(chunk_ids(tokenizer, c) for c in chunks))
-        ids_t = torch.stack(ids).to(model.device)
-        w = torch.stack(weights).to(model.device)
-        z = model.text_encoder(ids_t, clip_skip=clip_skip)[0].float()
-        if not torch.all(w == 1.0):  # per chunk, as A1111 does
-            mean = z.mean(dim=(1, 2), keepdim=True)
-            z = z * w[..., None]
-            z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
-        rows.append(z.reshape(1, -1, z.shape[-1]))
-    return torch.cat(rows)
+    return encode_text(model, prompts, clip_skip, min_chunks)[0]
+
+
+@torch.no_grad()
+def encode_text(model, prompts: list[str], clip_skip: int = 1, min_chunks: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (context (b, 77 * chunks, width), pooled (b, pooled width)), as encode_prompts reads them, through
+    every text encoder of the model with its own tokenizer: SDXL's CLIP-L and bigG each chunk, weigh and encode
+    the prompt (A1111 wraps each embedder so), their contexts concatenated along the features as generative-models'
+    conditioner does. pooled: the last encoder's, from each prompt's first chunk (SDXL's vector input)."""
+    contexts, pooled = [], []
+    for encoder, tokenizer in zip(model.text_encoders, model.tokenizers):
+        per_prompt = [chunk_prompt(tokenizer, p) for p in prompts]
+        n = max(min_chunks, max(len(c) for c in per_prompt))
+        rows, pooled = [], []
+        for chunks in per_prompt:
+            chunks = chunks + [Chunk([], [])] * (n - len(chunks))
+            ids, weights = zip(*(chunk_ids(tokenizer, c) for c in chunks))
+            ids_t = torch.stack(ids).to(model.device)
+            w = torch.stack(weights).to(model.device)
+            z, pool = encoder(ids_t, clip_skip=clip_skip)
+            z = z.float()
+            if not torch.all(w == 1.0):  # per chunk, as A1111 does
+                mean = z.mean(dim=(1, 2), keepdim=True)
+                z = z * w[..., None]
+                z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+            rows.append(z.reshape(1, -1, z.shape[-1]))
+            pooled.append(pool[:1].float())
+        contexts.append(torch.cat(rows))
+    return torch.cat(contexts, dim=-1), torch.cat(pooled)
 
 
 # --- styles ------------------------------------------------------------------------------------------------

@@ -307,3 +307,60 @@ def test_info_names_the_family(sdxl_folder, capsys):
     assert run(["info", str(sdxl_folder[0])]) == 0
     out = capsys.readouterr().out
     assert "family:     sdxl" in out and "text_encoder_2:" in out
+
+
+# --- generation: our pipeline against StableDiffusionXLPipeline, same weights and seeds ------------------------
+
+W, H = 40, 32  # non-square; the tiny VAE downsamples by 2
+
+
+def _sdxl_reference(pipe, class_name: str, **options):
+    """The reference pipeline with one of diffusers' schedulers on SD's training schedule."""
+    import diffusers
+    from sampler_harness import SD15_SCHEDULER_CONFIG
+
+    pipe.scheduler = getattr(diffusers, class_name).from_config({**SD15_SCHEDULER_CONFIG, **options})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipes(sdxl_folder):
+    import sdengine
+    from sdengine.pipeline import Pipeline
+
+    return {"ours": Pipeline(sdengine.load(sdxl_folder[0])), "ref": sdxl_folder[1]}
+
+
+@pytest.mark.parametrize("negative", ["blue", ""])  # "": zeros, as diffusers' force_zeros_for_empty_prompt
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim"])
+def test_txt2img_matches_diffusers(sdxl_pipes, sampler, negative):
+    from sampler_harness import max_rel_error
+
+    from sdengine.diffusion.samplers import SAMPLERS
+    from sdengine.request import Request
+
+    spec = SAMPLERS[sampler]
+    ref = _sdxl_reference(sdxl_pipes["ref"], spec.diffusers_class, **spec.diffusers_options)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = ref("a red circle", negative_prompt=negative or None, num_inference_steps=6, guidance_scale=7.5,
+                   generator=gens, height=H, width=W, num_images_per_prompt=2, output_type="latent").images
+    ours = sdxl_pipes["ours"].sample(Request(prompt="a red circle", negative_prompt=negative, steps=6,
+                                             sampler=sampler, cfg_scale=7.5, seed=5, width=W, height=H,
+                                             batch_size=2))
+    assert max_rel_error(ours, expected) < 1e-3
+
+
+def test_condition_matches_diffusers_encode_prompt(sdxl_pipes):
+    from sdengine.request import Request
+
+    ref = sdxl_pipes["ref"]
+    cond, uncond = sdxl_pipes["ours"].condition(Request(prompt="a red circle", negative_prompt="blue", width=W,
+                                                        height=H))
+    with torch.no_grad():
+        embeds, neg_embeds, pooled, neg_pooled = ref.encode_prompt("a red circle", negative_prompt="blue",
+                                                                   do_classifier_free_guidance=True)
+    assert_close(cond.context, embeds)
+    assert_close(uncond.context, neg_embeds)
+    assert_close(cond.y[:, :POOLED], pooled)
+    assert_close(uncond.y[:, :POOLED], neg_pooled)
