@@ -23,9 +23,26 @@ def images_to_tensor(images: list[Image.Image] | list[np.ndarray], device: torch
     return arrays.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
+def mask_to_grey(mask: Image.Image) -> Image.Image:
+    """A mask as A1111 reads it (processing.create_binary_mask): an RGBA image with any transparency is its alpha
+    channel, anything else its luminance (convert("L")). So a coloured mask counts by brightness: pure red is 76/255
+    and repaints nothing, in A1111 as here (`empty_mask_note` says so rather than letting a run change nothing)."""
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        mask = mask.getchannel("A")
+    return mask.convert("L")
+
+
+def empty_mask_note(mask: Image.Image) -> str | None:
+    """A note when a (greyscale) mask repaints nothing: no pixel is at least half white."""
+    if mask.convert("L").getextrema()[1] >= 128:
+        return None
+    return ("the mask repaints nothing: masks are read by brightness (white repaints), as A1111 reads them; a "
+            "coloured mask counts by luminance (pure red is 30% grey): paint it white")
+
+
 def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Mask -> (1, 1, h, w) of 0/1, white (>= 0.5) = repaint."""
-    mask = mask.convert("L")
+    """Mask -> (1, 1, h, w) of 0/1, white (>= 0.5) = repaint (read by `mask_to_grey`)."""
+    mask = mask_to_grey(mask)
     if mask.size != (width, height):
         mask = mask.resize((width, height), Image.LANCZOS)
     arr = np.asarray(mask, dtype=np.float32) / 255.0

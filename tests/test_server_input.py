@@ -190,3 +190,10 @@ def test_nan_latents_are_a_500_with_a_message_and_the_server_goes_on(client):
     status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "nan"}})
     assert status == 500 and "the sampled latents hold NaN or Inf" in reply["detail"], reply
     assert post(client, "/sdapi/v1/txt2img", SMALL)[0] == 200
+
+
+def test_a_mask_that_repaints_nothing_is_said(client):
+    """A1111 reads a mask by luminance (pure red: 30% grey, nothing repainted); the reply says so."""
+    status, reply = post(client, "/sdapi/v1/img2img", {**SMALL, "init_images": [b64png()],
+                                                       "mask": b64png(color=(255, 0, 0)), "mask_blur": 0})
+    assert status == 200 and any("repaints nothing" in w for w in json.loads(reply["info"])["warnings"]), reply

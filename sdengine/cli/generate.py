@@ -165,10 +165,14 @@ def run_generation(args: argparse.Namespace) -> None:
     if command in ("img2img", "inpaint"):
         init = open_image(args.image, "init image")
     if command == "inpaint":
+        from ..images import empty_mask_note, mask_to_grey
+
         mask = open_image(args.mask, "mask")
+        if (empty := empty_mask_note(mask_to_grey(mask))) is not None:
+            note = f"sdengine: note: {empty}"
         if mask.size != init.size:
-            note = (f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to the image's "
-                    f"{init.size[0]}x{init.size[1]}")
+            note = "\n".join(filter(None, [note, f"sdengine: note: mask {mask.size[0]}x{mask.size[1]} resized to "
+                                                  f"the image's {init.size[0]}x{init.size[1]}"]))
             mask = mask.resize(init.size)
     model_path = runtime.resolve_model(args.model)
     if init is not None:

@@ -70,7 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         check_compiler(device)
     registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device,
                              runtime.inference_dtype(args.precision, device), compile=args.compile)
-    name = pinned.name if pinned is not None else args.model  # else a name in the folder
+    name = args.model  # a name in the folder, unless a file was pinned
+    if pinned is not None:  # listed under the folder's name for it when the folder links to it (a symlink)
+        name = next((e.name for e in registry.entries() if e.path.resolve() == pinned.resolve()), pinned.name)
     if name is None:
         entries = registry.entries()
         name = entries[0].name if entries else None

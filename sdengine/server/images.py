@@ -12,6 +12,7 @@ import re
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from ..images import mask_to_grey
 from ..metadata import png_info
 from .errors import BadInput
 
@@ -101,9 +102,7 @@ def resize_image(image: Image.Image, width: int, height: int, mode: int) -> Imag
 
 def prepare_mask(mask: Image.Image, invert: bool, blur_x: int, blur_y: int) -> Image.Image:
     """A1111's order: greyscale, invert, blur (then inpaint.plan crops or resizes it as it does the image)."""
-    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):  # A1111: a transparent mask's alpha is it
-        mask = mask.getchannel("A")
-    mask = mask.convert("L")
+    mask = mask_to_grey(mask)  # A1111's reading: a transparent mask's alpha, else its luminance
     if invert:
         mask = ImageOps.invert(mask)
     if blur_x > 0 or blur_y > 0:

@@ -15,6 +15,7 @@ from PIL import Image
 from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..diffusion.schedule import A1111_SCHEDULERS
 from ..hires import HiresFix
+from ..images import empty_mask_note
 from ..prompts import Style, apply_styles
 from ..request import MAX_CLIP_SKIP, FieldError, Request
 from . import inpaint
@@ -227,6 +228,8 @@ class BodyReader:
         invert = _int(body, "inpainting_mask_invert", 0, 0, 1) == 1
         with self._decoding:
             mask = prepare_mask(decode_image(body["mask"], "mask", max_pixels), invert, blur_x, blur_y)
+        if (note := empty_mask_note(mask)) is not None:
+            job.warnings.append(note)
         job.init, job.mask, job.masked = inpaint.plan(
             originals, mask, req.width, req.height, mode, bool(_get(body, "inpaint_full_res", True)),
             _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),

@@ -62,6 +62,15 @@ class ShapesSource:
         return [self.sampler.scene(i)[1] for i in range(n)]
 
 
+def read_caption_text(path: Path) -> str:
+    """A caption file (or metadata.jsonl) as UTF-8; anything else is an error naming the file and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
+                         "captions as UTF-8") from None
+
+
 class FolderSource:
     """Images with captions from a folder; unreadable images and images without a caption are skipped and
     counted (stop if none is usable). Images are center-cropped to a square and resized to `size`."""
@@ -95,7 +104,7 @@ class FolderSource:
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if meta.exists():
             captions: dict[str, str] = {}
-            for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(read_caption_text(meta).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -113,7 +122,7 @@ class FolderSource:
             for p in images:
                 txt = p.with_suffix(".txt")
                 if txt.exists():
-                    pairs.append((p, txt.read_text(encoding="utf-8").strip()))
+                    pairs.append((p, read_caption_text(txt).strip()))
         self._missing_captions = len(images) - len(pairs)
         return pairs
 

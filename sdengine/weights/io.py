@@ -39,12 +39,22 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (its MAX_HEADER_SIZE)
+
+
 def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The __metadata__ of a .safetensors file; the header's size is checked before any of it is read (a file
+    claiming a 1 GiB header is refused without allocating it)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: corrupt .safetensors file (a {n}-byte header; at most "
+                                  f"{MAX_HEADER_BYTES} are allowed)")
         if n > os.path.getsize(path) - 8:
             raise CheckpointError(f"{path}: truncated .safetensors file (header claims {n} bytes)")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt .safetensors file (the header is not a JSON object)")
     return header.get("__metadata__") or {}
 
 

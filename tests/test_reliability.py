@@ -1,0 +1,109 @@
+"""Issue 34, finding 6 (the smaller ones): `serve` with a symlink in --models-dir, coloured and transparent masks
+read as A1111 reads them, a caption file that is not UTF-8, a safetensors header's size checked before reading it."""
+from __future__ import annotations
+
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_helpers import write_model
+
+from sdengine.images import empty_mask_note, mask_to_grey, mask_to_tensor
+from sdengine.weights.io import CheckpointError, read_tensors, safetensors_metadata
+
+
+def test_serve_starts_with_a_symlink_in_the_models_folder(tmp_path, monkeypatch, capsys):
+    """The folder links to the default model: it was listed under the link's name and then looked up under the
+    file's own, and `serve` stopped with "no model named 'model.safetensors'"."""
+    pytest.importorskip("fastapi")
+    from sdengine import runtime
+    from sdengine.cli import run
+    from sdengine.cli import serve as serve_cli
+
+    write_model(tmp_path / "model.safetensors")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "link.safetensors").symlink_to(tmp_path / "model.safetensors")
+    (models / "dangling.safetensors").symlink_to(tmp_path / "nothing.safetensors")
+    (models / "loop.safetensors").symlink_to("loop.safetensors")
+    monkeypatch.setattr(runtime, "default_model", lambda: tmp_path / "model.safetensors")
+    started = []
+
+    class NoServer:  # everything up to opening the port, which is not opened
+        def __init__(self, config, stop_jobs):
+            started.append(config.app)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(serve_cli, "_server_class", lambda: NoServer)
+    assert run(["serve", "--models-dir", str(models), "--device", "cpu"]) == 0, capsys.readouterr().err
+    service = started[0].state.service
+    assert service.registry.current.name == "link.safetensors"
+    assert [e.name for e in service.registry.entries()] == ["link.safetensors"]
+
+
+def rgb(color, size=(16, 16)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def test_masks_are_read_as_a1111_reads_them():
+    """A1111 (processing.create_binary_mask): an RGBA mask with transparency is its alpha, else convert("L"), so a
+    pure red mask (luminance 76) repaints nothing there too. Matched, and said: a note instead of a silent no-op."""
+    assert mask_to_tensor(rgb((255, 255, 255)), 16, 16).min() == 1
+    red = rgb((255, 0, 0))
+    assert mask_to_tensor(red, 16, 16).max() == 0 and np.asarray(mask_to_grey(red)).max() == 76
+    assert "pure red is 30% grey" in empty_mask_note(mask_to_grey(red))
+    assert empty_mask_note(mask_to_grey(rgb((255, 255, 255)))) is None
+    rgba = np.zeros((16, 16, 4), np.uint8)  # black, transparent on the left, opaque on the right
+    rgba[:, 8:, 3] = 255
+    t = mask_to_tensor(Image.fromarray(rgba, "RGBA"), 16, 16)
+    assert t[..., 8:].min() == 1 and t[..., :8].max() == 0  # was luminance: all black, nothing repainted
+
+
+def test_server_mask_reading_is_the_same_and_warns(tmp_path):
+    from sdengine.server.images import prepare_mask
+
+    for mask in (rgb((255, 0, 0)), rgb((200, 200, 200)), Image.fromarray(np.full((16, 16, 4), 90, np.uint8))):
+        assert list(prepare_mask(mask, False, 0, 0).getdata()) == list(mask_to_grey(mask).getdata())
+
+
+def test_cli_inpaint_with_a_red_mask_says_it_repaints_nothing(sd1_folder, tmp_path, monkeypatch, capsys):
+    from sdengine.cli import run
+
+    rgb((10, 200, 30), (32, 32)).save(tmp_path / "init.png")
+    rgb((255, 0, 0), (32, 32)).save(tmp_path / "red.png")
+    monkeypatch.delenv("SDENGINE_DEBUG", raising=False)
+    code = run(["inpaint", str(tmp_path / "init.png"), str(tmp_path / "red.png"), "a", "--model", str(sd1_folder),
+                "--steps", "1", "--quiet", "--out", str(tmp_path / "x.png")])
+    assert code == 0 and "the mask repaints nothing" in capsys.readouterr().err
+
+
+def test_caption_file_not_utf8_names_the_file(tmp_path):
+    from sdengine.train.data import FolderSource
+
+    rgb((1, 2, 3), (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"a red \xff\xfe square")
+    with pytest.raises(ValueError, match=r"a\.txt: not UTF-8 text \(byte 6"):
+        FolderSource(tmp_path, 32)
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "\xc3"}\n')
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: not UTF-8 text"):
+        FolderSource(tmp_path, 32)
+
+
+def test_a_huge_safetensors_header_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    n = 1 << 30
+    with open(path, "wb") as f:  # sparse: a 1 GiB file that takes no disk
+        f.write(struct.pack("<Q", n) + b"{")
+        f.truncate(8 + n + 16)
+    for read in (safetensors_metadata, read_tensors):
+        tracemalloc.start()
+        with pytest.raises(CheckpointError, match="a 1073741824-byte header"):
+            read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 10 << 20, peak  # was: the whole header read (1 GiB, 1.5 GB RSS) before json failed
