@@ -364,3 +364,87 @@ def test_condition_matches_diffusers_encode_prompt(sdxl_pipes):
     assert_close(uncond.context, neg_embeds)
     assert_close(cond.y[:, :POOLED], pooled)
     assert_close(uncond.y[:, :POOLED], neg_pooled)
+
+
+def _init_image():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(0).rand(H, W, 3) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(sdxl_pipes, sampler, strength):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from sampler_harness import max_rel_error
+
+    from sdengine.diffusion.samplers import SAMPLERS
+    from sdengine.images import image_to_tensor
+    from sdengine.request import Request
+
+    spec = SAMPLERS[sampler]
+    ref = _sdxl_reference(StableDiffusionXLImg2ImgPipeline(**sdxl_pipes["ref"].components), spec.diffusers_class,
+                          **spec.diffusers_options)
+    expected = ref("a red circle", image=_init_image(), strength=strength, num_inference_steps=10,
+                   guidance_scale=5, generator=[torch.Generator().manual_seed(3)], output_type="latent").images
+    req = Request(prompt="a red circle", steps=10, sampler=sampler, cfg_scale=5, seed=3, width=W, height=H,
+                  strength=strength)
+    ours = sdxl_pipes["ours"].sample(req, init=image_to_tensor(_init_image(), W, H))
+    assert max_rel_error(ours, expected) < 1e-3
+
+
+# --- the refiner: bigG alone (conditioner.embedders.0), aesthetic-score conditioning -----------------------------
+
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory, sdxl_folder):
+    """A tiny StableDiffusionXLImg2ImgPipeline in the refiner's layout (4 levels, no text_encoder, aesthetic score),
+    saved by diffusers."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    base = sdxl_folder[1]
+    unet = dict(SDXL_UNET, block_out_channels=(64, 128, 128, 128), attention_head_dim=(1, 2, 2, 2),
+                cross_attention_dim=32, transformer_layers_per_block=2,
+                projection_class_embeddings_input_dim=POOLED + 5 * 256,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(4)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, scheduler=base.scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        unet=perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **unet), 4))
+    folder = tmp_path_factory.mktemp("refiner") / "pipe"
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def test_refiner_loads_converts_and_refines_as_diffusers(refiner_folder, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from sampler_harness import max_rel_error
+
+    import sdengine
+    from sdengine.images import image_to_tensor
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import Request
+
+    folder, _ = refiner_folder
+    model = sdengine.load(folder)
+    assert model.config.family == "sdxl-refiner" and model.config.text_2 is None
+    assert model.tokenizer.pad_id == 0 and model.config.unet.transformer_depth == (0, 2, 2, 0)
+    assert all(k.startswith(("model.", "first_stage_model.", "conditioner.embedders.0.model."))
+               for k in model.state_dict())
+    single = tmp_path / "refiner.safetensors"
+    sdengine.save(model, single)
+    _equal(sdengine.load(single).state_dict(), model.state_dict())
+    sdengine.save(model, tmp_path / "back", to="diffusers")
+    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "back")  # diffusers reads what we wrote
+    ref = _sdxl_reference(ref, "EulerDiscreteScheduler")
+    for negative in ("blue", ""):  # the refiner encodes an empty negative (no force_zeros)
+        expected = ref("a red circle", negative_prompt=negative, image=_init_image(), strength=0.3,
+                       num_inference_steps=10, guidance_scale=5, generator=[torch.Generator().manual_seed(3)],
+                       output_type="latent").images
+        req = Request(prompt="a red circle", negative_prompt=negative, steps=10, cfg_scale=5, seed=3, width=W,
+                      height=H, strength=0.3)
+        ours = Pipeline(model).sample(req, init=image_to_tensor(_init_image(), W, H))
+        assert max_rel_error(ours, expected) < 1e-3
