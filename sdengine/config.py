@@ -120,7 +120,7 @@ class ModelConfig:
     text_2: TextConfig | None = None
     prediction: Prediction = "eps"
     # The image size (pixels) the model was trained at, when known (our trained models record it); generation
-    # defaults to it. None: 512, as A1111 does for any SD checkpoint.
+    # defaults to it. None: 512, as A1111 does for any SD checkpoint (SDXL: 1024, its training size).
     sample_size: int | None = None
 
     @property
@@ -134,7 +134,7 @@ class ModelConfig:
 
     @property
     def image_size(self) -> int:
-        return self.sample_size or 512
+        return self.sample_size or (1024 if self.conditioner else 512)
 
     @property
     def family(self) -> str:

@@ -448,3 +448,19 @@ def test_refiner_loads_converts_and_refines_as_diffusers(refiner_folder, tmp_pat
                       height=H, strength=0.3)
         ours = Pipeline(model).sample(req, init=image_to_tensor(_init_image(), W, H))
         assert max_rel_error(ours, expected) < 1e-3
+
+
+def test_merge_covers_both_text_encoders(sdxl_folder):
+    import sdengine
+    from sdengine.weights.merge import merge_models
+
+    a, b = sdengine.load(sdxl_folder[0]), sdengine.load(sdxl_folder[0])
+    original = {k: v.clone() for k, v in a.state_dict().items()}
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    merge_models(a, b, 0.5, parts=["text"])
+    for key, value in a.state_dict().items():
+        shift = 0.5 if key.startswith("conditioner.embedders.") else 0.0
+        assert torch.allclose(value, original[key] + shift, atol=1e-6), key
+    assert a.config.image_size == 1024  # SDXL generates at its training size by default

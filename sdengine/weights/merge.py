@@ -18,10 +18,10 @@ import torch
 
 from ..model import StableDiffusion
 from .checkpoint import load
-from .keys import TEXT, UNET, VAE
+from .keys import CONDITIONER, TEXT, UNET, VAE
 
-# The single-file layout's top-level modules, by the names the CLI uses.
-PART_PREFIXES = {"unet": UNET, "vae": VAE, "text": TEXT}
+# The single-file layout's top-level modules, by the names the CLI uses (text: SD1/SD2's encoder, SDXL's two).
+PART_PREFIXES = {"unet": (UNET,), "vae": (VAE,), "text": (TEXT, CONDITIONER)}
 
 
 def _parts_prefixes(parts: Iterable[str]) -> tuple[str, ...]:
@@ -29,7 +29,7 @@ def _parts_prefixes(parts: Iterable[str]) -> tuple[str, ...]:
     unknown = [p for p in parts if p not in PART_PREFIXES]
     if unknown or not parts:
         raise ValueError(f"parts to merge must be some of {', '.join(PART_PREFIXES)}; got {', '.join(parts) or 'none'}")
-    return tuple(PART_PREFIXES[p] for p in parts)
+    return tuple(prefix for p in parts for prefix in PART_PREFIXES[p])
 
 
 def _check_same_architecture(a: dict[str, torch.Tensor], other: dict[str, torch.Tensor], name: str) -> None:
