@@ -464,3 +464,53 @@ def test_merge_covers_both_text_encoders(sdxl_folder):
         shift = 0.5 if key.startswith("conditioner.embedders.") else 0.0
         assert torch.allclose(value, original[key] + shift, atol=1e-6), key
     assert a.config.image_size == 1024  # SDXL generates at its training size by default
+
+
+def _right_half_mask():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(((np.arange(W)[None, :].repeat(H, 0) >= W // 2) * 255).astype(np.uint8))
+
+
+def _inpaint_parity(ours_pipe, ref, strength: float, seed: int = 3) -> float:
+    from sampler_harness import max_rel_error
+
+    from sdengine.images import image_to_tensor, mask_to_tensor
+    from sdengine.request import Request
+
+    expected = ref("a red circle", image=_init_image(), mask_image=_right_half_mask(), strength=strength,
+                   num_inference_steps=8, guidance_scale=5, generator=[torch.Generator().manual_seed(seed)],
+                   output_type="latent", height=H, width=W).images
+    req = Request(prompt="a red circle", steps=8, sampler="euler", cfg_scale=5, seed=seed, width=W, height=H,
+                  strength=strength)
+    ours = ours_pipe.sample(req, init=image_to_tensor(_init_image(), W, H),
+                            mask=mask_to_tensor(_right_half_mask(), W, H))
+    return max_rel_error(ours, expected)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_matches_diffusers(sdxl_pipes, strength):
+    """The base UNet: the known region blended back at every step, as StableDiffusionXLInpaintPipeline does."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    ref = _sdxl_reference(StableDiffusionXLInpaintPipeline(**sdxl_pipes["ref"].components), "EulerDiscreteScheduler")
+    assert _inpaint_parity(sdxl_pipes["ours"], ref, strength) < 1e-3
+
+
+def test_inpainting_unet_matches_diffusers(sdxl_folder, tmp_path):
+    """A 9-channel SDXL inpainting UNet (sdxl-inpaint) sees the mask and the masked image's latents."""
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    import sdengine
+    from sdengine.pipeline import Pipeline
+
+    base = sdxl_folder[1]
+    unet = perturbed(UNet2DConditionModel(sample_size=16, in_channels=9, out_channels=4, **SDXL_UNET), 7)
+    ref = StableDiffusionXLInpaintPipeline(**{**base.components, "unet": unet})
+    ref.save_pretrained(tmp_path / "inpaint")
+    model = sdengine.load(tmp_path / "inpaint")
+    assert model.config.family == "sdxl-inpaint"
+    ref = _sdxl_reference(ref, "EulerDiscreteScheduler")
+    for strength in (1.0, 0.5):
+        assert _inpaint_parity(Pipeline(model), ref, strength, seed=9) < 1e-3
