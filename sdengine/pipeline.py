@@ -240,6 +240,35 @@ class Pipeline:
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
         return latents
 
+    @torch.no_grad()
+    def sample_with_refiner(self, req: Request, refiner: Pipeline, switch_at: float = 0.8) -> torch.Tensor:
+        """txt2img latents (VP-scaled, as `sample` gives them) from SDXL's ensemble of experts: this model runs the
+        schedule down to the switch point, `refiner` continues the same schedule on its latents, as diffusers'
+        denoising_end / denoising_start pair does (the base runs the steps whose timestep is at least
+        round(1000 * (1 - switch_at))). Stochastic samplers draw the refiner's noise from fresh generators of the
+        image seeds."""
+        if not 0.0 < switch_at < 1.0:
+            raise ValueError(f"the refiner switch point must lie in (0, 1), got {switch_at}")
+        if req.width is None or req.height is None or req.n_iter != 1:
+            raise ValueError("sample_with_refiner takes one sized batch: use Request.sized/iteration")
+        sigmas = self.sigmas(req, img2img=False)
+        cutoff = round(self.schedule.num_train_timesteps * (1 - switch_at))
+        timesteps = self.schedule.sigma_to_t(sigmas[:-1].numpy()).round()
+        k = int((timesteps >= cutoff).sum())
+        if k == 0 or k == len(timesteps):
+            raise ValueError(f"switch point {switch_at} leaves no steps to the {'base' if k == 0 else 'refiner'}")
+        head = _Head(self.model, self.schedule, sigmas[: k + 1])
+        x = head.sample(req) * (1 + sigmas[k] ** 2) ** 0.5  # back to the sampler's (VE) latents at sigma_k
+        spec = req.sampler_spec
+        f = refiner.model.config.vae.downscale
+        shape = (req.batch_size, refiner.model.config.unet.out_channels, req.height // f, req.width // f)
+        noise = BatchNoise([torch.Generator().manual_seed(s) for s in req.seeds], shape, refiner.model.device)
+        with refiner.tiling(req):
+            denoise = refiner.denoiser(req, *refiner.condition(req))
+            extra = {"prediction": refiner.model.config.prediction} if spec.uses_prediction else {}
+            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise, **extra)
+        return x / (1 + sigmas[-1] ** 2) ** 0.5
+
     def second_pass(self, first: Request, latents: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
         """The hires fix (A1111's sample_hr_pass): the first pass's latents upscaled (in latent space, or decoded,
         resized and encoded again), then img2img at the larger size, its noise drawn again from the same seeds."""
@@ -297,6 +326,17 @@ class Pipeline:
         params = {**req.infotext_fields(index), "Model hash": self._model_hash,
                   "Model": source.stem if source else None, **(extra or {}), "Version": f"sdengine {__version__}"}
         return format_parameters(req.prompt, req.negative_prompt, params)
+
+
+class _Head(Pipeline):
+    """A pipeline that samples only the first part of a schedule (the base model's share of an ensemble)."""
+
+    def __init__(self, model: StableDiffusion, schedule: NoiseSchedule, head: torch.Tensor):
+        super().__init__(model, schedule)
+        self.head = head
+
+    def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:
+        return self.head
 
 
 def known_region_blend(model: Callable, latent_mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,

@@ -514,3 +514,31 @@ def test_inpainting_unet_matches_diffusers(sdxl_folder, tmp_path):
     ref = _sdxl_reference(ref, "EulerDiscreteScheduler")
     for strength in (1.0, 0.5):
         assert _inpaint_parity(Pipeline(model), ref, strength, seed=9) < 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_base_and_refiner_match_diffusers_ensemble(sdxl_pipes, refiner_folder, sampler):
+    """The base runs the schedule to the switch point, the refiner continues it: diffusers' denoising_end /
+    denoising_start pair."""
+    from sampler_harness import max_rel_error
+
+    import sdengine
+    from sdengine.diffusion.samplers import SAMPLERS
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import Request
+
+    spec = SAMPLERS[sampler]
+    base = _sdxl_reference(sdxl_pipes["ref"], spec.diffusers_class, **spec.diffusers_options)
+    refiner = _sdxl_reference(refiner_folder[1], spec.diffusers_class, **spec.diffusers_options)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    latents = base("a red circle", negative_prompt="blue", num_inference_steps=10, guidance_scale=6,
+                   denoising_end=0.8, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                   output_type="latent").images
+    expected = refiner(["a red circle"] * 2, negative_prompt=["blue"] * 2, image=latents, num_inference_steps=10,
+                       guidance_scale=6, denoising_start=0.8, generator=gens, output_type="latent").images
+    req = Request(prompt="a red circle", negative_prompt="blue", steps=10, sampler=sampler, cfg_scale=6, seed=5,
+                  width=W, height=H, batch_size=2)
+    ours = sdxl_pipes["ours"].sample_with_refiner(req, Pipeline(sdengine.load(refiner_folder[0])), 0.8)
+    assert max_rel_error(ours, expected) < 1e-3
+    with pytest.raises(ValueError, match="switch point"):
+        sdxl_pipes["ours"].sample_with_refiner(req, Pipeline(sdengine.load(refiner_folder[0])), 1.0)
