@@ -22,6 +22,29 @@ def normalization(channels: int, groups: int = 32, eps: float = 1e-5) -> GroupNo
     return GroupNorm32(groups, channels, eps=eps)
 
 
+# Query chunks are sized so that one chunk's score matrix (batch x heads x rows x keys) stays under this many
+# elements (256 MiB in fp32), should the kernel that runs materialise it.
+MAX_SCORES = 1 << 26
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v over (b, heads, tokens, d), in memory that does not grow with tokens².
+
+    PyTorch's fused kernels (flash / memory-efficient, CPU and CUDA) never build the tokens x tokens matrix, but
+    they need a contiguous last dimension: q/k/v taken as a transposed view of a (b, c, pixels) map fall back to
+    the math kernel, which does (the VAE's mid-block attention of a 1024² decode of the shipped model, 65536
+    pixels: 16 GiB, and the process was killed). So q/k/v are made contiguous, and away from CUDA, whose fused
+    kernels are always there, long sequences are attended MAX_SCORES at a time in query chunks: each query row's
+    softmax is over all keys either way, so the chunks give the same result (up to float rounding)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, heads, n, _ = q.shape
+    per_row = b * heads * k.shape[-2]
+    if q.device.type == "cuda" or is_causal or n * per_row <= MAX_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    rows = max(1, MAX_SCORES // per_row)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v) for i in range(0, n, rows)], dim=2)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when no context is given."""
 
@@ -41,7 +64,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (b, tokens, heads*d) -> (b, heads, tokens, d)
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.to_out(out)
 
