@@ -78,7 +78,8 @@ def test_lone_surrogates_are_refused_before_any_work(client):
     for body, needle in (({**SMALL, "prompt": "a \ud800 cat"}, "prompt is not valid text"),
                          ({**SMALL, "negative_prompt": "\udcff"}, "negative_prompt is not valid text"),
                          ({**SMALL, "styles": ["\ud800"]}, "style"),
-                         ({**SMALL, "sampler_name": "\ud800"}, "unknown sampler")):
+                         ({**SMALL, "sampler_name": "\ud800"}, "unknown sampler"),
+                         ({**SMALL, "enable_hr": True, "hr_prompt": "b \udc80"}, "hr_prompt is not valid text")):
         status, reply = post(client, "/sdapi/v1/txt2img", body)
         assert status == 422 and needle in reply["detail"], reply
     status, reply = post(client, "/sdapi/v1/txt2img", {**SMALL, "\udc80": 2})  # pydantic refuses such a key

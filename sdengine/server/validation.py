@@ -194,6 +194,12 @@ class BodyReader:
         for key, text in prompts:
             if not isinstance(text, str):
                 raise BadInput(f"{key} must be text")
+            if not text.isascii():  # hr_prompt too, which reaches a Request only after the first pass
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise BadInput(f"{key} is not valid text: a lone surrogate U+{ord(text[e.start]):04X} at "
+                                   f"character {e.start}") from None
             if len(text) > self.limits.max_prompt_chars:
                 raise BadInput(f"{key} has {len(text)} characters; at most {self.limits.max_prompt_chars} are "
                                "accepted")
