@@ -13,6 +13,8 @@ from sdengine.weights.diffusers_folder import unet_config_from_diffusers, unet_c
 from sdengine.weights.keys import UNET, from_diffusers, to_diffusers
 
 POOLED = 32
+# The fast loop (-m "not slow") keeps Euler's runs of each kind of generation; the full run does the other samplers.
+SLOW = lambda value: pytest.param(value, marks=pytest.mark.slow)  # noqa: E731
 SDXL_UNET = dict(
     block_out_channels=(64, 128, 128), layers_per_block=2, attention_head_dim=(1, 2, 2), cross_attention_dim=64,
     transformer_layers_per_block=(1, 2, 3), use_linear_projection=True, norm_num_groups=32,
@@ -333,7 +335,7 @@ def sdxl_pipes(sdxl_folder):
 
 
 @pytest.mark.parametrize("negative", ["blue", ""])  # "": zeros, as diffusers' force_zeros_for_empty_prompt
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim"])
+@pytest.mark.parametrize("sampler", ["euler", SLOW("dpmpp_2m"), SLOW("ddim")])
 def test_txt2img_matches_diffusers(sdxl_pipes, sampler, negative):
     from sampler_harness import max_rel_error
 
@@ -373,8 +375,8 @@ def _init_image():
     return Image.fromarray((np.random.RandomState(0).rand(H, W, 3) * 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [SLOW(1.0), 0.6])
+@pytest.mark.parametrize("sampler", ["euler", SLOW("dpmpp_2m")])
 def test_img2img_matches_diffusers(sdxl_pipes, sampler, strength):
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from sampler_harness import max_rel_error
@@ -489,7 +491,7 @@ def _inpaint_parity(ours_pipe, ref, strength: float, seed: int = 3) -> float:
     return max_rel_error(ours, expected)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize("strength", [1.0, SLOW(0.7)])
 def test_inpaint_matches_diffusers(sdxl_pipes, strength):
     """The base UNet: the known region blended back at every step, as StableDiffusionXLInpaintPipeline does."""
     from diffusers import StableDiffusionXLInpaintPipeline
@@ -498,6 +500,7 @@ def test_inpaint_matches_diffusers(sdxl_pipes, strength):
     assert _inpaint_parity(sdxl_pipes["ours"], ref, strength) < 1e-3
 
 
+@pytest.mark.slow
 def test_inpainting_unet_matches_diffusers(sdxl_folder, tmp_path):
     """A 9-channel SDXL inpainting UNet (sdxl-inpaint) sees the mask and the masked image's latents."""
     from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
@@ -516,7 +519,7 @@ def test_inpainting_unet_matches_diffusers(sdxl_folder, tmp_path):
         assert _inpaint_parity(Pipeline(model), ref, strength, seed=9) < 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", SLOW("dpmpp_2m")])
 def test_base_and_refiner_match_diffusers_ensemble(sdxl_pipes, refiner_folder, sampler):
     """The base runs the schedule to the switch point, the refiner continues it: diffusers' denoising_end /
     denoising_start pair."""
