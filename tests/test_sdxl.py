@@ -545,3 +545,18 @@ def test_base_and_refiner_match_diffusers_ensemble(sdxl_pipes, refiner_folder, s
     assert max_rel_error(ours, expected) < 1e-3
     with pytest.raises(ValueError, match="switch point"):
         sdxl_pipes["ours"].sample_with_refiner(req, Pipeline(sdengine.load(refiner_folder[0])), 1.0)
+
+
+def test_generation_features_run_on_sdxl(sdxl_pipes):
+    """What the pipeline does around sampling (hires fix at a new size, seamless tiling, variation seeds, a long
+    weighted prompt in two chunks, infotext) holds for SDXL: the vector follows each pass's size."""
+    from sdengine.hires import HiresFix
+    from sdengine.request import Request
+
+    pipe = sdxl_pipes["ours"]
+    long = "(a red circle:1.3), " + ", ".join(["a small blue square"] * 20)
+    images = pipe.generate(long, steps=3, seed=1, width=W, height=H, tiling=True, subseed=7, subseed_strength=0.3,
+                           hires=HiresFix(scale=1.5, steps=2))
+    assert images[0].size == (56, 48) and "Seed: 1" in images[0].info["parameters"]
+    cond, _ = pipe.condition(Request(prompt=long, width=W, height=H))
+    assert cond.context.shape[1] == 154 and cond.y.shape == (1, POOLED + 6 * 256)
