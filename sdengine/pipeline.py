@@ -251,6 +251,13 @@ class Pipeline:
             raise ValueError(f"the refiner switch point must lie in (0, 1), got {switch_at}")
         if req.width is None or req.height is None or req.n_iter != 1:
             raise ValueError("sample_with_refiner takes one sized batch: use Request.sized/iteration")
+        ours, theirs = self.model.config, refiner.model.config
+        if (ours.unet.out_channels, ours.vae.downscale, ours.vae.scaling_factor) != (
+                theirs.unet.out_channels, theirs.vae.downscale, theirs.vae.scaling_factor):
+            raise ValueError(f"the refiner ({theirs.family}) works in another latent space than the model "
+                             f"({ours.family}): {theirs.unet.out_channels} channels at 1/{theirs.vae.downscale}, "
+                             f"scale {theirs.vae.scaling_factor} vs {ours.unet.out_channels} at "
+                             f"1/{ours.vae.downscale}, scale {ours.vae.scaling_factor}")
         sigmas = self.sigmas(req, img2img=False)
         cutoff = round(self.schedule.num_train_timesteps * (1 - switch_at))
         timesteps = self.schedule.sigma_to_t(sigmas[:-1].numpy()).round()

@@ -545,6 +545,9 @@ def test_base_and_refiner_match_diffusers_ensemble(sdxl_pipes, refiner_folder, s
     assert max_rel_error(ours, expected) < 1e-3
     with pytest.raises(ValueError, match="switch point"):
         sdxl_pipes["ours"].sample_with_refiner(req, Pipeline(sdengine.load(refiner_folder[0])), 1.0)
+    sd1 = Pipeline(sdengine.StableDiffusion(PRESETS["tiny"]))  # SD's VAE scale: another latent space
+    with pytest.raises(ValueError, match="another latent space"):
+        sdxl_pipes["ours"].sample_with_refiner(req, sd1, 0.8)
 
 
 def test_generation_features_run_on_sdxl(sdxl_pipes):
