@@ -563,3 +563,27 @@ def test_generation_features_run_on_sdxl(sdxl_pipes):
     assert images[0].size == (56, 48) and "Seed: 1" in images[0].info["parameters"]
     cond, _ = pipe.condition(Request(prompt=long, width=W, height=H))
     assert cond.context.shape[1] == 154 and cond.y.shape == (1, POOLED + 6 * 256)
+
+
+def test_sdxl_files_in_other_forms(sdxl_folder, tmp_path):
+    """A .ckpt (read with weights_only), an fp16 file, and a standalone diffusers-named VAE (the fp16-fix VAE's
+    layout) given with --vae: SDXL keeps its latent scale, and every tensor arrives as written."""
+    import safetensors.torch
+
+    import sdengine
+
+    folder, ref = sdxl_folder
+    model = sdengine.load(folder)
+    sd = model.state_dict()
+    sdengine.save(model, tmp_path / "sdxl.ckpt")
+    _equal(sdengine.load(tmp_path / "sdxl.ckpt").state_dict(), sd)
+    sdengine.save(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    half = sdengine.load(tmp_path / "half.safetensors", dtype=None)
+    assert half.dtype == torch.float16 and half.config == model.config
+    _equal(half.state_dict(), {k: v.half() for k, v in sd.items()})
+
+    vae_file = tmp_path / "sdxl-vae-fp16-fix.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ref.vae.state_dict().items()}, vae_file)
+    with_vae = sdengine.load(folder, vae=vae_file)
+    assert with_vae.config.vae.scaling_factor == 0.13025
+    _equal(with_vae.vae.state_dict(), model.vae.state_dict())
