@@ -1,0 +1,104 @@
+"""SDXL at full size, by hand: the `init sdxl` / `init sdxl-refiner` presets found again from their shapes and key
+sets alone (the meta device: no memory, no time), then (--unet) one guided UNet step, batch 2, of a random-weight
+diffusers SDXL base UNet and of ours holding the same tensors, timed side by side, with their difference and the
+process's peak RSS.
+
+    python benchmarks/sdxl_full_size.py [--unet] [--latent 128] [--dtype bf16|fp32]
+
+--unet at --latent 128 (1024²) in bf16 needs ~6 GB of RAM (the weights are shared, not copied) and minutes of CPU;
+fp32 ~11 GB. Needs the [test] extra (diffusers).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from sdengine.config import PRESETS, ModelConfig
+from sdengine.model import StableDiffusion
+from sdengine.nn.unet import UNetModel, sdxl_vector
+from sdengine.weights.detect import detect
+from sdengine.weights.keys import UNET, from_diffusers
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the fields that shape it)
+DIFFUSERS_BASE = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def check_detection() -> None:
+    for name in ("sdxl", "sdxl-refiner"):
+        with torch.device("meta"):
+            sd = StableDiffusion(PRESETS[name]).state_dict()
+        found = detect(sd)
+        same = found == PRESETS[name] or found == ModelConfig(**{**PRESETS[name].__dict__, "sample_size": None})
+        counts = {k: sum(v.numel() for key, v in sd.items() if key.startswith(k))
+                  for k in ("model.", "first_stage_model.", "conditioner.")}
+        print(f"{name}: {len(sd)} tensors, detected family {found.family!r}, config equal to the preset: {same}; "
+              + ", ".join(f"{k.rstrip('.')} {n / 1e6:.0f} M" for k, n in counts.items()))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+@torch.no_grad()
+def time_unet(latent: int, dtype: torch.dtype) -> None:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target precision: no fp32 copy of 2.6 B parameters
+    try:
+        ref = UNet2DConditionModel(**DIFFUSERS_BASE).eval()
+    finally:
+        torch.set_default_dtype(default)
+    cfg = PRESETS["sdxl"]
+    sd = from_diffusers({"unet": ref.state_dict()}, cfg)  # renamed, the same tensors
+    with torch.device("meta"):
+        ours = UNetModel(cfg.unet)
+    ours.load_state_dict({k[len(UNET):]: v for k, v in sd.items()}, strict=True, assign=True)
+    ours.eval()
+    print(f"UNet {sum(p.numel() for p in ours.parameters()) / 1e9:.2f} B parameters, {dtype}, "
+          f"peak RSS so far {peak_rss_gb():.1f} GB")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, latent, latent, generator=g).to(dtype)
+    t = torch.tensor([500, 500])
+    context = torch.randn(2, 77, 2048, generator=g).to(dtype)
+    pooled = torch.randn(2, 1280, generator=g)
+    size = torch.tensor([[latent * 8, latent * 8]] * 2)
+    time_ids = torch.cat([size, torch.zeros(2, 2), size], dim=1).float()
+    y = sdxl_vector(pooled, size, torch.zeros(2, 2), size).to(dtype)
+    times = {}
+    for name, run in (("diffusers", lambda: ref(x, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample),
+                      ("sdengine", lambda: ours(x, t, context, y))):
+        start = time.perf_counter()
+        out = run()
+        times[name] = (time.perf_counter() - start, out.float())
+    err = (times["sdengine"][1] - times["diffusers"][1]).abs().max().item()
+    scale = times["diffusers"][1].abs().max().item()
+    print(f"one guided step (batch 2) at {latent * 8}²: diffusers {times['diffusers'][0]:.1f} s, "
+          f"sdengine {times['sdengine'][0]:.1f} s; max abs difference {err:.3g} (scale {scale:.3g}); "
+          f"peak RSS {peak_rss_gb():.1f} GB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--unet", action="store_true", help="also time one UNet step against diffusers")
+    ap.add_argument("--latent", type=int, default=128)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    args = ap.parse_args()
+    check_detection()
+    if args.unet:
+        time_unet(args.latent, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+
+
+if __name__ == "__main__":
+    main()
