@@ -301,13 +301,23 @@ def test_existing_outputs_are_replaced_only_with_force(cli, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_folder_out_writes_into_it(cli, tmp_path):
+def test_folder_out_writes_into_it(tmp_path):
+    """A folder --out (with or without the trailing slash) gets sdengine-ID.png files; checked without generating:
+    output_paths is what run_generation writes to."""
+    from sdengine.cli.generate import output_paths
+    from sdengine.errors import CLIError
+
     folder = tmp_path / "outs"
     folder.mkdir()
-    for out in (folder, f"{folder}/"):
-        code, stdout, _ = cli("generate", "a", "--seed", "5", "--out", out, "--force", *FAST)
-        assert code == 0 and f"wrote {folder / 'sdengine-5.png'}" in stdout
-    assert [p.name for p in folder.iterdir()] == ["sdengine-5.png"]
+    for out in (folder, f"{folder}/", str(folder)):
+        assert output_paths(out, [5, 6]) == [folder / "sdengine-5.png", folder / "sdengine-6.png"]
+    (folder / "sdengine-6.png").write_bytes(b"")
+    with pytest.raises(CLIError, match="sdengine-6.png exists"):
+        output_paths(folder, [5, 6])
+    assert output_paths(folder, [6], force=True) == [folder / "sdengine-6.png"]
+    (folder / "b-1.png").mkdir()  # a batch's name that is a folder is never replaced, --force or not
+    with pytest.raises(CLIError, match="b-1.png is a folder"):
+        output_paths(folder / "b.png", [1, 2], force=True)
 
 
 @pytest.mark.slow
