@@ -198,3 +198,17 @@ def test_a_mask_that_repaints_nothing_is_said(client):
     status, reply = post(client, "/sdapi/v1/img2img", {**SMALL, "init_images": [b64png()],
                                                        "mask": b64png(color=(255, 0, 0)), "mask_blur": 0})
     assert status == 200 and any("repaints nothing" in w for w in json.loads(reply["info"])["warnings"]), reply
+
+
+def test_a_body_with_too_many_keys_is_refused_before_it_is_parsed(client):
+    """Issue 34 (5): a 48 MB body of 4 M keys was parsed on the event loop, holding every client for 17 s."""
+    import time
+
+    keys = b"".join(b', "k%d": 1' % i for i in range(100_001))
+    start = time.perf_counter()
+    r = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "a"' + keys + b"}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 100000 keys" in r.json()["detail"], r.text[:300]
+    assert time.perf_counter() - start < 2
+    status, _ = post(client, "/sdapi/v1/txt2img", {**SMALL, "prompt": "(a:1.2), " * 30})  # colons in text: fine
+    assert status == 200

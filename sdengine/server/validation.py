@@ -51,6 +51,7 @@ class Limits:
     max_prompt_chars: int = 4000
     queue_size: int = 16
     max_body_bytes: int = 64 << 20
+    max_body_keys: int = 100_000  # A1111 bodies have about 100; see app.Guard
 
     @property
     def max_image_pixels(self) -> int:
