@@ -212,3 +212,9 @@ def test_a_body_with_too_many_keys_is_refused_before_it_is_parsed(client):
     assert time.perf_counter() - start < 2
     status, _ = post(client, "/sdapi/v1/txt2img", {**SMALL, "prompt": "(a:1.2), " * 30})  # colons in text: fine
     assert status == 200
+
+
+def test_options_report_the_loaded_models_size(client):
+    """The web page's default width and height (issue 34, 6: it was 512 whatever the model)."""
+    got = client.get("/sdapi/v1/options").json()
+    assert got["sdengine_image_size"] == client.service.registry.pipeline.model.config.image_size

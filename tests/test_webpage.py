@@ -292,3 +292,19 @@ def test_page_needs_credentials(auth_server, web):
     page.get_by_label("Prompt", exact=True).press("Control+Enter")  # the keyboard shortcut generates
     expect(page.locator("#gallery li .infotext").first).to_contain_text("a locked door", timeout=WAIT_MS)
     assert page.get_by_label("Seed", exact=True).input_value() == "-1"
+
+
+def test_size_defaults_to_the_loaded_models(web, tmp_path):
+    """Issue 34 (6): the page defaulted to 512x512 whatever the model (the shipped model is 64x64: a first click
+    gave a slow, broken image). The models folder links to the shipped model (a symlink, which `serve` once
+    refused)."""
+    import sdengine
+
+    shipped = Path(sdengine.__file__).parent / "models" / "default" / "model.safetensors"
+    if not shipped.is_file():
+        pytest.skip("this install has no shipped model")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.safetensors").symlink_to(shipped)
+    with serve(tmp_path) as running:
+        page = web().open(running.url)
+        assert (page.get_by_label("Width").input_value(), page.get_by_label("Height").input_value()) == ("64", "64")

@@ -198,8 +198,10 @@ def router(service: Service) -> APIRouter:
                 title, sha = described["title"], described["sha256"]
             except BadInput:  # the file went away since
                 title = name
+        # ours: the loaded model's training size, the web page's default width and height (the shipped model: 64)
+        size = reg.pipeline.model.config.image_size if reg.pipeline is not None else None
         return {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha, "sd_vae": "Automatic",
-                "samples_format": "png", "eta_noise_seed_delta": 0, **service.settings}
+                "samples_format": "png", "eta_noise_seed_delta": 0, "sdengine_image_size": size, **service.settings}
 
     @api.post("/options")
     async def set_options(body: dict[str, Any]) -> Any:

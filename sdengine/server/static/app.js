@@ -116,6 +116,11 @@
       fillSelect(el.scheduler, schedulers.value.map((s) => [s.name, s.label || s.name]), keep.scheduler, "automatic");
     }
     state.currentModel = options.status === "fulfilled" ? options.value.sd_model_checkpoint : null;
+    const size = options.status === "fulfilled" ? options.value.sdengine_image_size : null;
+    if (Number.isInteger(size) && size > 0) { // the loaded model's size, unless the user's own sizes are kept
+      if (typeof keep.width !== "string") el.width.value = String(size);
+      if (typeof keep.height !== "string") el.height.value = String(size);
+    }
     if (models.status === "fulfilled") {
       fillSelect(el.model, models.value.map((m) => [m.title, m.model_name]), keep.model, state.currentModel);
     }
