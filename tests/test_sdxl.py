@@ -587,3 +587,14 @@ def test_sdxl_files_in_other_forms(sdxl_folder, tmp_path):
     with_vae = sdengine.load(folder, vae=vae_file)
     assert with_vae.config.vae.scaling_factor == 0.13025
     _equal(with_vae.vae.state_dict(), model.vae.state_dict())
+
+
+def test_txt2img_images_match(sdxl_pipes):
+    """Decoded with SDXL's scale (0.13025): the image is diffusers' to within 1/255 on average."""
+    import numpy as np
+
+    ref = _sdxl_reference(sdxl_pipes["ref"], "EulerDiscreteScheduler")
+    expected = ref("a photo", num_inference_steps=4, guidance_scale=7.5, generator=[torch.Generator().manual_seed(1)],
+                   height=H, width=W, output_type="np").images[0]
+    img = sdxl_pipes["ours"].generate("a photo", steps=4, seed=1, width=W, height=H)[0]
+    assert np.abs(np.asarray(img).astype(float) - (expected * 255).round()).mean() <= 1.0 and img.size == (W, H)
