@@ -7,7 +7,8 @@ process's peak RSS.
 
 --unet needs ~10.5 GB of RAM in fp32 (the weights are shared, not copied), ~5.5 GB in bf16. Needs the [test]
 extra (diffusers). Measured 2026-12-06 on this 2-core AMD EPYC (no AVX512, no native bf16), fp32, batch 2:
-256² diffusers 8.3 s / sdengine 8.7 s, max difference 4.4e-6 of 1.5, peak RSS 10.4 GB.
+256² diffusers 8.3 s / sdengine 8.7 s; 512² 21.8 s / 24.2 s; 1024² 120.9 s / 102.6 s (max difference 4.2e-6 of 1.6,
+peak RSS 11.4 GB).
 bf16 here is not a fast path: NCHW bf16 convolutions run ~100x slower than fp32 (a 320-channel 3x3 conv on
 2x32x32: fp32 0.03 s, bf16 3.5 s, bf16 channels_last 0.24 s), and a bf16 step at 256² did not finish in 9 CPU-min.
 """
