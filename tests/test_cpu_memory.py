@@ -52,6 +52,7 @@ def _probe(mode: str, rounds: int = 0, **env: str) -> tuple[bool, list[int]]:
     return _result(_start(mode, rounds, **env))
 
 
+@pytest.mark.slow
 def test_freed_memory_is_reused_without_page_faults():
     # Both at once (each counts only its own faults): half the wall time, and another process busy beside each.
     tuned, default = _start("tuned", rounds=3), _start("default", rounds=3)  # the baseline, measured the same way

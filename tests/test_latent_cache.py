@@ -71,6 +71,7 @@ def test_resume_reuses_the_cache_and_a_damaged_one_is_rebuilt(capsys, tmp_path, 
     assert [r["step"] for r in logged(run)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_cache_built_from_other_inputs_is_not_used(capsys, tmp_path, stages):
     data = stages[0]
     rc, err = train(capsys, "unet", tmp_path / "a", data, *unet_args(stages, "--steps", "1", "--cache-latents", "4"))

@@ -282,6 +282,7 @@ def test_sdxl_folder_loads_and_converts_both_ways(sdxl_folder, tmp_path):
     assert sdengine.load(back).config == model.config
 
 
+@pytest.mark.slow
 def test_sdxl_folder_we_write_loads_in_diffusers(sdxl_folder, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -421,6 +422,7 @@ def refiner_folder(tmp_path_factory, sdxl_folder):
     return folder, pipe
 
 
+@pytest.mark.slow
 def test_refiner_loads_converts_and_refines_as_diffusers(refiner_folder, tmp_path):
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from sampler_harness import max_rel_error
@@ -452,6 +454,7 @@ def test_refiner_loads_converts_and_refines_as_diffusers(refiner_folder, tmp_pat
         assert max_rel_error(ours, expected) < 1e-3
 
 
+@pytest.mark.slow
 def test_merge_covers_both_text_encoders(sdxl_folder):
     import sdengine
     from sdengine.weights.merge import merge_models
@@ -519,6 +522,7 @@ def test_inpainting_unet_matches_diffusers(sdxl_folder, tmp_path):
         assert _inpaint_parity(Pipeline(model), ref, strength, seed=9) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", SLOW("dpmpp_2m")])
 def test_base_and_refiner_match_diffusers_ensemble(sdxl_pipes, refiner_folder, sampler):
     """The base runs the schedule to the switch point, the refiner continues it: diffusers' denoising_end /
@@ -565,6 +569,7 @@ def test_generation_features_run_on_sdxl(sdxl_pipes):
     assert cond.context.shape[1] == 154 and cond.y.shape == (1, POOLED + 6 * 256)
 
 
+@pytest.mark.slow
 def test_sdxl_files_in_other_forms(sdxl_folder, tmp_path):
     """A .ckpt (read with weights_only), an fp16 file, and a standalone diffusers-named VAE (the fp16-fix VAE's
     layout) given with --vae: SDXL keeps its latent scale, and every tensor arrives as written."""

@@ -215,6 +215,7 @@ def _perturb(scene: Scene, rng: np.random.Generator) -> tuple[str, SceneSpec]:
             continue
 
 
+@pytest.mark.slow
 def test_checker_rejects_near_misses_and_mismatches() -> None:
     rng = np.random.default_rng(1)
     passes, kinds = 0, collections.Counter()

@@ -399,6 +399,7 @@ def test_bf16_autocast_runs(tmp_path, data):
                                                                           for k in start)
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_a_loss_scaler_that_resumes(tmp_path, data):
     """fp16 autocast scales the loss (torch.amp.GradScaler, on the CPU too): small gradients do not underflow, an
     overflow skips its step and lowers the scale, and the scale is part of the checkpoint."""

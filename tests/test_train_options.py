@@ -45,6 +45,7 @@ def test_auto_is_the_default_precision(capsys, tmp_path, data, monkeypatch):
 
 # ---- --stop-at ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stop_at_writes_the_result_midway_and_resume_goes_on(capsys, tmp_path, data):
     """--steps 6 --stop-at 3: three steps on the 6-step LR schedule (not a 3-step one ending at its minimum), the
     stage's result written from step 3, and --resume then ends exactly where an unbroken 6-step run ends."""

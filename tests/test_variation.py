@@ -73,6 +73,7 @@ def test_seed_resize_from_keeps_the_seeds_noise_in_the_middle():
     torch.testing.assert_close(outside, base)
 
 
+@pytest.mark.slow
 def test_generation_with_variation_seeds(sd1_folder):
     import sdengine
     from sdengine.pipeline import Pipeline

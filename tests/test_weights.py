@@ -84,6 +84,7 @@ def _reference_output(model: StableDiffusion) -> dict[str, torch.Tensor]:
                 "text": model.text_encoder(ids)[0]}
 
 
+@pytest.mark.slow
 def test_key_variants_in_the_wild(sd1_folder, tmp_path):
     """A .ckpt as old tools wrote it: state_dict wrapper, text keys without text_model., position_ids, VAE
     attention as linears, schedule buffers, full-training EMA entries and losses; fp16 and bf16."""
