@@ -68,3 +68,12 @@ def save_pipeline(layout: str, folder: Path, seed: int = 0, in_channels: int = 4
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return parts
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """max |ours - ref| <= rel x output scale (max |ref|), the fp32 parity bound."""
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert ours.shape == ref.shape
+    assert scale > 1e-3, "degenerate reference output"
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"

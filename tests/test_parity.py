@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_close
 
 import sdengine
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """max |ours - ref| <= rel x output scale (max |ref|), the issue's fp32 bound."""
-    scale = ref.abs().max().item()
-    err = (ours - ref).abs().max().item()
-    assert ours.shape == ref.shape
-    assert scale > 1e-3, "degenerate reference output"
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_close
 
 from sdengine.config import PRESETS, ModelConfig
 from sdengine.nn.unet import UNetModel, sdxl_vector
@@ -22,14 +23,6 @@ SDXL_UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=POOLED + 6 * 256)
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    scale = ref.abs().max().item()
-    err = (ours - ref).abs().max().item()
-    assert ours.shape == ref.shape
-    assert scale > 1e-3, "degenerate reference output"
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
 
 
 def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
