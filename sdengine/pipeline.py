@@ -308,7 +308,7 @@ class Pipeline:
         dtype = next(vae.parameters()).dtype
         z = latents.to(self.model.device) / self.model.config.vae.scaling_factor
         pixels = vae.decode(z.to(dtype)).float()
-        if not torch.isfinite(pixels).all() and dtype != torch.float32:
+        if dtype != torch.float32 and not torch.isfinite(pixels).all():  # fp32 is checked once, below
             pixels = copy.deepcopy(vae).float().decode(z.float())
         return (check_finite(pixels, "the decoded pixels") / 2 + 0.5).clamp(0, 1)
 
