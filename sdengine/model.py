@@ -6,6 +6,8 @@ of `cond_stage_model.*`, as Stability's generative-models holds them), so those 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -14,6 +16,9 @@ from .nn.clip import TextEncoderBase, build_text_encoder
 from .nn.unet import UNetModel
 from .nn.vae import AutoencoderKL
 from .tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from .embeddings import Embedding
 
 
 class _DiffusionWrapper(nn.Module):
@@ -47,6 +52,9 @@ class StableDiffusion(nn.Module):
         self.tokenizer_2 = None if cfg.text_2 is None else (
             tokenizer_2 or CLIPTokenizer.default(pad_with_eos=cfg.text_2.pad_with_eos))
         self.source: str | None = None  # the path it was loaded from, for display
+        # textual inversion embeddings its prompts may name (sdengine/embeddings.py), by name; plain data, not
+        # modules: they stay out of state_dict() and follow no .to()
+        self.embeddings: dict[str, Embedding] = {}
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> StableDiffusion:

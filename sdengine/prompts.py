@@ -4,16 +4,20 @@ Weights: `(word)` x1.1, `((word))` x1.21, `[word]` /1.1, `(word:1.3)` x1.3, `\\(
 Long prompts are cut into chunks of 75 tokens (at the last comma within 20 tokens of the boundary when there is
 one), each encoded as its own 77-token window and concatenated along the sequence, so nothing past 75 tokens is
 lost. A prompt of at most 75 tokens with no weights encodes exactly as diffusers' pipeline encodes it.
+Textual inversion embeddings (`model.embeddings`, sdengine/embeddings.py) are named in prompts by their name; their
+vectors take the place of the name's tokens, as A1111's EmbeddingDatabase and EmbeddingsWithFixes do.
 """
 from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .embeddings import Embedding, check_fits, model_widths
 from .tokenizer import CLIPTokenizer
 
 CHUNK = 75  # tokens per window, between the start and end tokens
@@ -87,10 +91,40 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 class Chunk:
     tokens: list[int]
     weights: list[float]
+    # textual inversion: (index in tokens, embedding); its vectors fill the placeholder slots from there on
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
 
 
-def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
-    """Weighted prompt -> 75-token chunks (at least one, possibly empty)."""
+# first token of a name -> [(the name's tokens, embedding)], longest names first, for one tokenizer and width
+EmbeddingLookup = dict[int, list[tuple[list[int], Embedding]]]
+PLACEHOLDER = 0  # the id an embedding's slots hold until its vectors replace them (A1111 uses 0 too)
+
+
+def embedding_lookup(tokenizer: CLIPTokenizer, embeddings: Iterable[Embedding], width: int) -> EmbeddingLookup:
+    """Index embeddings by their names' tokens, as A1111's EmbeddingDatabase.register_embedding does; only those
+    with vectors for this encoder width."""
+    lookup: EmbeddingLookup = {}
+    for embedding in embeddings:
+        ids = tokenizer.encode(embedding.name)
+        if ids and width in embedding.vectors:
+            lookup.setdefault(ids[0], []).append((ids, embedding))
+    for matches in lookup.values():
+        matches.sort(key=lambda m: len(m[0]), reverse=True)
+    return lookup
+
+
+def _find_embedding(lookup: EmbeddingLookup, tokens: list[int], i: int) -> tuple[Embedding | None, int]:
+    for ids, embedding in lookup.get(tokens[i], ()):
+        if tokens[i:i + len(ids)] == ids:
+            return embedding, len(ids)
+    return None, 1
+
+
+def chunk_prompt(tokenizer: CLIPTokenizer, text: str, embeddings: EmbeddingLookup | None = None,
+                 width: int = 0) -> list[Chunk]:
+    """Weighted prompt -> 75-token chunks (at least one, possibly empty). With an embedding lookup (for the
+    encoder of this width), an embedding's name in the prompt takes its n vectors' slots, all with the run's
+    weight; one that would straddle a chunk boundary starts the next chunk (A1111's tokenize_line)."""
     chunks: list[Chunk] = []
     cur = Chunk([], [])
     last_comma = -1
@@ -105,20 +139,33 @@ def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
         if piece == "BREAK" and weight == -1.0:  # BREAK (not a run weighted -1, as "(cat:-1)" is): new chunk
             close()
             continue
-        for tok in tokenizer.encode(piece):
+        tokens = tokenizer.encode(piece)
+        i = 0
+        while i < len(tokens):
+            tok = tokens[i]
+            embedding, span = _find_embedding(embeddings, tokens, i) if embeddings else (None, 1)
             if tok == comma:
                 last_comma = len(cur.tokens)
             elif len(cur.tokens) == CHUNK and last_comma != -1 and len(cur.tokens) - last_comma <= COMMA_BACKTRACK:
-                # move the words after the last comma into the next chunk
+                # move the words (and embeddings) after the last comma into the next chunk
                 cut = last_comma + 1
-                tail = Chunk(cur.tokens[cut:], cur.weights[cut:])
-                cur = Chunk(cur.tokens[:cut], cur.weights[:cut])
+                tail = Chunk(cur.tokens[cut:], cur.weights[cut:], [(p - cut, e) for p, e in cur.fixes if p >= cut])
+                cur = Chunk(cur.tokens[:cut], cur.weights[:cut], [(p, e) for p, e in cur.fixes if p < cut])
                 close()
                 cur = tail
             if len(cur.tokens) == CHUNK:
                 close()
-            cur.tokens.append(tok)
-            cur.weights.append(weight)
+            i += span
+            if embedding is None:
+                cur.tokens.append(tok)
+                cur.weights.append(weight)
+                continue
+            n = embedding.count(width)
+            if len(cur.tokens) + n > CHUNK:
+                close()
+            cur.fixes.append((len(cur.tokens), embedding))
+            cur.tokens += [PLACEHOLDER] * n
+            cur.weights += [weight] * n
     if cur.tokens or not chunks:
         close()
     return chunks
@@ -149,9 +196,12 @@ def encode_text(model, prompts: list[str], clip_skip: int = 1, min_chunks: int =
     every text encoder of the model with its own tokenizer: SDXL's CLIP-L and bigG each chunk, weigh and encode
     the prompt (A1111 wraps each embedder so), their contexts concatenated along the features as generative-models'
     conditioner does. pooled: the last encoder's, from each prompt's first chunk (SDXL's vector input)."""
+    embeddings = _model_embeddings(model)
     contexts, pooled = [], []
     for encoder, tokenizer in zip(model.text_encoders, model.tokenizers):
-        per_prompt = [chunk_prompt(tokenizer, p) for p in prompts]
+        width = encoder.config.width
+        lookup = embedding_lookup(tokenizer, embeddings, width) if embeddings else None
+        per_prompt = [chunk_prompt(tokenizer, p, lookup, width) for p in prompts]
         n = max(min_chunks, max(len(c) for c in per_prompt))
         rows, pooled = [], []
         for chunks in per_prompt:
@@ -159,7 +209,9 @@ def encode_text(model, prompts: list[str], clip_skip: int = 1, min_chunks: int =
             ids, weights = zip(*(chunk_ids(tokenizer, c) for c in chunks))
             ids_t = torch.stack(ids).to(model.device)
             w = torch.stack(weights).to(model.device)
-            z, pool = encoder(ids_t, clip_skip=clip_skip)
+            # +1: the start token precedes the chunk's tokens in its window
+            fixes = [(row, pos + 1, e.vectors[width]) for row, c in enumerate(chunks) for pos, e in c.fixes]
+            z, pool = encoder(ids_t, clip_skip=clip_skip, fixes=fixes or None)
             z = z.float()
             if not torch.all(w == 1.0):  # per chunk, as A1111 does
                 mean = z.mean(dim=(1, 2), keepdim=True)
@@ -169,6 +221,29 @@ def encode_text(model, prompts: list[str], clip_skip: int = 1, min_chunks: int =
             pooled.append(pool[:1].float())
         contexts.append(torch.cat(rows))
     return torch.cat(contexts, dim=-1), torch.cat(pooled)
+
+
+def _model_embeddings(model) -> list[Embedding]:
+    """The model's embeddings (`model.embeddings`), each checked to fit its text encoders."""
+    embeddings = list(getattr(model, "embeddings", {}).values())
+    widths = model_widths(model) if embeddings else ()
+    for embedding in embeddings:
+        check_fits(embedding, widths)
+    return embeddings
+
+
+def embeddings_in(model, text: str) -> list[Embedding]:
+    """The model's embeddings a prompt uses (each once, in order of first use), as the chunker finds them: for
+    the "TI hashes" infotext (embeddings.ti_hashes)."""
+    embeddings = _model_embeddings(model)
+    used: dict[str, Embedding] = {}
+    if embeddings:
+        for encoder, tokenizer in zip(model.text_encoders, model.tokenizers):
+            width = encoder.config.width
+            for chunk in chunk_prompt(tokenizer, text, embedding_lookup(tokenizer, embeddings, width), width):
+                for _, embedding in chunk.fixes:
+                    used.setdefault(embedding.name, embedding)
+    return list(used.values())
 
 
 # --- styles ------------------------------------------------------------------------------------------------

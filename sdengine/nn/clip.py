@@ -29,13 +29,37 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return out.transpose(1, 2).reshape(b, n, c)
 
 
+# Textual inversion: (row, position, vectors (n, width)) -- the token embeddings of row `row` from `position` on
+# are replaced by the vectors (the prompt holds n placeholder ids there), before positions are added, as A1111's
+# EmbeddingsWithFixes does.
+Fixes = list[tuple[int, int, torch.Tensor]]
+
+
+def apply_fixes(x: torch.Tensor, fixes: Fixes | None) -> torch.Tensor:
+    if not fixes:
+        return x
+    x = x.clone()  # a slice assignment on a copy keeps the vectors in the autograd graph (embedding training)
+    for row, pos, vectors in fixes:
+        if pos + vectors.shape[0] > x.shape[1]:
+            raise ValueError(f"{vectors.shape[0]} embedding vectors at position {pos} overrun {x.shape[1]} tokens")
+        x[row, pos:pos + vectors.shape[0]] = vectors.to(x.dtype)
+    return x
+
+
 class TextEncoderBase(nn.Module):
     """Shared forward logic: embeddings -> layers -> final layer norm, stopping at the layer SD reads."""
 
     config: TextConfig
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def token_embedding(self) -> nn.Embedding:
         raise NotImplementedError
+
+    def positions(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor, fixes: Fixes | None = None) -> torch.Tensor:
+        """Token embeddings (with any textual inversion vectors in place) plus position embeddings."""
+        return apply_fixes(self.token_embedding()(ids), fixes) + self.positions(ids.shape[1])
 
     def layer_list(self) -> nn.ModuleList:
         raise NotImplementedError
@@ -43,24 +67,26 @@ class TextEncoderBase(nn.Module):
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def hidden_states(self, ids: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, ids: torch.Tensor, upto: int | None = None, fixes: Fixes | None = None
+                      ) -> list[torch.Tensor]:
         """[embeddings, after layer 1, ..., after layer `upto`] (all layers by default), without the final norm."""
         layers = self.layer_list()
         upto = len(layers) if upto is None else upto
-        x = self.embed(ids)
+        x = self.embed(ids, fixes)
         states = [x]
         for layer in layers[:upto]:
             x = layer(x)
             states.append(x)
         return states
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, fixes: Fixes | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (b, n) -> (context (b, n, width), pooled (b, width or projection width)).
 
         clip_skip=1 gives the layer this model's SD conditions on; 2 the one before it (A1111's "Clip skip")...
         The final layer norm is applied to the chosen layer, as SD1/SD2 and A1111 do (SDXL: not, config.final_norm).
         pooled: the context's end token; with config.pooled_projection (SDXL's bigG) the last layer's, normed and
-        projected, as diffusers' text_embeds.
+        projected, as diffusers' text_embeds. fixes: textual inversion vectors to put in place (apply_fixes).
         """
         cfg = self.config
         if clip_skip < 1:
@@ -68,7 +94,7 @@ class TextEncoderBase(nn.Module):
         index = cfg.hidden_layers_used - (clip_skip - 1)
         if index < 1:
             raise ValueError(f"clip_skip {clip_skip} exceeds the {cfg.hidden_layers_used} layers in use")
-        states = self.hidden_states(ids, upto=None if cfg.pooled_projection else index)
+        states = self.hidden_states(ids, upto=None if cfg.pooled_projection else index, fixes=fixes)
         hidden = self.final_norm(states[index]) if cfg.final_norm else states[index]
         eos = (ids == cfg.eos_token_id).int().argmax(dim=-1)  # first end token of each row
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -158,8 +184,11 @@ class CLIPTextEncoder(TextEncoderBase):
         self.config = cfg
         self.transformer = _TransformerHolder(cfg)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.text_model.embeddings(ids)
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def positions(self, n: int) -> torch.Tensor:
+        return self.transformer.text_model.embeddings.position_embedding.weight[:n]
 
     def layer_list(self) -> nn.ModuleList:
         return self.transformer.text_model.encoder.layers
@@ -238,8 +267,11 @@ class OpenCLIPTextEncoder(TextEncoderBase):
         self.config = cfg
         self.model = OpenCLIPTextTower(cfg)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.token_embedding(ids) + self.model.positional_embedding[: ids.shape[1]]
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def positions(self, n: int) -> torch.Tensor:
+        return self.model.positional_embedding[:n]
 
     def layer_list(self) -> nn.ModuleList:
         return self.model.transformer.resblocks
