@@ -166,6 +166,20 @@ def test_a1111_fields_and_scan(sd1, tmp_path):
     assert list(scan.errors) == [str(tmp_path / "broken.safetensors")]
 
 
+def test_other_pickled_layouts(tmp_path):
+    """diffusers' learned_embeds.bin ({token: (width,)}), a Parameter as A1111's trainer leaves it, and torch's
+    legacy (non-zip) pickle format, all through the restricted unpickler."""
+    vec = vectors(2)
+    torch.save({"<cat-toy>": vec[0]}, tmp_path / "learned_embeds.bin")
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(vec)}, "step": 7}, tmp_path / "param.pt")
+    torch.save({"string_to_param": {"*": vec.requires_grad_()}, "name": "x"}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    learned = load_embedding(tmp_path / "learned_embeds.bin")
+    assert learned.name == "learned_embeds" and torch.equal(learned.vectors[WIDTH], vec[:1])
+    assert load_embedding(tmp_path / "param.pt").step == 7
+    assert torch.equal(load_embedding(tmp_path / "legacy.pt").vectors[WIDTH], vec)
+
+
 def test_code_pickle_is_refused_and_nothing_runs(tmp_path):
     import pickle
 

@@ -42,7 +42,7 @@ def apply_fixes(x: torch.Tensor, fixes: Fixes | None) -> torch.Tensor:
     for row, pos, vectors in fixes:
         if pos + vectors.shape[0] > x.shape[1]:
             raise ValueError(f"{vectors.shape[0]} embedding vectors at position {pos} overrun {x.shape[1]} tokens")
-        x[row, pos:pos + vectors.shape[0]] = vectors.to(x.dtype)
+        x[row, pos:pos + vectors.shape[0]] = vectors.to(device=x.device, dtype=x.dtype)
     return x
 
 
