@@ -28,7 +28,7 @@ MAX_FILE_BYTES = 64 << 20  # embeddings are KBs; a bigger file is a checkpoint p
 SHORTHASH = 12  # A1111's Embedding.shorthash = hash[0:12]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise == would compare tensors
 class Embedding:
     name: str
     vectors: dict[int, torch.Tensor]  # text-encoder width -> (n, width) float32
@@ -228,6 +228,8 @@ def scan_embeddings(folder: str | Path, widths: tuple[int, ...]) -> EmbeddingSca
 
 
 def ti_hashes(embeddings: list[Embedding]) -> str:
-    """The "TI hashes" infotext value, as A1111 writes it: "name: shorthash, ..." (":" and "," dropped from names);
-    "" when none has a hash."""
-    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.shorthash}" for e in embeddings if e.shorthash)
+    """The "TI hashes" infotext value, as A1111 writes it: "name: shorthash, ..." (":" and "," dropped from names),
+    each embedding once (a prompt's and its negative prompt's lists may be passed together); "" when none has a
+    hash."""
+    names = {e.name.replace(":", "").replace(",", ""): e.shorthash for e in embeddings if e.shorthash}
+    return ", ".join(f"{name}: {shorthash}" for name, shorthash in names.items())

@@ -142,6 +142,7 @@ def test_used_embeddings_and_ti_hashes(sd1):
     sha = hashlib.sha256((folder / "trivec.pt").read_bytes()).hexdigest()
     assert used[0].shorthash == sha[:12]  # A1111's Embedding.shorthash
     assert ti_hashes(used) == f"trivec: {sha[:12]}, myemb: {used[1].shorthash}"
+    assert ti_hashes(used + embeddings_in(model, "trivec, ugly")) == ti_hashes(used)  # prompt + negative, once each
     assert embeddings_in(model, "a red circle") == []
 
 
