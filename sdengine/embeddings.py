@@ -55,6 +55,12 @@ class Embedding:
         (A1111 compares its summed `shape` with the model's: an SD1 file is skipped on SDXL and the reverse)."""
         return set(self.vectors) == set(widths)
 
+    def check_fits(self, widths: tuple[int, ...]) -> None:
+        """A ValueError naming the file unless it fits text encoders of these widths."""
+        if not self.fits(widths):
+            raise ValueError(f"{self.path or self.name}: an embedding of width {_widths_text(self.widths)} fits "
+                             f"none of this model's text encoders (width {_widths_text(widths)})")
+
     def api_fields(self) -> dict:
         """The fields A1111's /sdapi/v1/embeddings gives each embedding; `shape` is the summed width (SDXL 2048)
         and `vectors` the vector count (SDXL: clip_g's), as A1111's create_embedding_from_data sets them."""
@@ -66,13 +72,6 @@ class Embedding:
 def model_widths(model) -> tuple[int, ...]:
     """The widths of a model's text encoders, in order (SDXL: CLIP-L's, then bigG's)."""
     return tuple(encoder.config.width for encoder in model.text_encoders)
-
-
-def check_fits(embedding: Embedding, widths: tuple[int, ...]) -> None:
-    if not embedding.fits(widths):
-        where = embedding.path or embedding.name
-        raise ValueError(f"{where}: an embedding of width {_widths_text(embedding.widths)} fits none of this "
-                         f"model's text encoders (width {_widths_text(widths)})")
 
 
 def _widths_text(widths) -> str:

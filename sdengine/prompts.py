@@ -14,11 +14,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .embeddings import Embedding, check_fits, model_widths
 from .tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:  # only the type: embeddings.py reads files through weights/, which leads back here
+    from .embeddings import Embedding
 
 CHUNK = 75  # tokens per window, between the start and end tokens
 COMMA_BACKTRACK = 20  # how far back a chunk boundary may move to land after a comma
@@ -96,7 +99,7 @@ class Chunk:
 
 
 # first token of a name -> [(the name's tokens, embedding)], longest names first, for one tokenizer and width
-EmbeddingLookup = dict[int, list[tuple[list[int], Embedding]]]
+EmbeddingLookup = dict[int, list[tuple[list[int], "Embedding"]]]
 PLACEHOLDER = 0  # the id an embedding's slots hold until its vectors replace them (A1111 uses 0 too)
 
 
@@ -226,9 +229,9 @@ def encode_text(model, prompts: list[str], clip_skip: int = 1, min_chunks: int =
 def _model_embeddings(model) -> list[Embedding]:
     """The model's embeddings (`model.embeddings`), each checked to fit its text encoders."""
     embeddings = list(getattr(model, "embeddings", {}).values())
-    widths = model_widths(model) if embeddings else ()
+    widths = tuple(encoder.config.width for encoder in model.text_encoders)  # = embeddings.model_widths(model)
     for embedding in embeddings:
-        check_fits(embedding, widths)
+        embedding.check_fits(widths)
     return embeddings
 
 

@@ -15,7 +15,6 @@ import sdengine
 from sdengine.embeddings import (
     Embedding,
     EmbeddingScan,
-    check_fits,
     load_embedding,
     model_widths,
     scan_embeddings,
@@ -226,7 +225,7 @@ def test_wrong_width_is_refused_at_encode(sd1, tmp_path):
     write_a1111(tmp_path / "wide.pt", vectors(1, width=48))
     wide = load_embedding(tmp_path / "wide.pt")
     with pytest.raises(ValueError, match=r"wide\.pt.*width 48.*width 32"):
-        check_fits(wide, model_widths(sd1["model"]))
+        wide.check_fits(model_widths(sd1["model"]))
     model = sd1["model"]
     saved, model.embeddings = model.embeddings, {"wide": wide}
     try:
