@@ -39,9 +39,10 @@ def select(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 
 def run_eval(pipe: Pipeline, seeds: int = 4, steps: int = 20, sampler: str = "euler", cfg_scale: float = 5.0,
              limit: int | None = None, size: int = 64, quiet: bool = False,
-             first_seed: int = 0) -> tuple[dict, list[dict], list]:
-    """(scores, per-image records, the images) for ShapesEval with `seeds` seeds per prompt from `first_seed`."""
-    items = select(shapes_eval(seeds_per_prompt=seeds, first_seed=first_seed), limit)
+             first_seed: int = 0, concept: str | None = None) -> tuple[dict, list[dict], list]:
+    """(scores, per-image records, the images) for ShapesEval with `seeds` seeds per prompt from `first_seed`;
+    concept: the benchmark of that novel colour (shapes_eval(concept=...)) instead of the ordinary one."""
+    items = select(shapes_eval(seeds_per_prompt=seeds, first_seed=first_seed, concept=concept), limit)
     by_prompt: dict[str, list[EvalItem]] = defaultdict(list)
     for it in items:
         by_prompt[it.prompt].append(it)
@@ -50,7 +51,8 @@ def run_eval(pipe: Pipeline, seeds: int = 4, steps: int = 20, sampler: str = "eu
     bar = None
     if not quiet:
         from tqdm import tqdm
-        bar = tqdm(total=len(items), unit="img", file=sys.stderr, desc="shapes-eval")
+        bar = tqdm(total=len(items), unit="img", file=sys.stderr,
+                   desc="shapes-eval" if concept is None else f"shapes-eval {concept}")
     for prompt, group in by_prompt.items():
         group.sort(key=lambda it: it.seed)
         # seeds 0..k-1 of a prompt are one batch: image i of a batch uses seed + i

@@ -139,7 +139,7 @@ def test_parser_reads_every_generated_phrasing() -> None:
 
 @pytest.mark.parametrize("prompt, why", [
     ("a red circle next to a blue square", "unexpected word"),
-    ("a pink circle", "expected a shape"),
+    ("a teal circle", "expected a shape"),   # pink is in the world now (shapes.NOVEL_COLORS)
     ("five circles", "expected"),
     ("a red circles", "singular"),
     ("two red circle", "plural"),

@@ -77,8 +77,10 @@ def add_shared_options(p: argparse.ArgumentParser, stage: str) -> None:
     """The options every stage has: data, schedule, precision, checkpoints, devices."""
     d = DEFAULTS[stage]
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="shapes", help="'shapes' (the procedural world) or a folder of images with "
-                      "captions")
+    data.add_argument("--data", default="shapes", help="'shapes' (the procedural world), 'shapes:pink[:SHARE]' (the "
+                      "world with a colour the shipped model never saw: SHARE of the scenes, default 0.5, have a pink "
+                      "object named in their caption, the rest are ordinary scenes; for teaching it a new concept) "
+                      "or a folder of images with captions")
     data.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, pictures, result)")
     data.add_argument("--arch", default="shapes", choices=sorted(PRESETS),
                       help="architecture of fresh models, a preset of sdengine.config (default: the shipped model's)")
@@ -234,9 +236,11 @@ BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet}
 def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
     """The latent cache and compilation of a UNet run; returns the data workers still needed."""
     if args.cache_latents is not None:
+        from ..train.data import shapes_spec
         from ..train.latent_cache import prepare_cache
 
-        data = args.data if args.data == "shapes" else str(Path(args.data).resolve())
+        # the shapes world by name (a concept and its share are in the source's mix), a folder by its full path
+        data = "shapes" if shapes_spec(args.data) is not None else str(Path(args.data).resolve())
         cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed,
                                                        **getattr(stage.source, "mix", {})},
                               args.cache_latents, stage.model.vae, stage.model.tokenizer,

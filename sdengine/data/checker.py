@@ -7,6 +7,10 @@ analytically: background = the commonest palette colour on the border; each pixe
 each object's shape is the template that best overlaps its mask inside its own bounding box, gated by aspect
 ratio; size class from the bounding box; relations from bounding-box centres, dominant axis.
 
+The palette is COLORS, plus a colour of NOVEL_COLORS (pink) only when the prompt names it: the judgment of every
+prompt of the old world stays exactly what it was, and a pink object is no object at all to it (pink is > 60
+from every old colour, so its pixels belong to none).
+
 numpy + PIL only (no scipy, no torch), so evaluation runs wherever the engine runs.
 """
 from __future__ import annotations
@@ -17,10 +21,20 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import ASPECT, COLORS, SHAPES, SIZE_SPLIT, SceneSpec, parse_prompt, polygon_in_box, relation_holds
+from .shapes import (
+    ASPECT,
+    COLORS,
+    NOVEL_COLORS,
+    SHAPES,
+    SIZE_SPLIT,
+    WORLD_COLORS,
+    SceneSpec,
+    parse_prompt,
+    polygon_in_box,
+    relation_holds,
+)
 
 _NAMES = list(COLORS)
-_PALETTE = np.array([COLORS[c] for c in _NAMES], np.float32)
 COLOR_TOLERANCE = 60.0   # RGB distance; half the closest palette pair (~106) would be the hard limit
 MIN_AREA = 16            # px at 64x64: smaller specks are noise, not objects (smallest object is ~45 px)
 MIN_SCORE = 0.6          # template IoU below this: the region is no shape of the world
@@ -141,15 +155,34 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, f
     return (best if best_score >= MIN_SCORE else "unknown"), best_score, best_box
 
 
-def detect(image: object) -> tuple[str, list[Detected]]:
-    """(background colour, objects) read from an image of the shapes world."""
+@cache
+def _palette(novel: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """(names, RGB rows): COLORS in their order, then the novel colours asked for. Appended, never interleaved, so
+    an old colour keeps its index and ties (argmin/argmax take the first) fall as they did without them."""
+    names = _NAMES + [c for c in novel if c not in COLORS]
+    return names, np.array([WORLD_COLORS[c] for c in names], np.float32)
+
+
+def novel_colors(spec: SceneSpec) -> tuple[str, ...]:
+    """The NOVEL_COLORS a spec names (as an object's colour or the background), in NOVEL_COLORS' order."""
+    named = {spec.background, *(g.color for g in spec.groups)}
+    return tuple(c for c in NOVEL_COLORS if c in named)
+
+
+def detect(image: object, novel: tuple[str, ...] = ()) -> tuple[str, list[Detected]]:
+    """(background colour, objects) read from an image of the shapes world; `novel`: NOVEL_COLORS to tell apart
+    too (without them, their pixels are no colour)."""
+    unknown = [c for c in novel if c not in NOVEL_COLORS]
+    if unknown:
+        raise ValueError(f"not novel colours: {', '.join(unknown)} (novel colours: {', '.join(NOVEL_COLORS)})")
+    names, palette = _palette(tuple(novel))
     img = to_array(image)
     h, w, _ = img.shape
     k = min(h, w) / 64
-    dist = np.linalg.norm(img[:, :, None, :] - _PALETTE[None, None], axis=-1)
+    dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)
     nearest = dist.argmin(-1)
     border = np.concatenate([nearest[0], nearest[-1], nearest[:, 0], nearest[:, -1]])
-    bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    bg = int(np.bincount(border, minlength=len(names)).argmax())
     classes = np.where((dist.min(-1) < COLOR_TOLERANCE) & (nearest != bg), nearest, -1)
     # A pixel is solid if its whole 3x3 neighbourhood has its class; anti-aliasing rings never are.
     pad = np.pad(classes, 1, constant_values=-2)
@@ -176,24 +209,24 @@ def detect(image: object) -> tuple[str, list[Detected]]:
         for dy in range(5):
             for dx in range(5):
                 grown |= pad_m[dy:dy + near.shape[0], dx:dx + near.shape[1]]
-        f, b = _PALETTE[c], _PALETTE[bg]
+        f, b = palette[c], palette[bg]
         alpha = ((img[y0:y1, x0:x1] - b) @ (f - b)) / float((f - b) @ (f - b))
         alpha = np.where(grown, np.clip(alpha, 0.0, 1.0), 0.0)
         shape, score, (bx, by, bw, bh) = classify_shape(alpha)
         if shape == "unknown":   # no fitted box to trust: the mask's own
             bx, by, bw, bh = xs.min() - x0, ys.min() - y0, np.ptp(xs) + 1, np.ptp(ys) + 1
         size = "small" if max(bw, bh) < SIZE_SPLIT * k else "big"
-        objects.append(Detected(_NAMES[c], shape, size, x0 + bx + bw / 2, y0 + by + bh / 2,
+        objects.append(Detected(names[c], shape, size, x0 + bx + bw / 2, y0 + by + bh / 2,
                                 (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
                                 area, score))
-    return _NAMES[bg], objects
+    return names[bg], objects
 
 
 def check(image: object, prompt: str | SceneSpec, *, strict: bool = True) -> tuple[bool, Details]:
     """Whether `image` shows `prompt` (a caption or a SceneSpec), and why not. Raises PromptError for a
     prompt outside the grammar. strict: any object the prompt did not ask for (or of no known shape) fails."""
     spec = (parse_prompt(prompt) if isinstance(prompt, str) else prompt).validate()
-    background, objects = detect(image)
+    background, objects = detect(image, novel_colors(spec))
     d = Details(spec, background, objects)
     if background != spec.background:
         d.failures.append(f"background is {background}, not {spec.background}")

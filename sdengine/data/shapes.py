@@ -5,6 +5,10 @@ Every image is drawn from a scene whose truth is known exactly, so a generated i
 `parse_prompt` reads it back), so prompts a person would guess ("a red circle above a blue square",
 "three yellow stars on a black background") are inside the world.
 
+A colour the shipped model never saw (NOVEL_COLORS: pink) is part of the grammar, the renderer and the checker but
+never of the default stream: `SceneSampler(concept="pink")` mixes scenes featuring it into the ordinary ones, for
+teaching the model a new concept (a LoRA, an embedding) and measuring it with `shapes_eval(concept="pink")`.
+
 Everything here is numpy + PIL and deterministic from a seed: sample i of `SceneSampler(seed)` depends only
 on (seed, i), so data-parallel workers can shard the stream and a resumed run continues it exactly.
 """
@@ -25,6 +29,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 30), "green": (20, 160, 40), "blue": (20, 60, 220), "yellow": (250, 235, 10),
     "purple": (140, 40, 180), "orange": (245, 130, 0), "black": (0, 0, 0), "white": (255, 255, 255),
 }
+# Colours the world can draw, parse and judge but never draws by itself: the shipped model never saw them, so
+# they are new concepts to teach it (issue 30: LoRA / textual inversion). They stay out of COLORS, so every stream,
+# prompt list and judgment that existed before them is unchanged bit for bit; a stream shows one only when asked
+# (`SceneSampler(concept=...)`), and the checker's palette holds one only when the prompt names it.
+# Pink (255, 100, 200): 131 from its nearest colour (purple), 164 from white, 191 from red, 202 from orange (the
+# closest old pair is ~106); and 69 from any blend of red and white, 74 from any blend of purple and white, so
+# more than COLOR_TOLERANCE (60) from every anti-aliased edge between two old colours. CSS hot pink
+# (255, 105, 180) is as far from the colours themselves but 52 from the red-white blends: red edges would read pink.
+NOVEL_COLORS: dict[str, tuple[int, int, int]] = {"pink": (255, 100, 200)}
+WORLD_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NOVEL_COLORS}   # all the grammar and renderer know
+CONCEPTS: tuple[str, ...] = tuple(NOVEL_COLORS)
+CONCEPT_SHARE = 0.5   # a concept stream's share of scenes featuring it; the rest are the ordinary stream's
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
 PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
 SIZES: tuple[str, ...] = ("small", "big")
@@ -133,10 +149,10 @@ class SceneSpec:
             raise PromptError("a relation needs two objects")
         if self.relation is not None and self.relation not in RELATIONS:
             raise PromptError(f"unknown relation {self.relation!r}")
-        if self.background not in COLORS:
+        if self.background not in WORLD_COLORS:
             raise PromptError(f"unknown background colour {self.background!r}")
         for g in self.groups:
-            if g.shape not in SHAPES or (g.color is not None and g.color not in COLORS) \
+            if g.shape not in SHAPES or (g.color is not None and g.color not in WORLD_COLORS) \
                     or (g.size is not None and g.size not in SIZES) or not 1 <= g.count <= MAX_COUNT:
                 raise PromptError(f"not a valid object: {g}")
             if g.color == self.background:
@@ -182,12 +198,12 @@ def render(scene: Scene, supersample: int = 4) -> np.ndarray:
     """Draw at `supersample`x and box-filter down: exact area coverage, no ringing (Lanczos overshoots
     colours), so edge pixels are true blends of the two colours."""
     s, res = supersample, scene.resolution
-    img = Image.new("RGB", (res * s, res * s), COLORS[scene.background])
+    img = Image.new("RGB", (res * s, res * s), WORLD_COLORS[scene.background])
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         w, h = shape_dims(o.shape, o.extent)
         draw.polygon(polygon_in_box(o.shape, (o.cx - w / 2) * s, (o.cy - h / 2) * s, w * s, h * s),
-                     fill=COLORS[o.color])
+                     fill=WORLD_COLORS[o.color])
     return np.asarray(img.resize((res, res), Image.BOX))
 
 
@@ -242,6 +258,7 @@ def realize(spec: SceneSpec, rng: np.random.Generator, resolution: int = 64,
         if g.color is not None:
             colors.append(g.color)
             continue
+        # never a novel colour: an unstated colour is one of the world the model was trained on
         options = [c for c in COLORS if c != spec.background and (c, g.shape) not in exclude
                    and (c, g.shape) not in {(g2.color, g2.shape) for g2 in spec.groups}]
         colors.append(str(rng.choice(options)))
@@ -322,7 +339,7 @@ def exchange_colors(caption: str) -> str | None:
     if a is None or b is None or a == b:
         return None
     # both objects name a colour, so the first two colour words are theirs (a background's comes last)
-    first, second = list(re.finditer(r"\b(" + "|".join(COLORS) + r")\b", caption))[:2]
+    first, second = list(re.finditer(r"\b(" + "|".join(WORLD_COLORS) + r")\b", caption))[:2]
     return _if_other(caption[:first.start()] + second.group() + caption[first.end():second.start()] + first.group()
                      + caption[second.end():], spec)
 
@@ -341,7 +358,8 @@ def _if_other(caption: str, original: SceneSpec) -> str | None:
 
 
 def caption_words() -> tuple[str, ...]:
-    """Every word a caption can contain (the trainer builds its small BPE vocabulary from captions)."""
+    """Every word a caption of the default stream can contain (the trainer builds its small BPE vocabulary from
+    captions); NOVEL_COLORS are not among them, as the shipped model's vocabulary has no token for them."""
     words = {"a", "an", "and", "of", "on", "with", "background"}
     words |= set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(SIZES) | set(NUMBER_WORDS.values())
     for phrase in list(RELATION_PHRASES.values()) + list(PREFIXES):
@@ -382,11 +400,11 @@ def _parse_group(t: _Tokens) -> Group:
     det = t.take("a", "an", *_NUMBERS)
     count = 1 if det in ("a", "an") else _NUMBERS[det]
     size = color = None
-    while t.peek() in SIZES or t.peek() in COLORS:   # either order: "big red" or "red big"
+    while t.peek() in SIZES or t.peek() in WORLD_COLORS:   # either order: "big red" or "red big"
         w = t.take()
         if w in SIZES and size is None:
             size = w
-        elif w in COLORS and color is None:
+        elif w in WORLD_COLORS and color is None:
             color = w
         else:
             t.i -= 1
@@ -433,7 +451,7 @@ def parse_prompt(prompt: str) -> SceneSpec:
         t.i += 1
         if t.peek() in ("a", "an"):
             t.i += 1
-        background = t.take(*COLORS)
+        background = t.take(*WORLD_COLORS)
         t.take("background")
     if t.peek() is not None:
         t.fail("unexpected word")
@@ -461,13 +479,23 @@ def _random_spec(kind: str, rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(tuple(groups), relation, bg)
 
 
-def _drop_attributes(spec: SceneSpec, rng: np.random.Generator, color_drop: float = COLOR_DROP) -> SceneSpec:
+def _featuring(spec: SceneSpec, color: str, rng: np.random.Generator) -> SceneSpec:
+    """`spec` with one of its groups (drawn at random) in `color`."""
+    groups = list(spec.groups)
+    i = int(rng.integers(len(groups)))
+    groups[i] = replace(groups[i], color=color)
+    return SceneSpec(tuple(groups), spec.relation, spec.background)
+
+
+def _drop_attributes(spec: SceneSpec, rng: np.random.Generator, color_drop: float = COLOR_DROP,
+                     keep: str | None = None) -> SceneSpec:
     """Captions sometimes leave size (half the time) or colour (`color_drop` of the time) unsaid: the model
-    learns they are free."""
+    learns they are free. A colour `keep` is always said (a novel colour: an unstated colour is an old one, and the
+    checker, like the model, would see no object in a colour it was not asked about)."""
     groups = list(spec.groups)
     for i, g in enumerate(groups):
         g = replace(g, size=None) if rng.random() < 0.5 else g
-        trial = replace(g, color=None) if rng.random() < color_drop else g
+        trial = replace(g, color=None) if rng.random() < color_drop and g.color != keep else g
         try:
             SceneSpec(tuple(groups[:i] + [trial] + groups[i + 1:]), spec.relation, spec.background).validate()
             g = trial
@@ -483,13 +511,24 @@ class SceneSampler:
 
     mode: "train" never draws a HELD_OUT binding; "held_out" only scenes with at least one; "all" both.
     kinds: the scene kinds rotated through (SCENE_KINDS; a kind named twice has twice the share);
-    color_drop: how often a caption leaves an object's colour unsaid."""
+    color_drop: how often a caption leaves an object's colour unsaid.
+    concept: a colour of NOVEL_COLORS that about `concept_share` of the samples feature (one of their objects in
+    it, the rest as the stream draws them); the other samples are exactly the stream's without a concept, so a
+    fine-tune on it keeps seeing the world it knows. Which samples feature it depends only on (seed, i)."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, mode: str = "train",
                  held_out: frozenset[tuple[str, str]] = HELD_OUT, supersample: int = 4,
-                 kinds: tuple[str, ...] = SCENE_KINDS, color_drop: float = COLOR_DROP) -> None:
+                 kinds: tuple[str, ...] = SCENE_KINDS, color_drop: float = COLOR_DROP,
+                 concept: str | None = None, concept_share: float = CONCEPT_SHARE) -> None:
         if mode not in ("train", "held_out", "all"):
             raise ValueError(f"mode must be train, held_out or all, not {mode!r}")
+        if concept is not None:
+            if concept not in CONCEPTS:
+                raise ValueError(f"unknown concept {concept!r}; concepts: {', '.join(CONCEPTS)}")
+            if not 0.0 < concept_share <= 1.0:
+                raise ValueError(f"concept share must be in (0, 1], got {concept_share}")
+            if mode == "held_out":   # a single object in the concept's colour is never a held-out binding
+                raise ValueError("a concept stream draws modes train or all, not held_out")
         unknown = sorted(set(kinds) - set(ALL_SCENE_KINDS))
         if not kinds or unknown:
             raise ValueError(f"scene kinds must be some of {', '.join(ALL_SCENE_KINDS)}; got {', '.join(unknown)}"
@@ -499,13 +538,24 @@ class SceneSampler:
         self.seed, self.resolution, self.mode = seed, resolution, mode
         self.held, self.supersample = held_out, supersample
         self.kinds, self.color_drop = tuple(kinds), color_drop
+        self.concept, self.concept_share = concept, concept_share
+
+    def features_concept(self, index: int) -> bool:
+        """Whether sample `index` features the concept (never, without one)."""
+        if self.concept is None:
+            return False
+        # its own generator, so the ordinary samples are drawn exactly as without a concept
+        return bool(np.random.default_rng([self.seed, index, 0xC0C0]).random() < self.concept_share)
 
     def scene(self, index: int) -> tuple[Scene, str]:
         """(scene, caption) of sample `index`, without drawing it."""
-        rng = np.random.default_rng([self.seed, index, 0x5EED])
+        featured = self.features_concept(index)
+        rng = np.random.default_rng([self.seed, index, 0xC0C1 if featured else 0x5EED])
         kind = self.kinds[index % len(self.kinds)]
         while True:
             full = _random_spec(kind, rng)
+            if featured:
+                full = _featuring(full, self.concept, rng)  # type: ignore[arg-type]
             try:
                 full.validate()
             except PromptError:
@@ -514,7 +564,7 @@ class SceneSampler:
                 continue
             if self.mode == "held_out" and not full.held_out(self.held):
                 continue
-            said = _drop_attributes(full, rng, self.color_drop)
+            said = _drop_attributes(full, rng, self.color_drop, self.concept if featured else None)
             try:  # rarely (big objects bound by a relation) no placement is found: draw another scene
                 scene = replace(realize(full, rng, self.resolution), spec=said)
             except PromptError:

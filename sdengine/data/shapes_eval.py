@@ -7,17 +7,22 @@ quarter of the coloured prompts use a HELD_OUT colour-shape binding (tagged held
 stream never shows, so compositional generalization is measured separately from memorization.
 
 The list is built from a fixed rng: the same prompts, in the same order, for every run and every machine.
+
+`shapes_eval(concept="pink")` is the same benchmark for a colour the shipped model never saw (shapes.NOVEL_COLORS):
+the categories that name a colour (colors, position, color_attr), each prompt naming the concept, built from their
+own rng so the ordinary list is untouched.
 """
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .shapes import (
     COLORS,
+    CONCEPTS,
     DEFAULT_BACKGROUND,
     HELD_OUT,
     RELATIONS,
@@ -39,6 +44,9 @@ CATEGORY_SIZES: dict[str, int] = {"single_object": 60, "two_object": 90, "counti
                                   "position": 100, "color_attr": 100}
 HELD_OUT_SHARE = 0.25
 _COLORED = ("colors", "position", "color_attr")
+# A concept's prompts (120 in all, 480 images at 4 seeds): the categories where a colour is named. Single pink
+# objects have 144 distinct forms (6 shapes x 3 sizes x 8 backgrounds), so 40 of each leaves room to vary.
+CONCEPT_SIZES: dict[str, int] = {"colors": 40, "position": 40, "color_attr": 40}
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class EvalItem:
     spec: SceneSpec
     seed: int          # the generation seed; each prompt comes with seeds 0 .. seeds_per_prompt-1
     held_out: bool     # the prompt names a HELD_OUT colour-shape binding
+    concept: str | None = None   # the novel colour the prompt is about (shapes_eval(concept=...)), else None
 
     def scene(self, resolution: int = 64) -> Scene:
         """A ground-truth scene for this prompt and seed (what a perfect model could draw)."""
@@ -121,6 +130,65 @@ _MAKERS: dict[str, Callable[[np.random.Generator, bool], SceneSpec]] = {
     "position": _position, "color_attr": _color_attr}
 
 
+def _concept_group(rng: np.random.Generator, shape: str, concept: str) -> Group:
+    return Group(shape, concept, _size(rng))
+
+
+def _other_group(rng: np.random.Generator, shape: str) -> Group:
+    """The object beside the concept's: an old colour (never a HELD_OUT binding, so a failure is the concept's),
+    unstated a quarter of the time (then any colour passes, the concept's included)."""
+    group = _colored_group(rng, shape, held=False)
+    return replace(group, color=None) if rng.random() < 0.25 else group
+
+
+def _concept_colors(rng: np.random.Generator, concept: str) -> SceneSpec:
+    return SceneSpec((_concept_group(rng, str(rng.choice(SHAPES)), concept),), None, _background(rng))
+
+
+def _concept_position(rng: np.random.Generator, concept: str) -> SceneSpec:
+    a, b = _two_shapes(rng)
+    groups = (_concept_group(rng, a, concept), _other_group(rng, b))
+    if rng.random() < 0.5:            # the concept's object is the first or the second one named
+        groups = groups[::-1]
+    return SceneSpec(groups, str(rng.choice(RELATIONS)), _background(rng))
+
+
+def _concept_color_attr(rng: np.random.Generator, concept: str) -> SceneSpec:
+    # a fifth of them one shape in two colours ("a pink circle and a red circle"): the colour has to be bound
+    a, b = _two_shapes(rng) if rng.random() < 0.8 else (str(rng.choice(SHAPES)),) * 2
+    other = _colored_group(rng, b, held=False)    # named: an unstated one would make the pair ambiguous
+    groups = (_concept_group(rng, a, concept), other)
+    return SceneSpec(groups[::-1] if rng.random() < 0.5 else groups, None, _background(rng))
+
+
+_CONCEPT_MAKERS: dict[str, Callable[[np.random.Generator, str], SceneSpec]] = {
+    "colors": _concept_colors, "position": _concept_position, "color_attr": _concept_color_attr}
+
+
+def concept_prompts(concept: str, seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
+    """The distinct prompts of a novel colour's benchmark, (category, prompt, spec, held_out=False), each naming
+    the concept; the same for every run (the rng is seeded from `seed` and the concept's name)."""
+    if concept not in CONCEPTS:
+        raise ValueError(f"unknown concept {concept!r}; concepts: {', '.join(CONCEPTS)}")
+    rng = np.random.default_rng([seed, zlib.crc32(concept.encode())])
+    seen: set[SceneSpec] = set()
+    out: list[tuple[str, str, SceneSpec, bool]] = []
+    for cat, n in CONCEPT_SIZES.items():
+        made = 0
+        while made < n:
+            spec = _CONCEPT_MAKERS[cat](rng, concept)
+            try:
+                spec.validate()
+            except PromptError:        # the other object's colour drawn equal to the background, ...
+                continue
+            if spec.held_out() or spec.normalized() in seen:
+                continue
+            seen.add(spec.normalized())
+            out.append((cat, describe(spec), spec, False))
+            made += 1
+    return out
+
+
 def eval_prompts(seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
     """The distinct prompts: (category, prompt, spec, held_out), no two with the same meaning."""
     rng = np.random.default_rng(seed)
@@ -143,15 +211,18 @@ def eval_prompts(seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
     return out
 
 
-def shapes_eval(seeds_per_prompt: int = 4, seed: int = 2024, first_seed: int = 0) -> list[EvalItem]:
+def shapes_eval(seeds_per_prompt: int = 4, seed: int = 2024, first_seed: int = 0,
+                concept: str | None = None) -> list[EvalItem]:
     """Every prompt of eval_prompts() with generation seeds first_seed .. first_seed+seeds_per_prompt-1 (GenEval
-    uses 4; seeds past the usual ones check a choice made on those)."""
-    return [EvalItem(cat, prompt, spec, s, held) for cat, prompt, spec, held in eval_prompts(seed)
+    uses 4; seeds past the usual ones check a choice made on those); concept: concept_prompts(concept) instead."""
+    prompts = eval_prompts(seed) if concept is None else concept_prompts(concept, seed)
+    return [EvalItem(cat, prompt, spec, s, held, concept) for cat, prompt, spec, held in prompts
             for s in range(first_seed, first_seed + seeds_per_prompt)]
 
 
 def summarize(items: list[EvalItem], passed: list[bool]) -> dict[str, float]:
-    """Pass rate per category, GenEval's overall score (mean over categories), and held-out vs seen."""
+    """Pass rate per category, GenEval's overall score (mean over categories), and held-out vs seen (for the
+    ordinary prompts only: a concept's prompts have no held-out bindings to compare)."""
     scores: dict[str, float] = {}
     for cat in EVAL_CATEGORIES:
         r = [p for it, p in zip(items, passed) if it.category == cat]
@@ -159,7 +230,8 @@ def summarize(items: list[EvalItem], passed: list[bool]) -> dict[str, float]:
             scores[cat] = float(np.mean(r))
     scores["overall"] = float(np.mean([scores[c] for c in EVAL_CATEGORIES if c in scores]))
     for name, want in (("held_out", True), ("seen_colored", False)):
-        r = [p for it, p in zip(items, passed) if it.held_out == want and it.category in _COLORED]
+        r = [p for it, p in zip(items, passed)
+             if it.held_out == want and it.category in _COLORED and it.concept is None]
         if r:
             scores[name] = float(np.mean(r))
     return scores

@@ -2,7 +2,8 @@
 
 `source.item(i)` returns item i of an endless stream, always the same, so a global batch is the items
 [step * B, (step + 1) * B) and any process can compute its slice. Sources: the procedural shapes world
-(`--data shapes`) and a folder of images with captions (`--data DIR`: same-name .txt files, or a metadata.jsonl
+(`--data shapes`; `--data shapes:pink[:SHARE]` mixes in scenes featuring a colour the shipped model never saw, for
+teaching it a new concept) and a folder of images with captions (`--data DIR`: same-name .txt files, or a metadata.jsonl
 with file_name/text as in Hugging Face's imagefolder).
 """
 from __future__ import annotations
@@ -41,16 +42,22 @@ class ShapesSource:
     """The procedural shapes world; held-out attribute combinations never appear (they are for evaluation)."""
 
     def __init__(self, size: int = 64, seed: int = 0, kinds: tuple[str, ...] | None = None,
-                 color_drop: float | None = None):
+                 color_drop: float | None = None, concept: str | None = None, concept_share: float | None = None):
         """kinds, color_drop: SceneSampler's mix (the share of each scene kind, how often colours go unsaid);
-        None keeps its default."""
-        from ..data.shapes import COLOR_DROP, SCENE_KINDS, SceneSampler
+        concept, concept_share: a novel colour and the share of scenes featuring it; None keeps the default."""
+        from ..data.shapes import COLOR_DROP, CONCEPT_SHARE, SCENE_KINDS, SceneSampler
 
+        if concept_share is not None and concept is None:
+            raise ValueError("a concept share needs a concept")
+        if concept is not None and concept_share is None:
+            concept_share = CONCEPT_SHARE   # spelt out in the key: a concept stream's share is part of what it is
         self.size, self.seed = size, seed
         # the mix where it differs from the defaults: part of a latent cache's key, so that a cache built with the
         # defaults keeps its fingerprint whether or not they are spelt out
-        self.mix = {k: v for k, v in (("kinds", kinds), ("color_drop", color_drop))
-                    if v is not None and v != {"kinds": SCENE_KINDS, "color_drop": COLOR_DROP}[k]}
+        defaults = {"kinds": SCENE_KINDS, "color_drop": COLOR_DROP, "concept": None, "concept_share": None}
+        self.mix = {k: v for k, v in (("kinds", kinds), ("color_drop", color_drop), ("concept", concept),
+                                      ("concept_share", concept_share))
+                    if v is not None and v != defaults[k]}
         self.sampler = SceneSampler(seed=seed, resolution=size, mode="train", **self.mix)
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
@@ -146,11 +153,40 @@ class FolderSource:
             return np.asarray(img, dtype=np.uint8), caption
 
 
+def shapes_spec(data: str) -> dict | None:
+    """A `--data` value naming the shapes world, as ShapesSource's concept options: 'shapes' -> {},
+    'shapes:pink' -> {'concept': 'pink'}, 'shapes:pink:0.3' -> {'concept': 'pink', 'concept_share': 0.3}; None for
+    anything else (a folder). A malformed shapes spec is an error naming what is allowed, not a folder lookup."""
+    head, sep, rest = data.partition(":")
+    if head != "shapes":
+        return None
+    if not sep:
+        return {}
+    from ..data.shapes import CONCEPT_SHARE, CONCEPTS
+
+    concept, sep, share = rest.partition(":")
+    usage = (f"--data shapes:CONCEPT[:SHARE] takes a concept of {', '.join(CONCEPTS)} and the share of scenes "
+             f"featuring it, in (0, 1] (default {CONCEPT_SHARE}); got {data!r}")
+    if concept not in CONCEPTS or ":" in share:
+        raise ValueError(usage)
+    if not sep:
+        return {"concept": concept}
+    try:
+        value = float(share)
+    except ValueError:
+        raise ValueError(usage) from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(usage)
+    return {"concept": concept, "concept_share": value}
+
+
 def make_source(data: str, size: int, seed: int, kinds: tuple[str, ...] | None = None,
                 color_drop: float | None = None) -> Source:
-    """The shapes world (kinds, color_drop: its scene mix, None for the default) or a folder of captioned images."""
-    if data == "shapes":
-        return ShapesSource(size, seed, kinds, color_drop)
+    """The shapes world (kinds, color_drop: its scene mix, None for the default; 'shapes:CONCEPT[:SHARE]' mixes in
+    a novel colour, see shapes_spec) or a folder of captioned images."""
+    spec = shapes_spec(data)
+    if spec is not None:
+        return ShapesSource(size, seed, kinds, color_drop, **spec)
     if kinds is not None or color_drop is not None:
         raise ValueError("--scene-kinds and --color-drop are for --data shapes")
     return FolderSource(data, size, seed)
