@@ -1,6 +1,7 @@
 """txt2img, img2img and inpainting: the generation loop, unrolled and readable in one place.
 
 A Request goes through named steps, each the one place its concern lives:
+  networks     the prompt's <lora:...> tags patched into the weights, embeddings made known (networks.py)
   condition    prompt and negative prompt -> Conditioning (cross-attention context; later SDXL's vector)
   sigmas       the sampler's schedule, or its img2img tail
   sample       seed -> noise (+ the encoded init image) -> sampler over the denoiser stack -> latents
@@ -31,11 +32,12 @@ from .hires import upscale_latents, upscale_pixels
 from .images import image_to_tensor, mask_to_tensor, tensor_to_images
 from .metadata import format_parameters
 from .model import StableDiffusion
+from .networks import Networks, strip_tags
 from .nn.seamless import circular_padding
 from .nn.unet import sdxl_vector
 from .prompts import encode_text
 from .request import Request
-from .runtime import model_hash
+from .runtime import embeddings_dir, loras_dir, model_hash
 
 # callback(step, total_steps, latents (VE space), denoised x0 estimate)
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -57,9 +59,12 @@ def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class Pipeline:
-    def __init__(self, model: StableDiffusion, schedule: NoiseSchedule = SD_SCHEDULE):
+    def __init__(self, model: StableDiffusion, schedule: NoiseSchedule = SD_SCHEDULE, networks: Networks | None = None):
+        """networks: the LoRA and embedding folders prompts may name (default: $SDENGINE_HOME/loras and
+        .../embeddings, see runtime.loras_dir)."""
         self.model = model
         self.schedule = schedule
+        self.networks = networks or Networks(model, [loras_dir()], [embeddings_dir()])
         self._model_hash: str | None | bool = False  # computed on first use
 
     # --- public API ---------------------------------------------------------------------------------------------
@@ -124,16 +129,16 @@ class Pipeline:
         text encoders, and the vector y (`vector`); an empty negative prompt is zeros, as diffusers' SDXL pipeline
         does (force_zeros_for_empty_prompt; not the refiner's)."""
         model, n = self.model, req.batch_size
-        cond, pooled = encode_text(model, [req.prompt] * n, req.clip_skip)
+        prompt, negative = strip_tags(req.prompt), strip_tags(req.negative_prompt)  # the LoRAs are patched in
+        cond, pooled = encode_text(model, [prompt] * n, req.clip_skip)
         if req.cfg_scale == 1.0:
             return Conditioning(cond, self.vector(req, pooled)), None
-        if model.config.text_2 is not None and not req.negative_prompt:
+        if model.config.text_2 is not None and not negative:
             zeros = Conditioning(torch.zeros_like(cond), self.vector(req, torch.zeros_like(pooled), negative=True))
             return Conditioning(cond, self.vector(req, pooled)), zeros
-        uncond, uncond_pooled = encode_text(model, [req.negative_prompt] * n, req.clip_skip,
-                                            min_chunks=cond.shape[1] // 77)
+        uncond, uncond_pooled = encode_text(model, [negative] * n, req.clip_skip, min_chunks=cond.shape[1] // 77)
         if uncond.shape[1] > cond.shape[1]:  # a longer negative: pad the prompt
-            cond, pooled = encode_text(model, [req.prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
+            cond, pooled = encode_text(model, [prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
         return (Conditioning(cond, self.vector(req, pooled)),
                 Conditioning(uncond, self.vector(req, uncond_pooled, negative=True)))
 
@@ -182,6 +187,7 @@ class Pipeline:
             raise ValueError("Pipeline.sample takes one sized batch: use Pipeline.run, or Request.sized/iteration")
         if masked_latents not in MASKED_LATENTS:
             raise ValueError(f"masked_latents must be one of {', '.join(MASKED_LATENTS)}, not {masked_latents!r}")
+        self.networks.activate(req)  # the prompt's LoRAs patched in (nothing to do when they already are)
         with self.tiling(req):
             return self._sample(req, init, mask, callback, masked_latents, latent_mask, init_latents)
 
@@ -264,7 +270,7 @@ class Pipeline:
         k = int((timesteps >= cutoff).sum())
         if k == 0 or k == len(timesteps):
             raise ValueError(f"switch point {switch_at} leaves no steps to the {'base' if k == 0 else 'refiner'}")
-        head = _Head(self.model, self.schedule, sigmas[: k + 1])
+        head = _Head(self.model, self.schedule, sigmas[: k + 1], self.networks)
         x = head.sample(req) * (1 + sigmas[k] ** 2) ** 0.5  # back to the sampler's (VE) latents at sigma_k
         spec = req.sampler_spec
         f = refiner.model.config.vae.downscale
@@ -331,15 +337,16 @@ class Pipeline:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
         params = {**req.infotext_fields(index), "Model hash": self._model_hash,
-                  "Model": source.stem if source else None, **(extra or {}), "Version": f"sdengine {__version__}"}
+                  "Model": source.stem if source else None, **self.networks.infotext_fields(req), **(extra or {}),
+                  "Version": f"sdengine {__version__}"}
         return format_parameters(req.prompt, req.negative_prompt, params)
 
 
 class _Head(Pipeline):
     """A pipeline that samples only the first part of a schedule (the base model's share of an ensemble)."""
 
-    def __init__(self, model: StableDiffusion, schedule: NoiseSchedule, head: torch.Tensor):
-        super().__init__(model, schedule)
+    def __init__(self, model: StableDiffusion, schedule: NoiseSchedule, head: torch.Tensor, networks: Networks):
+        super().__init__(model, schedule, networks)
         self.head = head
 
     def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:

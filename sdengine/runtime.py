@@ -39,6 +39,16 @@ def models_dir() -> Path:
     return sdengine_home() / "models"
 
 
+def loras_dir() -> Path:
+    """Where LoRA files are looked up by name ($SDENGINE_LORAS, else $SDENGINE_HOME/loras)."""
+    return Path(os.environ.get("SDENGINE_LORAS") or sdengine_home() / "loras")
+
+
+def embeddings_dir() -> Path:
+    """Where textual-inversion embeddings are found ($SDENGINE_EMBEDDINGS, else $SDENGINE_HOME/embeddings)."""
+    return Path(os.environ.get("SDENGINE_EMBEDDINGS") or sdengine_home() / "embeddings")
+
+
 def default_model() -> Path | None:
     """The model shipped with the package, when this install has one."""
     shipped = Path(__file__).parent / "models" / "default" / "model.safetensors"

@@ -68,6 +68,13 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
     p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
     p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:UNET_W]]",
+                   help="apply a LoRA (a name in --lora-dir, or a file) at weight W (default 1), the UNet at UNET_W "
+                        "if given; the same as <lora:NAME:W> in the prompt (repeatable)")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="where LoRAs are found by name (default: $SDENGINE_LORAS or $SDENGINE_HOME/loras)")
+    p.add_argument("--embeddings-dir", type=Path, default=None, help="textual-inversion embeddings, used by file "
+                   "name in prompts (default: $SDENGINE_EMBEDDINGS or $SDENGINE_HOME/embeddings)")
     p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
     for flag, (field, options) in REQUEST_OPTIONS.items():
         _add(p, flag, field, options, defaults.get(field))
@@ -92,6 +99,29 @@ def _request_class():
     return Request
 
 
+def lora_options(args: argparse.Namespace):
+    """(the LoRA library --lora-dir and the --lora files make, the tags --lora adds to the prompt); every --lora
+    is read here, so a missing or broken file is an error before the model loads."""
+    from .. import runtime
+    from ..lora import LoraLibrary
+
+    library = LoraLibrary([args.lora_dir or runtime.loras_dir()])
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise CLIError(f"LoRA folder {args.lora_dir} does not exist")
+    tags = []
+    for value in args.lora:
+        name, _, weights = value.partition(":") if not Path(value).is_file() else (value, "", "")
+        if Path(name).is_file():
+            name = library.add(Path(name))
+        elif library.path(name) is None:
+            known = ", ".join(library.names()[:10]) or "none"
+            raise CLIError(f"--lora {value}: no LoRA named {name!r} in {library.folders[0]} and no such file "
+                           f"(found: {known})")
+        library.load(name)
+        tags.append(f"<lora:{name}{':' + weights if weights else ''}>")
+    return library, tags
+
+
 def request_from_args(args: argparse.Namespace, command: str, width: int | None, height: int | None):
     """The Request the options ask for (ValueError names a bad value); width/height fill unset sizes."""
     from ..hires import HiresFix
@@ -112,6 +142,8 @@ def request_from_args(args: argparse.Namespace, command: str, width: int | None,
     if hires:
         resize_x, resize_y = hires.pop("resize", (0, 0))
         values["hires"] = HiresFix(resize_x=resize_x, resize_y=resize_y, **hires)
+    if getattr(args, "lora_tags", None):
+        values["prompt"] = " ".join([values["prompt"], *args.lora_tags]).strip()
     values.setdefault("width", width)
     values.setdefault("height", height)
     return _request_class()(**values)
@@ -179,22 +211,28 @@ def run_generation(args: argparse.Namespace) -> None:
         width, height = init.width // 8 * 8, init.height // 8 * 8
     else:  # the size the model file records, read from its header: the Request is checked before any load
         width = height = runtime.native_size(model_path)
+    loras, args.lora_tags = lora_options(args)
     req = request_from_args(args, command, width, height)
     paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids], args.force)
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
 
+    from ..networks import Networks
     from ..pipeline import Pipeline
 
     model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
                                        vae=args.vae, compile=args.compile)
+    networks = Networks(model, embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()], loras=loras)
     callback, bar = progress(args.quiet)
     try:
-        images = Pipeline(model).run(req, init=init, mask=mask, callback=callback)
+        pipe = Pipeline(model, networks=networks)
+        images = pipe.run(req, init=init, mask=mask, callback=callback)
     finally:
         if bar is not None:
             bar.close()
+    for warning in networks.warnings:
+        print(f"sdengine: warning: {warning}", file=sys.stderr)
     for image, path in zip(images, paths):
         save_png(image, path, image.info["parameters"], force=args.force)
         variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""

@@ -6,8 +6,9 @@
     patcher.restore()                                      # weights bitwise as loaded
 """
 from .formats import Lora, LoraError, LoraLayer, lora_from_tensors, read_lora
+from .library import LoraLibrary, addnet_hash
 from .patch import ApplyReport, LoraPatcher, LoraUse
 from .targets import Target, kohya_names, lora_targets
 
-__all__ = ["ApplyReport", "Lora", "LoraError", "LoraLayer", "LoraPatcher", "LoraUse", "Target", "kohya_names",
-           "lora_from_tensors", "lora_targets", "read_lora"]
+__all__ = ["ApplyReport", "Lora", "LoraError", "LoraLayer", "LoraLibrary", "LoraPatcher", "LoraUse", "Target",
+           "addnet_hash", "kohya_names", "lora_from_tensors", "lora_targets", "read_lora"]

@@ -64,6 +64,14 @@ class LoraPatcher:
         self._active: tuple = ()
         self._report = ApplyReport()
 
+    @classmethod
+    def of(cls, model: StableDiffusion) -> LoraPatcher:
+        """The model's one patcher: two patchers on one model would each take the other's patch for the original."""
+        patcher = model.__dict__.get("_lora_patcher")
+        if patcher is None:
+            patcher = model.__dict__["_lora_patcher"] = cls(model)
+        return patcher
+
     @property
     def targets(self) -> dict[str, Target]:
         if self._targets is None:
