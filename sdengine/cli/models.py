@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import CLIError
@@ -98,9 +99,21 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {out} (fresh {args.preset} weights, seed {args.seed})")
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
-    from ..weights import merge, save
+def _lora_arg(value: str) -> tuple[Path, float]:
+    """FILE or FILE:W (W a number) for `merge --lora`."""
+    path, _, weight = value.rpartition(":") if not Path(value).exists() and ":" in value else (value, "", "1")
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected FILE or FILE:WEIGHT") from None
 
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from ..lora import LoraPatcher, LoraUse, read_lora
+    from ..weights import load, merge, save
+
+    if args.secondary is None and not args.lora:
+        raise CLIError("merge needs a second model, or --lora FILE:W to bake a LoRA into the first")
     if (args.mode == "add-difference") != (args.tertiary is not None):
         raise CLIError("add-difference takes three models (A + (B - C) * alpha), weighted-sum two"
                        if args.mode == "add-difference" else "weighted-sum takes two models; a third is for "
@@ -108,9 +121,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.dst.exists() and not args.force:
         raise FileExistsError(f"{args.dst} exists (use --force to replace it)")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    model = merge(args.primary, args.secondary, args.alpha, args.tertiary, parts)
+    loras = [(read_lora(path), weight) for path, weight in args.lora]  # a bad file fails before any model loads
+    if args.secondary is None:
+        model, done = load(args.primary, dtype=None), []
+    else:
+        model = merge(args.primary, args.secondary, args.alpha, args.tertiary, parts)
+        done = [f"{args.mode}, alpha {args.alpha:g}, {', '.join(parts)}"]
+    if loras:  # baked in as kohya's merge scripts do: W + w * delta, saved in the model's precision
+        report = LoraPatcher(model).apply([LoraUse(lora, unet=w, text=w) for lora, w in loras])
+        for warning in report.warnings():
+            print(f"sdengine: warning: {warning}", file=sys.stderr)
+        done.append("LoRA " + ", ".join(f"{lora.name} x{w:g}" for lora, w in loras))
     out = save(model, args.dst, to=args.to, dtype=_dtype(args.dtype), force=args.force)
-    print(f"wrote {out} ({args.mode}, alpha {args.alpha:g}, {', '.join(parts)})")
+    print(f"wrote {out} ({'; '.join(done)})")
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -140,12 +163,14 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
         p.set_defaults(func=cmd_init)
     elif name == "merge":
         p.add_argument("primary", type=Path, help="A: its tokenizer, config and unmerged parts are kept")
-        p.add_argument("secondary", type=Path, help="B")
+        p.add_argument("secondary", type=Path, nargs="?", help="B (optional with --lora)")
         p.add_argument("tertiary", type=Path, nargs="?", help="C, for --mode add-difference")
         p.add_argument("--out", dest="dst", type=Path, required=True)
         p.add_argument("--alpha", type=float, default=0.5, help="B's share, or the difference's scale (default 0.5)")
         p.add_argument("--mode", choices=["weighted-sum", "add-difference"], default="weighted-sum")
         p.add_argument("--parts", default="unet,text,vae", help="comma-separated parts to merge (default: all)")
+        p.add_argument("--lora", type=_lora_arg, action="append", default=[], metavar="FILE[:W]",
+                       help="bake a LoRA (any format sdengine reads) into the result at weight W (repeatable)")
         p.add_argument("--to", choices=["diffusers", "single"], default="single")
         p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: A's precision")
         p.add_argument("--force", action="store_true", help="replace an existing destination")
