@@ -65,9 +65,10 @@ def _unet_aliases(model: StableDiffusion, table: dict[str, Target], kohya: dict[
         kohya[target.key] = names[-1]
         if renamed is not None:
             diffusers = renamed.removesuffix(".weight")
-            names += [f"unet.{diffusers}", diffusers]
-            if not sdxl:  # kohya's SDXL trainer names the original modules; its SD1/SD2 trainer diffusers' ones
-                names.append(f"lora_unet_{_underscored(diffusers)}")
+            # kohya's SDXL trainer names the original modules, its SD1/SD2 trainer diffusers' ones; SDXL files
+            # converted from diffusers carry diffusers' names, so both are read (ComfyUI does the same)
+            names += [f"unet.{diffusers}", diffusers, f"lora_unet_{_underscored(diffusers)}"]
+            if not sdxl:
                 kohya[target.key] = names[-1]
         for name in names:
             table[name] = target
