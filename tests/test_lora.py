@@ -210,7 +210,8 @@ def test_dora_peft(model, reference, patcher, tmp_path):
 
 
 @pytest.mark.parametrize("algo,extra", [("loha", {}), ("lokr", {}), ("lokr", {"decompose_both": True}),
-                                        ("lora", {"weight_decompose": True}), ("full", {}),
+                                        ("lora", {"weight_decompose": True}), ("full", {}), ("ia3", {}),
+                                        ("lora", {"use_tucker": True, "conv_dim": 2}),
                                         ("loha", {"use_tucker": True, "conv_dim": 2})])
 def test_lycoris_matches_lycoris_modules(model, reference, patcher, algo, extra, tmp_path):
     """LyCORIS modules built by the lycoris-lora package on the reference UNet (kohya names via its preset),

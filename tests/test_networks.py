@@ -119,3 +119,22 @@ def test_unknown_lora_warns_in_the_parameters(ours):
     img = ours.generate("a red circle <lora:nosuch:1>", steps=1, seed=1, width=W, height=H)[0]
     assert "LoRA not found: nosuch" in parse_parameters(img.info["parameters"])["Warnings"]
     assert ours.networks.warnings == ["LoRA not found: nosuch"]
+
+
+def test_embedding_folder_used_from_prompts_with_ti_hashes(setup, tmp_path):
+    """An A1111 .pt embedding in the embeddings folder: its file name in the prompt (and negative prompt) uses it,
+    "TI hashes" records it, and the image differs from the plain word's."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    width = setup["model"].text_encoder.config.width
+    torch.save({"string_to_param": {"*": torch.randn(2, width, generator=torch.Generator().manual_seed(0))},
+                "name": "shiny"}, folder / "shiny.pt")
+    pipe = Pipeline(setup["model"], networks=Networks(setup["model"], [], [folder]))
+    img = pipe.generate("a shiny circle", negative_prompt="shiny", steps=2, seed=1, width=W, height=H)[0]
+    params = parse_parameters(img.info["parameters"])
+    assert params["TI hashes"].startswith("shiny: ") and len(params["TI hashes"]) == len("shiny: ") + 12
+    plain = Pipeline(setup["model"], networks=Networks(setup["model"]))
+    other = plain.generate("a shiny circle", negative_prompt="shiny", steps=2, seed=1, width=W, height=H)[0]
+    assert "TI hashes" not in parse_parameters(other.info["parameters"])
+    assert not np.array_equal(np.asarray(img), np.asarray(other))
+    assert pipe.networks.embeddings().api()["loaded"]["shiny"]["vectors"] == 2
