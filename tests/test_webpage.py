@@ -45,7 +45,21 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("web"), extra=["--max-steps", "5000"]) as running:
+    """With a LoRA folder (one kohya LoRA) and an embeddings folder (one embedding) for the tiny model."""
+    import torch
+    from safetensors.torch import save_file
+    from test_lora import random_kohya
+
+    from sdengine.config import TINY
+    from sdengine.model import StableDiffusion
+
+    root = tmp_path_factory.mktemp("web")
+    (root / "loras").mkdir()
+    (root / "embeddings").mkdir()
+    save_file(random_kohya(StableDiffusion(TINY)), root / "loras" / "style.safetensors")
+    save_file({"emb_params": torch.full((1, TINY.text.width), 0.01)}, root / "embeddings" / "tok.safetensors")
+    with serve(root, extra=["--max-steps", "5000", "--lora-dir", str(root / "loras"), "--embeddings-dir",
+                            str(root / "embeddings")]) as running:
         yield running
 
 
@@ -196,6 +210,37 @@ def test_live_progress_and_interrupt(server, web):
     assert "Steps: 5000," in item.locator(".infotext").inner_text()
     expect(page.locator("#progress-text")).to_contain_text("Interrupted")
     expect(preview).to_be_hidden()
+
+
+def test_lora_and_embedding_lists_insert_into_the_prompts(server, web):
+    page = web().open(server.url)
+    expect(page.locator("#networks")).to_have_attribute("open", "")  # shown: the server has some
+    loras, embeddings = page.locator("#lora-list button"), page.locator("#embedding-list button")
+    expect(loras).to_have_text(["style"])
+    expect(embeddings).to_have_text(["tok"])
+    fill_small(page, "a red circle", seed=3)
+    loras.first.click()
+    prompt = page.get_by_label("Prompt", exact=True)
+    assert prompt.input_value() == "a red circle <lora:style:1>"
+    page.get_by_label("Negative prompt").fill("blurry")  # embeddings go where one typed last
+    embeddings.first.click()
+    assert page.get_by_label("Negative prompt").input_value() == "blurry tok"
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert sent.value.post_data_json["prompt"] == "a red circle <lora:style:1>"
+    text = page.locator("#gallery li .infotext").first
+    expect(text).to_contain_text("Lora hashes: \"style: ", timeout=WAIT_MS)
+    expect(text).to_contain_text("TI hashes: \"tok: ")
+
+    late = Path(server.models.parent / "loras" / "late.safetensors")
+    late.write_bytes((server.models.parent / "loras" / "style.safetensors").read_bytes())
+    with page.expect_request("**/sdapi/v1/refresh-loras"):
+        page.get_by_role("button", name="Refresh lists").click()
+    expect(loras).to_have_text(["late", "style"])
+    expect(page.get_by_role("button", name="Refresh lists")).to_be_enabled()
+    page.reload()  # the prompt is kept between visits, with its tag
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a red circle <lora:style:1>"
 
 
 def source_png(path: Path) -> Path:

@@ -68,8 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pinned = Path(args.model).expanduser()
     if args.compile:
         check_compiler(device)
+    for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if value is not None and not value.is_dir():  # the defaults may be absent: nothing to list then
+            raise ValueError(f"{flag} {value} is not a folder")
     registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device,
-                             runtime.inference_dtype(args.precision, device), compile=args.compile)
+                             runtime.inference_dtype(args.precision, device), compile=args.compile,
+                             lora_dirs=[args.lora_dir or runtime.loras_dir()],
+                             embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()])
     name = args.model  # a name in the folder, unless a file was pinned
     if pinned is not None:  # listed under the folder's name for it when the folder links to it (a symlink)
         name = next((e.name for e in registry.entries() if e.path.resolve() == pinned.resolve()), pinned.name)
@@ -116,6 +121,12 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                         "folder's first)")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="the folder clients choose models from, by name (default: $SDENGINE_HOME/models)")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="the LoRAs prompts may name as <lora:NAME:W> (default: $SDENGINE_LORAS, else "
+                        "$SDENGINE_HOME/loras); clients name them, never a path")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="textual-inversion embeddings, used by file name in prompts (default: $SDENGINE_EMBEDDINGS, "
+                        "else $SDENGINE_HOME/embeddings)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")

@@ -178,6 +178,26 @@ def router(service: Service) -> APIRouter:
     def refresh_checkpoints() -> None:
         return None  # the folder is read on every listing: nothing is cached to refresh
 
+    @api.get("/loras")
+    def loras() -> list[dict[str, Any]]:  # A1111's Lora extension: name, alias, path (the server's), metadata
+        return service.loras()
+
+    @api.post("/refresh-loras")
+    def refresh_loras() -> None:
+        service.registry.loras.refresh()  # the folder is listed again when next asked; files are read when used
+        return None
+
+    @api.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return service.embeddings()
+
+    @api.post("/refresh-embeddings")
+    async def refresh_embeddings() -> None:
+        # queued, as A1111 takes its queue lock: the loaded model's embeddings never change under a running job
+        job = service.queue.submit(Job("refresh", None, ephemeral=True))
+        await asyncio.wrap_future(job.future)
+        return None
+
     @api.get("/prompt-styles")
     def prompt_styles() -> list[dict[str, str]]:
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}

@@ -53,7 +53,7 @@ class JobFailed(Exception):
 
 @dataclass
 class Job:
-    mode: str  # "txt2img" | "img2img" | "load" (a model switch queued like any job)
+    mode: str  # "txt2img" | "img2img" | "load" (a model switch queued like any job) | "refresh" (embeddings)
     spec: Any  # what the runner needs; opaque here
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     ephemeral: bool = False  # an /sdapi/v1 request waiting on the future: forgotten once finished

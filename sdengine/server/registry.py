@@ -1,11 +1,13 @@
 """The models a client may choose (the models folder, plus the --model file) and the one loaded now.
 
-Clients name models; paths stay on the server.
+Clients name models; paths stay on the server. Every model's pipeline gets the server's LoRA and embedding
+folders (sdengine serve --lora-dir/--embeddings-dir), LoRAs looked up by name only.
 """
 from __future__ import annotations
 
 import gc
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ import torch
 
 from .. import runtime
 from ..errors import first_line
+from ..lora import LoraLibrary
+from ..networks import Networks
 from ..pipeline import Pipeline
 from .errors import BadInput, ModelLoadError
 
@@ -30,9 +34,15 @@ class ModelEntry:
 
 class ModelRegistry:
     def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype,
-                 compile: bool = False):
+                 compile: bool = False, lora_dirs: Sequence[Path] | None = None,
+                 embedding_dirs: Sequence[Path] | None = None):
+        """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir)."""
         self.folder, self.pinned, self.device, self.dtype = folder, pinned, device, dtype
         self.compile = compile  # compile each loaded model's UNet (sdengine serve --compile)
+        self.embedding_dirs = [Path(d) for d in (embedding_dirs if embedding_dirs is not None
+                                                 else [runtime.embeddings_dir()])]
+        # one library for every model: its listing, parsed files and hashes survive a model switch
+        self.loras = LoraLibrary(lora_dirs if lora_dirs is not None else [runtime.loras_dir()])
         self.default_name: str | None = None  # sd_model_checkpoint
         self.current: ModelEntry | None = None
         self.pipeline: Pipeline | None = None
@@ -95,7 +105,9 @@ class ModelRegistry:
             sha = self.sha256(entry, compute=True)
         except Exception as e:  # noqa: BLE001 - any failure to load is reported as the model's
             raise ModelLoadError(f"model {entry.name} could not be loaded: {first_line(e)}") from None
-        pipe = Pipeline(model)
+        pipe = Pipeline(model, networks=Networks(model, embedding_dirs=self.embedding_dirs, loras=self.loras))
+        # the embeddings scanned here, in the worker: /sdapi/v1/embeddings then only reads a finished scan
+        pipe.networks.embeddings()
         pipe._model_hash = sha[:10] if sha else None  # already read the file once; don't read it again
         self.pipeline, self.current = pipe, entry
         return pipe, entry

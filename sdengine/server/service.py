@@ -49,6 +49,12 @@ class Service:
             self.registry.ensure(job.spec)
             self.registry.default_name = self.registry.current.name
             return {}
+        if job.mode == "refresh":  # between jobs, so no generation sees the embeddings change under it
+            self.registry.loras.refresh()
+            if self.registry.pipeline is not None:
+                self.registry.pipeline.networks.refresh()
+                self.registry.pipeline.networks.embeddings()
+            return {}
         gen: GenJob = job.spec
         req = gen.request
         pipe, entry = self.registry.ensure(gen.model)
@@ -65,6 +71,7 @@ class Service:
                        "masked_latents": gen.masked.latent_fill}
         images: list[str] = []
         infotexts: list[str] = []
+        warnings = list(gen.warnings)  # and each batch's networks' (unknown LoRA, skipped layers...)
         latest: list[torch.Tensor] = []  # the current batch's last denoised estimate
 
         def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
@@ -88,15 +95,17 @@ class Service:
                 if stop.kind == "cancel" or not latest:
                     raise
                 latents = latest[0]
+            warnings += [w for w in pipe.networks.warnings if w not in warnings]
             for i, image in enumerate(pipe.to_images(latents, batch, gen.masked.extra if gen.masked else None)):
                 if gen.masked is not None:
                     image = gen.masked.finish(image, i)
                 infotexts.append(image.info["parameters"])
                 if gen.send_images:
                     images.append(encode_png(image, image.info["parameters"]))
-        return {"images": images, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job))}
+        return {"images": images, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job, warnings))}
 
-    def info(self, gen: GenJob, entry: ModelEntry, pipe: Pipeline, infotexts: list[str], job: Job) -> dict:
+    def info(self, gen: GenJob, entry: ModelEntry, pipe: Pipeline, infotexts: list[str], job: Job,
+             warnings: list[str]) -> dict:
         req = gen.request
         count = req.batch_size * req.n_iter
         sha = self.registry.sha256(entry)
@@ -123,14 +132,26 @@ class Service:
             "is_using_inpainting_conditioning": inpainting_unet and gen.mode == "img2img",
             "version": f"sdengine {__version__}",
             # ours: whether sampling was stopped early, what was ignored, and the job's id for /api/v1/jobs
-            "interrupted": job.interrupt, "warnings": gen.warnings, "job_id": job.id,
+            "interrupted": job.interrupt, "warnings": warnings, "job_id": job.id,
         }
+
+    # --- extra networks (request threads) --------------------------------------------------------------------
+
+    def loras(self) -> list[dict[str, Any]]:
+        """A1111's /sdapi/v1/loras: the LoRA folders' files (whatever model is loaded)."""
+        return self.registry.loras.api_list()
+
+    def embeddings(self) -> dict[str, Any]:
+        """A1111's /sdapi/v1/embeddings for the loaded model (scanned when it loaded or on refresh, in the
+        worker; nothing is read here)."""
+        pipe = self.registry.pipeline
+        return pipe.networks.embeddings().api() if pipe is not None else {"loaded": {}, "skipped": {}}
 
     # --- progress (request threads) ------------------------------------------------------------------------
 
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         job = self.queue.running
-        if job is None or job.mode == "load":
+        if job is None or job.mode in ("load", "refresh"):  # no generation running
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
                     "current_task": None, "state": {
                         "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",

@@ -16,6 +16,7 @@ from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..diffusion.schedule import A1111_SCHEDULERS
 from ..hires import HiresFix
 from ..images import empty_mask_note
+from ..networks import parse_tags, strip_tags
 from ..prompts import Style, apply_styles
 from ..request import MAX_CLIP_SKIP, FieldError, Request
 from . import inpaint
@@ -149,6 +150,7 @@ class BodyReader:
             styled_prompt, styled_negative = apply_styles(prompt, negative, styles, self.styles)
         except ValueError as e:
             raise BadInput(str(e)) from None
+        styled_prompt = self._tags(body, "prompt", styled_prompt)
         values = {request_field: _get(body, key, default) for key, (request_field, default) in A1111_FIELDS.items()}
         for key, hi in (("width", lim.max_width), ("height", lim.max_height), ("steps", lim.max_steps),
                         ("batch_size", lim.max_batch), ("n_iter", lim.max_batch)):
@@ -205,6 +207,18 @@ class BodyReader:
                 raise BadInput(f"{key} has {len(text)} characters; at most {self.limits.max_prompt_chars} are "
                                "accepted")
 
+    @staticmethod
+    def _tags(body: dict[str, Any], key: str, prompt: str) -> str:
+        """The prompt's <lora:...> tags checked now (a bad weight, too many LoRAs: 422 before queueing); with
+        A1111's disable_extra_networks, taken out unapplied. Names are only looked up later, in the LoRA folder."""
+        if _get(body, "disable_extra_networks", False):
+            return strip_tags(prompt)
+        try:
+            parse_tags(prompt)
+        except FieldError as e:
+            raise BadInput(e.for_label(key)) from None
+        return prompt
+
     def _img2img(self, body: dict[str, Any], job: GenJob) -> None:
         req = job.request
         sources = _get(body, "init_images", [])
@@ -260,6 +274,7 @@ class BodyReader:
         if hr_prompt or hr_negative:  # A1111: an empty one is the first pass's; styles apply to both
             values["prompt"], values["negative_prompt"] = apply_styles(
                 hr_prompt or job.prompt, hr_negative or job.negative_prompt, job.styles, self.styles)
+            values["prompt"] = self._tags(body, "hr_prompt", values["prompt"])
         if _get(body, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
             job.warnings.append("hr_checkpoint_name ignored: the second pass uses the first pass's model")
         try:

@@ -17,7 +17,8 @@
     announce: $("announce"), preview: $("live-preview"), error: $("error"), gallery: $("gallery"),
     galleryEmpty: $("gallery-empty"), galleryClear: $("gallery-clear"), tiling: $("tiling"),
     hiresSection: $("hires-section"), hires: $("enable_hr"), hrScale: $("hr_scale"), hrStrength: $("hr_strength"),
-    hrSteps: $("hr_steps"),
+    hrSteps: $("hr_steps"), networks: $("networks"), loraList: $("lora-list"), loraEmpty: $("lora-empty"),
+    embeddingList: $("embedding-list"), embeddingEmpty: $("embedding-empty"), networksRefresh: $("networks-refresh"),
   };
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
   const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
@@ -27,7 +28,7 @@
     "height", "seed", "hrScale", "hrStrength", "hrSteps"];
 
   const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
-    urls: [] };
+    urls: [], lastPrompt: null };
 
   // --- the API -----------------------------------------------------------------------------------------------
 
@@ -123,6 +124,54 @@
     }
     if (models.status === "fulfilled") {
       fillSelect(el.model, models.value.map((m) => [m.title, m.model_name]), keep.model, state.currentModel);
+    }
+  }
+
+  // --- LoRAs and embeddings: the server's folders, listed by name; a click adds one to a prompt ---------------
+
+  function insertInto(box, text) { // appended, as A1111's extra-networks cards do; the focus stays on the list
+    const value = box.value.replace(/\s+$/, "");
+    box.value = value ? `${value} ${text}` : text;
+    save();
+  }
+
+  function fillChips(list, empty, items, onPick) { // items: [name, tooltip]
+    list.replaceChildren(...items.map(([name, title]) => {
+      const b = Object.assign(document.createElement("button"), { type: "button", textContent: name, title });
+      b.addEventListener("click", () => onPick(name));
+      const item = document.createElement("li");
+      item.append(b);
+      return item;
+    }));
+    empty.hidden = items.length > 0;
+  }
+
+  async function loadNetworks() {
+    const [loras, embeddings] = await Promise.allSettled([api("sdapi/v1/loras"), api("sdapi/v1/embeddings")]);
+    const failed = [loras, embeddings].find((r) => r.status === "rejected");
+    if (failed) showError(`Could not list the LoRAs and embeddings: ${failed.reason.message}`);
+    const loraItems = (loras.status === "fulfilled" ? loras.value : []).map((l) => [l.name,
+      `${l.alias && l.alias !== l.name ? `${l.alias}: ` : ""}adds <lora:${l.name}:1> to the prompt`]);
+    // by name (the file's), not alias: the server looks LoRAs up by file name only
+    fillChips(el.loraList, el.loraEmpty, loraItems, (name) => insertInto(el.prompt, `<lora:${name}:1>`));
+    const loaded = Object.keys(embeddings.status === "fulfilled" ? embeddings.value.loaded || {} : {});
+    fillChips(el.embeddingList, el.embeddingEmpty, loaded.map((n) => [n, `adds ${n} to the prompt typed in last`]),
+      (name) => insertInto(state.lastPrompt || el.prompt, name));
+    if (loraItems.length + loaded.length > 0 && !el.networks.dataset.seen) el.networks.open = true; // first time
+    el.networks.dataset.seen = "true";
+  }
+
+  async function refreshNetworks() {
+    el.networksRefresh.disabled = true;
+    el.networksRefresh.textContent = "Refreshing…"; // the embeddings wait for the running job, as in A1111
+    try {
+      await Promise.all([api("sdapi/v1/refresh-loras", {}), api("sdapi/v1/refresh-embeddings", {})]);
+      await loadNetworks();
+    } catch (e) {
+      showError(e);
+    } finally {
+      el.networksRefresh.disabled = false;
+      el.networksRefresh.textContent = "Refresh lists";
     }
   }
 
@@ -564,8 +613,10 @@
   el.matchSize.addEventListener("click", matchSize);
   el.interrupt.addEventListener("click", interrupt);
   el.galleryClear.addEventListener("click", clearGallery);
+  el.networksRefresh.addEventListener("click", refreshNetworks);
+  for (const box of [el.prompt, el.negative]) box.addEventListener("focus", () => { state.lastPrompt = box; });
 
   restore(saved());
   applyMode();
-  loadLists().finally(() => document.body.setAttribute("data-ready", "true"));
+  Promise.allSettled([loadLists(), loadNetworks()]).finally(() => document.body.setAttribute("data-ready", "true"));
 })();
