@@ -65,6 +65,8 @@ class Pipeline:
         self.model = model
         self.schedule = schedule
         self.networks = networks or Networks(model, [loras_dir()], [embeddings_dir()])
+        self.refiner_loader: Callable[[str], StableDiffusion] | None = None
+        self._refiners: dict[str, Pipeline] = {}
         self._model_hash: str | None | bool = False  # computed on first use
 
     # --- public API ---------------------------------------------------------------------------------------------
@@ -113,8 +115,28 @@ class Pipeline:
     def latents(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 callback: Callback | None = None, **inpaint: Any) -> torch.Tensor:
         """One batch (n_iter 1) of a sized request: the first pass, then the hires fix's second pass if asked."""
-        latents = self.sample(req, init=init, mask=mask, callback=callback, **inpaint)
+        if req.refiner is not None:
+            if init is not None or mask is not None:
+                raise ValueError("a refiner continues a txt2img schedule here; img2img and inpainting with a "
+                                 "refiner are not supported")
+            latents = self.sample_with_refiner(req, self.refiner_pipeline(req.refiner), req.refiner_switch_at,
+                                               callback)
+        else:
+            latents = self.sample(req, init=init, mask=mask, callback=callback, **inpaint)
         return latents if req.hires is None else self.second_pass(req, latents, callback)
+
+    def refiner_pipeline(self, name: str) -> Pipeline:
+        """The refiner `name` (a path or a models-folder name) as a pipeline on this model's device and precision,
+        loaded once; `refiner_loader` (name -> StableDiffusion) replaces how it is found (the server's registry)."""
+        if name not in self._refiners:
+            if self.refiner_loader is not None:
+                model = self.refiner_loader(name)
+            else:
+                from .runtime import load_for_inference, resolve_model
+
+                model = load_for_inference(resolve_model(name), self.model.device, self.model.dtype)
+            self._refiners = {name: Pipeline(model, self.schedule)}  # one kept: a refiner is large
+        return self._refiners[name]
 
     # --- the steps ----------------------------------------------------------------------------------------------
 
@@ -148,14 +170,21 @@ class Pipeline:
         conditions on an aesthetic score in place of the target size (6.0, and 2.5 for the negative, diffusers'
         defaults). None for UNets without a vector input."""
         if not self.model.config.conditioner:
+            if req.original_size or req.target_size or req.crop != (0, 0):
+                raise ValueError(f"original size, crop and target size condition SDXL models; this is "
+                                 f"{self.model.config.family}")
             return None
         assert req.width is not None and req.height is not None
         n = pooled.shape[0]
-        size = torch.tensor([[req.height, req.width]] * n)
-        crop = torch.zeros(n, 2)
+
+        def hw(pair: tuple[int, int] | None) -> torch.Tensor:  # (width, height) -> rows of (height, width)
+            w, h = pair or (req.width, req.height)
+            return torch.tensor([[h, w]] * n)
+
+        crop = torch.tensor([[req.crop[1], req.crop[0]]] * n)  # (top, left), generative-models' order
         if self.model.config.text_2 is None:  # the refiner
-            return sdxl_vector(pooled, size, crop, torch.full((n, 1), 2.5 if negative else 6.0))
-        return sdxl_vector(pooled, size, crop, size)
+            return sdxl_vector(pooled, hw(req.original_size), crop, torch.full((n, 1), 2.5 if negative else 6.0))
+        return sdxl_vector(pooled, hw(req.original_size), crop, hw(req.target_size))
 
     def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:
         """The sampler's sigmas (final one appended); for img2img below full strength, the tail it runs."""
@@ -247,7 +276,8 @@ class Pipeline:
         return latents
 
     @torch.no_grad()
-    def sample_with_refiner(self, req: Request, refiner: Pipeline, switch_at: float = 0.8) -> torch.Tensor:
+    def sample_with_refiner(self, req: Request, refiner: Pipeline, switch_at: float = 0.8,
+                            callback: Callback | None = None) -> torch.Tensor:
         """txt2img latents (VP-scaled, as `sample` gives them) from SDXL's ensemble of experts: this model runs the
         schedule down to the switch point, `refiner` continues the same schedule on its latents, as diffusers'
         denoising_end / denoising_start pair does (the base runs the steps whose timestep is at least
@@ -271,7 +301,12 @@ class Pipeline:
         if k == 0 or k == len(timesteps):
             raise ValueError(f"switch point {switch_at} leaves no steps to the {'base' if k == 0 else 'refiner'}")
         head = _Head(self.model, self.schedule, sigmas[: k + 1], self.networks)
-        x = head.sample(req) * (1 + sigmas[k] ** 2) ** 0.5  # back to the sampler's (VE) latents at sigma_k
+        total = len(sigmas) - 1  # progress counts the whole schedule, base and refiner steps together
+
+        def progress(offset: int) -> Callback | None:
+            return None if callback is None else lambda i, n, *a: callback(offset + i, total, *a)
+
+        x = head.sample(req, callback=progress(0)) * (1 + sigmas[k] ** 2) ** 0.5  # the sampler's latents at sigma_k
         spec = req.sampler_spec
         f = refiner.model.config.vae.downscale
         shape = (req.batch_size, refiner.model.config.unet.out_channels, req.height // f, req.width // f)
@@ -279,7 +314,7 @@ class Pipeline:
         with refiner.tiling(req):
             denoise = refiner.denoiser(req, *refiner.condition(req))
             extra = {"prediction": refiner.model.config.prediction} if spec.uses_prediction else {}
-            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise, **extra)
+            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise, callback=progress(k), **extra)
         return x / (1 + sigmas[-1] ** 2) ** 0.5
 
     def second_pass(self, first: Request, latents: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:

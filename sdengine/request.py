@@ -26,7 +26,8 @@ MAX_CFG = 100.0  # beyond this guidance only overflows (a scale of 1e308 gives N
 
 
 # How messages name the fields whose names say less than A1111's labels do
-FIELD_NAMES = {"subseed": "variation seed", "subseed_strength": "variation strength", "n_iter": "batch count"}
+FIELD_NAMES = {"subseed": "variation seed", "subseed_strength": "variation strength", "n_iter": "batch count",
+               "refiner_switch_at": "refiner switch point"}
 
 
 class FieldError(ValueError):
@@ -97,6 +98,13 @@ class Request:
     seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
     tiling: bool = False  # seamless: every padded convolution wraps around (A1111's Tiling)
     hires: HiresFix | None = None  # txt2img: a second, larger img2img pass (sdengine/hires.py)
+    # SDXL's size/crop conditioning (diffusers' original_size, crops_coords_top_left, target_size), (width, height)
+    # and (left, top) here as the CLI and A1111 write sizes; None: the generated size, as A1111 and diffusers pass
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    refiner: str | None = None  # SDXL refiner model (A1111's refiner_checkpoint): a path or a models-folder name
+    refiner_switch_at: float = 0.8  # the share of the schedule the base model runs before the refiner takes over
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -146,6 +154,18 @@ class Request:
             object.__setattr__(self, "seed_resize_from", pair)
         if not isinstance(self.tiling, bool):
             raise FieldError("tiling", f"must be true or false, got {self.tiling!r}")
+        for name in ("original_size", "crop", "target_size"):
+            value = getattr(self, name)
+            if value is not None:
+                pair = tuple(value) if isinstance(value, tuple | list) else (value,)
+                low = 0 if name == "crop" else 1
+                if len(pair) != 2 or not all(_is_int(v) and low <= v <= MAX_SIDE for v in pair):
+                    raise FieldError(name, f"must be two integers from {low} to {MAX_SIDE}, got {value!r}")
+                object.__setattr__(self, name, pair)
+        if self.refiner is not None and (not isinstance(self.refiner, str) or not self.refiner.strip()):
+            raise FieldError("refiner", f"must be a model's name or path, got {self.refiner!r}")
+        if not (_is_number(self.refiner_switch_at) and 0.0 < self.refiner_switch_at < 1.0):
+            raise FieldError("refiner_switch_at", f"must lie in (0, 1), got {self.refiner_switch_at!r}")
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             raise FieldError("hires", f"must be a HiresFix, got {type(self.hires).__name__}")
         if self.hires is not None and self.width is not None and self.height is not None:
@@ -237,6 +257,7 @@ class Request:
             "Denoising strength": self.strength if self.strength < 1.0 else None,
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": "True" if self.tiling else None,
+            "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None,
         }
         if self.hires is not None:
             fields.update(self.hires.infotext(self))

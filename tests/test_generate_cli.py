@@ -334,3 +334,14 @@ def test_full_disk_leaves_the_previous_png_intact(sd1_folder, tmp_path):
     proc = run_cli(*args[:-len(FAST)], "--out", tmp_path / "new.png", *FAST, cwd=tmp_path, limit_bytes=200)
     assert_cli_error(proc, "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no 0-byte PNG, no temporary
+
+
+def test_refiner_and_sdxl_conditioning_options_are_checked_before_loading(cli, tmp_path):
+    code, _, err = cli("generate", "a cat", "--refiner", "nosuch", *FAST)
+    assert code != 0 and "no model 'nosuch'" in err and not list(tmp_path.glob("*.png"))
+    code, _, err = cli("img2img", write_image(tmp_path / "in.png"), "a cat", "--refiner", "x", *FAST)
+    assert code != 0 and "img2img with a refiner is not supported" in err
+    code, _, err = cli("generate", "a cat", "--refiner", "x", "--refiner-switch-at", "1.5", *FAST)
+    assert code != 0 and "refiner switch point must lie in (0, 1)" in err
+    code, _, err = cli("generate", "a cat", "--original-size", "64x64", *FAST)  # an SD1 model
+    assert code != 0 and "condition SDXL models" in err

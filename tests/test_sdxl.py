@@ -596,3 +596,47 @@ def test_txt2img_images_match(sdxl_pipes):
                    height=H, width=W, output_type="np").images[0]
     img = sdxl_pipes["ours"].generate("a photo", steps=4, seed=1, width=W, height=H)[0]
     assert np.abs(np.asarray(img).astype(float) - (expected * 255).round()).mean() <= 1.0 and img.size == (W, H)
+
+
+def test_size_and_crop_conditioning_match_diffusers(sdxl_pipes):
+    """original_size / crop / target_size from the Request ((width, height) and (left, top), as A1111 writes them)
+    condition as diffusers' original_size / crops_coords_top_left / target_size ((height, width), (top, left))."""
+    from sampler_harness import max_rel_error
+
+    from sdengine.request import Request
+
+    ref = _sdxl_reference(sdxl_pipes["ref"], "EulerDiscreteScheduler")
+    expected = ref("a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=5, height=H, width=W,
+                   original_size=(512, 768), crops_coords_top_left=(16, 48), target_size=(1024, 640),
+                   generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    req = Request(prompt="a red circle", negative_prompt="blue", steps=3, cfg_scale=5, seed=2, width=W, height=H,
+                  original_size=(768, 512), crop=(48, 16), target_size=(640, 1024))
+    assert max_rel_error(sdxl_pipes["ours"].sample(req), expected) < 1e-3
+    plain = sdxl_pipes["ours"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=3, cfg_scale=5,
+                                              seed=2, width=W, height=H))
+    assert max_rel_error(plain, expected) > 1e-2  # the conditioning changes the result
+
+
+@pytest.mark.slow
+def test_refiner_from_the_request(sdxl_pipes, refiner_folder):
+    """Request(refiner=..., refiner_switch_at=...) runs the same ensemble as sample_with_refiner, records it in the
+    parameters as A1111 does, and refuses what it cannot do."""
+    import sdengine
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import FieldError, Request
+
+    pipe = sdxl_pipes["ours"]
+    req = Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=6, seed=5, width=W, height=H,
+                  refiner=str(refiner_folder[0]), refiner_switch_at=0.7)
+    expected = pipe.sample_with_refiner(req, Pipeline(sdengine.load(refiner_folder[0])), 0.7)
+    assert torch.allclose(pipe.latents(req), expected, atol=1e-6)
+    image = pipe.run(req)[0]
+    assert f"Refiner: {refiner_folder[0]}" in image.info["parameters"]
+    assert "Refiner switch at: 0.7" in image.info["parameters"]
+    with pytest.raises(ValueError, match="not supported"):
+        pipe.run(req, init=_init_image())
+    with pytest.raises(FieldError, match="refiner switch point"):
+        Request(refiner="x", refiner_switch_at=1.0)
+    with pytest.raises(ValueError, match="SDXL"):
+        Pipeline(sdengine.StableDiffusion(PRESETS["tiny"])).generate("a", steps=1, width=16, height=16,
+                                                                     original_size=(64, 64))

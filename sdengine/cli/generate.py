@@ -37,6 +37,14 @@ REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--seed-resize-from": ("seed_resize_from", {"type": size_pair, "metavar": "WxH", "help": "keep the composition "
                                                 "the seed had at this size (noise drawn there, centred)"}),
     "--tiling": ("tiling", {"action": "store_true", "help": "seamless: the image tiles (its edges wrap around)"}),
+    "--original-size": ("original_size", {"type": size_pair, "metavar": "WxH",
+                                          "help": "SDXL's original-size conditioning (default: the image size)"}),
+    "--crop": ("crop", {"type": size_pair, "metavar": "LEFTxTOP", "help": "SDXL's crop conditioning"}),
+    "--target-size": ("target_size", {"type": size_pair, "metavar": "WxH",
+                                      "help": "SDXL's target-size conditioning (default: the image size)"}),
+    "--refiner": ("refiner", {"metavar": "MODEL", "help": "an SDXL refiner (path or models-folder name) that takes "
+                                                          "over the schedule at --refiner-switch-at (txt2img)"}),
+    "--refiner-switch-at": ("refiner_switch_at", {"type": float, "help": "share of the steps the base model runs"}),
 }
 # Options of the second pass -> HiresFix fields (sdengine/hires.py); any of them turns the hires fix on.
 HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -213,6 +221,10 @@ def run_generation(args: argparse.Namespace) -> None:
         width = height = runtime.native_size(model_path)
     loras, args.lora_tags = lora_options(args)
     req = request_from_args(args, command, width, height)
+    if req.refiner is not None:  # found before anything loads; txt2img only (Pipeline.latents says why)
+        if command != "generate":
+            raise CLIError(f"--refiner continues a txt2img schedule; {command} with a refiner is not supported")
+        runtime.resolve_model(req.refiner)
     paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids], args.force)
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr

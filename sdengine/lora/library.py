@@ -82,6 +82,9 @@ class LoraLibrary:
     def load(self, name: str) -> Lora | None:
         """The LoRA called `name`, or None when no file has that name (a broken file raises LoraError)."""
         path = self.path(name)
+        if path is not None and not path.is_file():  # deleted since the folder was read
+            self.refresh()
+            return None
         return None if path is None else self._entry(path)[1]
 
     def shorthash(self, name: str) -> str | None:
@@ -101,7 +104,7 @@ class LoraLibrary:
             path = self.paths[name]
             try:
                 metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-            except ValueError:
+            except (ValueError, OSError):  # a broken file is listed (applying it says why); a deleted one too
                 metadata = {}
             alias = metadata.get("ss_output_name") or name
             out.append({"name": name, "alias": alias, "path": str(path), "metadata": metadata})
