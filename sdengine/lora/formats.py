@@ -93,7 +93,8 @@ class LoraLayer:
         """This layer's change to `weight` at multiplier 1, in fp32 and weight's shape (DoRA included)."""
         t = {k: v.float() for k, v in self.tensors.items()}
         kind = self.kind
-        w = weight.detach().float()
+        needs_weight = kind == "ia3" or "magnitude" in t or "dora_scale" in t
+        w = weight.detach().float() if needs_weight else weight.detach()  # an fp32 copy only where the math uses W
         if kind == "lora":
             down, up = t["down"], t["up"]
             if "mid" in t:  # LoCon's Tucker core: up (out, r), mid (r, r, k, k), down (r, in)

@@ -54,6 +54,15 @@ def _family_hint(lora: Lora) -> str:
     return "another model family"
 
 
+def _patch(tensor: torch.Tensor, original: torch.Tensor, delta: torch.Tensor) -> None:
+    """tensor = original + delta, rounded once: in place for fp32 (apply restores first, so the weight is the
+    original), through fp32 for half precision."""
+    if tensor.dtype == torch.float32:
+        tensor.add_(delta)
+    else:
+        tensor.copy_((original.float() + delta).to(tensor.dtype))
+
+
 class LoraPatcher:
     """Keeps `model`'s weights patched with one set of LoRAs at a time."""
 
@@ -61,6 +70,7 @@ class LoraPatcher:
         self.model = model
         self._targets: dict[str, Target] | None = None
         self._originals: dict[str, tuple[Target, torch.Tensor, torch.Tensor | None]] = {}
+        self._patched: set[str] = set()  # keys whose weights hold a patch now
         self._active: tuple = ()
         self._report = ApplyReport()
 
@@ -92,9 +102,10 @@ class LoraPatcher:
                 report.applied[use.lora.name] = self._collect(use, deltas, report)
             for key, (target, d, b) in deltas.items():
                 _, w0, b0 = self._originals[key]
-                target.weight_tensor().copy_((w0.float() + d).to(w0.dtype))
+                _patch(target.weight_tensor(), w0, d)
                 if b is not None:
-                    target.bias_tensor().copy_((b0.float() + b).to(b0.dtype))
+                    _patch(target.bias_tensor(), b0, b)
+                self._patched.add(key)
         except BaseException:
             self.restore()
             raise
@@ -140,13 +151,21 @@ class LoraPatcher:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Every patched weight back, bitwise as it was before the first patch."""
-        for target, w0, b0 in self._originals.values():
+        """Every patched weight back, bitwise as it was before the first patch. The originals stay kept (as A1111
+        keeps them), so the next patch copies nothing aside; `forget` lets them go."""
+        for key in self._patched:
+            target, w0, b0 = self._originals[key]
             target.weight_tensor().copy_(w0)
             if b0 is not None:
                 target.bias_tensor().copy_(b0)
-        self._originals.clear()
+        self._patched.clear()
         self._active, self._report = (), ApplyReport()
+
+    def forget(self) -> None:
+        """Restore, then drop the kept originals: their memory back, and weights changed by other code since (a
+        training step, a load_state_dict) become the originals of the next patch."""
+        self.restore()
+        self._originals.clear()
 
 
 __all__ = ["ApplyReport", "LoraPatcher", "LoraUse", "TEXT_PART", "UNET_PART"]
