@@ -201,3 +201,26 @@ def test_serve_refuses_a_missing_lora_folder(tmp_path, capsys):
 
     assert run(["serve", "--lora-dir", str(tmp_path / "nope"), "--models-dir", str(tmp_path)]) == 1
     assert "--lora-dir" in capsys.readouterr().err
+
+
+def test_refiner_checkpoint_takes_over_the_schedule(client, plain, monkeypatch):
+    """A1111's refiner_checkpoint / refiner_switch_at: another model by name continues the schedule (any model of
+    the same latent space, as A1111 allows; SDXL's refiner is the usual one), recorded in the infotext. (The tiny
+    models' UNets start as identities, so the images cannot tell the models apart: a spy sees the ensemble run;
+    tests/test_sdxl.py checks its latents.)"""
+    from sdengine.pipeline import Pipeline
+
+    runs = []
+    ensemble = Pipeline.sample_with_refiner
+    monkeypatch.setattr(Pipeline, "sample_with_refiner", lambda self, req, refiner, switch_at, callback=None: (
+        runs.append((refiner.model.source, switch_at)) or ensemble(self, req, refiner, switch_at, callback)))
+    _, infotext, _ = txt2img(client, refiner_checkpoint="other.safetensors", refiner_switch_at=0.5)
+    assert "Refiner: other.safetensors" in infotext and "Refiner switch at: 0.5" in infotext
+    assert len(runs) == 1 and str(runs[0][0]).endswith("other.safetensors") and runs[0][1] == 0.5
+    none, _, _ = txt2img(client, refiner_checkpoint="None")
+    assert np.array_equal(none, plain) and len(runs) == 1
+    for body, fragment in (({"refiner_checkpoint": "../models/other.safetensors"}, "paths are not accepted"),
+                           ({"refiner_checkpoint": "nosuch"}, "no model named"),
+                           ({"refiner_checkpoint": "other.safetensors", "refiner_switch_at": 1.5}, "refiner_switch_at")):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, **body})
+        assert r.status_code == 422 and fragment in r.text, r.text

@@ -88,6 +88,13 @@ class ModelRegistry:
         return {"title": f"{entry.name} [{short}]" if short else entry.name, "model_name": entry.stem,
                 "hash": short, "sha256": sha, "filename": entry.name, "config": None}
 
+    def _load_refiner(self, name: str):
+        entry = self.find(name)
+        try:
+            return runtime.load_for_inference(entry.path, self.device, self.dtype)
+        except Exception as e:  # noqa: BLE001 - any failure to load is reported as the model's
+            raise ModelLoadError(f"refiner {entry.name} could not be loaded: {first_line(e)}") from None
+
     def ensure(self, name: str | None) -> tuple[Pipeline, ModelEntry]:
         """The pipeline for `name` (None: the default), loading it if needed. Worker thread only."""
         if name is None and self.default_name is None:
@@ -106,6 +113,7 @@ class ModelRegistry:
         except Exception as e:  # noqa: BLE001 - any failure to load is reported as the model's
             raise ModelLoadError(f"model {entry.name} could not be loaded: {first_line(e)}") from None
         pipe = Pipeline(model, networks=Networks(model, embedding_dirs=self.embedding_dirs, loras=self.loras))
+        pipe.refiner_loader = self._load_refiner  # refiner_checkpoint: chosen by name, as models are
         # the embeddings scanned here, in the worker: /sdapi/v1/embeddings then only reads a finished scan
         pipe.networks.embeddings()
         pipe._model_hash = sha[:10] if sha else None  # already read the file once; don't read it again

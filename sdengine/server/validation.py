@@ -175,6 +175,14 @@ class BodyReader:
                 continue
             if keep:
                 persist[key] = values["clip_skip"] if key == "CLIP_stop_at_last_layers" else model
+        refiner = _get(body, "refiner_checkpoint", None)
+        if refiner not in (None, "", "None"):  # A1111 sends "None" for no refiner
+            values["refiner"] = self.registry.find(refiner).name  # by name only, as models are chosen
+            if mode == "img2img":
+                raise BadInput("refiner_checkpoint: a refiner continues a txt2img schedule here; img2img with a "
+                               "refiner is not supported")
+            switch = _get(body, "refiner_switch_at", None)
+            values["refiner_switch_at"] = 0.8 if switch is None else switch
         if _get(body, "script_name", None):
             raise BadInput(f"scripts are not supported (script_name {body['script_name']!r})")
         for key, note in (("restore_faces", "face restoration"), ("save_images", "saving on the server")):
