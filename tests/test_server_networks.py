@@ -221,6 +221,7 @@ def test_refiner_checkpoint_takes_over_the_schedule(client, plain, monkeypatch):
     assert np.array_equal(none, plain) and len(runs) == 1
     for body, fragment in (({"refiner_checkpoint": "../models/other.safetensors"}, "paths are not accepted"),
                            ({"refiner_checkpoint": "nosuch"}, "no model named"),
-                           ({"refiner_checkpoint": "other.safetensors", "refiner_switch_at": 1.5}, "refiner_switch_at")):
+                           ({"refiner_checkpoint": "other.safetensors", "refiner_switch_at": 1.5},
+                            "refiner_switch_at")):
         r = client.post("/sdapi/v1/txt2img", json={**SMALL, **body})
         assert r.status_code == 422 and fragment in r.text, r.text
