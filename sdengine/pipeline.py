@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
-from .diffusion.denoiser import CFGDenoiser, Conditioning, Denoiser
+from .diffusion.denoiser import AnyConditioning, CFGDenoiser, Conditioning, Denoiser, ScheduledConditioning
 from .diffusion.samplers import SAMPLERS, BatchNoise
 from .diffusion.schedule import SD_SCHEDULE, NoiseSchedule
 from .diffusion.variation import initial_noise
@@ -35,6 +35,7 @@ from .model import StableDiffusion
 from .networks import Networks, strip_tags
 from .nn.seamless import circular_padding
 from .nn.unet import sdxl_vector
+from .prompt_schedule import has_schedule, schedule
 from .prompts import encode_text
 from .request import Request
 from .runtime import embeddings_dir, loras_dir, model_hash
@@ -145,13 +146,18 @@ class Pipeline:
         return circular_padding([self.model.unet, self.model.vae], req.tiling)
 
     @torch.no_grad()
-    def condition(self, req: Request) -> tuple[Conditioning, Conditioning | None]:
+    def condition(self, req: Request, first_pass_steps: int | None = None
+                  ) -> tuple[AnyConditioning, AnyConditioning | None]:
         """(prompt, negative prompt) as conditionings for the batch; no negative when guidance is off. The two
         contexts get the same number of 77-token chunks (the shorter one padded with empty chunks). SDXL: both
         text encoders, and the vector y (`vector`); an empty negative prompt is zeros, as diffusers' SDXL pipeline
-        does (force_zeros_for_empty_prompt; not the refiner's)."""
+        does (force_zeros_for_empty_prompt; not the refiner's). A prompt that edits or alternates
+        (`[from:to:when]`, `[a|b]`: prompt_schedule.py) gives a ScheduledConditioning over the steps run;
+        first_pass_steps: this is the hires fix's second pass (A1111 counts its steps on from the first pass's)."""
         model, n = self.model, req.batch_size
         prompt, negative = strip_tags(req.prompt), strip_tags(req.negative_prompt)  # the LoRAs are patched in
+        if has_schedule(prompt) or has_schedule(negative):
+            return self._scheduled_condition(req, prompt, negative, first_pass_steps)
         cond, pooled = encode_text(model, [prompt] * n, req.clip_skip)
         if req.cfg_scale == 1.0:
             return Conditioning(cond, self.vector(req, pooled)), None
@@ -163,6 +169,33 @@ class Pipeline:
             cond, pooled = encode_text(model, [prompt] * n, req.clip_skip, min_chunks=uncond.shape[1] // 77)
         return (Conditioning(cond, self.vector(req, pooled)),
                 Conditioning(uncond, self.vector(req, uncond_pooled, negative=True)))
+
+    def _scheduled_condition(self, req: Request, prompt: str, negative: str, first_pass_steps: int | None
+                             ) -> tuple[AnyConditioning, AnyConditioning | None]:
+        """Each text of the prompt's (and negative prompt's) schedule encoded once, all to one chunk count."""
+        steps = req.steps if first_pass_steps is None else (req.denoise_steps or req.steps)
+        prompts = schedule(prompt, steps, first_pass_steps)
+        negatives = schedule(negative, steps, first_pass_steps) if req.cfg_scale != 1.0 else []
+        texts = {text for _, text in prompts} | {text for _, text in negatives}
+        encoded = {t: encode_text(self.model, [t] * req.batch_size, req.clip_skip) for t in texts}
+        chunks = max(c.shape[1] for c, _ in encoded.values()) // 77
+        for t, (c, _) in list(encoded.items()):
+            if c.shape[1] // 77 < chunks:
+                encoded[t] = encode_text(self.model, [t] * req.batch_size, req.clip_skip, min_chunks=chunks)
+        sdxl_zeros = self.model.config.text_2 is not None
+
+        def conditioning(text: str, is_negative: bool) -> Conditioning:
+            c, pooled = encoded[text]
+            if is_negative and sdxl_zeros and not text:
+                c, pooled = torch.zeros_like(c), torch.zeros_like(pooled)
+            return Conditioning(c, self.vector(req, pooled, negative=is_negative))
+
+        def scheduled(entries: list[tuple[int, str]], is_negative: bool) -> AnyConditioning:
+            if len(entries) == 1:
+                return conditioning(entries[0][1], is_negative)
+            return ScheduledConditioning(tuple((end, conditioning(t, is_negative)) for end, t in entries))
+
+        return scheduled(prompts, False), (scheduled(negatives, True) if negatives else None)
 
     def vector(self, req: Request, pooled: torch.Tensor, negative: bool = False) -> torch.Tensor | None:
         """SDXL's vector input y: the pooled text embedding and the Fourier-embedded original size (h, w), crop
@@ -195,7 +228,7 @@ class Pipeline:
             sigmas = spec.sigmas(self.schedule, req.steps, req.schedule, req.spacing)
         return torch.from_numpy(sigmas)
 
-    def denoiser(self, req: Request, cond: Conditioning, uncond: Conditioning | None) -> Callable:
+    def denoiser(self, req: Request, cond: AnyConditioning, uncond: AnyConditioning | None) -> CFGDenoiser:
         """The UNet as an x0 estimator under classifier-free guidance: what the sampler calls."""
         unet = Denoiser(self.model.unet, self.schedule, self.model.config.prediction)
         return CFGDenoiser(unet, cond, uncond, req.cfg_scale)
@@ -203,7 +236,8 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, req: Request, init: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                callback: Callback | None = None, masked_latents: str = "original",
-               latent_mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+               latent_mask: torch.Tensor | None = None, init_latents: torch.Tensor | None = None,
+               first_pass_steps: int | None = None) -> torch.Tensor:
         """Latents (b, 4, h/8, w/8) of one batch, VP-scaled as the VAE expects after dividing by the scaling factor.
 
         init: pixels (1 or b, 3, h, w) in [-1, 1] to start from (img2img); mask (1, 1, h, w), 1 = repaint.
@@ -218,11 +252,12 @@ class Pipeline:
             raise ValueError(f"masked_latents must be one of {', '.join(MASKED_LATENTS)}, not {masked_latents!r}")
         self.networks.activate(req)  # the prompt's LoRAs patched in (nothing to do when they already are)
         with self.tiling(req):
-            return self._sample(req, init, mask, callback, masked_latents, latent_mask, init_latents)
+            return self._sample(req, init, mask, callback, masked_latents, latent_mask, init_latents,
+                                first_pass_steps)
 
     def _sample(self, req: Request, init: torch.Tensor | None, mask: torch.Tensor | None, callback: Callback | None,
-                masked_latents: str, latent_mask: torch.Tensor | None, init_latents: torch.Tensor | None
-                ) -> torch.Tensor:
+                masked_latents: str, latent_mask: torch.Tensor | None, init_latents: torch.Tensor | None,
+                first_pass_steps: int | None = None) -> torch.Tensor:
         model, device, spec = self.model, self.model.device, req.sampler_spec
         f = model.config.vae.downscale
         shape = (req.batch_size, model.config.unet.out_channels, req.height // f, req.width // f)
@@ -232,7 +267,7 @@ class Pipeline:
             raise ValueError(f"init_latents must be {shape}, got {tuple(init_latents.shape)}")
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         noise_source = BatchNoise(generators, shape, device)
-        cond, uncond = self.condition(req)
+        cond, uncond = self.condition(req, first_pass_steps)
 
         img2img = init is not None or init_latents is not None
         sigmas = self.sigmas(req, img2img)
@@ -265,11 +300,11 @@ class Pipeline:
             concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators)], dim=1)
             cond = cond.with_concat(concat)
             uncond = uncond.with_concat(concat) if uncond is not None else None
-        denoise = self.denoiser(req, cond, uncond)
+        denoise = guided = self.denoiser(req, cond, uncond)
         if latent_mask is not None and not inpainting_unet:
             denoise = known_region_blend(denoise, latent_mask, image_latents, noise, sigmas[0])
         extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
-        x = spec(denoise, x, sigmas, callback=callback, noise=noise_source, **extra)
+        x = spec(denoise, x, sigmas, callback=follow_steps(guided, callback), noise=noise_source, **extra)
         latents = check_finite(x / (1 + sigmas[-1] ** 2) ** 0.5, "the sampled latents")
         if latent_mask is not None and not inpainting_unet:  # the known region exactly as encoded
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
@@ -313,8 +348,10 @@ class Pipeline:
         noise = BatchNoise([torch.Generator().manual_seed(s) for s in req.seeds], shape, refiner.model.device)
         with refiner.tiling(req):
             denoise = refiner.denoiser(req, *refiner.condition(req))
+            denoise.step = k  # prompt editing continues where the base model stopped
             extra = {"prediction": refiner.model.config.prediction} if spec.uses_prediction else {}
-            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise, callback=progress(k), **extra)
+            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise,
+                     callback=follow_steps(denoise, progress(k), offset=k), **extra)
         return x / (1 + sigmas[-1] ** 2) ** 0.5
 
     def second_pass(self, first: Request, latents: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
@@ -325,10 +362,11 @@ class Pipeline:
         hr, req = first.hires, first.second_pass(f)
         if hr.in_latent_space:
             return self.sample(req, init_latents=upscale_latents(latents, hr, first.width, first.height, f),
-                               callback=callback)
+                               callback=callback, first_pass_steps=first.steps)
         with self.tiling(first):
             pixels = self.decode(latents)
-        return self.sample(req, init=upscale_pixels(pixels, hr, first.width, first.height, f), callback=callback)
+        return self.sample(req, init=upscale_pixels(pixels, hr, first.width, first.height, f), callback=callback,
+                           first_pass_steps=first.steps)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -386,6 +424,20 @@ class _Head(Pipeline):
 
     def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:
         return self.head
+
+
+def follow_steps(guided: CFGDenoiser, callback: Callback | None, offset: int = 0) -> Callback | None:
+    """The sampler's per-step callback, also moving prompt editing on to the next step (only where a prompt is
+    scheduled: otherwise the callback as given)."""
+    if not guided.scheduled:
+        return callback
+
+    def on_step(i: int, n: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        guided.step = offset + i + 1
+        if callback is not None:
+            callback(i, n, x, denoised)
+
+    return on_step
 
 
 def known_region_blend(model: Callable, latent_mask: torch.Tensor, known: torch.Tensor, noise: torch.Tensor,

@@ -80,18 +80,55 @@ class Denoiser:
         return x / (s ** 2 + 1.0) - out * s * c_in
 
 
-class CFGDenoiser:
-    """Classifier-free guidance: uncond + scale * (cond - uncond), both halves in one batched UNet call."""
+@dataclass(frozen=True)
+class ScheduledConditioning:
+    """Prompt editing: conditionings each in force up to a sampling step (counted from 0), as A1111's
+    reconstruct_cond_batch picks them. Built by the pipeline from prompt_schedule.schedule."""
 
-    def __init__(self, denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None, scale: float):
+    entries: tuple[tuple[int, Conditioning], ...]
+
+    def at(self, step: int) -> tuple[int, Conditioning]:
+        for index, (end, cond) in enumerate(self.entries):
+            if step <= end:
+                return index, cond
+        return len(self.entries) - 1, self.entries[-1][1]
+
+    def with_concat(self, concat: torch.Tensor | None) -> ScheduledConditioning:
+        return ScheduledConditioning(tuple((end, c.with_concat(concat)) for end, c in self.entries))
+
+
+AnyConditioning = Conditioning | ScheduledConditioning
+
+
+class CFGDenoiser:
+    """Classifier-free guidance: uncond + scale * (cond - uncond), both halves in one batched UNet call.
+
+    With prompt editing (ScheduledConditioning) the halves follow `step`, the sampling step under way, which the
+    pipeline advances from the sampler's per-step callback: every evaluation of a step (Heun's second one too)
+    sees that step's prompt."""
+
+    def __init__(self, denoiser: Denoiser, cond: AnyConditioning, uncond: AnyConditioning | None, scale: float):
         self.denoiser = denoiser
         self.cond, self.uncond, self.scale = cond, uncond, scale
-        self.both = None if uncond is None or scale == 1.0 else Conditioning.cat([uncond, cond])
+        self.step = 0
+        self._both: dict[tuple[int, int], Conditioning] = {}
+
+    @property
+    def scheduled(self) -> bool:
+        return isinstance(self.cond, ScheduledConditioning) or isinstance(self.uncond, ScheduledConditioning)
+
+    def _at(self, c: AnyConditioning) -> tuple[int, Conditioning]:
+        return c.at(self.step) if isinstance(c, ScheduledConditioning) else (0, c)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        if self.both is None:  # guidance off: one pass suffices
-            return self.denoiser(x, sigma, self.cond)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self.both)
-        uncond, cond = both.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        ci, cond = self._at(self.cond)
+        if self.uncond is None or self.scale == 1.0:  # guidance off: one pass suffices
+            return self.denoiser(x, sigma, cond)
+        ui, uncond = self._at(self.uncond)
+        both = self._both.get((ci, ui))
+        if both is None:
+            both = self._both[(ci, ui)] = Conditioning.cat([uncond, cond])
+        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        uncond_out, cond_out = out.chunk(2)
+        return uncond_out + self.scale * (cond_out - uncond_out)
