@@ -2,11 +2,13 @@
 read as A1111 reads them, a caption file that is not UTF-8, a safetensors header's size checked before reading it."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from server_helpers import write_model
 
@@ -107,3 +109,63 @@ def test_a_huge_safetensors_header_is_refused_before_it_is_read(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 10 << 20, peak  # was: the whole header read (1 GiB, 1.5 GB RSS) before json failed
+
+
+def _strip(src, dst, change=None) -> None:
+    """A copy of a safetensors file without its metadata (as tools that rewrite tensors leave it)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src)
+    if change:
+        change(tensors)
+    save_file(tensors, dst)
+
+
+def test_the_shipped_model_without_metadata_gives_the_same_pixels(tmp_path):
+    """Stripped of its metadata the shipped model was detected with 64-channel heads, SD's latent scale and CLIP's
+    vocabulary (its own has 637 tokens): it loaded, and the first prompt failed with an IndexError. Its shapes are
+    the shipped file's, so its recorded config and vocabulary apply: the same image, pixel for pixel."""
+    import sdengine
+    from sdengine import Pipeline, Request
+    from sdengine.runtime import default_model
+
+    shipped = default_model()
+    assert shipped is not None
+    stripped = tmp_path / "stripped.safetensors"
+    _strip(shipped, stripped)
+    assert safetensors_metadata(stripped) == {}
+    request = Request(prompt="a red circle above a blue square", seed=3, steps=2, width=64, height=64)
+    images = [Pipeline(sdengine.load(p)).run(request)[0] for p in (shipped, stripped)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def test_a_stripped_model_with_its_own_vocabulary_is_a_one_line_error(tmp_path):
+    """Not the shipped model (its token table cut to 600 rows), no vocabulary in the file: the error comes at load,
+    in one line naming what is missing and what to load, not as an IndexError at the first prompt."""
+    import sdengine
+    from sdengine.runtime import default_model
+    from sdengine.weights.detect import UnknownArchitecture
+
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    stripped = tmp_path / "custom.safetensors"
+    _strip(default_model(), stripped, lambda t: t.update({key: t[key][:600].clone()}))
+    with pytest.raises(UnknownArchitecture) as e:
+        sdengine.load(stripped)
+    assert "\n" not in str(e.value) and "600-token vocabulary, not CLIP's 49408" in str(e.value)
+    assert "sdengine_tokenizer" in str(e.value) and "--to diffusers" in str(e.value)
+
+
+def test_norm_groups_from_the_channel_counts():
+    """GroupNorm's group count is in no tensor's shape: SD's 32 where it divides every level, else the largest
+    power of two that does (the shipped VAE: 48/96 channels -> 16), for the UNet as for the VAE."""
+    from sdengine.config import SHAPES, UNetConfig
+    from sdengine.model import StableDiffusion
+    from sdengine.weights.detect import detect_unet, detect_vae, norm_groups
+
+    assert norm_groups([64, 128, 192]) == 32 and norm_groups([48, 96]) == 16 and norm_groups([24, 48]) == 8
+    unet = UNetConfig(model_channels=48, channel_mult=(1, 2), num_res_blocks=(1, 1), attention_resolutions=(2,),
+                      context_dim=32, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True,
+                      norm_groups=16)
+    with torch.device("meta"):
+        sd = StableDiffusion(dataclasses.replace(SHAPES, unet=unet)).state_dict()
+    assert detect_unet(sd).norm_groups == 16 and detect_vae(sd).norm_groups == SHAPES.vae.norm_groups == 16

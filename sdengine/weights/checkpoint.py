@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..diffusion.schedule import SD_SCHEDULE
 from ..model import StableDiffusion
 from ..tokenizer import CLIPTokenizer
-from .detect import UnknownArchitecture, check_keys, detect
+from .detect import UnknownArchitecture, check_keys, detect, known_model
 from .diffusers_folder import is_diffusers_folder, read_folder, write_folder
 from .io import CheckpointError, atomic_path, read_tensors, write_pickle, write_safetensors
 from .keys import TEXT, UNET, VAE
@@ -50,14 +50,15 @@ def read_checkpoint(
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA} metadata ({e})") from None
         tokenizer = tokenizer_from_metadata(metadata, cfg.text.pad_with_eos, path)
         return sd, cfg, tokenizer
-    else:
-        try:
-            cfg = detect(sd)
-        except UnknownArchitecture as e:  # name the file, as the other load errors do
-            raise UnknownArchitecture(f"{path}: {e}") from None
-        except (KeyError, IndexError) as e:  # detect() reads the keys and shapes SD's layout implies; a damaged file
-            what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
-            raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
+    if (known := known_model(sd)) is not None:  # the shipped model without its metadata
+        return sd, *known
+    try:
+        cfg = detect(sd)
+    except UnknownArchitecture as e:  # name the file, as the other load errors do
+        raise UnknownArchitecture(f"{path}: {e}") from None
+    except (KeyError, IndexError) as e:  # detect() reads the keys and shapes SD's layout implies; a damaged file
+        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
+        raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
     return sd, cfg, None
 
 

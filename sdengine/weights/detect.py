@@ -1,18 +1,26 @@
 """Architecture detection: a ModelConfig from a checkpoint's tensor shapes and key set, never its file name.
 
-Shapes fix everything except the attention head split (heads do not change any tensor's shape) and the
-prediction type; for those we follow the published families (SD1: 8 heads; SD2: 64 channels per head) unless
-the file's own metadata says otherwise, and SD2's eps/v is probed from the weights by the loader.
+Shapes fix everything except the attention head split (heads do not change any tensor's shape), GroupNorm's group
+count, the VAE's latent scale, the vocabulary and the prediction type; for those we follow the published families
+(SD1: 8 heads; SD2: 64 channels per head; 32 groups) unless the file's own metadata says otherwise, and SD2's eps/v
+is probed from the weights by the loader. A file with exactly the shipped model's shapes is that model (or a
+fine-tune of it) stripped of its metadata: it takes the shipped file's recorded config and vocabulary.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from ..tokenizer import CLIPTokenizer
 from .keys import CONDITIONER, TEXT, UNET, VAE
+from .metadata import CLIP_VOCAB_SIZE, CONFIG_METADATA, TOKENIZER_METADATA, tokenizer_from_metadata
 
 SDXL_SCALING_FACTOR = 0.13025
 
@@ -78,14 +86,13 @@ def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> 
     middle = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
     label = sd.get(UNET + "label_emb.0.0.weight")
     heads = heads_hint or _head_rule(context_dim, [mc * m for m in mults])
-    groups = sd[UNET + "out.0.weight"].shape[0]
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=mc, channel_mult=tuple(mults),
         num_res_blocks=tuple(res_counts), attention_resolutions=tuple(sorted(attention)),
         transformer_depth=tuple(depths), transformer_depth_middle=middle,
         adm_in_channels=None if label is None else label.shape[1],
         context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
-        norm_groups=32 if groups % 32 == 0 else groups, **heads)
+        norm_groups=norm_groups([mc * m for m in mults]), **heads)
 
 
 def _head_rule(context_dim: int, level_channels: list[int]) -> dict[str, int]:
@@ -107,16 +114,17 @@ def detect_vae(sd: dict[str, torch.Tensor], prefix: str = VAE) -> VAEConfig:
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
     mults = tuple(sd[prefix + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
     blocks = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
-    return VAEConfig(norm_groups=vae_norm_groups([ch * m for m in mults]),
+    return VAEConfig(norm_groups=norm_groups([ch * m for m in mults]),
         in_channels=conv_in.shape[1], out_ch=_need(sd, prefix + "decoder.conv_out.weight").shape[0], ch=ch,
         ch_mult=mults, num_res_blocks=blocks, z_channels=_need(sd, prefix + "decoder.conv_in.weight").shape[1],
         embed_dim=_need(sd, prefix + "post_quant_conv.weight").shape[1])
 
 
-def vae_norm_groups(channels: list[int]) -> int:
-    """The GroupNorm group count of a VAE whose levels have these channel counts. Groups are in no tensor's shape:
-    SD's 32 where every level divides into it, else the largest power of two that does (sdengine's shapes VAE,
-    48/96 channels, uses 16); a file's recorded config overrides this guess."""
+def norm_groups(channels: list[int]) -> int:
+    """The GroupNorm group count of a UNet or VAE whose levels have these channel counts. Groups are in no tensor's
+    shape (a GroupNorm's weight is per channel): SD's 32 where every level divides into it, else the largest power
+    of two that does (sdengine's shapes VAE, 48/96 channels, uses 16). The UNet's skip concatenations are sums of
+    level widths, so they divide too. A file's recorded config overrides this guess."""
     return next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
 
 
@@ -159,6 +167,39 @@ def _detect_text(sd: dict[str, torch.Tensor], keys: list[str], heads_hint: int |
                               f"(CLIP) or '{prefix}model.' (OpenCLIP)")
 
 
+SHIPPED = Path(__file__).parents[1] / "models" / "default" / "model.safetensors"
+
+
+@functools.lru_cache(maxsize=4)
+def _recorded(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file's tensor shapes and metadata, from its header alone (no tensor is read)."""
+    with safe_open(path, "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+
+
+def known_model(sd: dict[str, torch.Tensor]) -> tuple[ModelConfig, CLIPTokenizer | None] | None:
+    """The shipped model's recorded config and vocabulary when `sd` has exactly its keys and shapes (the shipped
+    file, or a fine-tune of it, saved without metadata); None otherwise. What no shape tells (head split, latent
+    scale, vocabulary, training size) is then known, not guessed: its pixels are the shipped file's."""
+    if not SHIPPED.is_file():
+        return None
+    shapes, metadata = _recorded(SHIPPED)
+    if len(shapes) != len(sd) or any(tuple(v.shape) != shapes.get(k) for k, v in sd.items()):
+        return None
+    cfg = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA]))
+    return cfg, tokenizer_from_metadata(metadata, cfg.text.pad_with_eos, SHIPPED)
+
+
+def _check_vocabulary(text: TextConfig) -> None:
+    """Without a vocabulary in the file, the tokenizer is CLIP's: a smaller embedding table would fail at the first
+    prompt with an index error, so say it now, and what to load instead."""
+    if text.vocab_size < CLIP_VOCAB_SIZE:
+        raise UnknownArchitecture(
+            f"the text encoder has a {text.vocab_size}-token vocabulary, not CLIP's {CLIP_VOCAB_SIZE}, and the file "
+            f"does not carry it (no '{TOKENIZER_METADATA}' metadata: stripped?); load the file it "
+            f"was made from, or a diffusers folder with its tokenizer/ (sdengine convert SRC DST --to diffusers)")
+
+
 def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
     """Config of an original-keyed state dict (prediction type 'eps'; the loader probes SD2 for 'v')."""
     if not any(k.startswith(UNET) for k in sd):
@@ -167,11 +208,15 @@ def detect(sd: dict[str, torch.Tensor]) -> ModelConfig:
             f"not a Stable Diffusion checkpoint: no 'model.diffusion_model.' keys (found: {sample})")
     unet, vae = detect_unet(sd), detect_vae(sd)
     if unet.adm_in_channels is None:
-        return ModelConfig(unet=unet, vae=vae, text=detect_text(sd))
+        text = detect_text(sd)
+        _check_vocabulary(text)
+        return ModelConfig(unet=unet, vae=vae, text=text)
     # SDXL: its VAE (SD's layout) is trained to another latent scale; text encoders under conditioner.embedders.N.
     vae = dataclasses.replace(vae, scaling_factor=SDXL_SCALING_FACTOR)
     texts = [detect_text(sd, prefix=f"{CONDITIONER}{i}.", sdxl=True) for i in range(2)
              if any(k.startswith(f"{CONDITIONER}{i}.") for k in sd)]
     if not texts:
         raise UnknownArchitecture(f"an SDXL UNet without text encoders: expected keys under '{CONDITIONER}0.'")
+    for text in texts:
+        _check_vocabulary(text)
     return ModelConfig(unet=unet, vae=vae, text=texts[0], text_2=texts[1] if len(texts) > 1 else None)
