@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # only the type: embeddings.py reads files through weights/, 
 
 CHUNK = 75  # tokens per window, between the start and end tokens
 COMMA_BACKTRACK = 20  # how far back a chunk boundary may move to land after a comma
+# A1111 has no bound: "BREAK" x 1000 made 1,001 windows, 27 s of text encoding and a 77k-token context (2 GB). 64
+# windows (4,800 tokens) is far past any prompt that works, and fails before anything is encoded.
+MAX_CHUNKS = 64
 ROUND, SQUARE = 1.1, 1 / 1.1
 # Emphasis weights are clamped to +-MAX_WEIGHT at every product: 3000 nested brackets, or "(a:1" and 400
 # nines, overflowed the weights to inf (NaN after A1111's mean restoring) and gave a black image. A1111 leaves
@@ -137,6 +140,9 @@ def chunk_prompt(tokenizer: CLIPTokenizer, text: str, embeddings: EmbeddingLooku
         nonlocal cur, last_comma
         chunks.append(cur)
         cur, last_comma = Chunk([], []), -1
+        if len(chunks) > MAX_CHUNKS:
+            raise ValueError(f"the prompt is more than {MAX_CHUNKS} chunks of {CHUNK} tokens long (each BREAK starts "
+                             f"a new one): shorten it")
 
     for piece, weight in parse_weights(text):
         if piece == "BREAK" and weight == -1.0:  # BREAK (not a run weighted -1, as "(cat:-1)" is): new chunk

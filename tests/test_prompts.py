@@ -228,3 +228,20 @@ def test_not_a_styles_file(tmp_path):
     bad.write_text("title,text\nx,y\n")
     with pytest.raises(ValueError, match="not a styles file"):
         load_styles(bad)
+
+
+def test_prompts_of_too_many_chunks_fail_before_encoding(sd1_folder, monkeypatch):
+    """BREAK x 1000 made 1,001 windows (27 s, 2 GB) before the bound; now it is refused before any encoding."""
+    import sdengine
+    from sdengine.nn.clip import TextEncoderBase
+    from sdengine.pipeline import Pipeline
+    from sdengine.prompts import MAX_CHUNKS
+
+    pipe = Pipeline(sdengine.load(sd1_folder))
+    calls = []
+    original = TextEncoderBase.forward
+    monkeypatch.setattr(TextEncoderBase, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with pytest.raises(ValueError, match=f"more than {MAX_CHUNKS} chunks"):
+        pipe.generate("a BREAK " * 1000, steps=1, width=16, height=16)
+    assert not calls
+    assert pipe.generate("a " + "BREAK b " * (MAX_CHUNKS - 1), steps=1, width=16, height=16)

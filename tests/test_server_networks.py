@@ -225,3 +225,8 @@ def test_refiner_checkpoint_takes_over_the_schedule(client, plain, monkeypatch):
                             "refiner_switch_at")):
         r = client.post("/sdapi/v1/txt2img", json={**SMALL, **body})
         assert r.status_code == 422 and fragment in r.text, r.text
+
+
+def test_a_prompt_of_too_many_chunks_is_a_422(client):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "a BREAK " * 200})
+    assert r.status_code == 422 and "chunks" in r.text, r.text
