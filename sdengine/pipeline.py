@@ -14,6 +14,7 @@ so a seed gives the same image here, there and on any device.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -38,7 +39,8 @@ from .nn.unet import sdxl_vector
 from .prompt_schedule import has_schedule, schedule
 from .prompts import encode_text
 from .request import Request
-from .runtime import embeddings_dir, loras_dir, model_hash
+from .runtime import embeddings_dir, loras_dir, model_hash, wildcards_dir
+from .wildcards import expand, has_wildcards
 
 # callback(step, total_steps, latents (VE space), denoised x0 estimate)
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -66,6 +68,7 @@ class Pipeline:
         self.model = model
         self.schedule = schedule
         self.networks = networks or Networks(model, [loras_dir()], [embeddings_dir()])
+        self.wildcards: Path | None = wildcards_dir()  # __name__ wildcards' folder (wildcards.py)
         self.refiner_loader: Callable[[str], StableDiffusion] | None = None
         self._refiners: dict[str, Pipeline] = {}
         self._model_hash: str | None | bool = False  # computed on first use
@@ -84,9 +87,17 @@ class Pipeline:
         mask_t = None if mask is None else mask_to_tensor(mask, req.width, req.height)
         images = []
         for n in range(req.n_iter):
-            batch = req.iteration(n)
+            batch = self.resolve(req.iteration(n))
             images += self.to_images(self.latents(batch, pixels, mask_t, callback), batch)
         return images
+
+    def resolve(self, batch: Request) -> Request:
+        """One batch with its wildcards and {a|b} variants chosen for its first seed (the chosen prompt is the one
+        the images' parameters record, as Dynamic Prompts writes it)."""
+        if not (has_wildcards(batch.prompt) or has_wildcards(batch.negative_prompt)):
+            return batch
+        return dataclasses.replace(batch, prompt=expand(batch.prompt, batch.seed, self.wildcards),
+                                   negative_prompt=expand(batch.negative_prompt, batch.seed, self.wildcards))
 
     def generate(self, prompt: str = "", *, callback: Callback | None = None, **fields: Any) -> list[Image.Image]:
         """txt2img: `fields` are Request's (steps, sampler, cfg_scale, seed, width, height, hires, ...)."""

@@ -264,4 +264,43 @@ class Request:
         return fields
 
 
+# A1111 parameters-text key -> Request field (the inverse of infotext_fields, for `generate --from-png`)
+INFOTEXT_FIELDS: dict[str, str] = {
+    "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler",
+    "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height", "Clip skip": "clip_skip",
+    "Variation seed": "subseed", "Variation seed strength": "subseed_strength", "Refiner": "refiner",
+    "Refiner switch at": "refiner_switch_at",
+}
+INFOTEXT_HIRES: dict[str, str] = {"Hires upscale": "scale", "Hires steps": "steps", "Hires upscaler": "upscaler",
+                                  "Hires sampler": "sampler", "Hires prompt": "prompt",
+                                  "Hires negative prompt": "negative_prompt"}
+
+
+def fields_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Request keywords from a parsed parameters text (metadata.parse_parameters): what A1111's "Send to txt2img"
+    reads back. Keys sdengine does not set (Model hash, VAE, ...) are left out."""
+    fields = {field: params[key] for key, field in INFOTEXT_FIELDS.items() if key in params}
+    labels = {label: name for name, label in SCHEDULE_LABELS.items()}
+    if params.get("Schedule type") in labels:
+        fields["schedule"] = labels[params["Schedule type"]]
+    if params.get("Tiling") in ("True", True):
+        fields["tiling"] = True
+    if isinstance(params.get("Seed resize from"), str) and "x" in params["Seed resize from"]:
+        w, h = params["Seed resize from"].split("x", 1)
+        fields["seed_resize_from"] = (int(w), int(h))
+    hires = {field: params[key] for key, field in INFOTEXT_HIRES.items() if key in params}
+    if isinstance(params.get("Hires resize"), str) and "x" in params["Hires resize"]:
+        w, h = params["Hires resize"].split("x", 1)
+        hires["resize_x"], hires["resize_y"] = int(w), int(h)
+    if hires:
+        if "Hires schedule type" in params and params["Hires schedule type"] in labels:
+            hires["schedule"] = labels[params["Hires schedule type"]]
+        if "Denoising strength" in params:
+            hires["denoising_strength"] = params["Denoising strength"]
+        fields["hires"] = HiresFix(**hires)
+    elif "Denoising strength" in params:
+        fields["strength"] = params["Denoising strength"]
+    return fields
+
+
 __all__ = ["Request", "FieldError", "random_seed", "MAX_SIDE", "MAX_SEED", "MAX_CLIP_SKIP"]

@@ -49,6 +49,11 @@ def embeddings_dir() -> Path:
     return Path(os.environ.get("SDENGINE_EMBEDDINGS") or sdengine_home() / "embeddings")
 
 
+def wildcards_dir() -> Path:
+    """Where `__name__` wildcards are read from ($SDENGINE_WILDCARDS, else $SDENGINE_HOME/wildcards)."""
+    return Path(os.environ.get("SDENGINE_WILDCARDS") or sdengine_home() / "wildcards")
+
+
 def default_model() -> Path | None:
     """The model shipped with the package, when this install has one."""
     shipped = Path(__file__).parent / "models" / "default" / "model.safetensors"

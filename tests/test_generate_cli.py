@@ -345,3 +345,62 @@ def test_refiner_and_sdxl_conditioning_options_are_checked_before_loading(cli, t
     assert code != 0 and "refiner switch point must lie in (0, 1)" in err
     code, _, err = cli("generate", "a cat", "--original-size", "64x64", *FAST)  # an SD1 model
     assert code != 0 and "condition SDXL models" in err
+
+
+def test_from_png_reruns_an_image_and_options_override(cli, tmp_path):
+    first = tmp_path / "first.png"
+    code, _, err = cli("generate", "a (red:1.2) circle", "--negative", "blue", "--seed", "5", "--sampler",
+                       "dpmpp_2m", "--schedule", "karras", "--cfg", "4", "--clip-skip", "2", "--out", first, *FAST)
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, _, err = cli("generate", "--from-png", first, "--out", again, "--quiet")
+    assert code == 0, err
+    assert np.array_equal(pixels(first), pixels(again))
+    p, q = params_of(first), params_of(again)
+    assert {k: v for k, v in p.items() if k != "Version"} == {k: v for k, v in q.items() if k != "Version"}
+    other = tmp_path / "other.png"
+    code, _, err = cli("generate", "a cat", "--from-png", first, "--seed", "6", "--out", other, "--quiet")
+    assert code == 0, err
+    o = params_of(other)
+    assert o["Seed"] == 6 and o["Prompt"] == "a cat" and o["Sampler"] == "DPM++ 2M" and o["Clip skip"] == 2
+    code, _, err = cli("generate", "--from-png", write_image(tmp_path / "plain.png"), *FAST)
+    assert code != 0 and "holds no generation parameters" in err
+    code, _, err = cli("generate", *FAST)
+    assert code != 0 and "a prompt is needed" in err
+
+
+def test_prompts_file_runs_each_line(cli, tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text('a red circle\n\n--prompt "a blue square" --negative_prompt "red" --seed 3 --steps 1\n')
+    code, out, err = cli("generate", "--prompts-file", lines, "--seed", "7", "--out", tmp_path / "p.png", *FAST)
+    assert code == 0, err
+    first, second = params_of(tmp_path / "p-1-7.png"), params_of(tmp_path / "p-2-3.png")
+    assert first["Prompt"] == "a red circle" and first["Steps"] == 2
+    assert second["Prompt"] == "a blue square" and second["Negative prompt"] == "red" and second["Steps"] == 1
+    lines.write_text("--prompt x --bogus 1\n")
+    code, _, err = cli("generate", "--prompts-file", lines, *FAST)
+    assert code != 0 and "unknown option '--bogus'" in err and "line 1" in err
+
+
+def test_wildcards_and_variants_are_chosen_by_seed(cli, tmp_path):
+    folder = tmp_path / "home" / "wildcards"
+    folder.mkdir(parents=True)
+    (folder / "colors.txt").write_text("# a comment\nred\nblue\ngreen\nyellow\n")
+    (folder / "loop.txt").write_text("__loop__\n")
+    chosen = set()
+    for seed in range(6):
+        out = tmp_path / f"w{seed}.png"
+        code, _, err = cli("generate", "a __colors__ {big|small} circle", "--seed", str(seed), "--out", out, *FAST)
+        assert code == 0, err
+        prompt = params_of(out)["Prompt"]
+        assert prompt.split()[1] in {"red", "blue", "green", "yellow"} and prompt.split()[2] in {"big", "small"}
+        chosen.add(prompt)
+    assert len(chosen) > 1  # seeds choose differently
+    code, _, _ = cli("generate", "a __colors__ {big|small} circle", "--seed", "0", "--out", tmp_path / "x.png", *FAST)
+    assert params_of(tmp_path / "x.png")["Prompt"] == params_of(tmp_path / "w0.png")["Prompt"]  # and repeatably
+    code, _, err = cli("generate", "a __nosuch__", *FAST)
+    assert code != 0 and "__nosuch__" in err
+    code, _, err = cli("generate", "a __loop__", *FAST)
+    assert code != 0 and "unresolved after" in err
+    code, _, err = cli("generate", "a __../../etc/passwd__", *FAST)
+    assert code != 0 and "not a name inside" in err

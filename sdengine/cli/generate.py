@@ -72,7 +72,15 @@ def _add(group: argparse._ActionsContainer, flag: str, dest: str, options: dict[
 def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
     defaults = {f.name: f.default for f in fields(_request_class()) if f.default is not MISSING}
     defaults.update(COMMAND_DEFAULTS.get(command, {}))
-    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt (A1111 syntax: (word:1.2), [from:to:when], [a|b], BREAK, <lora:name:w>, "
+                        "__wildcard__, {a|b})")
+    p.add_argument("--from-png", type=Path, default=None, metavar="IMAGE", help="start from an image's parameters "
+                   "(prompt, seed, sampler, size, ...); options given here override them")
+    p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                   help="one generation per line: a prompt, or A1111's options (--prompt \"...\" --steps 10 ...)")
+    p.add_argument("--wildcards-dir", type=Path, default=None,
+                   help="__name__ reads a random line of name.txt here (default: $SDENGINE_HOME/wildcards)")
     p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
     p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
     p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
@@ -130,18 +138,86 @@ def lora_options(args: argparse.Namespace):
     return library, tags
 
 
-def request_from_args(args: argparse.Namespace, command: str, width: int | None, height: int | None):
-    """The Request the options ask for (ValueError names a bad value); width/height fill unset sizes."""
+# A1111's "Prompts from file or textbox" line options -> Request fields
+LINE_OPTIONS: dict[str, tuple[str, Any]] = {
+    "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "steps": ("steps", int),
+    "cfg_scale": ("cfg_scale", float), "seed": ("seed", int), "subseed": ("subseed", int),
+    "subseed_strength": ("subseed_strength", float), "width": ("width", int), "height": ("height", int),
+    "sampler_name": ("sampler", str), "sampler_index": ("sampler", str), "batch_size": ("batch_size", int),
+    "n_iter": ("n_iter", int), "clip_skip": ("clip_skip", int), "tiling": ("tiling", lambda v: v == "True"),
+}
+MAX_LINES = 1000
+
+
+def prompt_lines(path: Path) -> list[dict[str, Any]]:
+    """The prompts file: per non-empty line, the fields it sets (a plain line is the prompt)."""
+    import shlex
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"prompts file {path}: {e.__class__.__name__}: cannot read it as UTF-8 text") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines or len(lines) > MAX_LINES:
+        raise CLIError(f"prompts file {path}: {len(lines)} lines (1 to {MAX_LINES})")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.startswith("--"):
+            out.append({"prompt": line})
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise CLIError(f"prompts file {path}, line {number}: {e}") from None
+        fields: dict[str, Any] = {}
+        for key, value in zip(words[::2], words[1::2]):
+            name = key.removeprefix("--")
+            if not key.startswith("--") or name not in LINE_OPTIONS:
+                raise CLIError(f"prompts file {path}, line {number}: unknown option {key!r} (known: "
+                               f"{', '.join('--' + k for k in LINE_OPTIONS)})")
+            field, kind = LINE_OPTIONS[name]
+            try:
+                fields[field] = kind(value)
+            except ValueError:
+                raise CLIError(f"prompts file {path}, line {number}: {key} {value!r} is not valid") from None
+        if len(words) % 2:
+            raise CLIError(f"prompts file {path}, line {number}: {words[-1]!r} has no value")
+        out.append(fields)
+    return out
+
+
+def png_fields(path: Path) -> dict[str, Any]:
+    from ..metadata import parse_parameters, read_parameters
+    from ..request import fields_from_parameters
+
+    try:
+        text = read_parameters(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--from-png {path}: not a readable PNG ({e.__class__.__name__})") from None
+    if text is None:
+        raise CLIError(f"--from-png {path}: the image holds no generation parameters")
+    return fields_from_parameters(parse_parameters(text))
+
+
+def request_from_args(args: argparse.Namespace, command: str, width: int | None, height: int | None,
+                      line: dict[str, Any] | None = None):
+    """The Request the options ask for (ValueError names a bad value); width/height fill unset sizes. Layers, each
+    over the one before: the command's defaults, --from-png's parameters, the options, a --prompts-file line."""
     from ..hires import HiresFix
     from ..prompts import BUNDLED_STYLES, apply_styles, load_styles
 
     given = vars(args)
-    values = {**COMMAND_DEFAULTS.get(command, {}),
+    base = png_fields(args.from_png) if getattr(args, "from_png", None) else {}
+    values = {**COMMAND_DEFAULTS.get(command, {}), **base,
               **{field: given[field] for field, _ in REQUEST_OPTIONS.values() if field in given}}
     if "strength" in given:
         values["strength"] = given["strength"]
     values.setdefault("seed", -1)
-    values["prompt"], values["negative_prompt"] = args.prompt, values.get("negative_prompt", "")
+    values["prompt"] = args.prompt if args.prompt is not None else base.get("prompt")
+    values["negative_prompt"] = values.get("negative_prompt", "")
+    values.update(line or {})
+    if values["prompt"] is None:
+        raise CLIError("a prompt is needed (or --from-png IMAGE, or --prompts-file FILE)")
     if args.style:
         styles = load_styles(args.styles_file or BUNDLED_STYLES)
         values["prompt"], values["negative_prompt"] = apply_styles(values["prompt"], values["negative_prompt"],
@@ -220,12 +296,17 @@ def run_generation(args: argparse.Namespace) -> None:
     else:  # the size the model file records, read from its header: the Request is checked before any load
         width = height = runtime.native_size(model_path)
     loras, args.lora_tags = lora_options(args)
-    req = request_from_args(args, command, width, height)
-    if req.refiner is not None:  # found before anything loads; txt2img only (Pipeline.latents says why)
-        if command != "generate":
-            raise CLIError(f"--refiner continues a txt2img schedule; {command} with a refiner is not supported")
-        runtime.resolve_model(req.refiner)
-    paths = output_paths(args.out, [i for n in range(req.n_iter) for i in req.iteration(n).image_ids], args.force)
+    lines = prompt_lines(args.prompts_file) if args.prompts_file else [None]
+    reqs = [request_from_args(args, command, width, height, line) for line in lines]
+    for req in reqs:
+        if req.refiner is not None:  # found before anything loads; txt2img only (Pipeline.latents says why)
+            if command != "generate":
+                raise CLIError(f"--refiner continues a txt2img schedule; {command} with a refiner is not supported")
+            runtime.resolve_model(req.refiner)
+    # one name per image: its seed, and with a prompts file its line number first (lines may share seeds)
+    ids = [f"{number}-{i}" if len(reqs) > 1 else i for number, req in enumerate(reqs, 1)
+           for n in range(req.n_iter) for i in req.iteration(n).image_ids]
+    paths = output_paths(args.out, ids, args.force)
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
@@ -236,19 +317,23 @@ def run_generation(args: argparse.Namespace) -> None:
     model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
                                        vae=args.vae, compile=args.compile)
     networks = Networks(model, embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()], loras=loras)
-    callback, bar = progress(args.quiet)
-    try:
-        pipe = Pipeline(model, networks=networks)
-        images = pipe.run(req, init=init, mask=mask, callback=callback)
-    finally:
-        if bar is not None:
-            bar.close()
-    for warning in networks.warnings:
-        print(f"sdengine: warning: {warning}", file=sys.stderr)
-    for image, path in zip(images, paths):
-        save_png(image, path, image.info["parameters"], force=args.force)
-        variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""
-        print(f"wrote {path} (seed {image.info['seed']}{variation})")
+    pipe = Pipeline(model, networks=networks)
+    pipe.wildcards = args.wildcards_dir or runtime.wildcards_dir()
+    paths_left = iter(paths)
+    for req in reqs:
+        callback, bar = progress(args.quiet)
+        try:
+            images = pipe.run(req, init=init, mask=mask, callback=callback)
+        finally:
+            if bar is not None:
+                bar.close()
+        for warning in networks.warnings:
+            print(f"sdengine: warning: {warning}", file=sys.stderr)
+        for image in images:  # written as each request finishes: a long prompts file keeps what it made
+            path = next(paths_left)
+            save_png(image, path, image.info["parameters"], force=args.force)
+            variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""
+            print(f"wrote {path} (seed {image.info['seed']}{variation})")
 
 
 def progress(quiet: bool):

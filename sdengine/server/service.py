@@ -87,7 +87,7 @@ class Service:
             if job.interrupt:  # between batches: return the batches done so far
                 break
             job.skip, job.job_no, job.step, job.steps = False, n, 0, 0
-            batch = req.iteration(n)
+            batch = pipe.resolve(req.iteration(n))  # wildcards chosen for this batch's seed
             latest.clear()
             try:
                 latents = pipe.latents(batch, init, mask, callback, **inpaint)
