@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import A1111_SCHEDULERS
 from ..metadata import parse_parameters
+from .bodies import BodyInThread
 from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
@@ -148,7 +149,7 @@ async def generate(service: Service, mode: str, body: Txt2ImgBody) -> JSONRespon
 
 
 def router(service: Service) -> APIRouter:
-    api = APIRouter(prefix="/sdapi/v1")
+    api = APIRouter(prefix="/sdapi/v1", route_class=BodyInThread)
 
     @api.post("/txt2img")
     async def txt2img(body: Txt2ImgBody) -> JSONResponse:

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from .a1111 import Img2ImgBody, echo, submit
+from .bodies import BodyInThread
 from .errors import BadInput, error_response
 from .jobs import FINISHED, Job
 from .service import Service
@@ -35,7 +36,7 @@ def not_found(job_id: str) -> JSONResponse:
 
 
 def router(service: Service) -> APIRouter:
-    api = APIRouter(prefix="/api/v1/jobs")
+    api = APIRouter(prefix="/api/v1/jobs", route_class=BodyInThread)
 
     @api.post("", status_code=202)
     async def create(body: JobBody) -> Any:

@@ -53,6 +53,7 @@ class Limits:
     queue_size: int = 16
     max_body_bytes: int = 64 << 20
     max_body_keys: int = 100_000  # A1111 bodies have about 100; see app.Guard
+    max_body_items: int = 1_000_000  # array items and members (',' bytes); see app.Guard
 
     @property
     def max_image_pixels(self) -> int:
