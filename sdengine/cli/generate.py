@@ -59,7 +59,8 @@ HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--hires-sampler": ("sampler", {"help": "sampler of the second pass (default: --sampler)"}),
 }
 # Per command: Request fields whose CLI default differs from Request's.
-COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0}}
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"img2img": {"strength": 0.75}, "inpaint": {"strength": 1.0},
+                                               "outpaint": {"strength": 0.8}}
 
 
 def _add(group: argparse._ActionsContainer, flag: str, dest: str, options: dict[str, Any], default: Any) -> None:
@@ -278,8 +279,13 @@ def run_generation(args: argparse.Namespace) -> None:
 
     command = args.command
     init = mask = note = None
-    if command in ("img2img", "inpaint"):
+    if command in ("img2img", "inpaint", "outpaint"):
         init = open_image(args.image, "init image")
+    if command == "outpaint":  # the extended canvas and its mask, then inpainting (sdengine/outpaint.py)
+        from ..outpaint import extend
+
+        init, mask = extend(init, args.left, args.right, args.up, args.down, args.fill, args.overlap,
+                            args.mask_blur, seed=args.seed if getattr(args, "seed", -1) >= 0 else 0)
     if command == "inpaint":
         from ..images import empty_mask_note, mask_to_grey
 
@@ -352,8 +358,18 @@ def progress(quiet: bool):
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
-    if name in ("img2img", "inpaint"):
+    if name in ("img2img", "inpaint", "outpaint"):
         p.add_argument("image", type=Path)
+    if name == "outpaint":
+        from ..outpaint import FILLS
+
+        g = p.add_argument_group("outpainting", "extend the canvas (multiples of 8 pixels), then inpaint the border")
+        for side in ("left", "right", "up", "down"):
+            g.add_argument(f"--{side}", type=int, default=0, metavar="PX")
+        g.add_argument("--fill", choices=FILLS, default="matched", help="what the border starts as (default: "
+                       "matched: noise with the image's spectrum and colours, as A1111's outpainting mk2)")
+        g.add_argument("--overlap", type=int, default=8, help="pixels of the image repainted along the seam")
+        g.add_argument("--mask-blur", type=int, default=8, help="softness of the seam (pixels)")
     if name == "inpaint":
         p.add_argument("mask", type=Path)
     add_generation_args(p, name)
