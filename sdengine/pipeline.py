@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
+from .control import ControlNets
 from .diffusion.denoiser import AnyConditioning, CFGDenoiser, Conditioning, Denoiser, ScheduledConditioning
 from .diffusion.samplers import SAMPLERS, BatchNoise
 from .diffusion.schedule import SD_SCHEDULE, NoiseSchedule
@@ -72,6 +73,8 @@ class Pipeline:
         self.refiner_loader: Callable[[str], StableDiffusion] | None = None
         self._refiners: dict[str, Pipeline] = {}
         self._model_hash: str | None | bool = False  # computed on first use
+        # ControlNets by name ($SDENGINE_HOME/controlnet, or paths), loaded on first use
+        self.controlnets = ControlNets(model.config.unet, model.device, model.dtype)
 
     # --- public API ---------------------------------------------------------------------------------------------
 
@@ -82,6 +85,7 @@ class Pipeline:
         per image of the batch); with mask (white = repaint): inpainting. Width/height default to the init
         image's, else the model's training size."""
         req = self.sized(req, init)
+        self.controlnets.check(req.controls)  # every ControlNet found before any work
         inits = [init] if isinstance(init, Image.Image) else init
         pixels = None if inits is None else torch.cat([image_to_tensor(im, req.width, req.height) for im in inits])
         mask_t = None if mask is None else mask_to_tensor(mask, req.width, req.height)
@@ -282,6 +286,11 @@ class Pipeline:
 
         img2img = init is not None or init_latents is not None
         sigmas = self.sigmas(req, img2img)
+        if req.controls:  # the units' hints at this pass's size, each acting on its share of the steps run
+            controls, uncontrols = self.controlnets.controls(req.controls, req.width, req.height, len(sigmas) - 1,
+                                                             req.batch_size, guided=uncond is not None)
+            cond = cond.with_controls(controls)
+            uncond = uncond.with_controls(uncontrols) if uncond is not None else None
         strength = req.run_strength if img2img else 1.0
         inpainting_unet = model.config.unet.in_channels == 9
         image_latents = None
@@ -421,7 +430,8 @@ class Pipeline:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
         params = {**req.infotext_fields(index), "Model hash": self._model_hash,
-                  "Model": source.stem if source else None, **self.networks.infotext_fields(req), **(extra or {}),
+                  "Model": source.stem if source else None, **self.networks.infotext_fields(req),
+                  **self.controlnets.infotext_fields(req.controls), **(extra or {}),
                   "Version": f"sdengine {__version__}"}
         return format_parameters(req.prompt, req.negative_prompt, params)
 
@@ -438,8 +448,8 @@ class _Head(Pipeline):
 
 
 def follow_steps(guided: CFGDenoiser, callback: Callback | None, offset: int = 0) -> Callback | None:
-    """The sampler's per-step callback, also moving prompt editing on to the next step (only where a prompt is
-    scheduled: otherwise the callback as given)."""
+    """The sampler's per-step callback, also moving prompt editing and ControlNet start/end on to the next step
+    (only where something follows the steps: otherwise the callback as given)."""
     if not guided.scheduled:
         return callback
 

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .control import ControlError, ControlUnit, check_units
 from .diffusion.img2img_steps import a1111_img2img_steps
 from .diffusion.samplers import SamplerSpec, get_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES, SPACINGS
@@ -105,6 +106,8 @@ class Request:
     target_size: tuple[int, int] | None = None
     refiner: str | None = None  # SDXL refiner model (A1111's refiner_checkpoint): a path or a models-folder name
     refiner_switch_at: float = 0.8  # the share of the schedule the base model runs before the refiner takes over
+    # ControlNet units (control.py): frozen specs, model by name or path and the control image, read when sampling
+    controls: tuple[ControlUnit, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -166,6 +169,10 @@ class Request:
             raise FieldError("refiner", f"must be a model's name or path, got {self.refiner!r}")
         if not (_is_number(self.refiner_switch_at) and 0.0 < self.refiner_switch_at < 1.0):
             raise FieldError("refiner_switch_at", f"must lie in (0, 1), got {self.refiner_switch_at!r}")
+        try:
+            object.__setattr__(self, "controls", check_units(self.controls))
+        except ControlError as e:
+            raise FieldError("controls", f"are not valid: {e}") from None
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             raise FieldError("hires", f"must be a HiresFix, got {type(self.hires).__name__}")
         if self.hires is not None and self.width is not None and self.height is not None:
@@ -303,4 +310,4 @@ def fields_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-__all__ = ["Request", "FieldError", "random_seed", "MAX_SIDE", "MAX_SEED", "MAX_CLIP_SKIP"]
+__all__ = ["Request", "FieldError", "ControlUnit", "random_seed", "MAX_SIDE", "MAX_SEED", "MAX_CLIP_SKIP"]

@@ -44,6 +44,11 @@ def loras_dir() -> Path:
     return Path(os.environ.get("SDENGINE_LORAS") or sdengine_home() / "loras")
 
 
+def controlnet_dir() -> Path:
+    """Where ControlNet models are looked up by name ($SDENGINE_CONTROLNET, else $SDENGINE_HOME/controlnet)."""
+    return Path(os.environ.get("SDENGINE_CONTROLNET") or sdengine_home() / "controlnet")
+
+
 def embeddings_dir() -> Path:
     """Where textual-inversion embeddings are found ($SDENGINE_EMBEDDINGS, else $SDENGINE_HOME/embeddings)."""
     return Path(os.environ.get("SDENGINE_EMBEDDINGS") or sdengine_home() / "embeddings")

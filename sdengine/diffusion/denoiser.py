@@ -9,7 +9,7 @@ guided callable the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -24,19 +24,75 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+ALL_STEPS = (0, 2 ** 62)
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet unit as the denoiser applies it (built by the pipeline from a ControlUnit, sdengine/control.py).
+
+    net: a ControlNet (nn/controlnet.py); hint: the control image (1, c, H, W) in [0, 1] for every row it acts on
+    (none: (0, c, H, W));
+    scales: one multiplier per residual (the unit's weight, or the soft-injection ramp); steps: [first, stop) of the
+    sampling steps it acts on; rows: which rows of the batch it acts on (None: all; guidance's unconditional half
+    gets none in "ControlNet is more important" mode)."""
+
+    net: nn.Module
+    hint: torch.Tensor
+    scales: tuple[float, ...]
+    steps: tuple[int, int] = ALL_STEPS
+    rows: tuple[bool, ...] | None = None
+
+    def active(self, step: int) -> bool:
+        return self.steps[0] <= step < self.steps[1]
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
+                  ) -> list[torch.Tensor]:
+        """The unit's scaled residuals for the batch (zeros in the rows it does not act on)."""
+        if self.rows is None or all(self.rows):
+            index = None
+        else:
+            index = torch.tensor([i for i, r in enumerate(self.rows) if r], device=x.device)
+            x, t, context = x[index], t[index], context[index]
+            y = None if y is None else y[index]
+        extra = {} if y is None else {"y": y}
+        hint = self.hint[:1].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)  # one image for the batch
+        out = [r * s for r, s in zip(self.net(x, hint, t, context, **extra), self.scales)]
+        if index is None:
+            return out
+        full = []
+        for r in out:
+            whole = r.new_zeros((len(self.rows),) + r.shape[1:])  # type: ignore[arg-type]
+            whole[index] = r
+            full.append(whole)
+        return full
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Everything that conditions one UNet call besides x and t, for a batch.
 
     context: cross-attention states (b, 77k, width). y: the "vector" conditioning of class-conditional and SDXL
-    UNets (None for SD1/SD2). concat: extra input channels (inpainting UNets: mask and masked-image latents)."""
+    UNets (None for SD1/SD2). concat: extra input channels (inpainting UNets: mask and masked-image latents).
+    controls: ControlNet units, their residuals computed at every evaluation from x, t, context, y and the hint."""
 
     context: torch.Tensor
     y: torch.Tensor | None = None
     concat: torch.Tensor | None = None
+    controls: tuple[Control, ...] = ()
 
     def with_concat(self, concat: torch.Tensor | None) -> Conditioning:
-        return Conditioning(self.context, self.y, concat)
+        return replace(self, concat=concat)
+
+    def with_controls(self, controls: tuple[Control, ...]) -> Conditioning:
+        return replace(self, controls=controls)
+
+    def at_step(self, step: int) -> tuple[tuple[int, ...], Conditioning]:
+        """(which controls act at sampling step `step`, this conditioning with only those)."""
+        active = tuple(i for i, c in enumerate(self.controls) if c.active(step))
+        if len(active) == len(self.controls):
+            return active, self
+        return active, replace(self, controls=tuple(self.controls[i] for i in active))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
@@ -48,8 +104,18 @@ class Conditioning:
                 raise ValueError("conditionings to batch together must carry the same parts")
             return torch.cat(values)  # type: ignore[arg-type]
 
+        if len({len(p.controls) for p in parts}) != 1:
+            raise ValueError("conditionings to batch together must carry the same controls")
+        controls = []
+        for units in zip(*(p.controls for p in parts)):
+            first = units[0]
+            if any(u.net is not first.net or u.scales != first.scales or u.steps != first.steps for u in units):
+                raise ValueError("conditionings to batch together must carry the same controls")
+            rows = tuple(r for u, p in zip(units, parts) for r in (u.rows or (True,) * p.context.shape[0]))
+            hint = max((u.hint for u in units), key=len)  # rows without the control hold none
+            controls.append(replace(first, hint=hint, rows=rows))
         return Conditioning(join([p.context for p in parts]), join([p.y for p in parts]),
-                            join([p.concat for p in parts]))
+                            join([p.concat for p in parts]), tuple(controls))
 
 
 class Denoiser:
@@ -69,11 +135,18 @@ class Denoiser:
         c_in = 1.0 / (s ** 2 + 1.0) ** 0.5
         t = self.schedule.sigma_to_t_torch(sigma)
         unet_in = x * c_in
-        if cond.concat is not None:
-            unet_in = torch.cat([unet_in, cond.concat.to(x.dtype)], dim=1)
         dtype = next(self.unet.parameters()).dtype
         extra = {} if cond.y is None else {"y": cond.y.to(dtype)}  # SD1/SD2 UNets take no vector
-        out = self.unet(unet_in.to(dtype), t.to(x.device), cond.context.to(dtype), **extra).to(x.dtype)
+        t, context = t.to(x.device), cond.context.to(dtype)
+        if cond.controls:  # ControlNets see the latents without an inpainting UNet's extra channels
+            control = None
+            for unit in cond.controls:
+                res = unit.residuals(unet_in.to(dtype), t, context, extra.get("y"))
+                control = res if control is None else [a + b for a, b in zip(control, res)]
+            extra["control"] = control
+        if cond.concat is not None:
+            unet_in = torch.cat([unet_in, cond.concat.to(x.dtype)], dim=1)
+        out = self.unet(unet_in.to(dtype), t, context, **extra).to(x.dtype)
         if self.prediction == "eps":
             return x - s * out
         # v = alpha * eps - sigma_vp * x0, rewritten for VE x: x0 = x / (s^2 + 1) - v * s / sqrt(s^2 + 1)
@@ -96,6 +169,9 @@ class ScheduledConditioning:
     def with_concat(self, concat: torch.Tensor | None) -> ScheduledConditioning:
         return ScheduledConditioning(tuple((end, c.with_concat(concat)) for end, c in self.entries))
 
+    def with_controls(self, controls: tuple[Control, ...]) -> ScheduledConditioning:
+        return ScheduledConditioning(tuple((end, c.with_controls(controls)) for end, c in self.entries))
+
 
 AnyConditioning = Conditioning | ScheduledConditioning
 
@@ -105,20 +181,25 @@ class CFGDenoiser:
 
     With prompt editing (ScheduledConditioning) the halves follow `step`, the sampling step under way, which the
     pipeline advances from the sampler's per-step callback: every evaluation of a step (Heun's second one too)
-    sees that step's prompt."""
+    sees that step's prompt. ControlNet units with a guidance start/end follow it the same way."""
 
     def __init__(self, denoiser: Denoiser, cond: AnyConditioning, uncond: AnyConditioning | None, scale: float):
         self.denoiser = denoiser
         self.cond, self.uncond, self.scale = cond, uncond, scale
         self.step = 0
-        self._both: dict[tuple[int, int], Conditioning] = {}
+        self._both: dict[tuple, Conditioning] = {}
 
     @property
     def scheduled(self) -> bool:
-        return isinstance(self.cond, ScheduledConditioning) or isinstance(self.uncond, ScheduledConditioning)
+        """Whether anything changes with the step: a prompt schedule, or a control acting on some steps only."""
+        if isinstance(self.cond, ScheduledConditioning) or isinstance(self.uncond, ScheduledConditioning):
+            return True
+        return any(c.steps != ALL_STEPS for c in self.cond.controls)
 
-    def _at(self, c: AnyConditioning) -> tuple[int, Conditioning]:
-        return c.at(self.step) if isinstance(c, ScheduledConditioning) else (0, c)
+    def _at(self, c: AnyConditioning) -> tuple[tuple, Conditioning]:
+        index, cond = c.at(self.step) if isinstance(c, ScheduledConditioning) else (0, c)
+        active, cond = cond.at_step(self.step)
+        return (index, active), cond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma

@@ -104,27 +104,41 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
+class Encoder:
+    """The UNet's way down as the original builds it: time (and vector) embedding, input blocks, middle block. The
+    UNet and the ControlNet (which copies this half) both build theirs here, so their layouts cannot drift."""
+
     def __init__(self, cfg: UNetConfig):
-        super().__init__()
-        self.config = cfg
-        mc, groups = cfg.model_channels, cfg.norm_groups
-        emb_dim = mc * 4
+        self.cfg = cfg
+        self.emb_dim = cfg.model_channels * 4
+        self.skip_channels: list[int] = []
+        self.channels = cfg.model_channels  # after the input blocks: the middle block's width
+        self.ds = 1  # after the input blocks: the deepest downsampling factor
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
-                                      groups)
+    def transformer(self, ch: int, depth: int) -> SpatialTransformer:
+        cfg = self.cfg
+        heads, dim_head = cfg.heads_for(ch)
+        return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                                  cfg.norm_groups)
 
+    def time_embed(self) -> nn.Sequential:
+        mc, emb_dim = self.cfg.model_channels, self.emb_dim
+        return nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    def label_emb(self) -> nn.Sequential | None:
+        """The original's num_classes="sequential": one Sequential inside another (SDXL's vector input)."""
+        if self.cfg.adm_in_channels is None:
+            return None
+        return nn.Sequential(nn.Sequential(
+            nn.Linear(self.cfg.adm_in_channels, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim)))
+
+    def input_blocks(self) -> nn.ModuleList:
+        cfg, groups, emb_dim = self.cfg, self.cfg.norm_groups, self.emb_dim
+        mc = cfg.model_channels
         depths = cfg.transformer_depth
-        assert isinstance(depths, tuple) and cfg.transformer_depth_middle is not None  # set by UNetConfig
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels is not None:  # the original's num_classes="sequential": one Sequential inside another
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
+        assert isinstance(depths, tuple)  # set by UNetConfig
+        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.skip_channels = [mc]
         ch, ds = mc, 1
         levels = len(cfg.channel_mult)
         for level, mult in enumerate(cfg.channel_mult):
@@ -132,23 +146,44 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, depths[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
+                    layers.append(self.transformer(ch, depths[level]))
+                blocks.append(TimestepEmbedSequential(*layers))
+                self.skip_channels.append(ch)
             if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                self.skip_channels.append(ch)
                 ds *= 2
+        self.channels, self.ds = ch, ds
+        return blocks
 
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch, cfg.transformer_depth_middle),
-            ResBlock(ch, emb_dim, ch, groups))
+    def middle_block(self) -> TimestepEmbedSequential:
+        ch, groups, depth = self.channels, self.cfg.norm_groups, self.cfg.transformer_depth_middle
+        assert depth is not None
+        return TimestepEmbedSequential(ResBlock(ch, self.emb_dim, ch, groups), self.transformer(ch, depth),
+                                       ResBlock(ch, self.emb_dim, ch, groups))
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        enc = Encoder(cfg)
+        emb_dim, depths = enc.emb_dim, cfg.transformer_depth
+        assert isinstance(depths, tuple)
+        self.time_embed = enc.time_embed()
+        if (label_emb := enc.label_emb()) is not None:
+            self.label_emb = label_emb
+        self.input_blocks = enc.input_blocks()
+        self.middle_block = enc.middle_block()
+        skip_channels, ch, ds = list(enc.skip_channels), enc.channels, enc.ds
+        transformer = enc.transformer
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             n = cfg.num_res_blocks[level] + 1
             for i in range(n):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                layers: list[nn.Module] = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch, depths[level]))
@@ -167,10 +202,8 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, size, use_reentrant=False)
         return block(h, emb, context, size)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context and, for
-        UNets with a vector input (SDXL), y (b, adm_in_channels)."""
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The time embedding, plus the vector y's for UNets with a vector input (SDXL)."""
         if (y is not None) != (self.config.adm_in_channels is not None):
             raise ValueError("y must be given exactly when the UNet has a vector input (adm_in_channels = "
                              f"{self.config.adm_in_channels})")
@@ -180,6 +213,19 @@ class UNetModel(nn.Module):
         emb = self.time_embed(t_emb)
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype))
+        return emb
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context and, for
+        UNets with a vector input (SDXL), y (b, adm_in_channels). control: ControlNet residuals, one per input
+        block then the middle block's (nn/controlnet.py), added to the skip connections and to the middle block's
+        output as the original ControlledUnetModel does (diffusers: down_block_additional_residuals and
+        mid_block_additional_residual)."""
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
+                             "(one per input block and the middle block's)")
+        emb = self.embed(x, timesteps, y)
         context = context.to(x.dtype)
         skips = []
         h = x
@@ -187,6 +233,9 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(h.dtype)
+            skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
         for block in self.output_blocks:
             skip = skips.pop()
             # The next skip (if any) gives the size an upsampler in this block must reach.

@@ -1,0 +1,226 @@
+"""ControlNet against diffusers: a tiny ControlNetModel.from_unet on each reference UNet (weights perturbed: the
+zero convolutions start at zero), saved with diffusers' own writer and loaded here; residuals, the UNet with
+residuals, and StableDiffusionControlNetPipeline's latents (one and two units, weights, guidance end, guess mode);
+our single-file writer round trips; bad files and units; the preprocessors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import assert_close
+from sampler_harness import SD15_SCHEDULER_CONFIG, max_rel_error
+
+import sdengine
+from sdengine import control as control_module
+from sdengine.control import ControlError, ControlUnit, load_controlnet, preprocess, read_controlnet, save_controlnet
+from sdengine.pipeline import Pipeline
+from sdengine.request import Request
+
+W, H = 40, 32  # the tiny VAE downsamples by 2: latents 20x16
+HINT_WIDTHS = (16, 32)  # one stride-2 stage: the hint encoder halves the image as the tiny VAE does
+
+
+def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
+
+
+def control_image(seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(H, W, 3) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def cn(reference, tmp_path_factory):
+    """Two diffusers ControlNets on the reference UNet, saved as folders; our model and pipeline."""
+    from diffusers import ControlNetModel
+
+    folders, refs = [], []
+    for seed in (1, 2):
+        ref = perturb(ControlNetModel.from_unet(reference["parts"]["unet"],
+                                                conditioning_embedding_out_channels=HINT_WIDTHS), seed)
+        folder = tmp_path_factory.mktemp(f"cn-{reference['layout']}") / f"cn{seed}"
+        ref.save_pretrained(folder)
+        folders.append(folder)
+        refs.append(ref)
+    model = sdengine.load(reference["folder"])
+    return {"refs": refs, "folders": folders, "model": model, "pipe": Pipeline(model), **reference}
+
+
+def test_residuals_match_diffusers(cn):
+    ref, ours = cn["refs"][0], load_controlnet(cn["folders"][0], cn["model"].config.unet)
+    width = cn["model"].config.unet.context_dim
+    g = torch.Generator().manual_seed(3)
+    x, hint = torch.randn(2, 4, H // 2, W // 2, generator=g), torch.rand(2, 3, H, W, generator=g)
+    context = torch.randn(2, 77, width, generator=g)
+    with torch.no_grad():
+        for t in (torch.tensor([3, 981]), torch.tensor(421.5)):
+            down, mid = ref(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+            res = ours(x, hint, t, context)
+            assert len(res) == len(down) + 1
+            for a, b in zip(res, [*down, mid]):
+                assert_close(a, b)
+            # the UNet with those residuals, against diffusers' additional residuals
+            expected = cn["parts"]["unet"](x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                                           mid_block_additional_residual=mid).sample
+            assert_close(cn["model"].unet(x, t, context, control=res), expected)
+
+
+def reference_pipeline(cn, nets):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+    from transformers import CLIPTokenizer
+
+    parts = cn["parts"]
+    prediction = parts["scheduler"].config.prediction_type
+    pipe = StableDiffusionControlNetPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(cn["folder"] / "tokenizer"), unet=parts["unet"],
+        controlnet=nets if len(nets) > 1 else nets[0],
+        scheduler=EulerDiscreteScheduler.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": prediction}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = {
+    "one": dict(weights=[1.0], ends=[1.0]),
+    "two-weights-end": dict(weights=[0.5, 1.0], ends=[1.0, 0.5]),
+    "guess-mode": dict(weights=[1.0], ends=[1.0], guess=True),
+    "two-guess-mode": dict(weights=[0.5, 1.0], ends=[0.5, 1.0], guess=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_matches_diffusers(cn, case, monkeypatch):
+    """Latents of StableDiffusionControlNetPipeline (Euler, CFG 7.5, batch 2) and ours with the same seeds."""
+    spec = CASES[case]
+    n = len(spec["weights"])
+    images = [control_image(i) for i in range(n)]
+    guess = spec.get("guess", False)
+    ref = reference_pipeline(cn, cn["refs"][:n])
+    kwargs = dict(controlnet_conditioning_scale=spec["weights"] if n > 1 else spec["weights"][0],
+                  control_guidance_end=spec["ends"] if n > 1 else spec["ends"][0])
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    expected = ref("a red circle", image=images if n > 1 else images[0], negative_prompt="blue", num_inference_steps=6,
+                   guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                   output_type="latent", guess_mode=guess, **kwargs).images
+    if guess:
+        # diffusers' guess mode ramps the residuals as logspace(-1, 0, n): 10**(-1/(n-1)) per residual where the
+        # original (and A1111) uses 0.825; the mechanics are checked with diffusers' base (n = this UNet's count)
+        residuals = len(cn["model"].unet.input_blocks) + 1
+        monkeypatch.setattr(control_module, "SOFT_INJECTION_BASE", 10 ** (-1 / (residuals - 1)))
+    units = [ControlUnit(str(folder), image, weight=w, end=e, mode="control" if guess else "balanced")
+             for folder, image, w, e in zip(cn["folders"], images, spec["weights"], spec["ends"])]
+    ours = cn["pipe"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=7,
+                                     width=W, height=H, batch_size=2, controls=units))
+    assert max_rel_error(ours, expected) < 1e-3
+    plain = cn["pipe"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=7,
+                                      width=W, height=H, batch_size=2))
+    assert max_rel_error(plain, expected) > 1e-2  # the control changed the result
+
+
+def test_soft_injection_scales():
+    unit = ControlUnit("m", "x.png", weight=0.5, mode="ControlNet is more important")
+    scales = unit.scales(13)
+    assert unit.mode == "control" and scales[-1] == 0.5
+    assert scales[0] == pytest.approx(0.5 * 0.825 ** 12)
+    assert ControlUnit("m", "x.png", mode="My prompt is more important").scales(13) == \
+        tuple(0.825 ** (12 - i) for i in range(13))
+    assert ControlUnit("m", "x.png", weight=0.7).scales(3) == (0.7, 0.7, 0.7)
+    # diffusers' rule: step i acts unless i/n < start or (i+1)/n > end
+    assert ControlUnit("m", "x.png", start=0.2, end=0.5).steps(10) == (2, 5)
+    assert ControlUnit("m", "x.png", start=0.0, end=0.05).steps(10) is None
+
+
+def test_single_file_round_trip(cn, tmp_path):
+    """Our writer: lllyasviel's layout (control_model.* keys), .safetensors and .pth, with and without the prefix;
+    and a diffusers folder that diffusers' ControlNetModel loads to the same residuals."""
+    from diffusers import ControlNetModel
+
+    unet_cfg = cn["model"].config.unet
+    net = load_controlnet(cn["folders"][0], unet_cfg)
+    save_controlnet(net, tmp_path / "cn.safetensors")
+    sd, cfg = read_controlnet(tmp_path / "cn.safetensors", unet_cfg)
+    assert cfg == net.config and all(k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.",
+                                                   "input_blocks.", "middle_block.", "time_embed.")) for k in sd)
+    expected = net.state_dict()
+    assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in sd)
+    torch.save({k: v for k, v in expected.items()}, tmp_path / "bare.pth")  # no prefix, a pickle
+    again = load_controlnet(tmp_path / "bare.pth", unet_cfg).state_dict()
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+
+    save_controlnet(net, tmp_path / "folder", layout="diffusers")
+    theirs = ControlNetModel.from_pretrained(tmp_path / "folder").eval()
+    x, hint = torch.randn(1, 4, H // 2, W // 2), torch.rand(1, 3, H, W)
+    context, t = torch.randn(1, 77, unet_cfg.context_dim), torch.tensor([500])
+    with torch.no_grad():
+        down, mid = theirs(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        for a, b in zip(net(x, hint, t, context), [*down, mid]):
+            assert_close(a, b, rel=1e-6)
+
+
+def test_bad_files(cn, tmp_path):
+    unet_cfg = cn["model"].config.unet
+    with pytest.raises(ControlError, match="not a ControlNet"):
+        load_controlnet(cn["folder"] / "unet" / "diffusion_pytorch_model.safetensors", unet_cfg)
+    with pytest.raises(ControlError, match="no ControlNet"):
+        load_controlnet(tmp_path / "missing.safetensors", unet_cfg)
+    other = sdengine.UNetConfig(**{**cn["model"].config.unet.__dict__, "context_dim": 1024})
+    with pytest.raises(ControlError, match="context width"):
+        load_controlnet(cn["folders"][0], other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ControlError, match="config.json"):
+        load_controlnet(tmp_path / "empty", unet_cfg)
+    with pytest.raises(ControlError, match="no ControlNet 'nope'"):
+        control_module.resolve_controlnet("nope", tmp_path)
+
+
+def test_bad_units():
+    with pytest.raises(ControlError, match="weight"):
+        ControlUnit("m", "x.png", weight=float("nan"))
+    with pytest.raises(ControlError, match="start and end"):
+        ControlUnit("m", "x.png", start=0.7, end=0.3)
+    with pytest.raises(ControlError, match="control mode"):
+        ControlUnit("m", "x.png", mode="loud")
+    with pytest.raises(ControlError, match="preprocessor"):
+        ControlUnit("m", "x.png", preprocess="openpose")
+    with pytest.raises(ValueError, match="at most 10"):
+        Request(controls=[ControlUnit("m", "x.png")] * 20)
+
+
+def test_infotext_records_units(cn):
+    unit = ControlUnit(str(cn["folders"][0]), control_image(), weight=0.5, end=0.8)
+    image = cn["pipe"].generate("a red circle", steps=2, seed=1, width=W, height=H, controls=[unit])[0]
+    text = image.info["parameters"]
+    assert ('ControlNet 0: "Module: none, Model: cn1, Weight: 0.5, Resize Mode: Just Resize, Guidance Start: 0, '
+            'Guidance End: 0.8, Control Mode: Balanced"') in text
+
+
+def test_canny_equals_opencv():
+    import cv2
+
+    image = control_image(5).resize((64, 48))
+    ours = np.asarray(preprocess(image, "canny"))
+    expected = cv2.Canny(np.asarray(image), 100, 200)
+    assert ours.shape == (48, 64, 3) and all(np.array_equal(ours[..., c], expected) for c in range(3))
+    ours = np.asarray(preprocess(image, "canny", 50, 120))
+    assert np.array_equal(ours[..., 0], cv2.Canny(np.asarray(image), 50, 120))
+
+
+def test_other_preprocessors_and_fit():
+    image = control_image(6)
+    assert np.array_equal(np.asarray(preprocess(image, "invert")), 255 - np.asarray(image))
+    binary = np.asarray(preprocess(image, "threshold"))
+    assert set(np.unique(binary)) <= {0, 255}
+    assert preprocess(image, "tile", 2.0).size == (W // 2, H // 2)
+    assert set(np.unique(np.asarray(preprocess(image, "scribble")))) <= {0, 255}
+    grey = image.convert("L")  # a greyscale control image is used as RGB
+    assert control_module.hint_tensor(ControlUnit("m", grey), 24, 16).shape == (1, 3, 16, 24)
+    for mode in ("just resize", "crop and resize", "resize and fill"):
+        assert control_module.fit(image, 24, 40, mode).size == (24, 40)
+    filled = np.asarray(control_module.fit(Image.new("RGB", (10, 10), "white"), 20, 10, "resize and fill"))
+    assert filled[:, :5].max() == 0 and filled[:, 5:15].min() == 255
