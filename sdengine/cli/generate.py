@@ -93,6 +93,22 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--embeddings-dir", type=Path, default=None, help="textual-inversion embeddings, used by file "
                    "name in prompts (default: $SDENGINE_EMBEDDINGS or $SDENGINE_HOME/embeddings)")
     p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
+    c = p.add_argument_group("ControlNet", "condition on a control image (A1111's ControlNet units); docs/control.md")
+    c.add_argument("--control", action="append", default=[], metavar="MODEL:IMAGE[:W[:START:END]]",
+                   help="a ControlNet (a path, or a name in --controlnet-dir) and its control image, at weight W "
+                        "(default 1) acting from START to END (shares of the steps; default 0:1) (repeatable)")
+    c.add_argument("--control-preprocess", action="append", default=[], metavar="NAME",
+                   help="what makes the control map from the image: none (default: the image is the map), canny, "
+                        "invert, threshold, scribble, tile; once for every unit, or once per --control")
+    c.add_argument("--control-mode", action="append", default=[], metavar="MODE",
+                   help="balanced (default), prompt (my prompt is more important) or control (ControlNet is more "
+                        "important: guess mode); once for every unit, or once per --control")
+    c.add_argument("--control-resize", action="append", default=[], metavar="MODE",
+                   help="how the control image fits the output: 'just resize' (default), 'crop and resize', "
+                        "'resize and fill'; once for every unit, or once per --control")
+    c.add_argument("--controlnet-dir", type=Path, default=None,
+                   help="where ControlNets are found by name (default: $SDENGINE_CONTROLNET or "
+                        "$SDENGINE_HOME/controlnet)")
     for flag, (field, options) in REQUEST_OPTIONS.items():
         _add(p, flag, field, options, defaults.get(field))
     if command != "generate":
@@ -137,6 +153,61 @@ def lora_options(args: argparse.Namespace):
         library.load(name)
         tags.append(f"<lora:{name}{':' + weights if weights else ''}>")
     return library, tags
+
+
+def _per_unit(values: list[str], units: int, flag: str) -> list[str | None]:
+    if not values:
+        return [None] * units
+    if len(values) == 1:
+        return values * units
+    if len(values) != units:
+        raise CLIError(f"{flag} given {len(values)} times for {units} --control units (give it once, or once per unit)")
+    return list(values)
+
+
+def parse_control(value: str) -> tuple[str, str, list[float]]:
+    """MODEL:IMAGE[:W[:START:END]] -> (model, image, numbers); the numbers are the trailing fields that parse."""
+    parts = value.split(":")
+    numbers: list[float] = []
+    while len(parts) > 2 and len(numbers) < 3:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(parts) < 2 or not parts[0] or not parts[1] or len(numbers) == 2:
+        raise CLIError(f"--control {value}: expected MODEL:IMAGE, MODEL:IMAGE:WEIGHT or MODEL:IMAGE:WEIGHT:START:END")
+    return parts[0], ":".join(parts[1:]), numbers
+
+
+def control_options(args: argparse.Namespace) -> tuple:
+    """The ControlUnits --control asks for, every model found and every image read before the model loads."""
+    from ..control import ControlError, ControlUnit, resolve_controlnet
+
+    values = getattr(args, "control", [])
+    if not values:
+        for flag in ("control_preprocess", "control_mode", "control_resize"):
+            if getattr(args, flag, []):
+                raise CLIError(f"--{flag.replace('_', '-')} needs a --control")
+        return ()
+    if args.controlnet_dir is not None and not args.controlnet_dir.is_dir():
+        raise CLIError(f"ControlNet folder {args.controlnet_dir} does not exist")
+    n = len(values)
+    settings = zip(_per_unit(args.control_preprocess, n, "--control-preprocess"),
+                   _per_unit(args.control_mode, n, "--control-mode"),
+                   _per_unit(args.control_resize, n, "--control-resize"))
+    units = []
+    for value, (module, mode, resize) in zip(values, settings):
+        name, image, numbers = parse_control(value)
+        weight, start, end = numbers + [1.0, 0.0, 1.0][len(numbers):]
+        try:
+            path = resolve_controlnet(name, args.controlnet_dir)
+            units.append(ControlUnit(str(path), open_image(Path(image), "control image"), weight=weight, start=start,
+                                     end=end, mode=mode or "balanced", preprocess=module or "none",
+                                     resize=resize or "just resize"))
+        except ControlError as e:
+            raise CLIError(f"--control {value}: {e}") from None
+    return tuple(units)
 
 
 # A1111's "Prompts from file or textbox" line options -> Request fields
@@ -229,6 +300,8 @@ def request_from_args(args: argparse.Namespace, command: str, width: int | None,
         values["hires"] = HiresFix(resize_x=resize_x, resize_y=resize_y, **hires)
     if getattr(args, "lora_tags", None):
         values["prompt"] = " ".join([values["prompt"], *args.lora_tags]).strip()
+    if getattr(args, "control_units", None):
+        values["controls"] = args.control_units
     values.setdefault("width", width)
     values.setdefault("height", height)
     return _request_class()(**values)
@@ -302,6 +375,7 @@ def run_generation(args: argparse.Namespace) -> None:
     else:  # the size the model file records, read from its header: the Request is checked before any load
         width = height = runtime.native_size(model_path)
     loras, args.lora_tags = lora_options(args)
+    args.control_units = control_options(args)
     lines = prompt_lines(args.prompts_file) if args.prompts_file else [None]
     reqs = [request_from_args(args, command, width, height, line) for line in lines]
     for req in reqs:
@@ -325,6 +399,7 @@ def run_generation(args: argparse.Namespace) -> None:
     networks = Networks(model, embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()], loras=loras)
     pipe = Pipeline(model, networks=networks)
     pipe.wildcards = args.wildcards_dir or runtime.wildcards_dir()
+    pipe.controlnets.folder = args.controlnet_dir
     paths_left = iter(paths)
     for req in reqs:
         callback, bar = progress(args.quiet)
