@@ -5,6 +5,13 @@ difference in timesteps, sigmas, scalings or update rules shows in the result; i
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
 import torch
 
 from sdengine.diffusion.denoiser import Conditioning, Denoiser
@@ -75,3 +82,48 @@ def run_ours(name: str, steps: int, seed: int = 0, prediction: str = "eps", sche
 
 def max_rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+@functools.cache
+def _kdiffusion_modules() -> types.SimpleNamespace:
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
+                    "torchdiffeq trampoline)")
+    for dep in ("torchsde", "torchdiffeq", "scipy", "tqdm"):
+        pytest.importorskip(dep, reason=f"k-diffusion's sampling module imports {dep}")
+    folder = Path(spec.submodule_search_locations[0])
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(folder)]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling")}
+    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
+    try:
+        loaded = {}
+        for name in ("sampling", "external"):
+            mod_spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", folder / f"{name}.py")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[f"k_diffusion.{name}"] = module
+            mod_spec.loader.exec_module(module)
+            setattr(package, name, module)
+            loaded[name] = module
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+        sys.modules.pop("k_diffusion.external", None)
+    return types.SimpleNamespace(**loaded)
+
+
+def kdiffusion() -> types.SimpleNamespace:
+    """k-diffusion's `sampling` and `external` modules (the test-only reference A1111 runs), loaded from the
+    installed package without its __init__, which imports its training stack (torchvision, kornia, wandb, clip)."""
+    return _kdiffusion_modules()
+
+
+def kdiffusion_model(model):
+    """Our model(x, sigma) called as k-diffusion calls models: sigma one per image."""
+    return lambda x, sigma, **_: model(x, sigma[0])

@@ -16,12 +16,24 @@ import numpy as np
 import torch
 
 Spacing = Literal["leading", "linspace", "trailing"]
-ScheduleType = Literal["normal", "karras", "exponential"]
+ScheduleType = Literal["normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "polyexponential",
+                       "align_your_steps"]
 SPACINGS = ("leading", "linspace", "trailing")
-SCHEDULES = ("normal", "karras", "exponential")
-SCHEDULE_LABELS = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential"}  # A1111's labels
+# Schedules A1111 defines from the model's sigmas alone (modules/sd_schedulers.py); spacing does not apply to them.
+SIGMA_SCHEDULES = ("sgm_uniform", "simple", "beta", "polyexponential", "align_your_steps")
+SCHEDULES = ("normal", "karras", "exponential", *SIGMA_SCHEDULES)
+SCHEDULE_LABELS = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential",  # A1111's labels
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta",
+                   "polyexponential": "Polyexponential", "align_your_steps": "Align Your Steps"}
 # A1111's scheduler names -> ours. Its "uniform" spaces timesteps evenly, as our "normal" does.
-A1111_SCHEDULERS = {"uniform": "normal", "normal": "normal", "karras": "karras", "exponential": "exponential"}
+A1111_SCHEDULERS = {"uniform": "normal", "normal": "normal", "karras": "karras", "exponential": "exponential",
+                    **{name: name for name in SIGMA_SCHEDULES}}
+# A1111's defaults: the Beta schedule's shape (options beta_dist_alpha/beta), Polyexponential's rho.
+BETA_ALPHA, BETA_BETA = 0.6, 0.6
+POLYEXPONENTIAL_RHO = 1.0
+# Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step sigmas, as A1111 ships them.
+AYS_SIGMAS = {"sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+              "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)}
 
 
 def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType) -> np.ndarray:
@@ -36,6 +48,73 @@ def spaced_sigmas(hi: float, lo: float, steps: int, schedule_type: ScheduleType)
     raise ValueError(f"unknown schedule {schedule_type!r}; valid: {', '.join(SCHEDULES)}")
 
 
+def polyexponential_sigmas(hi: float, lo: float, steps: int, rho: float = POLYEXPONENTIAL_RHO) -> np.ndarray:
+    """`steps` sigmas from hi to lo along a polynomial ramp^rho in log sigma (k-diffusion's
+    get_sigmas_polyexponential); rho = 1 is the exponential schedule, rho > 1 lingers at high noise."""
+    ramp = np.linspace(1, 0, steps) ** rho
+    return np.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))
+
+
+def loglinear_interp(sigmas: tuple[float, ...], steps: int) -> np.ndarray:
+    """A descending table resampled to `steps` values, linearly in log sigma over an even grid (A1111's
+    Align Your Steps for step counts other than the table's)."""
+    xs = np.linspace(0, 1, len(sigmas))
+    ys = np.log(np.asarray(sigmas[::-1], dtype=np.float64))
+    return np.exp(np.interp(np.linspace(0, 1, steps), xs, ys))[::-1].copy()
+
+
+def align_your_steps_sigmas(steps: int, table: str = "sd1") -> np.ndarray:
+    """Align Your Steps: the published table for the model family, used as is at its own length."""
+    sigmas = AYS_SIGMAS[table]
+    return np.asarray(sigmas, dtype=np.float64) if steps == len(sigmas) else loglinear_interp(sigmas, steps)
+
+
+def betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), on the
+    side of the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges fast. The engine needs no scipy."""
+    x = np.asarray(x, dtype=np.float64)
+    flip = x > (a + 1) / (a + b + 2)
+    xx, aa, bb = np.where(flip, 1 - x, x), np.where(flip, b, a), np.where(flip, a, b)
+    with np.errstate(divide="ignore"):
+        log_front = (aa * np.log(xx) + bb * np.log1p(-xx) - math.lgamma(a) - math.lgamma(b) + math.lgamma(a + b)
+                     - np.log(aa))
+    tiny = 1e-300
+    c, d = np.ones_like(xx), 1 - (aa + bb) * xx / (aa + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    f = d.copy()
+    for m in range(1, 300):
+        for num in (m * (bb - m) * xx / ((aa + 2 * m - 1) * (aa + 2 * m)),
+                    -(aa + m) * (aa + bb + m) * xx / ((aa + 2 * m) * (aa + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + num / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            f = f * c * d
+        if np.all(np.abs(c * d - 1) < 1e-15):
+            break
+    ix = np.exp(log_front) * f
+    ix = np.where(xx <= 0, 0.0, ix)
+    return np.where(flip, 1 - ix, ix)
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The Beta(a, b) distribution's quantile function (scipy.stats.beta.ppf), by bisection on betainc:
+    monotone, so 64 halvings reach float64's resolution without a starting guess."""
+    q = np.asarray(q, dtype=np.float64)
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        below = betainc(a, b, mid) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, (lo + hi) / 2))
+
+
+def beta_sigmas(hi: float, lo: float, steps: int, alpha: float = BETA_ALPHA, beta: float = BETA_BETA) -> np.ndarray:
+    """A1111's Beta schedule ("Beta Sampling is All You Need", Lee et al. 2024): sigma linear in the Beta(alpha,
+    beta) quantiles of an even grid, so alpha = beta < 1 spends more steps at both ends of [lo, hi]."""
+    return lo + beta_ppf(1 - np.linspace(0, 1, steps), alpha, beta) * (hi - lo)
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     beta_start: float = 0.00085
@@ -43,6 +122,7 @@ class NoiseSchedule:
     num_train_timesteps: int = 1000
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
     steps_offset: int = 1  # SD's "leading" spacing starts at t=1, not 0
+    ays_table: Literal["sd1", "sdxl"] = "sd1"  # Align Your Steps' table: A1111 takes SDXL's for SDXL models
     alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)
     sigmas: np.ndarray = field(init=False, repr=False, compare=False)  # per training step, ascending
     log_sigmas: np.ndarray = field(init=False, repr=False, compare=False)
@@ -124,17 +204,45 @@ class NoiseSchedule:
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return (1 - w) * low + w * (low + 1)
 
+    def t_to_sigma_log(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at fractional timesteps, interpolating log sigma (k-diffusion's DiscreteSchedule.t_to_sigma,
+        which A1111's SGM Uniform uses)."""
+        return np.exp(np.interp(t, np.arange(len(self.log_sigmas)), self.log_sigmas))
+
+    def schedule_sigmas(self, steps: int, schedule: ScheduleType) -> np.ndarray:
+        """`steps` descending sigmas (no final one) of A1111's schedules defined by the model's sigmas alone
+        (SIGMA_SCHEDULES, modules/sd_schedulers.py), between this schedule's sigma_max and sigma_min."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        hi, lo = self.sigma_max, self.sigma_min
+        if schedule == "sgm_uniform":  # even in t over [t(sigma_max), t(sigma_min)), the end left out
+            return self.t_to_sigma_log(np.linspace(len(self.sigmas) - 1, 0, steps + 1)[:-1])
+        if schedule == "simple":  # every (1000 / steps)-th training sigma from the top, truncated indices
+            stride = len(self.sigmas) / steps
+            return self.sigmas[[len(self.sigmas) - 1 - int(i * stride) for i in range(steps)]].astype(np.float64)
+        if schedule == "beta":
+            return beta_sigmas(hi, lo, steps)
+        if schedule == "polyexponential":
+            return polyexponential_sigmas(hi, lo, steps)
+        if schedule == "align_your_steps":
+            return align_your_steps_sigmas(steps, self.ays_table)
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
     def sampling_sigmas(self, steps: int, schedule: ScheduleType = "normal", spacing: Spacing = "linspace",
                         final: Literal["zero", "sigma_min"] = "zero") -> tuple[np.ndarray, np.ndarray]:
         """(sigmas with the final one appended, float32; timesteps, one per step) for a sampling run.
 
         normal: sigma at the spaced timesteps; karras (Karras et al. 2022, rho=7) and exponential: spaced in
-        sigma^(1/7) / log sigma between the ends of the normal schedule, as diffusers' use_karras_sigmas does.
+        sigma^(1/7) / log sigma between the ends of the normal schedule, as diffusers' use_karras_sigmas does;
+        SIGMA_SCHEDULES: A1111's (schedule_sigmas), whatever the spacing.
         """
         t = self.timesteps(steps, spacing)
         sigmas = self.t_to_sigma(t)
         if schedule in ("karras", "exponential"):
             sigmas = spaced_sigmas(sigmas[0].item(), sigmas[-1].item(), steps, schedule)
+            t = self.sigma_to_t(sigmas)
+        elif schedule in SIGMA_SCHEDULES:
+            sigmas = self.schedule_sigmas(steps, schedule)
             t = self.sigma_to_t(sigmas)
         elif schedule != "normal":
             raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")

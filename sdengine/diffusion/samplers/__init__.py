@@ -1,10 +1,11 @@
 """The sampler registry: CLI name -> SamplerSpec. Each module contributes its own SAMPLERS dict."""
 from __future__ import annotations
 
-from . import discrete, euler, multistep, unipc
+from . import discrete, euler, multistep, restart, singlestep, unipc
 from .base import BatchNoise, DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 
-SAMPLERS: dict[str, SamplerSpec] = {**euler.SAMPLERS, **multistep.SAMPLERS, **discrete.SAMPLERS, **unipc.SAMPLERS}
+SAMPLERS: dict[str, SamplerSpec] = {**euler.SAMPLERS, **multistep.SAMPLERS, **singlestep.SAMPLERS, **restart.SAMPLERS,
+                                    **discrete.SAMPLERS, **unipc.SAMPLERS}
 
 
 def get_sampler(name: str) -> SamplerSpec:

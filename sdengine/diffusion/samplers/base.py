@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..img2img_steps import skipped_steps
-from ..schedule import NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
+from ..schedule import SIGMA_SCHEDULES, NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(step_index, total_steps, x, denoised): progress bars and previews.
@@ -107,6 +107,8 @@ class MultistepSpec(SamplerSpec):
                spacing: Spacing | None = None) -> np.ndarray:
         if schedule_type == "normal":
             sigmas = schedule.t_to_sigma(schedule.multistep_timesteps(steps, spacing or self.default_spacing))
+        elif schedule_type in SIGMA_SCHEDULES:
+            sigmas = schedule.schedule_sigmas(steps, schedule_type)
         else:
             sigmas = spaced_sigmas(schedule.sigma_max, schedule.sigma_min, steps, schedule_type)
         last = schedule.sigma_min if self.final_sigma == "sigma_min" else 0.0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..img2img_steps import skipped_steps
-from ..schedule import SD_SCHEDULE, NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
+from ..schedule import SD_SCHEDULE, SIGMA_SCHEDULES, NoiseSchedule, ScheduleType, Spacing, spaced_sigmas
 from .base import DenoiseFn, NoiseSource, SamplerSpec, StepCallback, to_d
 
 # --- timesteps ------------------------------------------------------------------------------------------------
@@ -45,8 +45,11 @@ class DiscreteSpec(SamplerSpec):
 
     def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
                spacing: Spacing | None = None) -> np.ndarray:
-        t = discrete_timesteps(schedule, steps, spacing or self.default_spacing)
-        sigmas = respace(schedule.t_to_sigma(t), schedule_type)
+        if schedule_type in SIGMA_SCHEDULES:
+            sigmas = schedule.schedule_sigmas(steps, schedule_type)
+        else:
+            sigmas = respace(schedule.t_to_sigma(discrete_timesteps(schedule, steps, spacing or self.default_spacing)),
+                             schedule_type)
         last = schedule.sigma_min if self.final_sigma == "sigma_min" else 0.0
         return np.concatenate([sigmas, [last]]).astype(np.float32)
 
@@ -101,7 +104,10 @@ class LCMSpec(SamplerSpec):
 
     def sigmas(self, schedule: NoiseSchedule, steps: int, schedule_type: ScheduleType = "normal",
                spacing: Spacing | None = None) -> np.ndarray:
-        sigmas = respace(schedule.t_to_sigma(lcm_timesteps(schedule, steps, self.original_steps)), schedule_type)
+        if schedule_type in SIGMA_SCHEDULES:
+            sigmas = schedule.schedule_sigmas(steps, schedule_type)
+        else:
+            sigmas = respace(schedule.t_to_sigma(lcm_timesteps(schedule, steps, self.original_steps)), schedule_type)
         return np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
 

@@ -1,4 +1,4 @@
-"""Multistep samplers (LMS, DPM-Solver++ 2M and 2M SDE) and DPM-Solver++'s SDE sampler, over sigmas.
+"""Multistep samplers (LMS, DPM-Solver++ 2M, 2M SDE and 3M SDE) and DPM-Solver++'s SDE sampler, over sigmas.
 
 k-diffusion's formulation: x = x0 + sigma * eps, the half-log-SNR lambda = -log(sigma) as the DPM-Solver time
 variable; each matches a diffusers scheduler built from SD1.5's scheduler config (see SAMPLERS).
@@ -106,6 +106,45 @@ def sample_dpmpp_2m_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 @torch.no_grad()
+def sample_dpmpp_3m_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, noise: NoiseSource,
+                        callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """SDE-DPM-Solver++(3M) (k-diffusion's dpmpp_3m_sde, A1111's "DPM++ 3M SDE"): 2M SDE's exact linear part,
+    the data prediction extrapolated quadratically in lambda from the last three evaluations (first and second
+    order on the first two steps; the step to sigma = 0 is x = D(x)). The phi functions are those of the SDE,
+    whose exponential decays at rate (1 + eta) h. One noise() draw per step before the last, as in 2M SDE.
+
+    diffusers' DPMSolverMultistepScheduler(solver_order=3, sde-dpmsolver++) is not this solver: its second-order
+    step is the midpoint form, it lowers the order near the end under 15 steps, and its third-order term has the
+    opposite sign of the 1/2 in phi_3 (diffusers 0.42.1); docs/samplers.md gives the measured gap."""
+    n = len(sigmas) - 1
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    for i in range(n):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = (sigmas[i] / sigmas[i + 1]).log()
+            h_eta = h * (eta + 1)
+            x = (-h_eta).exp() * x - torch.expm1(-h_eta) * denoised
+            phi_2 = torch.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:  # divided differences of D in lambda, on the uneven grid of the last three steps
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+            if eta:
+                x = x + noise() * (sigmas[i + 1] * (-torch.expm1(-2 * eta * h)).sqrt() * s_noise)
+            h_1, h_2 = h, h_1
+        denoised_1, denoised_2 = denoised, denoised_1
+        if callback is not None:
+            callback(i, n, x, denoised)
+    return x
+
+
+@torch.no_grad()
 def sample_dpmpp_sde(model: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *, noise: NoiseSource,
                      callback: StepCallback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2S) with ancestral noise (Lu et al. 2022, "DPM-Solver++", Algorithm 1, r = 1/2; k-diffusion's
@@ -150,6 +189,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2m_sde": MultistepSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
                                   stochastic=True, init="vp", diffusers_class="DPMSolverMultistepScheduler",
                                   diffusers_options={"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_heun": MultistepSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde, "DPM++ 2M SDE Heun",
+                                       ("k_dpmpp_2m_sde_heun",), stochastic=True, init="vp",
+                                       diffusers_class="DPMSolverMultistepScheduler",
+                                       diffusers_options={"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+                                       options={"solver_type": "heun"}),
+    "dpmpp_3m_sde": MultistepSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
+                                  stochastic=True, init="vp"),
     "dpmpp_sde": SamplerSpec("dpmpp_sde", sample_dpmpp_sde, "DPM++ SDE", ("k_dpmpp_sde",), stochastic=True,
                              diffusers_class="DPMSolverSDEScheduler"),
 }
