@@ -264,3 +264,48 @@ def test_cli(cn, tmp_path, capsys, monkeypatch):
         assert message in err and err.count("\n") == 1, err
     assert run([*common, "--control-mode", "control", "--out", str(tmp_path / "bad.png")]) != 0
     assert "needs a --control" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sdxl_cn(tmp_path_factory):
+    """A tiny SDXL pipeline (test_sdxl's) and a ControlNetModel.from_unet on its UNet (label_emb / y)."""
+    from diffusers import ControlNetModel
+    from test_sdxl import sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("sdxl-cn")
+    ref = sdxl_pipeline(root / "pipe")
+    net = perturb(ControlNetModel.from_unet(ref.unet, conditioning_embedding_out_channels=HINT_WIDTHS), 5)
+    net.save_pretrained(root / "cn")
+    return {"ref": ref, "net": net, "folder": root / "cn", "pipe": Pipeline(sdengine.load(root / "pipe"))}
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_sdxl_pipeline_matches_diffusers(sdxl_cn, guess, monkeypatch):
+    """StableDiffusionXLControlNetPipeline's latents (Euler, CFG 7.5, batch 2, guidance end 0.6) and ours."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    ref = StableDiffusionXLControlNetPipeline(**{k: v for k, v in sdxl_cn["ref"].components.items()
+                                                 if k not in ("image_encoder", "feature_extractor")},
+                                              controlnet=sdxl_cn["net"])
+    ref.scheduler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = ref("a red circle", image=control_image(), negative_prompt="blue", num_inference_steps=6,
+                   guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                   controlnet_conditioning_scale=0.8, control_guidance_end=0.6, guess_mode=guess,
+                   output_type="latent").images
+    ours_pipe = sdxl_cn["pipe"]
+    if guess:
+        residuals = len(ours_pipe.model.unet.input_blocks) + 1
+        monkeypatch.setattr(control_module, "SOFT_INJECTION_BASE", 10 ** (-1 / (residuals - 1)))
+    unit = ControlUnit(str(sdxl_cn["folder"]), control_image(), weight=0.8, end=0.6,
+                       mode="control" if guess else "balanced")
+    ours = ours_pipe.sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=5,
+                                    width=W, height=H, batch_size=2, controls=[unit]))
+    error = max_rel_error(ours, expected)
+    print(f"parity sdxl guess={guess}: {error:.2e}")
+    assert error < 1e-3
+    with pytest.raises(ControlError, match="context width"):  # an SDXL ControlNet on an SD1-sized text width
+        other = sdengine.UNetConfig(**{**ours_pipe.model.config.unet.__dict__, "context_dim": 768,
+                                       "adm_in_channels": None})
+        load_controlnet(sdxl_cn["folder"], other)
