@@ -46,7 +46,7 @@ RESIZE_MODES = {"just resize": "Just Resize", "crop and resize": "Crop and Resiz
 # Preprocessors (A1111's module names) -> (threshold A default, threshold B default); None: the module takes none.
 PREPROCESSORS: dict[str, tuple[float | None, float | None]] = {
     "none": (None, None), "canny": (100.0, 200.0), "invert": (None, None), "threshold": (127.0, None),
-    "scribble_xdog": (32.0, None), "tile_resample": (1.0, None),
+    "scribble_xdog": (32.0, None), "tile_resample": (1.0, None), "inpaint": (None, None),
 }
 ALIASES = {"scribble": "scribble_xdog", "tile": "tile_resample", "xdog": "scribble_xdog"}
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -82,6 +82,9 @@ class ControlUnit:
     resize: str = "just resize"
     threshold_a: float | None = None
     threshold_b: float | None = None
+    # "inpaint" (control_v11p_sd15_inpaint): where to repaint (white), read as the image is; None: the inpainting
+    # request's own mask
+    mask: Image.Image | str | Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str | Path) or not str(self.model).strip():
@@ -106,6 +109,9 @@ class ControlUnit:
             raise ControlError(f"unknown preprocessor {self.preprocess!r}; valid: {', '.join(PREPROCESSORS)} (others "
                                "such as depth or openpose: give the already preprocessed image with 'none')")
         object.__setattr__(self, "preprocess", module)
+        if self.mask is not None and not isinstance(self.mask, Image.Image | str | Path):
+            raise ControlError(f"a ControlNet unit's mask must be a PIL image or a file path, got "
+                               f"{type(self.mask).__name__}")
         for name, default in zip(("threshold_a", "threshold_b"), PREPROCESSORS[module]):
             value = getattr(self, name)
             if value is None:
@@ -171,7 +177,7 @@ def preprocess(image: Image.Image, module: str, threshold_a: float | None = None
     a = a_default if threshold_a is None else threshold_a
     b = b_default if threshold_b is None else threshold_b
     rgb = np.asarray(image.convert("RGB"))
-    if module == "none":
+    if module in ("none", "inpaint"):  # inpaint: the mask is applied to the hint (hint_tensor)
         return image.convert("RGB")
     if module == "invert":  # white-background line art -> the black-background maps ControlNets are trained on
         return Image.fromarray(255 - rgb)
@@ -218,16 +224,20 @@ def fit(image: Image.Image, width: int, height: int, mode: str = "just resize") 
     return canvas
 
 
+def _open(image: Image.Image | str | Path, what: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ControlError(f"{what} {image}: not a readable image ({e.__class__.__name__})") from None
+
+
 def control_map(unit: ControlUnit) -> Image.Image:
     """The unit's preprocessed control map at its image's own size."""
-    image = unit.image
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, Image.DecompressionBombError) as e:
-            raise ControlError(f"control image {image}: not a readable image ({e.__class__.__name__})") from None
+    image = _open(unit.image, "control image")
     if image.mode in ("RGBA", "LA", "P"):  # transparent areas count as black: no control there
         rgba = image.convert("RGBA")
         base = Image.new("RGB", rgba.size)
@@ -236,12 +246,22 @@ def control_map(unit: ControlUnit) -> Image.Image:
     return preprocess(image, unit.preprocess, unit.threshold_a, unit.threshold_b)
 
 
-def hint_tensor(unit: ControlUnit, width: int, height: int) -> torch.Tensor:
-    """The hint the ControlNet reads: (1, 3, height, width) in [0, 1], RGB."""
+def hint_tensor(unit: ControlUnit, width: int, height: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The hint the ControlNet reads: (1, 3, height, width) in [0, 1], RGB. "inpaint": the pixels to repaint set to
+    -1 (the inpainting ControlNet's protocol, as A1111's extension and diffusers' example build it); mask: the
+    request's (1, 1, height, width), 1 = repaint, used when the unit has none."""
     import torch
 
     pixels = np.asarray(fit(control_map(unit), width, height, unit.resize).convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None].contiguous()
+    hint = torch.from_numpy(pixels / 255.0).permute(2, 0, 1)[None].contiguous()
+    if unit.preprocess != "inpaint":
+        return hint
+    if unit.mask is not None:
+        grey = fit(_open(unit.mask, "control mask").convert("L"), width, height, unit.resize)
+        mask = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None, None]
+    if mask is None:
+        raise ControlError("the inpaint preprocessor needs a mask: the unit's, or an inpainting request's")
+    return torch.where(mask.to(hint.dtype) > 0.5, -1.0, hint)
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
@@ -506,7 +526,7 @@ class ControlNets:
         return self._loaded[name]
 
     def controls(self, units: tuple[ControlUnit, ...], width: int, height: int, steps: int, batch: int,
-                 guided: bool) -> tuple[tuple[Control, ...], tuple[Control, ...]]:
+                 guided: bool, mask: torch.Tensor | None = None) -> tuple[tuple[Control, ...], tuple[Control, ...]]:
         """(the controls of the conditional half, of the unconditional half) for a batch at this size and step
         count. In "control" mode the unconditional half gets no residuals (rows marked off)."""
         from .diffusion.denoiser import Control
@@ -517,7 +537,7 @@ class ControlNets:
             active = unit.steps(steps)
             if active is None or unit.weight == 0:
                 continue
-            hint = hint_tensor(unit, width, height)
+            hint = hint_tensor(unit, width, height, mask)
             cfg = net.config
             if hint.shape[1] != cfg.hint_channels:
                 raise ControlError(f"{unit.model}: takes {cfg.hint_channels}-channel control images")

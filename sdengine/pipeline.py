@@ -288,7 +288,7 @@ class Pipeline:
         sigmas = self.sigmas(req, img2img)
         if req.controls:  # the units' hints at this pass's size, each acting on its share of the steps run
             controls, uncontrols = self.controlnets.controls(req.controls, req.width, req.height, len(sigmas) - 1,
-                                                             req.batch_size, guided=uncond is not None)
+                                                             req.batch_size, guided=uncond is not None, mask=mask)
             cond = cond.with_controls(controls)
             uncond = uncond.with_controls(uncontrols) if uncond is not None else None
         strength = req.run_strength if img2img else 1.0

@@ -309,3 +309,44 @@ def test_sdxl_pipeline_matches_diffusers(sdxl_cn, guess, monkeypatch):
         other = sdengine.UNetConfig(**{**ours_pipe.model.config.unet.__dict__, "context_dim": 768,
                                        "adm_in_channels": None})
         load_controlnet(sdxl_cn["folder"], other)
+
+
+def test_img2img_matches_diffusers(cn):
+    """StableDiffusionControlNetImg2ImgPipeline (strength 0.6: the unit's steps count the steps run)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from sdengine.images import image_to_tensor
+
+    txt = reference_pipeline(cn, cn["refs"][:1])
+    ref = StableDiffusionControlNetImg2ImgPipeline(**txt.components)
+    ref.set_progress_bar_config(disable=True)
+    init = control_image(9)
+    expected = ref("a red circle", image=init, control_image=control_image(), strength=0.6, num_inference_steps=10,
+                   guidance_scale=5, generator=[torch.Generator().manual_seed(3)], control_guidance_start=0.2,
+                   controlnet_conditioning_scale=0.7, output_type="latent").images
+    unit = ControlUnit(str(cn["folders"][0]), control_image(), weight=0.7, start=0.2)
+    ours = cn["pipe"].sample(Request(prompt="a red circle", steps=10, cfg_scale=5, seed=3, width=W, height=H,
+                                     strength=0.6, controls=[unit]), init=image_to_tensor(init, W, H))
+    assert max_rel_error(ours, expected) < 1e-3
+
+
+def test_inpaint_hint_and_hires(cn):
+    """The inpaint preprocessor marks the pixels to repaint -1 (the unit's mask, else the request's); a hires fix
+    re-fits the control image to the second pass's size."""
+    from sdengine.hires import HiresFix
+
+    image = control_image(2)
+    mask = Image.fromarray(((np.arange(W)[None, :].repeat(H, 0) >= W // 2) * 255).astype(np.uint8))
+    hint = control_module.hint_tensor(ControlUnit("m", image, preprocess="inpaint", mask=mask), W, H)
+    expected = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    expected[..., W // 2:] = -1.0
+    assert torch.equal(hint, expected)
+    with pytest.raises(ControlError, match="needs a mask"):
+        control_module.hint_tensor(ControlUnit("m", image, preprocess="inpaint"), W, H)
+    unit = ControlUnit(str(cn["folders"][0]), image, preprocess="inpaint")
+    out = cn["pipe"].inpaint(image, mask, "a red circle", steps=2, seed=1, controls=[unit])[0]
+    assert out.size == (W, H)
+    unit = ControlUnit(str(cn["folders"][0]), image, resize="crop and resize")
+    out = cn["pipe"].generate("a red circle", steps=2, seed=1, width=W, height=H, controls=[unit],
+                              hires=HiresFix(2.0, steps=2, denoising_strength=0.5))[0]
+    assert out.size == (2 * W, 2 * H) and "ControlNet 0:" in out.info["parameters"]
