@@ -265,3 +265,21 @@ def test_a_big_body_is_parsed_off_the_event_loop(client):
         big.join()
     assert done["status"] == 200
     assert len(waits) >= 5 and max(waits) < 0.25 * done["seconds"], (max(waits), done["seconds"], len(waits))
+
+
+def test_a_job_that_does_not_fit_in_memory_is_a_422_before_it_is_queued(client, monkeypatch):
+    """Issue 34 (1): the memory check (memory_estimate) runs as the body is read, against the loaded model: a 422
+    that names the need, what is available and a batch that fits; nothing is queued."""
+    from sdengine import memory_estimate
+
+    config = client.service.registry.pipeline.model.config
+    fits_one = memory_estimate.estimate(config, 64, 64, 1, previews=True).peak
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device: fits_one)
+    before = len(client.get("/api/v1/jobs").json())
+    status, body = post(client, "/sdapi/v1/txt2img", {**SMALL, "batch_size": 2})
+    assert status == 422 and body["detail"].startswith("64x64 with batch_size 2 needs about "), body
+    assert body["detail"].endswith("is available now; batch_size 1 fits") and " MB of memory and " in body["detail"]
+    assert len(client.get("/api/v1/jobs").json()) == before
+    assert post(client, "/sdapi/v1/txt2img", SMALL)[0] == 200
+    status, body = post(client, "/sdapi/v1/img2img", {**SMALL, "init_images": [b64png()], "batch_size": 2})
+    assert status == 422 and "batch_size 1 fits" in body["detail"], body

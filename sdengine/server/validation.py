@@ -16,6 +16,7 @@ from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..diffusion.schedule import A1111_SCHEDULERS
 from ..hires import HiresFix
 from ..images import empty_mask_note
+from ..memory_estimate import refusal
 from ..networks import parse_tags, strip_tags
 from ..prompts import Style, apply_styles
 from ..request import MAX_CLIP_SKIP, FieldError, Request
@@ -200,7 +201,20 @@ class BodyReader:
             self._img2img(body, job)
         elif _get(body, "enable_hr", False):
             self._hires(body, job)
+        self._check_memory(job)
         return job
+
+    def _check_memory(self, job: GenJob) -> None:
+        """A job that would not fit in the memory available now is a 422 naming what would, not a server killed
+        halfway (memory_estimate.py). Checked for the loaded model; another one's config is known once it loads."""
+        pipe, req = self.registry.pipeline, job.request
+        if pipe is None or job.model not in (None, getattr(self.registry.current, "name", None)):
+            return
+        width, height = req.hires.output_size(req.width, req.height) if req.hires else (req.width, req.height)
+        if why := refusal(pipe.model.config, width, height, req.batch_size, pipe.model.dtype, pipe.model.device,
+                          guidance=req.cfg_scale != 1, img2img=job.mode == "img2img",
+                          previews=bool(self.settings["live_previews_enable"])):
+            raise BadInput(why)
 
     def _check_prompts(self, prompts: tuple[tuple[str, str], ...]) -> None:
         for key, text in prompts:
