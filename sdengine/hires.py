@@ -2,7 +2,8 @@
 img2img pass at the larger size that adds detail without the repeated subjects a direct large generation gets.
 
 Follows A1111's sample_hr_pass: the target size from the scale or a resize (cropped to its aspect ratio), the
-upscale in latent space (the "Latent ..." upscalers) or on the decoded image ("Lanczos", "Nearest", "None"), and
+upscale in latent space (the "Latent ..." upscalers) or on the decoded image ("Lanczos", "Nearest", "None", or a
+model upscaler such as ESRGAN named by its file in the upscalers folder: sdengine/upscalers), and
 a second pass that runs exactly the hires steps (A1111 stretches the schedule to steps / denoising strength and
 runs its tail), with its noise drawn again from the same seeds and variation seeds at the new size.
 """
@@ -64,7 +65,7 @@ class HiresFix:
             if name != "steps" and value % 8:
                 raise ValueError(f"hires {name.replace('_', ' ')} must be a multiple of 8, got {value}")
         if self.upscaler is not None and self.upscaler not in UPSCALERS:
-            raise ValueError(f"unknown hires upscaler {self.upscaler!r}; valid: {', '.join(UPSCALERS)}")
+            check_model_upscaler(self.upscaler)
         if not 0 < self.denoising_strength <= 1:
             raise ValueError(f"hires denoising strength must be in (0, 1], got {self.denoising_strength}")
         if self.sampler is not None:
@@ -130,12 +131,47 @@ def upscale_latents(latents: torch.Tensor, hr: HiresFix, width: int, height: int
     return up[..., crop_y // 2: up.shape[2] - (crop_y + 1) // 2, crop_x // 2: up.shape[3] - (crop_x + 1) // 2]
 
 
+def check_model_upscaler(name: object) -> None:
+    """A name that is no built-in upscaler must be a model's file in the upscalers folder (runtime.upscalers_dir(),
+    the one folder the CLI, the server and the pipeline share): checked when the request is made, so a typo or a
+    missing model is refused before the first pass runs (the second pass loads it from the same folder)."""
+    from .upscalers import UpscalerError, resolve_upscaler
+
+    if not isinstance(name, str):
+        raise ValueError(f"unknown hires upscaler {name!r}; valid: {', '.join(UPSCALERS)}")
+    try:
+        resolve_upscaler(name)
+    except UpscalerError as e:
+        raise ValueError(f"unknown hires upscaler {name!r}; valid: {', '.join(UPSCALERS)}, or a model upscaler: "
+                         f"{e}") from None
+
+
 def upscale_pixels(pixels: torch.Tensor, hr: HiresFix, width: int, height: int, downscale: int) -> torch.Tensor:
     """A decoded first pass (pixels in [0, 1]) upscaled on the image and cropped: pixels in [-1, 1] for the
-    second pass to encode. A1111 turns the first pass into 8-bit images (truncating) and resizes those."""
+    second pass to encode. A1111 turns the first pass into 8-bit images (truncating) and resizes those; a model
+    upscaler (from the upscalers folder) runs on the pixels' device, then Lanczos fits the exact size, as A1111's
+    images.resize_image does."""
     to_w, to_h, crop_x, crop_y = hr.target(width, height, downscale)
     f = downscale
     box = (crop_x // 2 * f, crop_y // 2 * f, to_w - (crop_x + 1) // 2 * f, to_h - (crop_y + 1) // 2 * f)
-    method = PIXEL_UPSCALERS[hr.upscaler or DEFAULT_UPSCALER]
-    images = [image.resize((to_w, to_h), method).crop(box) for image in tensor_to_images(pixels, rounding=False)]
-    return images_to_tensor(images)
+    name = hr.upscaler or DEFAULT_UPSCALER
+    images = tensor_to_images(pixels, rounding=False)
+    if name in PIXEL_UPSCALERS:
+        images = [image.resize((to_w, to_h), PIXEL_UPSCALERS[name]) for image in images]
+    else:
+        images = [_model_upscale(image, name, to_w, to_h, pixels) for image in images]
+    return images_to_tensor([image.crop(box) for image in images])
+
+
+def _model_upscale(image: Image.Image, name: str, width: int, height: int, pixels: torch.Tensor) -> Image.Image:
+    from .upscalers import UpscalerError, load_by_name, upscale_image
+
+    scale = max(width / image.width, height / image.height)
+    if scale > 1:  # A1111 calls the upscaler only to enlarge
+        dtype = pixels.dtype if pixels.is_floating_point() and pixels.device.type != "cpu" else torch.float32
+        try:
+            upscaler = load_by_name(name, None, pixels.device, dtype)
+        except UpscalerError as e:
+            raise ValueError(f"hires upscaler: {e}") from None
+        image = upscale_image(image, upscaler, scale)
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)

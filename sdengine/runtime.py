@@ -44,6 +44,12 @@ def loras_dir() -> Path:
     return Path(os.environ.get("SDENGINE_LORAS") or sdengine_home() / "loras")
 
 
+def upscalers_dir() -> Path:
+    """Where model upscalers (ESRGAN, RealESRGAN, ...) are looked up by name ($SDENGINE_UPSCALERS, else
+    $SDENGINE_HOME/upscalers)."""
+    return Path(os.environ.get("SDENGINE_UPSCALERS") or sdengine_home() / "upscalers")
+
+
 def controlnet_dir() -> Path:
     """Where ControlNet models are looked up by name ($SDENGINE_CONTROLNET, else $SDENGINE_HOME/controlnet)."""
     return Path(os.environ.get("SDENGINE_CONTROLNET") or sdengine_home() / "controlnet")

@@ -89,8 +89,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: refused: the pickle holds code or objects, not only tensors "
                                   f"({detail or first_line(e)})") from None
         raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    # Wrappers: Lightning's "state_dict"; BasicSR's "params_ema"/"params" (Real-ESRGAN; the EMA weights preferred)
+    while isinstance(obj, dict) and (wrapper := next((k for k in ("state_dict", "params_ema", "params")
+                                                      if isinstance(obj.get(k), dict)), None)):
+        obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
