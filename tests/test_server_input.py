@@ -283,3 +283,16 @@ def test_a_job_that_does_not_fit_in_memory_is_a_422_before_it_is_queued(client, 
     assert post(client, "/sdapi/v1/txt2img", SMALL)[0] == 200
     status, body = post(client, "/sdapi/v1/img2img", {**SMALL, "init_images": [b64png()], "batch_size": 2})
     assert status == 422 and "batch_size 1 fits" in body["detail"], body
+
+
+def test_the_threaded_decoder_reads_what_json_loads_reads():
+    """server/bodies.py parses with Python-level hooks (so the GIL is let go while it parses): the same values as
+    json.loads for the same bytes, duplicate keys, huge and non-finite numbers and other encodings included."""
+    from sdengine.server.bodies import decode
+
+    for raw in (b'{"a": [1, -0, 2.5, 1e400, -1e400, 12345678901234567890123, "x", null, true, {"b": {}}], "a": 2}',
+                '{"p": "\\ud800 caf\u00e9"}'.encode(), '{"a": 1}'.encode("utf-16"), b'\xef\xbb\xbf[1, 2]',
+                '{"s": "\udcff"}'.encode("utf-8", "surrogatepass")):
+        assert repr(decode(raw)) == repr(json.loads(raw)), raw
+    with pytest.raises(json.JSONDecodeError):
+        decode(b'{"a": }')

@@ -35,8 +35,9 @@ DECODER = json.JSONDecoder(parse_int=_int, parse_float=_float, object_pairs_hook
 
 
 def decode(body: bytes) -> Any:
-    """JSON bytes (UTF-8, as FastAPI reads them) -> Python values, yielding the GIL as it goes."""
-    return DECODER.decode(body.decode("utf-8"))
+    """JSON bytes -> Python values as json.loads reads bytes (its encoding detection, surrogates passed through),
+    yielding the GIL as it goes."""
+    return DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def _is_json(request: Request) -> bool:
