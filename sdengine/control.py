@@ -56,8 +56,11 @@ class ControlError(ValueError):
     """A ControlNet file or unit that cannot be used; one line that says why."""
 
 
-def _label_to_name(value: str, table: dict[str, str], what: str) -> str:
-    key = value.strip().lower()
+def _label_to_name(value: str | int, table: dict[str, str], what: str) -> str:
+    """A setting by sdengine's name, A1111's label or A1111's API index (0, 1, 2 in the table's order)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(table):
+        return list(table)[value]
+    key = str(value).strip().lower()
     for name, label in table.items():
         if key in (name, label.lower()):
             return name
@@ -102,8 +105,8 @@ class ControlUnit:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ControlError(f"ControlNet guidance start and end must satisfy 0 <= start < end <= 1, got "
                                f"{self.start!r} and {self.end!r}")
-        object.__setattr__(self, "mode", _label_to_name(str(self.mode), MODES, "control mode"))
-        object.__setattr__(self, "resize", _label_to_name(str(self.resize), RESIZE_MODES, "resize mode"))
+        object.__setattr__(self, "mode", _label_to_name(self.mode, MODES, "control mode"))
+        object.__setattr__(self, "resize", _label_to_name(self.resize, RESIZE_MODES, "resize mode"))
         module = ALIASES.get(str(self.preprocess).strip().lower(), str(self.preprocess).strip().lower())
         if module not in PREPROCESSORS:
             raise ControlError(f"unknown preprocessor {self.preprocess!r}; valid: {', '.join(PREPROCESSORS)} (others "
@@ -468,6 +471,8 @@ def resolve_controlnet(name: str, folder: Path | None = None) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
+    if name.endswith("]") and " [" in name:  # A1111's model list names "name [hash]"
+        name = name[:name.rindex(" [")]
     folder = folder or controlnet_dir()
     candidates = sorted(folder.iterdir()) if folder.is_dir() else []
     for candidate in candidates:
@@ -506,6 +511,7 @@ class ControlNets:
         self.unet, self.device, self.dtype, self.keep = unet, device, dtype, keep
         self.folder: Path | None = None
         self._loaded: dict[str, tuple[ControlNet, str]] = {}
+        self._labels: dict[str, str] = {}  # kept after a net is let go: the infotext names it without a reload
 
     def check(self, units: tuple[ControlUnit, ...]) -> None:
         """Find every unit's model before any work (a missing one is an error now, not after sampling)."""
@@ -523,6 +529,7 @@ class ControlNets:
             while len(self._loaded) >= self.keep:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[name] = (net, f"{label} [{digest}]" if digest else label)
+            self._labels[name] = self._loaded[name][1]
         return self._loaded[name]
 
     def controls(self, units: tuple[ControlUnit, ...], width: int, height: int, steps: int, batch: int,
@@ -549,4 +556,5 @@ class ControlNets:
         return tuple(cond), tuple(uncond)
 
     def infotext_fields(self, units: tuple[ControlUnit, ...]) -> dict[str, str]:
-        return {f"ControlNet {i}": unit.infotext(self.get(unit.model)[1]) for i, unit in enumerate(units)}
+        return {f"ControlNet {i}": unit.infotext(self._labels.get(unit.model) or self.get(unit.model)[1])
+                for i, unit in enumerate(units)}

@@ -350,3 +350,14 @@ def test_inpaint_hint_and_hires(cn):
     out = cn["pipe"].generate("a red circle", steps=2, seed=1, width=W, height=H, controls=[unit],
                               hires=HiresFix(2.0, steps=2, denoising_strength=0.5))[0]
     assert out.size == (2 * W, 2 * H) and "ControlNet 0:" in out.info["parameters"]
+
+
+def test_a1111_spellings(tmp_path):
+    """What A1111's API sends: labels or indices for the modes, a model named "name [hash]"."""
+    unit = ControlUnit("m", "x.png", mode=2, resize=1)
+    assert (unit.mode, unit.resize) == ("control", "crop and resize")
+    assert ControlUnit("m", "x.png", mode="Balanced", resize="Resize and Fill").resize == "resize and fill"
+    (tmp_path / "control_v11p_sd15_canny.safetensors").write_bytes(b"")
+    found = control_module.resolve_controlnet("control_v11p_sd15_canny [d14c016b]", tmp_path)
+    assert found.name == "control_v11p_sd15_canny.safetensors"
+    assert control_module.list_controlnets(tmp_path) == ["control_v11p_sd15_canny"]
