@@ -33,6 +33,7 @@ from sdengine.upscalers import (
 )
 from sdengine.upscalers.detect import detect
 from sdengine.upscalers.nets import CompactConfig, RRDBConfig
+from sdengine.upscalers.swinir import RGB_MEAN, SwinIRConfig
 
 TINY = dict(num_feat=8, num_block=2, num_grow_ch=4)
 
@@ -226,6 +227,141 @@ def test_unshuffle_models_take_any_size():
     padded = F.pad(x, (0, 3, 0, 3), mode="reflect")
     with torch.no_grad():
         torch.testing.assert_close(net(x), net(padded)[..., :13, :17])
+
+
+# --- SwinIR ---------------------------------------------------------------------------------------------------------
+
+def swinir_published(sd: dict[str, torch.Tensor], c: SwinIRConfig, img_size: int) -> dict[str, torch.Tensor]:
+    """The model zoo's files also hold two buffers per block: `attn.relative_position_index` (N, N) and, on the
+    shifted (odd) blocks, `attn_mask` (windows of the training size, N, N); written here from the paper."""
+    ws, n = c.window_size, c.window_size ** 2
+    pos = [(y, x) for y in range(ws) for x in range(ws)]
+    index = torch.tensor([[(a[0] - b[0] + ws - 1) * (2 * ws - 1) + a[1] - b[1] + ws - 1 for b in pos] for a in pos])
+    out = dict(sd)
+    for i, depth in enumerate(c.depths):
+        for j in range(depth):
+            p = f"layers.{i}.residual_group.blocks.{j}"
+            out[f"{p}.attn.relative_position_index"] = index
+            if j % 2:
+                out[f"{p}.attn_mask"] = torch.zeros((img_size // ws) ** 2, n, n)
+    return out
+
+
+def reference_swinir(sd: dict[str, torch.Tensor], x: torch.Tensor, c: SwinIRConfig) -> torch.Tensor:
+    """SwinIR from the paper over the files' keys, one window at a time: tokens of a window attend to each other
+    with a learned bias per relative offset; odd blocks work on the image rolled by half a window, where pixels
+    brought together from opposite borders are kept apart (-100 before the softmax)."""
+    ws, shift = c.window_size, c.window_size // 2
+    hh, ww = x.shape[-2:]
+    x = F.pad(x, (0, -ww % ws, 0, -hh % ws), mode="reflect")
+    mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if c.in_chans == 3 else torch.zeros(1)
+    x = (x - mean) * c.img_range
+
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{p}.weight"], sd[f"{p}.bias"])
+
+    def lin(t, p):
+        return F.linear(t, sd[f"{p}.weight"], sd[f"{p}.bias"])
+
+    def resi(p, t):
+        if f"{p}.weight" in sd:
+            return _conv(sd, p, t)
+        t = F.leaky_relu(_conv(sd, f"{p}.0", t), 0.2)
+        return _conv(sd, f"{p}.4", F.leaky_relu(_conv(sd, f"{p}.2", t), 0.2))
+
+    first = _conv(sd, "conv_first", x)
+    b, dim, h, w = first.shape
+    t = ln(first.permute(0, 2, 3, 1), "patch_embed.norm")  # (b, h, w, C)
+    pos = [(y, q) for y in range(ws) for q in range(ws)]
+    region = lambda r, size: 0 if r < size - ws else 1 if r < size - shift else 2  # noqa: E731
+    for i, depth in enumerate(c.depths):
+        heads, start = c.num_heads[i], t
+        for j in range(depth):
+            p, s = f"layers.{i}.residual_group.blocks.{j}", shift if j % 2 else 0
+            table = sd[f"{p}.attn.relative_position_bias_table"]
+            y = torch.roll(ln(t, f"{p}.norm1"), (-s, -s), (1, 2))
+            out = torch.zeros_like(y)
+            for wy in range(0, h, ws):
+                for wx in range(0, w, ws):
+                    tok = y[:, wy:wy + ws, wx:wx + ws].reshape(b, ws * ws, dim)
+                    q, k, v = lin(tok, f"{p}.attn.qkv").view(b, ws * ws, 3, heads, dim // heads).unbind(2)
+                    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) / (dim // heads) ** 0.5
+                    for n, (yn, xn) in enumerate(pos):
+                        for m, (ym, xm) in enumerate(pos):
+                            logits[:, :, n, m] += table[(yn - ym + ws - 1) * (2 * ws - 1) + xn - xm + ws - 1]
+                            apart = (region(wy + yn, h), region(wx + xn, w)) != (region(wy + ym, h), region(wx + xm, w))
+                            logits[:, :, n, m] -= 100.0 if s and apart else 0.0
+                    o = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(b, ws * ws, dim)
+                    out[:, wy:wy + ws, wx:wx + ws] = lin(o, f"{p}.attn.proj").view(b, ws, ws, dim)
+            t = t + torch.roll(out, (s, s), (1, 2))
+            t = t + lin(F.gelu(lin(ln(t, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+        t = resi(f"layers.{i}.conv", t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + start
+    body = resi("conv_after_body", ln(t, "norm").permute(0, 3, 1, 2)) + first
+    if c.upsampler == "pixelshuffle":
+        t = F.leaky_relu(_conv(sd, "conv_before_upsample.0", body), 0.01)
+        for k in sorted(int(key.split(".")[1]) for key in sd if re.match(r"upsample\.\d+\.weight$", key)):
+            r = int((sd[f"upsample.{k}.weight"].shape[0] // t.shape[1]) ** 0.5)
+            t = F.pixel_shuffle(_conv(sd, f"upsample.{k}", t), r)
+        out = _conv(sd, "conv_last", t)
+    elif c.upsampler == "pixelshuffledirect":
+        out = F.pixel_shuffle(_conv(sd, "upsample.0", body), c.upscale)
+    elif c.upsampler == "nearest+conv":
+        t = F.leaky_relu(_conv(sd, "conv_before_upsample.0", body), 0.01)
+        for k in range(1, c.upscale.bit_length()):
+            t = F.leaky_relu(_conv(sd, f"conv_up{k}", F.interpolate(t, scale_factor=2, mode="nearest")), 0.2)
+        out = _conv(sd, "conv_last", F.leaky_relu(_conv(sd, "conv_hr", t), 0.2))
+    else:
+        out = x + _conv(sd, "conv_last", body)
+    return (out / c.img_range + mean)[..., : hh * c.upscale, : ww * c.upscale]
+
+
+SWINIR_CASES = {
+    "classical-x2": SwinIRConfig(embed_dim=12, depths=(2, 2), num_heads=(2, 3), window_size=4, upscale=2, num_feat=8),
+    "classical-x4": SwinIRConfig(embed_dim=12, depths=(2,), num_heads=(3,), window_size=4, upscale=4, num_feat=8),
+    "lightweight-x3": SwinIRConfig(embed_dim=12, depths=(2,), num_heads=(4,), window_size=4, upscale=3,
+                                   upsampler="pixelshuffledirect"),
+    "realsr-x4-3conv": SwinIRConfig(embed_dim=16, depths=(2,), num_heads=(2,), window_size=4, upscale=4,
+                                    upsampler="nearest+conv", resi_connection="3conv", num_feat=8),
+    "jpeg-gray": SwinIRConfig(in_chans=1, embed_dim=12, depths=(2,), num_heads=(2,), window_size=7, upscale=1,
+                              upsampler="", img_range=255.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SWINIR_CASES))
+def test_swinir_loads_by_detection_and_computes_the_papers_net(case, tmp_path):
+    config = SWINIR_CASES[case]
+    torch.manual_seed(0)
+    net = build(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    sd = net.state_dict()
+    path = save(swinir_published(sd, config, 8 * config.window_size), tmp_path / f"{case}.pth", "params_ema")
+    up = load_upscaler(path)
+    assert up.config == config and up.architecture == "SwinIR" and up.scale == config.upscale
+    x = torch.rand(1, config.in_chans, 9, 11)  # padded (reflect) to whole windows, cropped back
+    with torch.no_grad():
+        got, want = up.net(x), reference_swinir(sd, x, config)
+    assert got.shape == (1, config.in_chans, 9 * config.upscale, 11 * config.upscale)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_full_size_swinir_has_the_model_zoos_keys_and_shapes():
+    """001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth and 003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN.pth."""
+    medium = SwinIRConfig(embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, upscale=4)
+    large = SwinIRConfig(embed_dim=240, depths=(6,) * 9, num_heads=(8,) * 9, upscale=4, upsampler="nearest+conv",
+                         resi_connection="3conv")
+    with torch.device("meta"):
+        m, g = build(medium).state_dict(), build(large).state_dict()
+    assert m["layers.5.residual_group.blocks.5.attn.relative_position_bias_table"].shape == (225, 6)
+    assert m["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape == (360, 180)
+    assert m["conv_before_upsample.0.weight"].shape == (64, 180, 3, 3)
+    assert m["upsample.0.weight"].shape == m["upsample.2.weight"].shape == (256, 64, 3, 3)
+    assert {"patch_embed.norm.weight", "norm.bias", "conv_after_body.weight", "layers.5.conv.weight"} <= set(m)
+    assert g["conv_after_body.0.weight"].shape == (60, 240, 3, 3) and g["layers.8.conv.4.weight"].shape[0] == 240
+    assert {"conv_up1.weight", "conv_up2.weight", "conv_hr.weight", "conv_last.bias"} <= set(g)
+    for sd, config in [(m, medium), (g, large)]:
+        assert detect(swinir_published(sd, config, 64))[0] == config
 
 
 # --- tiling ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Model upscalers (ESRGAN, Real-ESRGAN and its compact net), in sdengine's own code: files found by name in the
-upscalers folder, the architecture detected from keys and shapes (detect.py), run in overlapping tiles (tiles.py),
+"""Model upscalers (ESRGAN, Real-ESRGAN and its compact net, SwinIR), in sdengine's own code: files found by name in
+the upscalers folder, the architecture detected from keys and shapes (detect.py), run in overlapping tiles (tiles.py),
 and an image brought to any scale the way AUTOMATIC1111 does (the model as many times as it takes, then Lanczos).
 
 Files: .safetensors, or .pth/.pt/.ckpt pickles read through weights.io.read_tensors (a pickle that would run code is
@@ -19,6 +19,7 @@ from torch import nn
 from ..images import images_to_tensor, tensor_to_images
 from .detect import Config, UpscalerFormatError, detect
 from .nets import CompactConfig, RRDBConfig, RRDBNet, SRVGGNetCompact
+from .swinir import SwinIR, SwinIRConfig
 from .tiles import upscale_tensor
 
 __all__ = ["SUFFIXES", "Upscaler", "UpscalerError", "UpscalerFormatError", "build", "list_upscalers", "load_upscaler",
@@ -48,7 +49,7 @@ class Upscaler:
 
     @property
     def architecture(self) -> str:
-        return "SRVGGNetCompact" if isinstance(self.config, CompactConfig) else "ESRGAN"
+        return {RRDBConfig: "ESRGAN", CompactConfig: "SRVGGNetCompact", SwinIRConfig: "SwinIR"}[type(self.config)]
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +62,8 @@ class Upscaler:
 
 def build(config: Config) -> nn.Module:
     """A fresh net of a config (random weights)."""
-    return RRDBNet(config) if isinstance(config, RRDBConfig) else SRVGGNetCompact(config)
+    nets: dict[type, type[nn.Module]] = {RRDBConfig: RRDBNet, CompactConfig: SRVGGNetCompact, SwinIRConfig: SwinIR}
+    return nets[type(config)](config)
 
 
 # --- the folder -----------------------------------------------------------------------------------------------------
@@ -121,6 +123,8 @@ def load_upscaler(path: str | Path, device: torch.device | str = "cpu", dtype: t
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise UpscalerError(f"{path}: a broken {type(net).__name__} ({detail})") from None
+    if isinstance(config, SwinIRConfig) and dtype == torch.float16:
+        dtype = torch.float32  # its attention logits and 0..255 JPEG range overflow fp16 (spandrel refuses it too)
     net.eval().requires_grad_(False).to(device, dtype)
     return Upscaler(path.stem, path, net, config)
 

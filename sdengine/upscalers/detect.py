@@ -10,6 +10,9 @@ Layouts in the wild:
   input channels).
 - ESRGAN, BSRGAN/RealSR: `RRDB_trunk.N.RDBk.convj`, `trunk_conv`, `upconv1/2`, `HRconv`.
 - SRVGGNetCompact (realesr-general-x4v3, realesr-animevideov3): `body.0` conv, `body.1` PReLU, ..., last conv.
+- SwinIR (JingyunLiang/SwinIR's model zoo): `conv_first`, `patch_embed.norm`, `layers.i.residual_group.blocks.j.
+  {norm1,attn.qkv,attn.proj,attn.relative_position_bias_table,norm2,mlp.fc1,mlp.fc2}`, `layers.i.conv`, `norm`,
+  `conv_after_body`, and the head's convs; hyperparameters from shapes.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from collections.abc import Callable
 import torch
 
 from .nets import CompactConfig, RRDBConfig
+from .swinir import SwinIRConfig
 
-Config = RRDBConfig | CompactConfig
+Config = RRDBConfig | CompactConfig | SwinIRConfig
 
 EXPECTED = ("ESRGAN/Real-ESRGAN RRDBNet ('model.0.weight' + 'model.1.sub.0.RDB1.conv1.0.weight', or "
             "'conv_first.weight' + 'body.0.rdb1.conv1.weight') or Real-ESRGAN SRVGGNetCompact ('body.0.weight' conv "
-            "+ 'body.1.weight' PReLU, ...)")
+            "+ 'body.1.weight' PReLU, ...) or SwinIR ('conv_first.weight' + 'layers.0.residual_group.blocks.0...')")
 
 
 class UpscalerFormatError(ValueError):
@@ -119,6 +123,37 @@ def _compact(sd: dict[str, torch.Tensor]) -> tuple[CompactConfig, dict[str, torc
                          upscale=upscale), dict(sd)
 
 
+def _swinir(sd: dict[str, torch.Tensor]) -> tuple[SwinIRConfig, dict[str, torch.Tensor]]:
+    # buffers derived from the window and the training size: recomputed by the net, not read
+    sd = {k: v for k, v in sd.items() if not k.endswith((".relative_position_index", ".attn_mask"))}
+    first = sd["conv_first.weight"]
+    embed_dim, in_chans = first.shape[0], first.shape[1]
+    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+    depths = tuple(len({k.split(".")[4] for k in sd if k.startswith(f"layers.{i}.residual_group.blocks.")})
+                   for i in layers)
+    block = "layers.0.residual_group.blocks.0"
+    table = sd[f"{block}.attn.relative_position_bias_table"]
+    heads = tuple(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1] for i in layers)
+    window = (math.isqrt(table.shape[0]) + 1) // 2
+    num_feat = sd["conv_before_upsample.0.weight"].shape[0] if "conv_before_upsample.0.weight" in sd else 64
+    if "conv_before_upsample.0.weight" in sd and "conv_up1.weight" in sd:
+        upsampler, upscale = "nearest+conv", 2 ** _count(sd, r"conv_up\d+\.weight")
+    elif "conv_before_upsample.0.weight" in sd:
+        upsampler = "pixelshuffle"
+        stages = [k for k in sd if re.match(r"^upsample\.\d+\.weight$", k)]  # conv to r*r*num_feat, shuffle by r
+        upscale = math.prod(math.isqrt(sd[k].shape[0] // num_feat) for k in stages)
+    elif "upsample.0.weight" in sd:
+        upsampler, upscale = "pixelshuffledirect", math.isqrt(sd["upsample.0.weight"].shape[0] // in_chans)
+    else:
+        upsampler, upscale = "", 1
+    config = SwinIRConfig(in_chans=in_chans, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+                          mlp_ratio=sd[f"{block}.mlp.fc1.weight"].shape[0] / embed_dim, upscale=upscale,
+                          img_range=255.0 if window == 7 else 1.0,  # the JPEG models, the only ones with window 7
+                          upsampler=upsampler, resi_connection="1conv" if "conv_after_body.weight" in sd else "3conv",
+                          num_feat=num_feat)
+    return config, sd
+
+
 def detect(sd: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]]:
     """(config, state dict under nets.py's names). UpscalerFormatError when it fits nothing."""
     keys = set(sd)
@@ -129,6 +164,9 @@ def detect(sd: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]
         return _rrdb_config(new, _count(new, r"conv_up(\d+)\.weight")), new
     if {"conv_first.weight", "RRDB_trunk.0.RDB1.conv1.weight", "trunk_conv.weight", "conv_last.weight"} <= keys:
         return _bsrgan(sd)
+    if {"conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table",
+            "layers.0.residual_group.blocks.0.mlp.fc1.weight"} <= keys:
+        return _swinir(sd)
     if {"body.0.weight", "body.1.weight"} <= keys and sd["body.1.weight"].ndim == 1:
         return _compact(sd)
     sample = ", ".join(sorted(keys)[:3]) or "no tensors"
