@@ -157,8 +157,10 @@ class Pipeline:
     # --- the steps ----------------------------------------------------------------------------------------------
 
     def tiling(self, req: Request) -> AbstractContextManager[None]:
-        """The networks as `req` wants them: wrapping around for a seamless request, as loaded otherwise."""
-        return circular_padding([self.model.unet, self.model.vae], req.tiling)
+        """The networks as `req` wants them: wrapping around for a seamless request (its ControlNets too), as loaded
+        otherwise."""
+        nets = [self.controlnets.get(u.model)[0] for u in req.controls] if req.tiling else []
+        return circular_padding([self.model.unet, self.model.vae, *nets], req.tiling)
 
     @torch.no_grad()
     def condition(self, req: Request, first_pass_steps: int | None = None

@@ -361,3 +361,14 @@ def test_a1111_spellings(tmp_path):
     found = control_module.resolve_controlnet("control_v11p_sd15_canny [d14c016b]", tmp_path)
     assert found.name == "control_v11p_sd15_canny.safetensors"
     assert control_module.list_controlnets(tmp_path) == ["control_v11p_sd15_canny"]
+
+
+def test_tiling_wraps_the_controlnet_too(cn):
+    unit = ControlUnit(str(cn["folders"][0]), control_image())
+    pipe = cn["pipe"]
+    net = pipe.controlnets.get(unit.model)[0]
+    with pipe.tiling(Request(controls=[unit], tiling=True)):
+        assert net.input_hint_block[0].padding_mode == "circular"
+    assert net.input_hint_block[0].padding_mode == "zeros"
+    image = pipe.generate("a red circle", steps=2, seed=1, width=W, height=H, tiling=True, controls=[unit])[0]
+    assert "Tiling: True" in image.info["parameters"]
