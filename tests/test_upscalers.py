@@ -24,6 +24,7 @@ from sdengine.images import tensor_to_images
 from sdengine.upscalers import (
     UpscalerError,
     build,
+    inspect_upscaler,
     list_upscalers,
     load_upscaler,
     resolve_upscaler,
@@ -426,6 +427,7 @@ def folder(tmp_path, monkeypatch) -> Path:
 
 def test_folder_lookup_by_name_never_by_path(folder):
     assert list_upscalers() == ["4x-tiny", "tiny-x2"]
+    assert [inspect_upscaler(resolve_upscaler(n)).scale for n in list_upscalers()] == [4, 2]
     assert resolve_upscaler("tiny-x2") == folder / "tiny-x2.pth"
     assert resolve_upscaler("4x-tiny.safetensors") == folder / "4x-tiny.safetensors"
     with pytest.raises(UpscalerError, match=f"no upscaler 'nope' in {re.escape(str(folder))}.*found: 4x-tiny"):

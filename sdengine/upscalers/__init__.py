@@ -22,8 +22,9 @@ from .nets import CompactConfig, RRDBConfig, RRDBNet, SRVGGNetCompact
 from .swinir import SwinIR, SwinIRConfig
 from .tiles import upscale_tensor
 
-__all__ = ["SUFFIXES", "Upscaler", "UpscalerError", "UpscalerFormatError", "build", "list_upscalers", "load_upscaler",
-           "resolve_upscaler", "upscale_image", "upscale_tensor"]
+__all__ = ["SUFFIXES", "Upscaler", "UpscalerError", "UpscalerFormatError", "build", "inspect_upscaler",
+           "list_upscalers", "load_by_name", "load_upscaler", "resolve_upscaler", "target_size", "upscale_image",
+           "upscale_tensor"]
 
 SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
 DEFAULT_TILE, DEFAULT_OVERLAP = 192, 16  # input pixels; A1111's ESRGAN tile default is 192
@@ -127,6 +128,17 @@ def load_upscaler(path: str | Path, device: torch.device | str = "cpu", dtype: t
         dtype = torch.float32  # its attention logits and 0..255 JPEG range overflow fp16 (spandrel refuses it too)
     net.eval().requires_grad_(False).to(device, dtype)
     return Upscaler(path.stem, path, net, config)
+
+
+def inspect_upscaler(path: str | Path) -> Config:
+    """A file's detected config (architecture, scale: `.scale`) without building the net; for listings such as the
+    HTTP API's /sdapi/v1/upscalers. Raises UpscalerError as load_upscaler does."""
+    from ..weights.io import CheckpointError, read_tensors
+
+    try:
+        return detect(read_tensors(path)[0])[0]
+    except (CheckpointError, UpscalerFormatError) as e:
+        raise UpscalerError(str(e) if isinstance(e, CheckpointError) else f"{path}: {e}") from None
 
 
 @lru_cache(maxsize=2)
