@@ -9,9 +9,10 @@ the tokens x tokens matrix (and query chunks bound it to MAX_SCORES where they m
 (convolution workspaces, the allocator's rounding, PyTorch's own buffers) is one calibrated factor, OVERHEAD.
 
 Measured against it (peak RSS above the post-load level in a fresh process, fp32, one thread, this project's CPU;
-17 cases: the shipped model and the TINY test model, guided UNet evaluations, VAE decodes and encodes, 1-step
+19 cases: the shipped model and the TINY test model, guided UNet evaluations, VAE decodes and encodes, 1-step
 txt2img runs, 256² to 1024², batch 1 and 2): measured / estimated was 0.48-1.27, and 0.69-1.01 where the peak was
-over 200 MB (tests/test_reliability.py checks five of them). The estimate errs high where it matters; GPUs (cuDNN
+over 200 MB; the shipped model's 1024² txt2img took 1.63 GiB for 1.83 GiB estimated (tests/test_reliability.py
+checks five of the faster cases). The estimate errs high where it matters; GPUs (cuDNN
 workspaces, the caching allocator) were not measured.
 """
 from __future__ import annotations
