@@ -222,6 +222,12 @@ def test_other_preprocessors_and_fit():
     assert set(np.unique(binary)) <= {0, 255}
     assert preprocess(image, "tile", 2.0).size == (W // 2, H // 2)
     assert set(np.unique(np.asarray(preprocess(image, "scribble")))) <= {0, 255}
+    rgba = image.convert("RGBA")
+    rgba.putalpha(Image.fromarray(((np.arange(W)[None, :].repeat(H, 0) < W // 2) * 255).astype(np.uint8)))
+    hint = control_module.hint_tensor(ControlUnit("m", rgba), W, H)  # transparent pixels count as black
+    assert hint[..., W // 2:].max() == 0 and torch.equal(hint[..., :W // 2] * 255,
+                                                          control_module.hint_tensor(ControlUnit("m", image), W, H)
+                                                          [..., :W // 2] * 255)
     grey = image.convert("L")  # a greyscale control image is used as RGB
     assert control_module.hint_tensor(ControlUnit("m", grey), 24, 16).shape == (1, 3, 16, 24)
     for mode in ("just resize", "crop and resize", "resize and fill"):
