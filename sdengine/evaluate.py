@@ -39,9 +39,10 @@ def select(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
 
 def run_eval(pipe: Pipeline, seeds: int = 4, steps: int = 20, sampler: str = "euler", cfg_scale: float = 5.0,
              limit: int | None = None, size: int = 64, quiet: bool = False,
-             first_seed: int = 0, concept: str | None = None) -> tuple[dict, list[dict], list]:
+             first_seed: int = 0, concept: str | None = None, tags: str = "") -> tuple[dict, list[dict], list]:
     """(scores, per-image records, the images) for ShapesEval with `seeds` seeds per prompt from `first_seed`;
-    concept: the benchmark of that novel colour (shapes_eval(concept=...)) instead of the ordinary one."""
+    concept: the benchmark of that novel colour (shapes_eval(concept=...)) instead of the ordinary one; tags:
+    extra-network tags (`<lora:name:w>`) added to every prompt generated (the checker reads the prompt alone)."""
     items = select(shapes_eval(seeds_per_prompt=seeds, first_seed=first_seed, concept=concept), limit)
     by_prompt: dict[str, list[EvalItem]] = defaultdict(list)
     for it in items:
@@ -56,8 +57,8 @@ def run_eval(pipe: Pipeline, seeds: int = 4, steps: int = 20, sampler: str = "eu
     for prompt, group in by_prompt.items():
         group.sort(key=lambda it: it.seed)
         # seeds 0..k-1 of a prompt are one batch: image i of a batch uses seed + i
-        outs = pipe.generate(prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=group[0].seed,
-                             width=size, height=size, batch_size=len(group))
+        outs = pipe.generate(f"{prompt} {tags}" if tags else prompt, steps=steps, sampler=sampler,
+                             cfg_scale=cfg_scale, seed=group[0].seed, width=size, height=size, batch_size=len(group))
         for it, img in zip(group, outs):
             ok, details = check(np.asarray(img), it.prompt)
             records.append({"category": it.category, "prompt": it.prompt, "seed": it.seed, "held_out": it.held_out,

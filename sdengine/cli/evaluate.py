@@ -11,25 +11,68 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .. import runtime
     from ..data.shapes import CONCEPTS
     from ..evaluate import format_table, run_eval, write_report
-    from ..pipeline import Pipeline
 
     if args.concept is not None and args.concept not in CONCEPTS:   # before loading a model
         raise ValueError(f"--concept: unknown concept {args.concept!r}; concepts: {', '.join(CONCEPTS)}")
     device = runtime.pick_device(args.device)
     model_path = runtime.resolve_model(args.model)
+    loras = adapter_files(args)
     model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
                                        compile=args.compile)
-    scores, records, images = run_eval(Pipeline(model), seeds=args.seeds, steps=args.steps, sampler=args.sampler,
+    pipe, tags = adapted_pipeline(model, loras, args.embedding)
+    scores, records, images = run_eval(pipe, tags=tags, seeds=args.seeds, steps=args.steps, sampler=args.sampler,
                                        cfg_scale=args.cfg, limit=args.limit, size=args.size, quiet=args.quiet,
                                        first_seed=args.first_seed, concept=args.concept)
     meta = {"model": str(model_path), "seeds": args.seeds, "first_seed": args.first_seed, "steps": args.steps,
             "sampler": args.sampler, "cfg_scale": args.cfg, "limit": args.limit}
     if args.concept is not None:   # only then: an ordinary report keeps exactly its fields
         meta["concept"] = args.concept
+    if loras or args.embedding:   # likewise: what was applied, when anything was
+        meta["loras"] = [f"{path}:{w:g}" for path, w in loras]
+        meta["embeddings"] = [str(p) for p in args.embedding]
     out = args.out or Path("shapes-eval" if args.concept is None else f"shapes-eval-{args.concept}")
     write_report(scores, records, images, out, meta)
     print(format_table(scores))
     print(f"wrote {out / 'report.json'} and {out / 'examples.png'}")
+
+
+def adapter_files(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """--lora FILE[:W] values as (file, weight); every file checked before the model loads."""
+    loras = []
+    for value in args.lora:
+        path, weight = Path(value), 1.0
+        if not path.is_file() and ":" in value:
+            head, _, tail = value.rpartition(":")
+            try:
+                path, weight = Path(head), float(tail)
+            except ValueError:
+                raise ValueError(f"--lora {value}: the weight after ':' must be a number") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora {value}: no such file {path}")
+        loras.append((path, weight))
+    for path in args.embedding:
+        if not path.is_file():
+            raise FileNotFoundError(f"--embedding {path}: no such file")
+    return loras
+
+
+def adapted_pipeline(model, loras: list[tuple[Path, float]], embeddings: list[Path]):
+    """A pipeline that knows only these LoRA and embedding files (no folders), and the tags that apply the LoRAs:
+    added to every prompt, they go the way a user's <lora:name:w> goes (patched in, recorded in the parameters)."""
+    from ..lora import LoraLibrary
+    from ..networks import Networks
+    from ..pipeline import Pipeline
+
+    library = LoraLibrary()
+    tags = []
+    for path, weight in loras:
+        name = library.add(path)
+        library.load(name)  # a broken file fails here, before any image
+        tags.append(f"<lora:{name}:{weight:g}>")
+    networks = Networks(model, loras=library)
+    for path in embeddings:
+        networks.add_embedding(path)
+    return Pipeline(model, networks=networks), " ".join(tags)
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -42,6 +85,12 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", default=None, metavar="CONCEPT",
                    help="evaluate a colour the shipped model never saw instead, 'pink' (120 prompts naming it: colors, "
                         "position, color_attr), e.g. before and after teaching it with a LoRA or an embedding")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
+                   help="evaluate with this LoRA file applied at weight W (default 1), text encoder and UNet alike "
+                        "(repeatable)")
+    p.add_argument("--embedding", action="append", default=[], type=Path, metavar="FILE",
+                   help="make this textual inversion embedding known (its file name is the word prompts use, e.g. "
+                        "pink.pt for 'pink'; repeatable)")
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--cfg", type=float, default=5.0)

@@ -5,6 +5,8 @@
     sdengine train unet --data shapes --out runs/unet --vae runs/vae/vae.safetensors --text runs/text/text.safetensors
     sdengine train unet --data DIR --out runs/ft --init model.safetensors      (fine-tune a whole model)
     sdengine train vae --out runs/dec --init model.safetensors --decoder-only  (a sharper decoder, same latents)
+    sdengine train lora --init model.safetensors --data shapes:pink --rank 8 --out runs/pink-lora
+    sdengine train embedding --init model.safetensors --data shapes:pink --token pink --vectors 2 --out runs/pink-ti
 
 Each stage has its own options (an option of another stage is a usage error that names it); values are checked by
 argparse as they are parsed. Under `torchrun --nproc_per_node N` the same commands train data-parallel. torch is
@@ -23,11 +25,15 @@ from .options import decay, fraction, non_negative_float, non_negative_int, posi
 
 STAGES = {"vae": "the autoencoder (KL-regularized, SD's layout)",
           "text": "the text encoder (CLIP-style contrastive pretraining, own BPE vocabulary)",
-          "unet": "the denoiser, on a trained VAE and text encoder or a whole model (--init)"}
+          "unet": "the denoiser, on a trained VAE and text encoder or a whole model (--init)",
+          "lora": "a LoRA (kohya-ss layout; LoCon with --conv-rank) on a whole model (--init), the model frozen",
+          "embedding": "a textual inversion embedding (--token) on a whole model (--init), the model frozen"}
 DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "vae": {"steps": 6000, "batch": 32, "lr": 2e-4, "ema": 0.0},
     "text": {"steps": 3000, "batch": 128, "lr": 3e-4, "ema": 0.0},
     "unet": {"steps": 40000, "batch": 64, "lr": 2e-4, "ema": 0.999},
+    "lora": {"steps": 1500, "batch": 32, "lr": 1e-4, "ema": 0.0},
+    "embedding": {"steps": 1500, "batch": 32, "lr": 5e-3, "ema": 0.0},
 }
 
 
@@ -70,6 +76,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                       help="also contrast each shapes caption with captions worded alike that mean another scene "
                            "(relation turned round, colours exchanged), so the encoder must carry who is where")
     add_unet_options(unet)
+    add_lora_options(parsers["lora"])
+    add_embedding_options(parsers["embedding"])
     refuse_other_stages_options(parsers)
 
 
@@ -159,6 +167,45 @@ def add_unet_options(p: argparse.ArgumentParser) -> None:
                        help="recompute the UNet's activations in backward instead of keeping them (less memory)")
 
 
+def add_adapter_model_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """What an adapter run (lora, embedding) shares: the frozen model it is trained on, and the speed options."""
+    model = p.add_argument_group("model")
+    model.add_argument("--init", type=Path, required=True,
+                       help="the model to train on, frozen (any SD1/SD2 checkpoint)")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--cache-latents", type=positive_int, default=None, metavar="N",
+                       help="encode N training images with the VAE once and train on those latents")
+    speed.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute the UNet's activations in backward instead of keeping them (less memory)")
+    return model
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    model = add_adapter_model_options(p)
+    model.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the attention layers (8)")
+    model.add_argument("--alpha", type=positive_float, default=None,
+                       help="LoRA alpha: the output is scaled by alpha / rank (default: the rank, a scale of 1)")
+    model.add_argument("--conv-rank", type=positive_int, default=None, metavar="R",
+                       help="also the 3x3 convolutions of res blocks and samplers, at this rank (LoCon)")
+    model.add_argument("--conv-alpha", type=positive_float, default=None, metavar="A",
+                       help="with --conv-rank: their alpha (default: --conv-rank)")
+    model.add_argument("--text-encoder-lr", type=non_negative_float, default=0.0, metavar="LR",
+                       help="also a LoRA on the text encoder, at this peak LR (0: the UNet only, the default)")
+    model.add_argument("--caption-dropout", type=fraction, default=0.1,
+                       help="share of captions left empty, so guidance still works with the LoRA (0.1)")
+
+
+def add_embedding_options(p: argparse.ArgumentParser) -> None:
+    model = add_adapter_model_options(p)
+    model.add_argument("--token", required=True,
+                       help="the embedding's name, the word prompts use; captions saying it train it (e.g. pink)")
+    model.add_argument("--vectors", type=positive_int, default=1, help="vectors it takes in a prompt (1)")
+    model.add_argument("--init-word", default=None,
+                       help="start the vectors from this word's token embeddings (default: the token's own)")
+    model.add_argument("--format", default="pt", choices=("pt", "safetensors"),
+                       help="TOKEN.pt in A1111's layout (default) or TOKEN.safetensors with emb_params")
+
+
 def refuse_other_stages_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """Give each stage's parser the other stages' options as hidden refusals that name the stage they are for."""
     owners: dict[str, list[str]] = {}
@@ -230,7 +277,31 @@ def build_unet(args: argparse.Namespace, source):
                      timestep_shift=args.timestep_shift, snr_floor=args.snr_floor)
 
 
-BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet}
+def build_lora(args: argparse.Namespace, source):
+    from ..train.stages.lora import LoraStage
+    from ..weights import load
+
+    if args.conv_alpha is not None and args.conv_rank is None:
+        raise ValueError("--conv-alpha needs --conv-rank (no convolution gets a LoRA without it)")
+    model = load(args.init)
+    model.unet.gradient_checkpointing = args.grad_checkpointing
+    return LoraStage(model, source, rank=args.rank, alpha=args.alpha if args.alpha is not None else args.rank,
+                     conv_rank=args.conv_rank or 0, conv_alpha=args.conv_alpha, text_lr=args.text_encoder_lr,
+                     seed=args.seed, caption_dropout=args.caption_dropout, init_name=args.init.name)
+
+
+def build_embedding(args: argparse.Namespace, source):
+    from ..train.stages.embedding import EmbeddingStage
+    from ..weights import load
+
+    model = load(args.init)
+    model.unet.gradient_checkpointing = args.grad_checkpointing
+    return EmbeddingStage(model, source, token=args.token, vectors=args.vectors, init_word=args.init_word,
+                          seed=args.seed, init_name=args.init.name, fmt=args.format)
+
+
+BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet, "lora": build_lora,
+            "embedding": build_embedding}
 
 
 def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
@@ -247,7 +318,7 @@ def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
                               stage.model.config.text.max_positions, device, workers, args.quiet)
         stage.use_cache(cache)
         workers = 0  # the steps read the cache: nothing left to prepare in other processes
-    if args.compile:
+    if getattr(args, "compile", False):
         from ..compile import compile_unet_for_training
 
         compile_unet_for_training(stage.model.to(device))
@@ -280,18 +351,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
     source = make_source(args.data, args.size, args.seed, args.scene_kinds, args.color_drop)
     stage = BUILDERS[args.stage](args, source)
-    if args.stage == "unet":
+    if args.stage in ("unet", "lora", "embedding"):
         workers = unet_extras(args, stage, device, workers)
     cfg = TrainConfig(run_dir=args.out, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                       grad_accum=args.grad_accum, ema_decay=args.ema, precision=args.precision,
                       save_every=args.save_every, keep=args.keep, log_every=args.log_every,
                       sample_every=args.sample_every, seed=args.seed, max_bad_steps=args.max_bad_steps,
                       quiet=args.quiet, workers=workers, time_budget=60 * (args.time_budget or 0),
-                      module_lr={"text": args.text_lr} if getattr(args, "text_lr", None) is not None else {})
+                      module_lr={"text": args.text_lr} if getattr(args, "text_lr", None) is not None
+                      else getattr(stage, "module_lr", {}))
     trainer = Trainer(stage, cfg, device)
     modules = trainer.run(resume=args.resume, stop_at=args.stop_at)
     if trainer.stop_requested:
         return
+    if hasattr(stage, "trained_steps"):  # adapters record their step count in the file
+        stage.trained_steps = trainer.step
     if trainer.rank == 0:
         stage.export(modules, args.out)
         print(f"trained {args.stage} for {trainer.step} steps ({trainer.skipped} skipped); wrote {args.out}")
