@@ -6,14 +6,14 @@ sizes and dtype: it walks the networks' blocks as nn/unet.py and nn/vae.py run t
 each step (inputs kept for skips and residuals, a block's temporaries) and takes the largest sum. Attention adds
 nothing beyond q/k/v and its output: PyTorch's fused kernels, which nn/attention.py makes sure are used, never hold
 the tokens x tokens matrix (and query chunks bound it to MAX_SCORES where they might). What the walk cannot see
-(convolution workspaces, the allocator's rounding, PyTorch's own buffers) is one calibrated factor, OVERHEAD.
+(convolution workspaces, the allocator's rounding, PyTorch's own buffers) is two calibrated terms, OVERHEAD and FIXED.
 
 Measured against it (peak RSS above the post-load level in a fresh process, fp32, one thread, this project's CPU;
 19 cases: the shipped model and the TINY test model, guided UNet evaluations, VAE decodes and encodes, 1-step
 txt2img runs, 256² to 1024², batch 1 and 2): measured / estimated was 0.48-1.27, and 0.69-1.01 where the peak was
 over 200 MB; the shipped model's 1024² txt2img took 1.63 GiB for 1.83 GiB estimated (tests/test_reliability.py
-checks five of the faster cases). The estimate errs high where it matters; GPUs (cuDNN
-workspaces, the caching allocator) were not measured.
+checks five of the faster cases). The estimate errs high where it matters; GPUs (cuDNN workspaces, the caching
+allocator) were not measured.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ FIXED = 32 << 20
 class Estimate:
     """Bytes of working memory for each part of a generation; `peak` is what the request needs at once."""
 
-    unet: int  # one guided UNet evaluation at the largest pass (cond and uncond batched together)
+    unet: int  # one guided UNet evaluation at the output size (cond and uncond batched together)
     decode: int  # the VAE decode of the whole batch at the output size
     encode: int  # the VAE encode of an init image (img2img), else 0
     preview: int  # a live preview (one image decoded) while the UNet runs, else 0
@@ -54,7 +54,7 @@ def _resblock(c_in: int, c_out: int, norm_extra: int = 0) -> int:
 def _transformer(c: int, depth: int) -> int:
     """A SpatialTransformer on c channels: the residual and the block input kept, and the feed-forward's worst step
     (norm, GEGLU's 8c projection, gelu(gate) and the product); q/k/v and attention outputs (about 7c) stay below."""
-    return 2 * c + max(18 * c, 8 * c) if depth else 0
+    return 20 * c if depth else 0
 
 
 def unet_bytes(cfg: UNetConfig, latent_h: int, latent_w: int, batch: int, element: int) -> int:
