@@ -102,7 +102,12 @@ class Networks:
                 scan.reasons.update(found.reasons)
                 scan.errors.update(found.errors)
             scan.loaded.update(self._extra_embeddings)
-            self.model.embeddings = dict(scan.loaded)
+            # embeddings set on the model by hand (model.embeddings = {...}) stay, and win over a folder's of the
+            # same name; only what an earlier scan put there is replaced
+            scanned = self.model.__dict__.get("_embeddings_from_scan", {})  # whichever Networks scanned last
+            by_hand = {k: e for k, e in getattr(self.model, "embeddings", {}).items() if scanned.get(k) is not e}
+            self.model.__dict__["_embeddings_from_scan"] = dict(scan.loaded)
+            self.model.embeddings = {**scan.loaded, **by_hand}
             self._scanned = scan
         return self._scanned
 
