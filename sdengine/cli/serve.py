@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import ipaddress
+import os
 import sys
 import threading
 from pathlib import Path
@@ -68,13 +69,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pinned = Path(args.model).expanduser()
     if args.compile:
         check_compiler(device)
-    for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+    for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
+                        ("--controlnet-dir", args.controlnet_dir), ("--upscalers-dir", args.upscalers_dir)):
         if value is not None and not value.is_dir():  # the defaults may be absent: nothing to list then
             raise ValueError(f"{flag} {value} is not a folder")
     registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device,
                              runtime.inference_dtype(args.precision, device), compile=args.compile,
                              lora_dirs=[args.lora_dir or runtime.loras_dir()],
-                             embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()])
+                             embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()],
+                             controlnet_dir=args.controlnet_dir or runtime.controlnet_dir())
+    if args.upscalers_dir is not None:  # the hires fix finds model upscalers through runtime.upscalers_dir() too
+        os.environ["SDENGINE_UPSCALERS"] = str(args.upscalers_dir.resolve())
     name = args.model  # a name in the folder, unless a file was pinned
     if pinned is not None:  # listed under the folder's name for it when the folder links to it (a symlink)
         name = next((e.name for e in registry.entries() if e.path.resolve() == pinned.resolve()), pinned.name)
@@ -127,6 +132,12 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", type=Path, default=None,
                    help="textual-inversion embeddings, used by file name in prompts (default: $SDENGINE_EMBEDDINGS, "
                         "else $SDENGINE_HOME/embeddings)")
+    p.add_argument("--controlnet-dir", type=Path, default=None,
+                   help="the ControlNets units may name (default: $SDENGINE_CONTROLNET, else "
+                        "$SDENGINE_HOME/controlnet)")
+    p.add_argument("--upscalers-dir", type=Path, default=None,
+                   help="model upscalers (ESRGAN, ...) for extras and the hires fix (default: $SDENGINE_UPSCALERS, "
+                        "else $SDENGINE_HOME/upscalers)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..diffusion.samplers import SAMPLERS
-from ..diffusion.schedule import A1111_SCHEDULERS
+from ..diffusion.schedule import A1111_SCHEDULERS, SCHEDULE_LABELS
 from ..metadata import parse_parameters
 from .bodies import BodyInThread
 from .errors import BadInput, json_safe
@@ -167,7 +167,7 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
-        return [{"name": name, "label": name.capitalize(), "aliases": None,
+        return [{"name": name, "label": SCHEDULE_LABELS.get(name, name.capitalize()), "aliases": None,
                  "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False}
                 for name in ("automatic", *A1111_SCHEDULERS)]
 

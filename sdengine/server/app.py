@@ -113,7 +113,7 @@ class Guard:
 
 
 def create_app(service: Service, credentials: list[tuple[str, str]] | None = None) -> FastAPI:
-    from . import a1111, native
+    from . import a1111, controlnet, extras, native
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -137,6 +137,9 @@ def create_app(service: Service, credentials: list[tuple[str, str]] | None = Non
 
     app.include_router(a1111.router(service))
     app.include_router(native.router(service))
+    app.include_router(extras.router(service))
+    app.include_router(controlnet.router(service.registry.controlnet_dir, service.limits.max_image_pixels,
+                                         service.limits.max_batch))
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, credentials=credentials, max_body=service.limits.max_body_bytes,

@@ -101,8 +101,10 @@ class Job:
 class JobQueue:
     """FIFO of jobs run one at a time by a worker thread. `runner(job)` returns the job's result or raises."""
 
-    def __init__(self, runner: Callable[[Job], Any], max_waiting: int = 16, keep_finished: int = 32):
+    def __init__(self, runner: Callable[[Job], Any], max_waiting: int = 16, keep_finished: int = 32,
+                 on_idle: Callable[[], Any] | None = None):
         self.runner = runner
+        self.on_idle = on_idle  # called by the worker after a job when none is waiting (cpu_memory.release)
         self.max_waiting = max_waiting
         self.keep_finished = keep_finished
         self._waiting: deque[Job] = deque()
@@ -221,6 +223,12 @@ class JobQueue:
             else:
                 status = INTERRUPTED if job.interrupt else SUCCEEDED  # a cancel after the last step came too late
                 self._done(job, status, result=result)
+            del job  # nothing of the finished job held here while idle
+            if self.on_idle is not None and not self.waiting():
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001 - housekeeping must never stop the worker
+                    pass
 
     def _done(self, job: Job, status: str, result: Any = None, exc: BaseException | None = None,
               error: str | None = None) -> None:

@@ -35,8 +35,10 @@ class ModelEntry:
 class ModelRegistry:
     def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype,
                  compile: bool = False, lora_dirs: Sequence[Path] | None = None,
-                 embedding_dirs: Sequence[Path] | None = None):
-        """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir)."""
+                 embedding_dirs: Sequence[Path] | None = None, controlnet_dir: Path | None = None):
+        """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir);
+        controlnet_dir: where clients' ControlNet names are looked up (None: no ControlNets)."""
+        self.controlnet_dir = controlnet_dir
         self.folder, self.pinned, self.device, self.dtype = folder, pinned, device, dtype
         self.compile = compile  # compile each loaded model's UNet (sdengine serve --compile)
         self.embedding_dirs = [Path(d) for d in (embedding_dirs if embedding_dirs is not None
@@ -114,6 +116,7 @@ class ModelRegistry:
             raise ModelLoadError(f"model {entry.name} could not be loaded: {first_line(e)}") from None
         pipe = Pipeline(model, networks=Networks(model, embedding_dirs=self.embedding_dirs, loras=self.loras))
         pipe.refiner_loader = self._load_refiner  # refiner_checkpoint: chosen by name, as models are
+        pipe.controlnets.folder = self.controlnet_dir  # units arrive resolved to its files (server/controlnet.py)
         # the embeddings scanned here, in the worker: /sdapi/v1/embeddings then only reads a finished scan
         pipe.networks.embeddings()
         pipe._model_hash = sha[:10] if sha else None  # already read the file once; don't read it again

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, cpu_memory
 from ..diffusion.samplers import SAMPLERS
 from ..images import image_to_tensor, mask_to_tensor, tensor_to_images
 from ..pipeline import NonFiniteError, Pipeline
@@ -30,7 +30,8 @@ class Service:
         self.settings: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
                                          "show_progress_every_n_steps": 10}
         self.bodies = BodyReader(limits, registry, styles, self.settings)
-        self.queue = JobQueue(self.run, max_waiting=limits.queue_size)
+        # the heap trimmed whenever the queue goes idle: bursts of mixed-size jobs fragment it (cpu_memory.release)
+        self.queue = JobQueue(self.run, max_waiting=limits.queue_size, on_idle=cpu_memory.release)
         self._preview_lock = threading.Lock()
         self._preview_cache: tuple[str, int, str | None] = ("", -1, None)
 
@@ -45,6 +46,8 @@ class Service:
     def run(self, job: Job) -> dict[str, Any]:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it here
+        if job.mode == "extras":  # an upscale (server/extras.py): its own work, on this thread
+            return job.spec(job)
         if job.mode == "load":
             self.registry.ensure(job.spec)
             self.registry.default_name = self.registry.current.name
@@ -151,7 +154,7 @@ class Service:
 
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         job = self.queue.running
-        if job is None or job.mode in ("load", "refresh"):  # no generation running
+        if job is None or job.mode in ("load", "refresh", "extras"):  # no generation running
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
                     "current_task": None, "state": {
                         "skipped": False, "interrupted": False, "stopping_generation": False, "job": "",

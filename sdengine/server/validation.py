@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from ..diffusion.samplers import SAMPLERS, get_sampler
-from ..diffusion.schedule import A1111_SCHEDULERS
+from ..diffusion.schedule import A1111_SCHEDULERS, SCHEDULE_LABELS
 from ..hires import HiresFix
 from ..images import empty_mask_note
 from ..memory_estimate import refusal
@@ -21,6 +21,7 @@ from ..networks import parse_tags, strip_tags
 from ..prompts import Style, apply_styles
 from ..request import MAX_CLIP_SKIP, FieldError, Request
 from . import inpaint
+from .controlnet import UnitReader
 from .errors import BadInput
 from .images import decode_image, prepare_mask, resize_image
 from .registry import ModelRegistry
@@ -38,7 +39,12 @@ A1111_HIRES_FIELDS: dict[str, tuple[str, Any]] = {
     "denoising_strength": ("denoising_strength", 0.75),  # A1111's txt2img default
 }
 # A1111's "automatic" scheduler: what each sampler's options name (sd_samplers_kdiffusion), else the plain one.
-AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
+                      "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2s_a": "karras", "restart": "karras",
+                      "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
+# A scheduler by A1111's name ("sgm_uniform") or label ("SGM Uniform"), any case -> ours
+SCHEDULER_KEYS = {**A1111_SCHEDULERS, **{label.lower(): A1111_SCHEDULERS[name]
+                                         for name, label in SCHEDULE_LABELS.items() if name in A1111_SCHEDULERS}}
 LABELS = {request_field: key for key, (request_field, _) in A1111_FIELDS.items()}
 LABELS.update({"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "denoising_strength",
                "clip_skip": "CLIP_stop_at_last_layers", "seed_resize_from": "seed_resize_from_w/h"})
@@ -113,9 +119,10 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
     key = (scheduler or "automatic").strip().lower()
     if key == "automatic":
         return spec.name, from_name or AUTOMATIC_SCHEDULE.get(spec.name, "normal")
-    if key not in A1111_SCHEDULERS:
-        raise BadInput(f"unknown scheduler {scheduler!r}; valid: automatic, {', '.join(A1111_SCHEDULERS)}")
-    return spec.name, A1111_SCHEDULERS[key]
+    if key not in SCHEDULER_KEYS:
+        raise BadInput(f"unknown scheduler {scheduler!r}; valid: automatic, {', '.join(A1111_SCHEDULERS)} (or "
+                       f"their labels: {', '.join(SCHEDULE_LABELS.values())})")
+    return spec.name, SCHEDULER_KEYS[key]
 
 
 def check_clip_skip(value: object) -> int:
@@ -140,6 +147,7 @@ class BodyReader:
     def __init__(self, limits: Limits, registry: ModelRegistry, styles: dict[str, Style],
                  settings: dict[str, Any]):
         self.limits, self.registry, self.styles, self.settings = limits, registry, styles, settings
+        self.controlnet = UnitReader(registry.controlnet_dir, limits.max_image_pixels)
         self._decoding = threading.BoundedSemaphore(2)  # bounds the memory that image uploads can take at once
 
     def read(self, body: dict[str, Any], mode: str) -> GenJob:
@@ -190,8 +198,11 @@ class BodyReader:
         for key, note in (("restore_faces", "face restoration"), ("save_images", "saving on the server")):
             if _get(body, key, False):
                 warnings.append(f"{key}: {note} is not supported; ignored")
-        if _get(body, "alwayson_scripts", {}):
-            warnings.append("alwayson_scripts ignored: " + ", ".join(map(str, body["alwayson_scripts"])))
+        scripts = _get(body, "alwayson_scripts", {})
+        if not isinstance(scripts, dict):
+            raise BadInput("alwayson_scripts must be an object: {script name: {\"args\": [...]}}")
+        if others := [str(k) for k in scripts if str(k).lower() != "controlnet"]:
+            warnings.append("alwayson_scripts ignored: " + ", ".join(others))
         job = GenJob(mode, make_request(prompt=styled_prompt, negative_prompt=styled_negative, **values), prompt,
                      negative, styles, model=model, persist=persist, send_images=bool(_get(body, "send_images", True)),
                      denoising_strength=_get(body, "denoising_strength", None), warnings=warnings)
@@ -201,6 +212,10 @@ class BodyReader:
             self._img2img(body, job)
         elif _get(body, "enable_hr", False):
             self._hires(body, job)
+        with self._decoding:
+            units = self.controlnet.units(scripts, job.init[0] if job.init else None, warnings)
+        if units:
+            job.request = make_request(**{**_fields(job.request), "controls": units})
         self._check_memory(job)
         return job
 
