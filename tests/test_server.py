@@ -411,7 +411,7 @@ BAD = [
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "paths"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "missing"}}, "no model named"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
-    ("txt2img", {"script_name": "x/y/z plot"}, "scripts"),
+    ("txt2img", {"script_name": "loopback"}, "scripts"),
     ("txt2img", {"width": "wide"}, "width"),
     ("img2img", {}, "init_images"),
     ("img2img", {"init_images": ["!!not base64!!"]}, "base64"),

@@ -242,3 +242,82 @@ def test_heap_is_trimmed_when_the_queue_goes_idle(client, monkeypatch):
     generate(client)
     assert calls == [0]
     assert cpu_memory.release() in (True, False)  # callable anywhere; a no-op without glibc
+
+
+# --- scripts -------------------------------------------------------------------------------------------------------
+
+def xyz_args(x_type: int, x_values: str, y_type: int = 0, y_values: str = "", lone: bool = True, **at) -> list:
+    args = [x_type, x_values, [], y_type, y_values, [], 0, "", [], True, lone, False, False, 0, False, False]
+    for i, value in at.items():
+        args[int(i[1:])] = value
+    return args
+
+
+def test_scripts_are_listed(client):
+    listed = client.get("/sdapi/v1/scripts").json()
+    assert listed["txt2img"] == ["x/y/z plot"]
+    assert set(listed["img2img"]) == {"x/y/z plot", "outpainting mk2", "poor man's outpainting"}
+
+
+def test_xyz_plot_returns_the_grid_then_the_cells(client):
+    # txt2img's list: 4 Steps, 6 CFG Scale (A1111's indices)
+    images, info = generate(client, script_name="x/y/z plot", script_args=xyz_args(4, "1-2", 6, "3, 7"))
+    assert len(images) == 5 and len(info["infotexts"]) == 5
+    grid, cells = images[0], images[1:]
+    assert grid.width > 2 * 64 and grid.height > 2 * 64  # two by two cells and the labels
+    assert "Script: X/Y/Z plot, X Type: Steps, X Values: 1-2, Y Type: CFG Scale" in info["infotexts"][0]
+    assert "Steps: 1" in info["infotexts"][1] and "CFG scale: 3" in info["infotexts"][1]  # x fastest, as A1111
+    assert "Steps: 2" in info["infotexts"][2] and "CFG scale: 7" in info["infotexts"][4]
+    single, _ = generate(client, steps=2, cfg_scale=7)
+    assert np.array_equal(pixels(cells[3]), pixels(single[0]))  # a cell is that request's image
+    only_grid, _ = generate(client, script_name="X/Y/Z plot", script_args=xyz_args(4, "1-2", lone=False))
+    assert len(only_grid) == 1
+
+
+def test_xyz_plot_choice_axes_take_the_dropdown(client):
+    # 9: Sampler, 11: Checkpoint name, 17: Schedule type on txt2img's list; values from the dropdown lists
+    args = xyz_args(9, "", 17, "", x2=["Euler", "DPM++ 2M"], y5=["Karras", "SGM Uniform"])
+    args[6], args[8] = 11, ["tiny.safetensors", "other"]
+    images, info = generate(client, script_name="x/y/z plot", script_args=args, steps=2)
+    assert len(images) == 1 + 8
+    texts = info["infotexts"][1:]
+    assert "Sampler: DPM++ 2M" in texts[1] and "Schedule type: SGM Uniform" in texts[2] and "Model: other" in texts[4]
+    _, info = generate(client)  # the request's model again afterwards
+    assert "Model: tiny" in info["infotexts"][0]
+
+
+@pytest.mark.parametrize("args,why", [
+    (xyz_args(27, "x"), "VAE"), (xyz_args(99, "1"), "x_type"), (xyz_args(4, "1-100"), "cells"),
+    (xyz_args(4, "many"), "not a number"), (xyz_args(23, "0.5"), "img2img"), (xyz_args(11, "missing"), "no model"),
+])
+def test_bad_xyz_plot_is_a_422(client, args, why):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 422 and why in r.json()["detail"], r.text
+
+
+def test_unknown_script_is_a_422(client):
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "script_name": "outpainting mk2"})
+    assert r.status_code == 422 and "not supported in txt2img" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("script,args", [
+    ("outpainting mk2", ["", 8, 4, ["left", "down"], 1.0, 0.05]),
+    ("poor man's outpainting", [8, 4, 1, ["left", "down"]]),
+])
+def test_outpainting_scripts_extend_the_image(client, script, args):
+    source = pattern(48, 48, seed=9)
+    images, info = generate(client, "/sdapi/v1/img2img", init_images=[b64(source)], width=48, height=48,
+                            script_name=script, script_args=args, denoising_strength=0.8)
+    out = pixels(images[0])
+    assert images[0].size == (56, 56) and "Size: 56x56" in info["infotexts"][0]
+    # the old picture is kept away from the seam (the mask reaches 8 pixels in and is blurred by 4)
+    assert np.abs(out[:32, 24:] - pixels(source)[:32, 16:]).mean() < 3
+
+
+def test_outpainting_over_the_size_cap_is_a_422(client):
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64(pattern())], "script_name":
+                                               "outpainting mk2", "script_args": ["", 64, 8, ["left"], 1.0, 0.05]})
+    assert r.status_code == 422 and "at most 64x64" in r.json()["detail"], r.text
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64(pattern())], "script_name":
+                                               "poor man's outpainting", "script_args": [8, 4, 0, ["sideways"]]})
+    assert r.status_code == 422 and "direction" in r.json()["detail"], r.text

@@ -21,6 +21,7 @@ from .bodies import BodyInThread
 from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
+from .scripts import SCRIPTS
 from .service import Service
 from .validation import AUTOMATIC_SCHEDULE, check_clip_skip
 
@@ -205,8 +206,8 @@ def router(service: Service) -> APIRouter:
                 for s in service.styles.values()]
 
     @api.get("/scripts")
-    def scripts() -> dict[str, list[str]]:  # clients ask at start which extensions exist (webuiapi does): none
-        return {"txt2img": [], "img2img": []}
+    def scripts() -> dict[str, list[str]]:  # clients ask at start which scripts exist (webuiapi does)
+        return {mode: list(names) for mode, names in SCRIPTS.items()}
 
     @api.get("/options")
     def get_options() -> dict[str, Any]:

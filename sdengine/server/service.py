@@ -9,12 +9,15 @@ from datetime import datetime
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .. import __version__, cpu_memory
 from ..diffusion.samplers import SAMPLERS
 from ..images import image_to_tensor, mask_to_tensor, tensor_to_images
 from ..pipeline import NonFiniteError, Pipeline
 from ..prompts import Style
+from ..request import Request
+from . import scripts
 from .images import encode_png
 from .jobs import Job, JobQueue, StopSampling
 from .registry import ModelEntry, ModelRegistry
@@ -59,22 +62,35 @@ class Service:
                 self.registry.pipeline.networks.embeddings()
             return {}
         gen: GenJob = job.spec
-        req = gen.request
-        pipe, entry = self.registry.ensure(gen.model)
+        job.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        warnings = list(gen.warnings)  # and each batch's networks' (unknown LoRA, skipped layers...)
+        if gen.script is not None:  # x/y/z plot (server/scripts.py): its cells, then the grid
+            images, more = scripts.run_xyz(self, job, gen)
+            warnings += [w for w in more if w not in warnings]
+            pipe, entry = self.registry.ensure(gen.model)  # the request's model again, for the info
+        else:
+            pipe, entry = self.registry.ensure(gen.model)
+            job.job_count = gen.request.n_iter
+            images = self.images(job, gen, pipe, gen.request, warnings)
         if "sd_model_checkpoint" in gen.persist:
             self.registry.default_name = entry.name
         if "CLIP_stop_at_last_layers" in gen.persist:
-            self.settings["CLIP_stop_at_last_layers"] = req.clip_skip
-        job.job_count, job.job_timestamp = req.n_iter, datetime.now().strftime("%Y%m%d%H%M%S")
+            self.settings["CLIP_stop_at_last_layers"] = gen.request.clip_skip
+        infotexts = [image.info.get("parameters", "") for image in images]
+        encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if gen.send_images else []
+        return {"images": encoded, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job, warnings))}
+
+    def images(self, job: Job, gen: GenJob, pipe: Pipeline, req: Request, warnings: list[str],
+               offset: int = 0) -> list[Image.Image]:
+        """One request's n_iter batches (init images, mask and paste-back from `gen`), each image with its
+        infotext in .info["parameters"]. `offset`: the first batch's number in the job's progress."""
         init = torch.cat([image_to_tensor(img, req.width, req.height) for img in gen.init]) if gen.init else None
         mask = mask_to_tensor(gen.mask, req.width, req.height) if gen.mask is not None else None
         inpaint: dict[str, Any] = {}
         if gen.masked is not None and gen.mask is not None:
             inpaint = {"latent_mask": gen.masked.latent_mask(gen.mask, pipe.model.config.vae.downscale),
                        "masked_latents": gen.masked.latent_fill}
-        images: list[str] = []
-        infotexts: list[str] = []
-        warnings = list(gen.warnings)  # and each batch's networks' (unknown LoRA, skipped layers...)
+        images: list[Image.Image] = []
         latest: list[torch.Tensor] = []  # the current batch's last denoised estimate
 
         def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
@@ -89,7 +105,7 @@ class Service:
                 raise StopSampling("cancel")
             if job.interrupt:  # between batches: return the batches done so far
                 break
-            job.skip, job.job_no, job.step, job.steps = False, n, 0, 0
+            job.skip, job.job_no, job.step, job.steps = False, offset + n, 0, 0
             batch = pipe.resolve(req.iteration(n))  # wildcards chosen for this batch's seed
             latest.clear()
             try:
@@ -100,12 +116,8 @@ class Service:
                 latents = latest[0]
             warnings += [w for w in pipe.networks.warnings if w not in warnings]
             for i, image in enumerate(pipe.to_images(latents, batch, gen.masked.extra if gen.masked else None)):
-                if gen.masked is not None:
-                    image = gen.masked.finish(image, i)
-                infotexts.append(image.info["parameters"])
-                if gen.send_images:
-                    images.append(encode_png(image, image.info["parameters"]))
-        return {"images": images, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job, warnings))}
+                images.append(gen.masked.finish(image, i) if gen.masked is not None else image)
+        return images
 
     def info(self, gen: GenJob, entry: ModelEntry, pipe: Pipeline, infotexts: list[str], job: Job,
              warnings: list[str]) -> dict:

@@ -20,7 +20,7 @@ from ..memory_estimate import refusal
 from ..networks import parse_tags, strip_tags
 from ..prompts import Style, apply_styles
 from ..request import MAX_CLIP_SKIP, FieldError, Request
-from . import inpaint
+from . import inpaint, scripts
 from .controlnet import UnitReader
 from .errors import BadInput
 from .images import decode_image, prepare_mask, resize_image
@@ -85,6 +85,7 @@ class GenJob:
     send_images: bool = True
     denoising_strength: float | None = None  # as A1111 reports it
     warnings: list[str] = field(default_factory=list)
+    script: scripts.XYZPlan | None = None  # script_name "x/y/z plot": the cells run instead of the request
 
 
 def _get(body: dict, key: str, default: Any) -> Any:
@@ -193,15 +194,17 @@ class BodyReader:
                                "refiner is not supported")
             switch = _get(body, "refiner_switch_at", None)
             values["refiner_switch_at"] = 0.8 if switch is None else switch
-        if _get(body, "script_name", None):
-            raise BadInput(f"scripts are not supported (script_name {body['script_name']!r})")
+        script = scripts.script_name(body, mode)
+        script_args = _get(body, "script_args", [])
+        if not isinstance(script_args, list):
+            raise BadInput("script_args must be a list (the script's values, in A1111's order)")
         for key, note in (("restore_faces", "face restoration"), ("save_images", "saving on the server")):
             if _get(body, key, False):
                 warnings.append(f"{key}: {note} is not supported; ignored")
-        scripts = _get(body, "alwayson_scripts", {})
-        if not isinstance(scripts, dict):
+        alwayson = _get(body, "alwayson_scripts", {})
+        if not isinstance(alwayson, dict):
             raise BadInput("alwayson_scripts must be an object: {script name: {\"args\": [...]}}")
-        if others := [str(k) for k in scripts if str(k).lower() != "controlnet"]:
+        if others := [str(k) for k in alwayson if str(k).lower() != "controlnet"]:
             warnings.append("alwayson_scripts ignored: " + ", ".join(others))
         job = GenJob(mode, make_request(prompt=styled_prompt, negative_prompt=styled_negative, **values), prompt,
                      negative, styles, model=model, persist=persist, send_images=bool(_get(body, "send_images", True)),
@@ -209,13 +212,19 @@ class BodyReader:
         if mode == "img2img":
             if _get(body, "enable_hr", False):
                 warnings.append("enable_hr: hires fix is a txt2img option; ignored")
-            self._img2img(body, job)
+            outpaint = None
+            if script in (scripts.MK2, scripts.POOR):
+                outpaint = scripts.outpaint_plan(script, script_args, _int(body, "inpainting_fill", 0, 0, 3))
+                warnings += outpaint.warnings
+            self._img2img(body, job, outpaint)
         elif _get(body, "enable_hr", False):
             self._hires(body, job)
         with self._decoding:
-            units = self.controlnet.units(scripts, job.init[0] if job.init else None, warnings)
+            units = self.controlnet.units(alwayson, job.init[0] if job.init else None, warnings)
         if units:
             job.request = make_request(**{**_fields(job.request), "controls": units})
+        if script == scripts.XYZ:
+            job.script = scripts.xyz_plan(script_args, mode, job.request, self.registry, lim.max_batch ** 2, warnings)
         self._check_memory(job)
         return job
 
@@ -257,7 +266,7 @@ class BodyReader:
             raise BadInput(e.for_label(key)) from None
         return prompt
 
-    def _img2img(self, body: dict[str, Any], job: GenJob) -> None:
+    def _img2img(self, body: dict[str, Any], job: GenJob, outpaint: scripts.OutpaintPlan | None = None) -> None:
         req = job.request
         sources = _get(body, "init_images", [])
         if not isinstance(sources, list) or not sources:
@@ -269,11 +278,14 @@ class BodyReader:
         if mode == 3:
             job.warnings.append("resize_mode 3 (latent upscale) is done in pixel space, as resize_mode 0")
         max_pixels = self.limits.max_image_pixels
-        masked = _get(body, "mask", None) is not None
+        masked = _get(body, "mask", None) is not None or outpaint is not None
         with self._decoding:  # one full-size image alive at a time, two requests decoding at a time
             originals = [decode_image(s, f"init_images[{i}]", max_pixels).convert("RGB") for i, s in enumerate(sources)]
-            if not masked:  # the originals are needed only for a masked request's paste-back
+            if not masked or outpaint is not None:  # the originals are needed only for a masked request's paste-back
                 originals = [resize_image(im, req.width, req.height, mode) for im in originals]
+        if outpaint is not None:
+            self._outpaint(body, job, outpaint, originals)
+            return
         strength = _get(body, "denoising_strength", 0.75)
         batch = len(sources) if len(sources) > 1 else req.batch_size  # A1111: several init images make the batch
         job.request = make_request(**{**_fields(req), "batch_size": batch, "strength": strength}).a1111_img2img()
@@ -293,6 +305,28 @@ class BodyReader:
             originals, mask, req.width, req.height, mode, bool(_get(body, "inpaint_full_res", True)),
             _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
             max(blur_x, blur_y), invert, job.warnings, bool(_get(body, "mask_round", True)))
+
+    def _outpaint(self, body: dict[str, Any], job: GenJob, plan: scripts.OutpaintPlan,
+                  images: list[Image.Image]) -> None:
+        """The outpainting scripts: each init image (at width x height) extended by outpaint.extend, then inpainted
+        at the canvas's size (whole picture, as A1111's scripts do); the mask is extend's, already soft."""
+        req, lim = job.request, self.limits
+        try:
+            extended = [plan.extend(image, req.seed) for image in images]
+        except ValueError as e:
+            raise BadInput(f"{plan.script}: {e}") from None
+        width, height = extended[0][0].size
+        if width > lim.max_width or height > lim.max_height:
+            raise BadInput(f"{plan.script}: the extended image is {width}x{height}; at most {lim.max_width}x"
+                           f"{lim.max_height} on this server (send a smaller width/height or fewer pixels)")
+        strength = _get(body, "denoising_strength", 0.75)
+        batch = len(images) if len(images) > 1 else req.batch_size
+        job.request = make_request(**{**_fields(req), "width": width, "height": height, "batch_size": batch,
+                                      "strength": strength}).a1111_img2img()
+        job.denoising_strength = job.request.strength
+        job.init, job.mask, job.masked = inpaint.plan(
+            [canvas for canvas, _ in extended], extended[0][1], width, height, 0, False, 0, plan.inpainting_fill,
+            plan.mask_blur, False, job.warnings, False)
 
     def _hires(self, body: dict[str, Any], job: GenJob) -> None:
         """enable_hr: the second pass's settings, its size checked against the caps now."""
