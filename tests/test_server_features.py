@@ -326,3 +326,10 @@ def test_outpainting_over_the_size_cap_is_a_422(client):
     r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64(pattern())], "script_name":
                                                "poor man's outpainting", "script_args": [8, 4, 0, ["sideways"]]})
     assert r.status_code == 422 and "direction" in r.json()["detail"], r.text
+
+
+def test_hires_fix_takes_an_upscaler_from_the_listing(client):
+    names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    images, info = generate(client, width=32, height=32, enable_hr=True, hr_scale=2, hr_upscaler=names[-1],
+                            hr_second_pass_steps=1, denoising_strength=0.5)
+    assert images[0].size == (64, 64) and f"Hires upscaler: {names[-1]}" in info["infotexts"][0]

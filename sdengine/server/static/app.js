@@ -17,7 +17,9 @@
     announce: $("announce"), preview: $("live-preview"), error: $("error"), gallery: $("gallery"),
     galleryEmpty: $("gallery-empty"), galleryClear: $("gallery-clear"), tiling: $("tiling"),
     hiresSection: $("hires-section"), hires: $("enable_hr"), hrScale: $("hr_scale"), hrStrength: $("hr_strength"),
-    hrSteps: $("hr_steps"), networks: $("networks"), loraList: $("lora-list"), loraEmpty: $("lora-empty"),
+    hrSteps: $("hr_steps"), hrUpscaler: $("hr_upscaler"), refinerSection: $("refiner-section"),
+    refiner: $("refiner_checkpoint"), refinerSwitch: $("refiner_switch_at"), networks: $("networks"),
+    loraList: $("lora-list"), loraEmpty: $("lora-empty"),
     embeddingList: $("embedding-list"), embeddingEmpty: $("embedding-empty"), networksRefresh: $("networks-refresh"),
   };
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
@@ -25,7 +27,7 @@
   const POLL_MS = 600;
   const SAVED_KEY = "sdengine.settings";
   const SAVED_FIELDS = ["prompt", "negative", "model", "sampler", "scheduler", "steps", "cfg", "batch", "width",
-    "height", "seed", "hrScale", "hrStrength", "hrSteps"];
+    "height", "seed", "hrScale", "hrStrength", "hrSteps", "hrUpscaler", "refiner", "refinerSwitch"];
 
   const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
     urls: [], lastPrompt: null };
@@ -106,9 +108,10 @@
 
   async function loadLists() {
     const keep = saved();
-    const [samplers, schedulers, models, options] = await Promise.allSettled([
-      api("sdapi/v1/samplers"), api("sdapi/v1/schedulers"), api("sdapi/v1/sd-models"), api("sdapi/v1/options")]);
-    const failed = [samplers, schedulers, models, options].find((r) => r.status === "rejected");
+    const [samplers, schedulers, models, options, latent, upscalers] = await Promise.allSettled([
+      api("sdapi/v1/samplers"), api("sdapi/v1/schedulers"), api("sdapi/v1/sd-models"), api("sdapi/v1/options"),
+      api("sdapi/v1/latent-upscale-modes"), api("sdapi/v1/upscalers")]);
+    const failed = [samplers, schedulers, models, options, latent, upscalers].find((r) => r.status === "rejected");
     if (failed) showError(`Could not load the server's settings: ${failed.reason.message}`);
     if (samplers.status === "fulfilled") {
       fillSelect(el.sampler, samplers.value.map((s) => [s.name, s.name]), keep.sampler, "Euler a");
@@ -124,7 +127,13 @@
     }
     if (models.status === "fulfilled") {
       fillSelect(el.model, models.value.map((m) => [m.title, m.model_name]), keep.model, state.currentModel);
+      // refiners are chosen by file name, as models are
+      fillSelect(el.refiner, [["None", "None"], ...models.value.map((m) => [m.filename, m.model_name])],
+        keep.refiner, "None");
     }
+    const images = upscalers.status === "fulfilled" ? upscalers.value.filter((u) => u.name !== "None") : [];
+    const names = [...(latent.status === "fulfilled" ? latent.value : []), ...images].map((u) => u.name);
+    fillSelect(el.hrUpscaler, names.map((n) => [n, n]), keep.hrUpscaler, "Latent");
   }
 
   // --- LoRAs and embeddings: the server's folders, listed by name; a click adds one to a prompt ---------------
@@ -192,10 +201,11 @@
     el.sourcePreview.hidden = m !== "img2img" || !hasSource;
     el.maskEditor.hidden = m !== "inpaint" || !hasSource;
     el.hiresSection.hidden = m !== "txt2img"; // A1111's hires fix is a txt2img option
+    el.refinerSection.hidden = m !== "txt2img"; // here a refiner continues a txt2img schedule only
   }
 
   function applyHires() {
-    for (const input of [el.hrScale, el.hrStrength, el.hrSteps]) input.disabled = !el.hires.checked;
+    for (const input of [el.hrScale, el.hrStrength, el.hrSteps, el.hrUpscaler]) input.disabled = !el.hires.checked;
   }
 
   function loadSource(dataURL, name) {
@@ -353,7 +363,12 @@
     }
     if (m === "txt2img" && el.hires.checked) {
       Object.assign(body, { enable_hr: true, hr_scale: parseFloat(el.hrScale.value),
-        denoising_strength: parseFloat(el.hrStrength.value), hr_second_pass_steps: parseInt(el.hrSteps.value, 10) });
+        denoising_strength: parseFloat(el.hrStrength.value), hr_second_pass_steps: parseInt(el.hrSteps.value, 10),
+        hr_upscaler: el.hrUpscaler.value || undefined });
+    }
+    if (m === "txt2img" && el.refiner.value && el.refiner.value !== "None") {
+      Object.assign(body, { refiner_checkpoint: el.refiner.value,
+        refiner_switch_at: parseFloat(el.refinerSwitch.value) });
     }
     if (m !== "txt2img") {
       if (!state.source) {
