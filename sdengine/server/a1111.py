@@ -21,9 +21,9 @@ from .bodies import BodyInThread
 from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
+from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip
 from .scripts import SCRIPTS
 from .service import Service
-from .validation import AUTOMATIC_SCHEDULE, check_clip_skip
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_\-()]{1,64}$")
 

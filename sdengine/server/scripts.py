@@ -13,6 +13,7 @@ from PIL import Image
 
 from .. import xyz
 from .errors import BadInput
+from .samplers import AUTOMATIC_SCHEDULE, SCHEDULER_KEYS, resolve_sampler
 
 if TYPE_CHECKING:
     from ..request import Request
@@ -116,8 +117,6 @@ def outpaint_plan(name: str, args: list[Any], inpainting_fill: int) -> OutpaintP
 
 def _axis(label: str, text: Any, dropdown: Any, csv_mode: bool, mode: str, base: Request,
           registry: ModelRegistry) -> xyz.Axis | None:
-    from .validation import AUTOMATIC_SCHEDULE, SCHEDULER_KEYS, resolve_sampler
-
     if label not in AXIS_FIELDS:
         raise BadInput(f"X/Y/Z plot: the axis {label!r} is not supported here; supported: "
                        f"{', '.join(AXIS_FIELDS)}")

@@ -12,19 +12,19 @@ from typing import Any
 
 from PIL import Image
 
-from ..diffusion.samplers import SAMPLERS, get_sampler
-from ..diffusion.schedule import A1111_SCHEDULERS, SCHEDULE_LABELS
+from ..diffusion.samplers import SAMPLERS
 from ..hires import HiresFix
 from ..images import empty_mask_note
 from ..memory_estimate import refusal
 from ..networks import parse_tags, strip_tags
 from ..prompts import Style, apply_styles
-from ..request import MAX_CLIP_SKIP, FieldError, Request
+from ..request import FieldError, Request
 from . import inpaint, scripts
 from .controlnet import UnitReader
 from .errors import BadInput
 from .images import decode_image, prepare_mask, resize_image
 from .registry import ModelRegistry
+from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, resolve_sampler
 
 # A1111 body field -> (Request field, A1111's default when the body leaves it out or sends null)
 A1111_FIELDS: dict[str, tuple[str, Any]] = {
@@ -38,13 +38,6 @@ A1111_HIRES_FIELDS: dict[str, tuple[str, Any]] = {
     "hr_upscaler": ("upscaler", None), "hr_second_pass_steps": ("steps", 0),
     "denoising_strength": ("denoising_strength", 0.75),  # A1111's txt2img default
 }
-# A1111's "automatic" scheduler: what each sampler's options name (sd_samplers_kdiffusion), else the plain one.
-AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
-                      "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2s_a": "karras", "restart": "karras",
-                      "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
-# A scheduler by A1111's name ("sgm_uniform") or label ("SGM Uniform"), any case -> ours
-SCHEDULER_KEYS = {**A1111_SCHEDULERS, **{label.lower(): A1111_SCHEDULERS[name]
-                                         for name, label in SCHEDULE_LABELS.items() if name in A1111_SCHEDULERS}}
 LABELS = {request_field: key for key, (request_field, _) in A1111_FIELDS.items()}
 LABELS.update({"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "denoising_strength",
                "clip_skip": "CLIP_stop_at_last_layers", "seed_resize_from": "seed_resize_from_w/h"})
@@ -97,38 +90,6 @@ def _int(body: dict, key: str, default: int, lo: int, hi: int, why: str = "") ->
     value = _get(body, key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise BadInput(f"{key} must be an integer from {lo} to {hi}{why}, got {value!r}")
-    return value
-
-
-def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
-    """A1111 sampler (display name, alias, or old-style "DPM++ 2M Karras") + scheduler -> (sampler, schedule)."""
-    name = (name or "Euler").strip()
-    from_name = None
-    try:
-        spec = get_sampler(name)
-    except ValueError:
-        spec = None
-        for suffix in ("karras", "exponential"):  # before A1111 1.9 the schedule was part of the name
-            if name.lower().endswith(" " + suffix):
-                try:
-                    spec, from_name = get_sampler(name[: -len(suffix) - 1]), suffix
-                except ValueError:
-                    pass
-        if spec is None:
-            raise BadInput(f"unknown sampler {name!r}; valid: "
-                           + ", ".join(s.display for s in SAMPLERS.values())) from None
-    key = (scheduler or "automatic").strip().lower()
-    if key == "automatic":
-        return spec.name, from_name or AUTOMATIC_SCHEDULE.get(spec.name, "normal")
-    if key not in SCHEDULER_KEYS:
-        raise BadInput(f"unknown scheduler {scheduler!r}; valid: automatic, {', '.join(A1111_SCHEDULERS)} (or "
-                       f"their labels: {', '.join(SCHEDULE_LABELS.values())})")
-    return spec.name, SCHEDULER_KEYS[key]
-
-
-def check_clip_skip(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
-        raise BadInput(f"CLIP_stop_at_last_layers must be an integer from 1 to {MAX_CLIP_SKIP}, got {value!r}")
     return value
 
 

@@ -1,0 +1,48 @@
+"""A1111's sampler and scheduler names read into ours (the HTTP API's `sampler_name`/`scheduler`, the X/Y/Z plot's
+sampler and schedule axes), and its clip-skip setting checked: one place for both the body reader and the scripts."""
+from __future__ import annotations
+
+from ..diffusion.samplers import SAMPLERS, get_sampler
+from ..diffusion.schedule import A1111_SCHEDULERS, SCHEDULE_LABELS
+from ..request import MAX_CLIP_SKIP
+from .errors import BadInput
+
+# A1111's "automatic" scheduler: what each sampler's options name (sd_samplers_kdiffusion), else the plain one.
+AUTOMATIC_SCHEDULE = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential",
+                      "dpm2": "karras", "dpm2_a": "karras", "dpmpp_2s_a": "karras", "restart": "karras",
+                      "dpmpp_2m_sde_heun": "exponential", "dpmpp_3m_sde": "exponential"}
+# A scheduler by A1111's name ("sgm_uniform") or label ("SGM Uniform"), any case -> ours
+SCHEDULER_KEYS = {**A1111_SCHEDULERS, **{label.lower(): A1111_SCHEDULERS[name]
+                                         for name, label in SCHEDULE_LABELS.items() if name in A1111_SCHEDULERS}}
+
+
+def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
+    """A1111 sampler (display name, alias, or old-style "DPM++ 2M Karras") + scheduler -> (sampler, schedule)."""
+    name = (name or "Euler").strip()
+    from_name = None
+    try:
+        spec = get_sampler(name)
+    except ValueError:
+        spec = None
+        for suffix in ("karras", "exponential"):  # before A1111 1.9 the schedule was part of the name
+            if name.lower().endswith(" " + suffix):
+                try:
+                    spec, from_name = get_sampler(name[: -len(suffix) - 1]), suffix
+                except ValueError:
+                    pass
+        if spec is None:
+            raise BadInput(f"unknown sampler {name!r}; valid: "
+                           + ", ".join(s.display for s in SAMPLERS.values())) from None
+    key = (scheduler or "automatic").strip().lower()
+    if key == "automatic":
+        return spec.name, from_name or AUTOMATIC_SCHEDULE.get(spec.name, "normal")
+    if key not in SCHEDULER_KEYS:
+        raise BadInput(f"unknown scheduler {scheduler!r}; valid: automatic, {', '.join(A1111_SCHEDULERS)} (or "
+                       f"their labels: {', '.join(SCHEDULE_LABELS.values())})")
+    return spec.name, SCHEDULER_KEYS[key]
+
+
+def check_clip_skip(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
+        raise BadInput(f"CLIP_stop_at_last_layers must be an integer from 1 to {MAX_CLIP_SKIP}, got {value!r}")
+    return value
