@@ -28,7 +28,7 @@ from . import __version__
 from .control import ControlNets
 from .diffusion.denoiser import AnyConditioning, CFGDenoiser, Conditioning, Denoiser, ScheduledConditioning
 from .diffusion.samplers import SAMPLERS, BatchNoise
-from .diffusion.schedule import SD_SCHEDULE, NoiseSchedule
+from .diffusion.schedule import SD_SCHEDULE, SDXL_SCHEDULE, NoiseSchedule
 from .diffusion.variation import initial_noise
 from .hires import upscale_latents, upscale_pixels
 from .images import image_to_tensor, mask_to_tensor, tensor_to_images
@@ -67,6 +67,8 @@ class Pipeline:
         """networks: the LoRA and embedding folders prompts may name (default: $SDENGINE_HOME/loras and
         .../embeddings, see runtime.loras_dir)."""
         self.model = model
+        if schedule is SD_SCHEDULE and model.config.conditioner:  # SDXL: Align Your Steps' SDXL table, as A1111 takes
+            schedule = SDXL_SCHEDULE
         self.schedule = schedule
         self.networks = networks or Networks(model, [loras_dir()], [embeddings_dir()])
         self.wildcards: Path | None = wildcards_dir()  # __name__ wildcards' folder (wildcards.py)

@@ -640,3 +640,20 @@ def test_refiner_from_the_request(sdxl_pipes, refiner_folder):
     with pytest.raises(ValueError, match="SDXL"):
         Pipeline(sdengine.StableDiffusion(PRESETS["tiny"])).generate("a", steps=1, width=16, height=16,
                                                                      original_size=(64, 64))
+
+
+def test_sdxl_takes_align_your_steps_sdxl_table(sdxl_pipes):
+    from sdengine.diffusion.schedule import SD_SCHEDULE
+    from sdengine.pipeline import Pipeline
+
+    assert sdxl_pipes["ours"].schedule.ays_table == "sdxl"
+    assert Pipeline(sdengine_tiny()).schedule is SD_SCHEDULE
+    sdxl = sdxl_pipes["ours"].schedule.sampling_sigmas(10, "align_your_steps", "leading", "zero")[0]
+    sd15 = SD_SCHEDULE.sampling_sigmas(10, "align_your_steps", "leading", "zero")[0]
+    assert not (sdxl == sd15).all()  # the tables differ
+
+
+def sdengine_tiny():
+    from sdengine.model import StableDiffusion
+
+    return StableDiffusion(PRESETS["tiny"])

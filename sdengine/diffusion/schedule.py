@@ -265,3 +265,4 @@ class NoiseSchedule:
 
 
 SD_SCHEDULE = NoiseSchedule()
+SDXL_SCHEDULE = NoiseSchedule(ays_table="sdxl")  # the same betas; only Align Your Steps' table differs
