@@ -58,3 +58,16 @@ def tensor_to_arrays(pixels: torch.Tensor, rounding: bool = True) -> np.ndarray:
 def tensor_to_images(pixels: torch.Tensor, rounding: bool = True) -> list[Image.Image]:
     """(b, 3, h, w) in [0, 1] -> PIL images."""
     return [Image.fromarray(a) for a in tensor_to_arrays(pixels, rounding)]
+
+
+def image_grid(images: list[Image.Image]) -> Image.Image:
+    """Images in rows as A1111 lays out a batch's grid: round(sqrt(n)) rows, filled left to right."""
+    import math
+
+    rows = max(1, min(len(images), round(math.sqrt(len(images)))))
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "black")
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid

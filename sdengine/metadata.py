@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +106,54 @@ def png_info(parameters: str) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str, force: bool = False) -> None:
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+UNICODE_PREFIX = b"UNICODE\x00"  # EXIF's character-code header; A1111 (piexif) writes UTF-16 big-endian after it
+
+
+def exif_with_parameters(parameters: str) -> bytes:
+    """EXIF holding the parameters as A1111 writes them into JPEG and WebP files (piexif's UserComment, UNDEFINED
+    type, "UNICODE" header, UTF-16BE): a minimal big-endian TIFF block, IFD0 pointing to an Exif IFD with that one
+    tag. Built by hand: Pillow would store a bytes value as BYTE, which A1111's reader (piexif) cannot decode."""
+    comment = UNICODE_PREFIX + parameters.encode("utf-16-be")
+    exif_ifd = 8 + 2 + 12 + 4  # after the TIFF header and IFD0 (one entry)
+    data = exif_ifd + 2 + 12 + 4  # after the Exif IFD (one entry)
+    return (b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8)
+            + struct.pack(">HHHII", 1, EXIF_IFD, 4, 1, exif_ifd) + struct.pack(">I", 0)
+            + struct.pack(">HHHII", 1, USER_COMMENT, 7, len(comment), data) + struct.pack(">I", 0) + comment)
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: str, force: bool = False, quality: int = 90) -> None:
     """Write atomically (weights.io.atomic_path: temp file, fsync, rename): a failed write (a full disk) leaves no
-    partial PNG and any existing file as it was; an existing file is replaced only with `force`."""
+    partial file and any existing file as it was; an existing file is replaced only with `force`. The format
+    follows the suffix (.jpg/.jpeg, .webp; anything else a PNG); the parameters go where A1111 puts them (PNG text,
+    else EXIF)."""
     from .weights.io import atomic_path
 
-    info = png_info(parameters)
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower(), "PNG")  # any other name is written as a PNG, as before
     with atomic_path(path, force=force) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        if fmt == "PNG":
+            image.save(tmp, format="PNG", pnginfo=png_info(parameters))
+        else:
+            image.convert("RGB").save(tmp, format=fmt, quality=quality, exif=exif_with_parameters(parameters))
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str, force: bool = False) -> None:
+    """save_image for a PNG (what most callers write)."""
+    save_image(image, path, parameters, force)
 
 
 def read_parameters(path: str | Path) -> str | None:
-    """The "parameters" text of a PNG, or None when it has none."""
+    """The "parameters" text of a PNG, or the EXIF UserComment of a JPEG/WebP (A1111's places), or None."""
     with Image.open(path) as img:
         img.load()
-        return img.info.get("parameters") or (img.text.get("parameters") if hasattr(img, "text") else None)
+        text = img.info.get("parameters") or (img.text.get("parameters") if hasattr(img, "text") else None)
+        if text:
+            return text
+        comment = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(comment, bytes) and len(comment) > 8:
+        head, body = comment[:8], comment[8:]
+        if head == UNICODE_PREFIX:
+            return body.decode("utf-16-be", errors="replace")
+        return body.decode("utf-8" if head.startswith(b"ASCII") else "latin-1", errors="replace").rstrip("\x00")
+    return comment if isinstance(comment, str) and comment else None

@@ -404,3 +404,31 @@ def test_wildcards_and_variants_are_chosen_by_seed(cli, tmp_path):
     assert code != 0 and "unresolved after" in err
     code, _, err = cli("generate", "a __../../etc/passwd__", *FAST)
     assert code != 0 and "not a name inside" in err
+
+
+def test_outputs_as_a1111_names_them(cli, tmp_path):
+    """--out-pattern: NNNNN-PATTERN numbered on (never overwriting), subfolders from '/'; --format jpg/webp with the
+    parameters in EXIF as A1111 writes them (piexif, A1111's reader, reads them back); --grid."""
+    import piexif
+    import piexif.helper
+
+    out = tmp_path / "outs"
+    out.mkdir()
+    code, _, err = cli("generate", "a red circle", "--seed", "3", "--batch", "2", "--out", out, "--out-pattern",
+                       "[date]/[seed]-[prompt_spaces]", "--format", "jpg", "--grid", *FAST)
+    assert code == 0, err
+    day = next(out.iterdir())
+    names = sorted(p.name for p in day.iterdir())
+    assert names == ["00000-3-a red circle-grid.jpg", "00000-3-a red circle.jpg", "00001-4-a red circle.jpg"]
+    code, _, err = cli("generate", "a red circle", "--seed", "3", "--out", out, "--out-pattern",
+                       "[date]/[seed]-[prompt_spaces]", "--format", "webp", *FAST)
+    assert code == 0, err
+    assert (day / "00002-3-a red circle.webp").exists()  # numbered on: the first run's files stay
+    exif = piexif.load(Image.open(day / "00001-4-a red circle.jpg").info["exif"])
+    text = piexif.helper.UserComment.load(exif["Exif"][piexif.ExifIFD.UserComment])
+    assert text == read_parameters(day / "00001-4-a red circle.jpg") and "Seed: 4" in text
+    assert Image.open(day / "00000-3-a red circle-grid.jpg").size == (48, 16)
+    code, _, err = cli("generate", "a", "--out", out, "--out-pattern", "[bogus]", *FAST)
+    assert code != 0 and "unknown file name tag" in err
+    code, _, err = cli("generate", "a", "--out", out, "--out-pattern", "../[seed]", *FAST)
+    assert code != 0 and "inside the output folder" in err

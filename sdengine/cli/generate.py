@@ -123,6 +123,12 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--out", default=None, help="output PNG (a batch adds -SEED), or a folder (sdengine-SEED.png "
                                               "in it; a name ending in / must be an existing folder)")
     p.add_argument("--force", action="store_true", help="replace existing output files (default: refuse)")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], default="png", help="file type of the names made "
+                   "here (parameters in PNG text, else EXIF as A1111 writes them); an --out file's suffix decides")
+    p.add_argument("--out-pattern", default=None, metavar="PATTERN", help="A1111 file names in --out's folder (or "
+                   "here): NNNNN-PATTERN, numbered on so nothing is overwritten; tags [seed] [prompt_spaces] [steps] "
+                   "[sampler] [cfg] [model_name] [date] ...; '/' makes subfolders ([date]/[seed])")
+    p.add_argument("--grid", action="store_true", help="also save a grid of each run's images (when more than one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -307,15 +313,41 @@ def request_from_args(args: argparse.Namespace, command: str, width: int | None,
     return _request_class()(**values)
 
 
-def output_paths(out: str | Path | None, ids: list[int], force: bool = False) -> list[Path]:
+def pattern_paths(args: argparse.Namespace, reqs: list, model_name: str) -> list[Path]:
+    """--out-pattern's names: numbered A1111-style in --out's folder (created below it as the pattern asks)."""
+    from datetime import datetime
+
+    from ..filenames import check_pattern, expand, numbered_paths, tag_values
+
+    try:
+        check_pattern(args.out_pattern)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    folder = Path(args.out or ".")
+    if not folder.is_dir():
+        raise CLIError(f"--out-pattern writes into a folder; {folder} is none")
+    now, names = datetime.now(), []
+    for req in reqs:
+        for n in range(req.n_iter):
+            batch = req.iteration(n)
+            for i, seed in enumerate(batch.seeds):
+                names.append(expand(args.out_pattern, tag_values({
+                    "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed, "steps": req.steps,
+                    "cfg": f"{req.cfg_scale:g}", "sampler": req.sampler_spec.display, "scheduler": req.schedule,
+                    "width": req.width, "height": req.height, "model_name": model_name, "batch_number": i,
+                    "generation_number": n, "clip_skip": req.clip_skip}, now)))
+    return numbered_paths(folder, names, f".{args.format}")
+
+
+def output_paths(out: str | Path | None, ids: list[int], force: bool = False, suffix: str = ".png") -> list[Path]:
     """One path per image: --out as given for one image, NAME-ID.png for several; default sdengine-ID.png; in
     --out's folder when it is one. `ids`: what tells the images apart (the seeds, or the variation seeds when there
     is a variation). Checked before any work: the folder exists, and no path exists (or is the same as another)
     unless `force`; a folder is never replaced."""
     if out is None:
-        paths = [Path(f"sdengine-{s}.png") for s in ids]
+        paths = [Path(f"sdengine-{s}{suffix}") for s in ids]
     elif Path(out).is_dir():
-        paths = [Path(out) / f"sdengine-{s}.png" for s in ids]
+        paths = [Path(out) / f"sdengine-{s}{suffix}" for s in ids]
     elif str(out).endswith(("/", os.sep)):
         raise CLIError(f"output folder {out} does not exist")
     else:
@@ -348,7 +380,7 @@ def open_image(path: Path, what: str):
 
 def run_generation(args: argparse.Namespace) -> None:
     from .. import runtime
-    from ..metadata import save_png
+    from ..metadata import save_image
 
     command = args.command
     init = mask = note = None
@@ -386,7 +418,10 @@ def run_generation(args: argparse.Namespace) -> None:
     # one name per image: its seed, and with a prompts file its line number first (lines may share seeds)
     ids = [f"{number}-{i}" if len(reqs) > 1 else i for number, req in enumerate(reqs, 1)
            for n in range(req.n_iter) for i in req.iteration(n).image_ids]
-    paths = output_paths(args.out, ids, args.force)
+    if args.out_pattern:
+        paths = pattern_paths(args, reqs, model_path.stem)
+    else:
+        paths = output_paths(args.out, ids, args.force, f".{args.format}")
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
@@ -410,11 +445,20 @@ def run_generation(args: argparse.Namespace) -> None:
                 bar.close()
         for warning in networks.warnings:
             print(f"sdengine: warning: {warning}", file=sys.stderr)
+        written = []
         for image in images:  # written as each request finishes: a long prompts file keeps what it made
             path = next(paths_left)
-            save_png(image, path, image.info["parameters"], force=args.force)
+            path.parent.mkdir(parents=True, exist_ok=True)  # a pattern's subfolders ([date]/...)
+            save_image(image, path, image.info["parameters"], force=args.force)
+            written.append(path)
             variation = f", variation seed {image.info['subseed']}" if "subseed" in image.info else ""
             print(f"wrote {path} (seed {image.info['seed']}{variation})")
+        if args.grid and len(images) > 1:
+            from ..images import image_grid
+
+            grid_path = written[0].with_name(f"{written[0].stem}-grid{written[0].suffix}")
+            save_image(image_grid(images), grid_path, images[0].info["parameters"], force=args.force)
+            print(f"wrote {grid_path} (a grid of {len(images)})")
 
 
 def progress(quiet: bool):

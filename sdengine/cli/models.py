@@ -15,8 +15,16 @@ def _format_count(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
+def _is_image(path: Path) -> bool:
+    """PNG, JPEG or WebP by their first bytes (what generation writes; a checkpoint is none of them)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return (head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff"
+            or (head[:4] == b"RIFF" and head[8:] == b"WEBP"))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    if args.path.is_file() and args.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n":
+    if args.path.is_file() and _is_image(args.path):
         return image_info(args)
     from ..weights import load
 
@@ -47,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def image_info(args: argparse.Namespace) -> None:
-    """The generation parameters stored in a PNG (ours or AUTOMATIC1111's)."""
+    """The generation parameters stored in a PNG, JPEG or WebP (ours or AUTOMATIC1111's)."""
     from ..metadata import parse_parameters, read_parameters
 
     text = read_parameters(args.path)
