@@ -245,7 +245,8 @@ def test_heap_is_trimmed_when_the_queue_goes_idle(client, monkeypatch):
         if calls:
             break
         time.sleep(0.05)
-    assert calls == [0]
+    # at least once, and only ever with nothing waiting (a job of an earlier test may finish in the same window)
+    assert calls and all(waiting == 0 for waiting in calls)
     assert cpu_memory.release() in (True, False)  # callable anywhere; a no-op without glibc
 
 
