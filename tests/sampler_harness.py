@@ -127,3 +127,12 @@ def kdiffusion() -> types.SimpleNamespace:
 def kdiffusion_model(model):
     """Our model(x, sigma) called as k-diffusion calls models: sigma one per image."""
     return lambda x, sigma, **_: model(x, sigma[0])
+
+
+def use_scheduler(ref, class_name: str, **extra):
+    """Give a diffusers pipeline one of diffusers' schedulers on SD1.5's config (its own prediction type kept)."""
+    import diffusers
+
+    prediction = ref.scheduler.config.prediction_type
+    ref.scheduler = getattr(diffusers, class_name).from_config(
+        {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction, **extra})

@@ -276,7 +276,7 @@ def test_cli(cn, tmp_path, capsys, monkeypatch):
 def sdxl_cn(tmp_path_factory):
     """A tiny SDXL pipeline (test_sdxl's) and a ControlNetModel.from_unet on its UNet (label_emb / y)."""
     from diffusers import ControlNetModel
-    from test_sdxl import sdxl_pipeline
+    from sdxl_helpers import sdxl_pipeline
 
     root = tmp_path_factory.mktemp("sdxl-cn")
     ref = sdxl_pipeline(root / "pipe")

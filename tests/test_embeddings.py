@@ -253,7 +253,7 @@ def test_sdxl_clip_l_and_clip_g_match_diffusers(tmp_path):
     """A tiny SDXL pipeline whose encoders differ in width (32 and 48; a file's tensors are told apart by width),
     the file loaded in diffusers once per encoder as its docs show."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from test_sdxl import SDXL_UNET, TEXT, perturbed
+    from sdxl_helpers import SDXL_UNET, TEXT, perturbed
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTokenizer as HFTokenizer
 

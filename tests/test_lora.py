@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
+from lora_helpers import kohya_file, peft_adapted, random_kohya, randomize
 from reference import assert_close
 from safetensors.torch import save_file
 
 import sdengine
-from sdengine.lora import LoraError, LoraPatcher, LoraUse, kohya_names, lora_targets, read_lora
+from sdengine.lora import LoraError, LoraPatcher, LoraUse, read_lora
 
 UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -29,23 +30,6 @@ def patcher(model):
     patcher = LoraPatcher(model)
     yield patcher
     patcher.restore()
-
-
-def _randomize(module: torch.nn.Module, seed: int, names: tuple[str, ...]) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(n in name for n in names):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def _peft(module: torch.nn.Module, targets: list[str], seed: int, alpha: int = 8, rank: int = 4, **extra):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra)
-    adapted = inject_adapter_in_model(config, copy.deepcopy(module))
-    _randomize(adapted, seed, ("lora_A", "lora_B", "lora_magnitude"))
-    return adapted.eval(), config
 
 
 def _unet_io(model, seed=1):
@@ -71,8 +55,8 @@ def peft_lora(reference, tmp_path_factory):
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    unet, unet_cfg = _peft(reference["parts"]["unet"], UNET_MODULES, seed=3)
-    text, text_cfg = _peft(reference["parts"]["text_encoder"], TEXT_MODULES, seed=4, alpha=2)
+    unet, unet_cfg = peft_adapted(reference["parts"]["unet"], UNET_MODULES, seed=3)
+    text, text_cfg = peft_adapted(reference["parts"]["text_encoder"], TEXT_MODULES, seed=4, alpha=2)
     folder = tmp_path_factory.mktemp("peft")
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet),
@@ -92,31 +76,13 @@ def test_peft_file_matches_peft_modules(model, reference, peft_lora, patcher):
     _check(model, reference, reference["parts"]["unet"], reference["parts"]["text_encoder"])
 
 
-def _kohya_file(model, peft_lora, path, unet_only: bool = False) -> None:
-    """The PEFT weights under kohya-ss names (lora_down = A, lora_up = B, alpha = the PEFT config's)."""
-    from peft.utils import get_peft_model_state_dict
-
-    names = kohya_names(model)
-    by_alias = {alias: key for alias, t in lora_targets(model).items() for key in [t.key]}
-    out = {}
-    for part, prefix, alpha in (("unet", "unet.", 8.0), ("text", "text_encoder.", 2.0)):
-        if part == "text" and unet_only:
-            continue
-        for key, value in get_peft_model_state_dict(peft_lora[part]).items():
-            layer, role = key.rsplit(".lora_", 1)
-            kohya = names[by_alias[prefix + layer]]
-            out[f"{kohya}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = value.contiguous()
-            out[f"{kohya}.alpha"] = torch.tensor(alpha)
-    save_file(out, path)
-
-
 def test_kohya_file_matches_peft_and_diffusers_reads_it(model, reference, peft_lora, patcher, tmp_path):
     """The same weights in kohya's layout: our output equals the PEFT modules', and diffusers' own kohya reader
     (load_lora_weights) maps our names to the same layers."""
     from diffusers import StableDiffusionPipeline
 
     path = tmp_path / "kohya.safetensors"
-    _kohya_file(model, peft_lora, path)
+    kohya_file(model, peft_lora, path)
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in read_lora(path).layers)
     patcher.apply([LoraUse(read_lora(path))])
     _check(model, reference, peft_lora["unet"], peft_lora["text"])
@@ -151,26 +117,11 @@ def test_two_loras_at_once(model, reference, peft_lora, patcher, tmp_path):
     """Two LoRAs on the same layers add up: a kohya copy of the PEFT LoRA at 0.5 plus the PEFT file at 0.5 is the
     PEFT LoRA at 1.0."""
     path = tmp_path / "kohya.safetensors"
-    _kohya_file(model, peft_lora, path)
+    kohya_file(model, peft_lora, path)
     report = patcher.apply([LoraUse(read_lora(path), 0.5, 0.5), LoraUse(read_lora(peft_lora["path"]), 0.5, 0.5)])
     assert len(report.applied) == 2
     _check(model, reference, peft_lora["unet"], peft_lora["text"])
     patcher.restore()
-
-
-def random_kohya(model, rank: int = 2, seed: int = 0, conv: bool = True) -> dict[str, torch.Tensor]:
-    """A kohya-named LoRA (LoCon with conv) over every layer of `model` that a LoRA can patch."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, name in kohya_names(model).items():
-        w = next(t for t in lora_targets(model).values() if t.key == key).weight_tensor()
-        if w.ndim == 4 and not conv:
-            continue
-        out[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
-        out[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []),
-                                                    generator=g) * 0.1
-        out[f"{name}.alpha"] = torch.tensor(float(rank))
-    return out
 
 
 @pytest.mark.slow
@@ -195,11 +146,11 @@ def test_apply_restore_is_bitwise_after_many_cycles(dtype):
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
 
-def test_dora_peft(model, reference, patcher, tmp_path):
+def test_dorapeft_adapted(model, reference, patcher, tmp_path):
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    unet, cfg = _peft(reference["parts"]["unet"], ["to_q", "to_v", "proj_in"], seed=5, use_dora=True)
+    unet, cfg = peft_adapted(reference["parts"]["unet"], ["to_q", "to_v", "proj_in"], seed=5, use_dora=True)
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet),
                                               unet_lora_adapter_metadata=cfg.to_dict())
     lora = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
@@ -224,7 +175,7 @@ def test_lycoris_matches_lycoris_modules(model, reference, patcher, algo, extra,
     try:
         net = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, algo=algo, **extra)
         net.apply_to()
-        _randomize(net, 6, ("hada_", "lokr_", "lora_", "diff", "dora_scale", "weight"))
+        randomize(net, 6, ("hada_", "lokr_", "lora_", "diff", "dora_scale", "weight"))
         path = tmp_path / "lycoris.safetensors"
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
         lora = read_lora(path)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_cli_error, run_cli
+from lora_helpers import random_kohya
 from PIL import Image
 from safetensors.torch import save_file
-from test_lora import random_kohya
 
 import sdengine
 from sdengine.config import PRESETS

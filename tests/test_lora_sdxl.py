@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from lora_helpers import peft_adapted
 from reference import assert_close
 from safetensors.torch import save_file
-from test_lora import _peft
-from test_sdxl import POOLED, sdxl_pipeline
+from sdxl_helpers import POOLED, sdxl_pipeline
 
 import sdengine
 from sdengine.lora import LoraError, LoraPatcher, LoraUse, kohya_names, lora_targets, read_lora
@@ -28,9 +28,9 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sdxl-lora")
     pipe = sdxl_pipeline(root / "pipe")
-    unet, unet_cfg = _peft(pipe.unet, UNET_MODULES, seed=21)
-    te1, te1_cfg = _peft(pipe.text_encoder, TEXT_MODULES, seed=22, alpha=2)
-    te2, te2_cfg = _peft(pipe.text_encoder_2, TEXT_MODULES, seed=23, alpha=2)
+    unet, unet_cfg = peft_adapted(pipe.unet, UNET_MODULES, seed=21)
+    te1, te1_cfg = peft_adapted(pipe.text_encoder, TEXT_MODULES, seed=22, alpha=2)
+    te2, te2_cfg = peft_adapted(pipe.text_encoder_2, TEXT_MODULES, seed=23, alpha=2)
     StableDiffusionXLPipeline.save_lora_weights(
         root, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(te1),

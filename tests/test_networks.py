@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lora_helpers import kohya_file, peft_adapted
 from reference import save_pipeline
-from test_lora import _kohya_file, _peft  # noqa: F401  (the PEFT helpers of the LoRA tests)
-from test_pipeline import use_scheduler
+from sampler_harness import use_scheduler
 
 import sdengine
 from sdengine.lora import addnet_hash
@@ -50,19 +50,19 @@ def setup(tmp_path_factory):
     parts = save_pipeline("sd1", root / "pipe")
     loras = root / "loras"
     (loras / "sub").mkdir(parents=True)
-    unet, unet_cfg = _peft(parts["unet"], ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], seed=11, alpha=4)
-    text, text_cfg = _peft(parts["text_encoder"], ["q_proj", "v_proj", "fc1"], seed=12, alpha=4)
+    unet, unet_cfg = peft_adapted(parts["unet"], ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], seed=11, alpha=4)
+    text, text_cfg = peft_adapted(parts["text_encoder"], ["q_proj", "v_proj", "fc1"], seed=12, alpha=4)
     StableDiffusionPipeline.save_lora_weights(loras / "sub", unet_lora_layers=get_peft_model_state_dict(unet),
                                               text_encoder_lora_layers=get_peft_model_state_dict(text),
                                               unet_lora_adapter_metadata=unet_cfg.to_dict(),
                                               text_encoder_lora_adapter_metadata=text_cfg.to_dict(),
                                               weight_name="peftstyle.safetensors")
-    unet2, _ = _peft(parts["unet"], ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], seed=13, alpha=4)
-    text2, _ = _peft(parts["text_encoder"], ["q_proj", "v_proj", "fc1"], seed=14, alpha=4)
+    unet2, _ = peft_adapted(parts["unet"], ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], seed=13, alpha=4)
+    text2, _ = peft_adapted(parts["text_encoder"], ["q_proj", "v_proj", "fc1"], seed=14, alpha=4)
     model = sdengine.load(root / "pipe")
     # UNet only: diffusers 0.42 with transformers 5 drops a kohya file's text-encoder layers ("UNEXPECTED" keys),
     # so its image could not be the oracle for them (tests/test_lora.py checks them against the PEFT modules)
-    _kohya_file(model, {"unet": unet2, "text": text2}, loras / "kohyastyle.safetensors", unet_only=True)
+    kohya_file(model, {"unet": unet2, "text": text2}, loras / "kohyastyle.safetensors", unet_only=True)
     return {"folder": root / "pipe", "loras": loras, "model": model}
 
 

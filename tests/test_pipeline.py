@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from reference import save_pipeline
-from sampler_harness import SD15_SCHEDULER_CONFIG, max_rel_error
+from sampler_harness import max_rel_error, use_scheduler
 
 import sdengine
 from sdengine.diffusion.samplers import SAMPLERS
@@ -26,14 +26,6 @@ def pipes(reference):
     ref = StableDiffusionPipeline.from_pretrained(reference["folder"], safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     return {"ours": Pipeline(sdengine.load(reference["folder"])), "ref": ref}
-
-
-def use_scheduler(ref, class_name: str, **extra):
-    import diffusers
-
-    prediction = ref.scheduler.config.prediction_type
-    ref.scheduler = getattr(diffusers, class_name).from_config(
-        {**SD15_SCHEDULER_CONFIG, "prediction_type": prediction, **extra})
 
 
 def init_image() -> Image.Image:

@@ -13,10 +13,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from lora_helpers import random_kohya
 from PIL import Image
 from safetensors.torch import save_file
 from server_helpers import write_model
-from test_lora import random_kohya
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")

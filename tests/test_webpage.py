@@ -47,8 +47,8 @@ def browser():
 def server(tmp_path_factory):
     """With a LoRA folder (one kohya LoRA) and an embeddings folder (one embedding) for the tiny model."""
     import torch
+    from lora_helpers import random_kohya
     from safetensors.torch import save_file
-    from test_lora import random_kohya
 
     from sdengine.config import TINY
     from sdengine.model import StableDiffusion
