@@ -421,21 +421,27 @@ class Pipeline:
         with self.tiling(req):
             pixels = self.decode(latents)
         images = tensor_to_images(pixels)
+        shared = self._batch_infotext(req)  # hashes, warnings, ControlNet units: the same for every image
         for i, img in enumerate(images):
-            img.info["parameters"] = self.infotext(req, i, extra)
+            img.info["parameters"] = self.infotext(req, i, extra, shared)
             img.info["seed"] = req.seeds[i]
             if req.subseed_strength:
                 img.info["subseed"] = req.subseeds[i]
         return images
 
-    def infotext(self, req: Request, index: int, extra: dict[str, Any] | None = None) -> str:
-        """Image `index` of the batch's A1111 parameters line."""
+    def _batch_infotext(self, req: Request) -> dict[str, Any]:
+        """The parameters every image of a batch shares beyond the Request's: LoRA/TI hashes, warnings, units."""
+        return {**self.networks.infotext_fields(req), **self.controlnets.infotext_fields(req.controls)}
+
+    def infotext(self, req: Request, index: int, extra: dict[str, Any] | None = None,
+                 shared: dict[str, Any] | None = None) -> str:
+        """Image `index` of the batch's A1111 parameters line (shared: _batch_infotext's, when already made)."""
         if self._model_hash is False:
             self._model_hash = model_hash(self.model.source)
         source = Path(self.model.source) if self.model.source else None
         params = {**req.infotext_fields(index), "Model hash": self._model_hash,
-                  "Model": source.stem if source else None, **self.networks.infotext_fields(req),
-                  **self.controlnets.infotext_fields(req.controls), **(extra or {}),
+                  "Model": source.stem if source else None,
+                  **(self._batch_infotext(req) if shared is None else shared), **(extra or {}),
                   "Version": f"sdengine {__version__}"}
         return format_parameters(req.prompt, req.negative_prompt, params)
 
