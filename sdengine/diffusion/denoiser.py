@@ -181,20 +181,50 @@ class CFGDenoiser:
 
     With prompt editing (ScheduledConditioning) the halves follow `step`, the sampling step under way, which the
     pipeline advances from the sampler's per-step callback: every evaluation of a step (Heun's second one too)
-    sees that step's prompt. ControlNet units with a guidance start/end follow it the same way."""
+    sees that step's prompt. ControlNet units with a guidance start/end follow it the same way.
 
-    def __init__(self, denoiser: Denoiser, cond: AnyConditioning, uncond: AnyConditioning | None, scale: float):
+    guidance_until: CFG skipping (opt-in; None = guided at every step, the default): from this step on, the
+    conditional half alone is run, one UNet batch half instead of two. Counted in steps, not sigmas: the cost
+    saved is known up front whatever the schedule, and all evaluations of one step (a second-order sampler's)
+    see the same model, where a sigma threshold could split a step between guided and unguided evaluations.
+    step_listeners: called with the new step whenever `step` changes (DeepCache's cache follows the steps)."""
+
+    def __init__(self, denoiser: Denoiser, cond: AnyConditioning, uncond: AnyConditioning | None, scale: float,
+                 guidance_until: int | None = None):
+        if guidance_until is not None and (not isinstance(guidance_until, int) or guidance_until < 0):
+            raise ValueError(f"guidance_until must be a step >= 0 or None, got {guidance_until!r}")
         self.denoiser = denoiser
         self.cond, self.uncond, self.scale = cond, uncond, scale
-        self.step = 0
+        self.guidance_until = guidance_until
+        self.step_listeners: list[Callable[[int], None]] = []
+        self._step = 0
         self._both: dict[tuple, Conditioning] = {}
 
     @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self._step = step
+        for listener in self.step_listeners:
+            listener(step)
+
+    @property
     def scheduled(self) -> bool:
-        """Whether anything changes with the step: a prompt schedule, or a control acting on some steps only."""
+        """Whether anything changes with the step: a prompt schedule, a control acting on some steps only, CFG
+        skipping, or a step listener."""
+        if self.guidance_until is not None or self.step_listeners:
+            return True
         if isinstance(self.cond, ScheduledConditioning) or isinstance(self.uncond, ScheduledConditioning):
             return True
         return any(c.steps != ALL_STEPS for c in self.cond.controls)
+
+    def guided_at(self, step: int) -> bool:
+        """Whether step `step` runs guidance (both halves)."""
+        if self.uncond is None or self.scale == 1.0:
+            return False
+        return self.guidance_until is None or step < self.guidance_until
 
     def _at(self, c: AnyConditioning) -> tuple[tuple, Conditioning]:
         index, cond = c.at(self.step) if isinstance(c, ScheduledConditioning) else (0, c)
@@ -204,8 +234,9 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         ci, cond = self._at(self.cond)
-        if self.uncond is None or self.scale == 1.0:  # guidance off: one pass suffices
+        if not self.guided_at(self.step):  # guidance off (or skipped at this step): one pass suffices
             return self.denoiser(x, sigma, cond)
+        assert self.uncond is not None
         ui, uncond = self._at(self.uncond)
         both = self._both.get((ci, ui))
         if both is None:
