@@ -7,6 +7,7 @@
     sdengine train vae --out runs/dec --init model.safetensors --decoder-only  (a sharper decoder, same latents)
     sdengine train lora --init model.safetensors --data shapes:pink --rank 8 --out runs/pink-lora
     sdengine train embedding --init model.safetensors --data shapes:pink --token pink --vectors 2 --out runs/pink-ti
+    sdengine train lcm --init model.safetensors --data shapes --out runs/lcm          (4-step LCM; --lora-rank R: LoRA)
 
 Each stage has its own options (an option of another stage is a usage error that names it); values are checked by
 argparse as they are parsed. Under `torchrun --nproc_per_node N` the same commands train data-parallel. torch is
@@ -27,13 +28,15 @@ STAGES = {"vae": "the autoencoder (KL-regularized, SD's layout)",
           "text": "the text encoder (CLIP-style contrastive pretraining, own BPE vocabulary)",
           "unet": "the denoiser, on a trained VAE and text encoder or a whole model (--init)",
           "lora": "a LoRA (kohya-ss layout; LoCon with --conv-rank) on a whole model (--init), the model frozen",
-          "embedding": "a textual inversion embedding (--token) on a whole model (--init), the model frozen"}
+          "embedding": "a textual inversion embedding (--token) on a whole model (--init), the model frozen",
+          "lcm": "a few-step latent consistency model (LCM) distilled from a whole model (--init), or an LCM-LoRA"}
 DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "vae": {"steps": 6000, "batch": 32, "lr": 2e-4, "ema": 0.0},
     "text": {"steps": 3000, "batch": 128, "lr": 3e-4, "ema": 0.0},
     "unet": {"steps": 40000, "batch": 64, "lr": 2e-4, "ema": 0.999},
     "lora": {"steps": 1500, "batch": 32, "lr": 1e-4, "ema": 0.0},
     "embedding": {"steps": 1500, "batch": 32, "lr": 5e-3, "ema": 0.0},
+    "lcm": {"steps": 2000, "batch": 32, "lr": 5e-5, "ema": 0.0},  # the target network's EMA is --ema-decay
 }
 
 
@@ -78,6 +81,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     add_unet_options(unet)
     add_lora_options(parsers["lora"])
     add_embedding_options(parsers["embedding"])
+    add_lcm_options(parsers["lcm"])
     refuse_other_stages_options(parsers)
 
 
@@ -206,6 +210,36 @@ def add_embedding_options(p: argparse.ArgumentParser) -> None:
                        help="TOKEN.pt in A1111's layout (default) or TOKEN.safetensors with emb_params")
 
 
+def guidance(text: str) -> tuple[float, float]:
+    """'G' (a fixed guidance scale) or 'LOW:HIGH' (drawn uniformly per item) -> (low, high)."""
+    try:
+        values = [float(v) for v in text.split(":")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(1.0 <= v < float("inf") for v in values) or values[0] > values[-1]:
+        raise argparse.ArgumentTypeError(f"expected a guidance scale G >= 1 or a range LOW:HIGH (1 <= LOW <= HIGH), "
+                                         f"got {text!r}")
+    return values[0], values[-1]
+
+
+def add_lcm_options(p: argparse.ArgumentParser) -> None:
+    model = add_adapter_model_options(p)
+    model.add_argument("--guidance", type=guidance, default=(5.0, 5.0), metavar="G[:G_MAX]",
+                       help="the teacher's classifier-free guidance scale (A1111's CFG scale; diffusers' LCM scripts' "
+                            "w is G - 1), or a range drawn from per item; the result is used at CFG 1 (5)")
+    model.add_argument("--ema-decay", type=decay, default=None, metavar="D",
+                       help="the target network is an EMA of the student with this decay (default 0.95); 0: the "
+                            "student itself without gradients, the LCM-LoRA recipe (the default with --lora-rank)")
+    model.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
+                       help="distill an LCM-LoRA of this rank (kohya layout, lora.safetensors), not a whole model")
+    model.add_argument("--lora-alpha", type=positive_float, default=None, metavar="A",
+                       help="with --lora-rank: its alpha (default: the rank)")
+    model.add_argument("--solver-steps", type=positive_int, default=50, metavar="N",
+                       help="the teacher's DDIM schedule: N timesteps skipping 1000 // N (50, as LCM's "
+                            "original_inference_steps)")
+    model.add_argument("--huber-c", type=positive_float, default=0.001, help="the pseudo-Huber loss's c (0.001)")
+
+
 def refuse_other_stages_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """Give each stage's parser the other stages' options as hidden refusals that name the stage they are for."""
     owners: dict[str, list[str]] = {}
@@ -300,8 +334,22 @@ def build_embedding(args: argparse.Namespace, source):
                           seed=args.seed, init_name=args.init.name, fmt=args.format)
 
 
+def build_lcm(args: argparse.Namespace, source):
+    from ..train.stages.lcm import LCMStage
+    from ..weights import load
+
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise ValueError("--lora-alpha needs --lora-rank (without it the whole UNet is distilled)")
+    ema_decay = args.ema_decay if args.ema_decay is not None else (0.0 if args.lora_rank else 0.95)
+    model = load(args.init)
+    model.unet.gradient_checkpointing = args.grad_checkpointing
+    return LCMStage(model, source, guidance=args.guidance, ema_decay=ema_decay, solver_steps=args.solver_steps,
+                    huber_c=args.huber_c, lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha, seed=args.seed,
+                    init_name=args.init.name)
+
+
 BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet, "lora": build_lora,
-            "embedding": build_embedding}
+            "embedding": build_embedding, "lcm": build_lcm}
 
 
 def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
@@ -351,7 +399,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
     source = make_source(args.data, args.size, args.seed, args.scene_kinds, args.color_drop)
     stage = BUILDERS[args.stage](args, source)
-    if args.stage in ("unet", "lora", "embedding"):
+    if args.stage in ("unet", "lora", "embedding", "lcm"):
         workers = unet_extras(args, stage, device, workers)
     cfg = TrainConfig(run_dir=args.out, steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=args.warmup,
                       grad_accum=args.grad_accum, ema_decay=args.ema, precision=args.precision,
