@@ -1,0 +1,366 @@
+"""it/s of txt2img sampling on a CUDA GPU, sdengine vs diffusers with the same random SD1.5-shape weights (issue 33,
+target 7): 512x512, 50 Euler steps, CFG 7.5 (the UNet runs on 2 x batch), fp16, batch 1 and 8, for
+
+    diffusers eager | sdengine eager | sdengine compiled (compile_unet) | + CUDA graphs (cuda_graphs) | diffusers
+    compiled (torch.compile default mode, fullgraph: max-autotune's tuning would not fit the 8 minutes)
+
+    bash benchmarks/gpu.sh [--steps 50] [--batches 1,8] [--repeats 2] [--budget 400]
+    bash benchmarks/gpu.sh --dry-run      # the whole flow on a CPU, tiny model, seconds (tests/test_gpu_bench.py)
+
+Timing: every call is made once untimed first with 3 steps (its seconds are printed as warm-up: compilation,
+CUDA graph capture, cuDNN autotuning), then `--repeats` timed calls at batch 1 (one at larger batches, where one
+call is seconds), best kept. A CUDA event is recorded at the
+call's start, after each step (the pipelines' step callbacks) and at its end, and read after one synchronize, so
+the host's timing never stalls the queue: it/s = (steps - 1) / (first step's end -> last step's end), the
+sampler's steady rate as a progress bar shows it (what stable-fast's 104.6 it/s is); s/call = the whole call
+(text encoding + all steps, no VAE decode). Each case's final latents are compared with diffusers eager's at the
+same batch (max abs difference), its first image decoded by its own VAE (PSNR against diffusers eager's image).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import sdengine
+from sdengine.compile import compile_unet
+from sdengine.cuda_graphs import GraphedForward, use_cuda_graphs
+from sdengine.pipeline import Pipeline
+from sdengine.request import Request
+
+PROMPT, CFG, SEED = "a photograph of an astronaut riding a horse", 7.5, 0
+TARGET_RATIO, TARGET_H100_ITS, STABLE_FAST_ITS = 2.0, 110.0, 104.6
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+Run = Callable[[int, int, Callable[[], None]], torch.Tensor]  # (batch, steps, mark) -> final latents
+
+
+class StepClock:
+    """Timestamps on the device's own timeline: CUDA events recorded into the stream (read after one synchronize
+    at the end, so marking never waits for the GPU), or perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, i: int, j: int) -> float:
+        """Seconds from mark i to mark j."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.marks[i].elapsed_time(self.marks[j]) / 1000
+        return self.marks[j] - self.marks[i]
+
+
+@dataclass
+class Row:
+    case: str
+    batch: int
+    its: float | None = None  # steady steps per second (one step = one CFG UNet call on 2 x batch)
+    seconds: float | None = None  # one whole call
+    warm: float | None = None  # the untimed first call: compilation, capture, autotuning
+    latents: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    max_diff: float | None = None
+    psnr: float | None = None
+    note: str = ""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(run: Run, batch: int, steps: int, warm_steps: int, repeats: int, device: torch.device) -> Row:
+    """One case: an untimed warm-up call of `warm_steps`, then the best of `repeats` timed calls of `steps`."""
+    sync(device)
+    start = time.perf_counter()
+    run(batch, warm_steps, lambda: None)
+    sync(device)
+    row = Row("", batch, warm=time.perf_counter() - start)
+    for _ in range(repeats):
+        clock = StepClock(device)
+        clock.mark()
+        latents = run(batch, steps, clock.mark)
+        clock.mark()
+        if len(clock.marks) != steps + 2:
+            raise RuntimeError(f"expected {steps} step callbacks, got {len(clock.marks) - 2}")
+        its = (steps - 1) / clock.seconds(1, steps)
+        row.its = max(row.its or 0.0, its)
+        row.seconds = min(row.seconds or math.inf, clock.seconds(0, steps + 1))
+        row.latents = latents.float().cpu()
+    return row
+
+
+# ---- the two engines --------------------------------------------------------------------------------------------
+
+def build_models(folder: Path, tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(diffusers pipeline, sdengine Pipeline, image size) with the same random weights: the references the other
+    benchmarks and tests build, saved as a diffusers folder and loaded from it by sdengine."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    if tiny:  # the tests' tiny oracle (tests/reference.py): milliseconds per step on a CPU
+        tests = str(Path(__file__).resolve().parents[1] / "tests")
+        if tests not in sys.path:
+            sys.path.append(tests)
+        from reference import save_pipeline
+        parts, size = save_pipeline("sd1", folder), 32
+    else:
+        from parity_full_size import build_reference
+        parts, size = build_reference("sd15", folder), 512
+    parts["scheduler"] = EulerDiscreteScheduler.from_config(parts["scheduler"].config)  # sdengine's "euler"
+    ref = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False).to(device, dtype)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline(sdengine.load(folder, device=device, dtype=dtype))
+    return ref, ours, size
+
+
+def diffusers_run(pipe, size: int) -> Run:
+    def run(batch: int, steps: int, mark: Callable[[], None]) -> torch.Tensor:
+        def on_step(_pipe, _i, _t, kwargs: dict) -> dict:
+            mark()
+            return kwargs
+
+        generators = [torch.Generator().manual_seed(SEED + i) for i in range(batch)]  # sdengine's seeds
+        return pipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=CFG, height=size,
+                    width=size, generator=generators, num_images_per_prompt=batch, output_type="latent",
+                    callback_on_step_end=on_step).images
+    return run
+
+
+def sdengine_run(pipe: Pipeline, size: int) -> Run:
+    def run(batch: int, steps: int, mark: Callable[[], None]) -> torch.Tensor:
+        req = Request(prompt=PROMPT, negative_prompt="", steps=steps, sampler="euler", cfg_scale=CFG, seed=SEED,
+                      width=size, height=size, batch_size=batch)
+        return pipe.sample(req, callback=lambda *_: mark())
+    return run
+
+
+@torch.no_grad()
+def decode_first(case: str, ref, ours: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """The batch's first image in [0, 1] (CPU, fp32), decoded by the engine that made it (fp32 where fp16
+    overflows, as both pipelines do)."""
+    if case.startswith("sdengine"):
+        return ours.decode(latents[:1]).float().cpu()
+    vae = ref.vae
+    z = latents[:1].to(vae.device) / vae.config.scaling_factor
+    pixels = vae.decode(z.to(vae.dtype)).sample.float()
+    if not torch.isfinite(pixels).all():
+        pixels = copy.deepcopy(vae).float().decode(z.float()).sample
+    return (pixels / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a - b).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+# ---- the cases ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    case: str
+    run: Run
+    prepare: Callable[[], None] | None = None  # applied once, before the stage's first batch
+    compiles: bool = False  # its warm-up compiles: reserve more of the budget before starting it
+
+
+def stages(ref, ours: Pipeline, size: int, backend: str, graphs: bool) -> list[Stage]:
+    """In order: the eager ones first (compiling changes the models in place)."""
+    def compile_ours() -> None:
+        if backend == "inductor":
+            compile_unet(ours.model)
+        else:  # the dry run: dynamo's tracing without inductor's code generation, seconds on a CPU
+            ours.model.unet.forward = torch.compile(ours.model.unet.forward, backend=backend)
+
+    def compile_ref() -> None:
+        ref.unet = torch.compile(ref.unet, fullgraph=True, backend=backend)
+
+    return [
+        Stage("diffusers eager", diffusers_run(ref, size)),
+        Stage("sdengine eager", sdengine_run(ours, size)),
+        Stage("sdengine compiled", sdengine_run(ours, size), compile_ours, compiles=True),
+        Stage("sdengine compiled + CUDA graphs", sdengine_run(ours, size),
+              lambda: use_cuda_graphs(ours.model, graphs=graphs)),
+        Stage("diffusers compiled", diffusers_run(ref, size), compile_ref, compiles=True),
+    ]
+
+
+def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: torch.device,
+            backend: str, graphs: bool, began: float) -> list[Row]:
+    rows: list[Row] = []
+    batches = parse_batches(args.batches)
+    print(f"{'case':<34}{'batch':>6}{'it/s':>9}{'s/call':>9}{'warm-up s':>11}{'max|dlat|':>11}{'PSNR dB':>9}",
+          flush=True)
+    for stage in stages(ref, ours, size, backend, graphs):
+        prepared = stage.prepare is None
+        for batch in batches:
+            reserve = 120 if stage.compiles else 20  # seconds a case may need, compilation included
+            if time.perf_counter() - began + reserve > args.budget:
+                rows.append(Row(stage.case, batch, note="skipped: time budget"))
+                print(f"{stage.case:<34}{batch:>6}  skipped (time budget)", flush=True)
+                continue
+            try:
+                if not prepared:
+                    stage.prepare()
+                    prepared = True
+                repeats = args.repeats if batch == 1 else 1
+                row = measure(stage.run, batch, args.steps, min(args.steps, 3), repeats, device)
+                row.case = stage.case
+                row.image = decode_first(stage.case, ref, ours, row.latents)
+            except Exception as e:  # noqa: BLE001 - one failing case (out of memory, a compiler error) must not end the rest
+                row = Row(stage.case, batch, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            base = next((r for r in rows if r.case == "diffusers eager" and r.batch == batch and r.latents is not None),
+                        None)
+            if base is not None and row.latents is not None:
+                row.max_diff = (row.latents - base.latents).abs().max().item()
+                row.psnr = psnr(row.image, base.image)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: Row) -> str:
+    if row.its is None:
+        return f"{row.case:<34}{row.batch:>6}  {row.note}"
+    diff = "" if row.max_diff is None else f"{row.max_diff:>11.3g}"
+    quality = "" if row.psnr is None else f"{row.psnr:>9.1f}"
+    return f"{row.case:<34}{row.batch:>6}{row.its:>9.2f}{row.seconds:>9.2f}{row.warm:>11.1f}{diff}{quality}"
+
+
+def verdicts(rows: list[Row], device_name: str) -> list[str]:
+    """The issue's targets, judged on this run's batch-1 rows."""
+    def its(case_prefix: str) -> float | None:
+        found = [r.its for r in rows if r.batch == 1 and r.its is not None and r.case.startswith(case_prefix)]
+        return max(found) if found else None
+
+    ours, eager = its("sdengine"), its("diffusers eager")
+    lines = []
+    if ours is None or eager is None:
+        return ["targets: not judged (batch 1 of sdengine or diffusers eager missing)"]
+    ratio = ours / eager
+    lines.append(f"target sdengine >= {TARGET_RATIO:.1f}x diffusers eager at batch 1: {ratio:.2f}x "
+                 f"({ours:.1f} vs {eager:.1f} it/s) -> {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
+    if "H100" in device_name:
+        lines.append(f"target >= {TARGET_H100_ITS:.0f} it/s at batch 1 on an H100 (stable-fast: {STABLE_FAST_ITS}): "
+                     f"{ours:.1f} -> {'met' if ours >= TARGET_H100_ITS else 'NOT met'}")
+    else:
+        lines.append(f"target >= {TARGET_H100_ITS:.0f} it/s at batch 1 is for an H100 (stable-fast: "
+                     f"{STABLE_FAST_ITS}); this device ({device_name}): {ours:.1f} it/s, not judged")
+    return lines
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--batches takes comma-separated integers, not {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batches must be positive integers, not {text!r}")
+    return batches
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps per call (default 50; dry run 3)")
+    ap.add_argument("--batches", default=None, help="comma-separated (default 1,8; dry run 1,2)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed calls per case at batch 1, the best kept (larger batches: one, for the 8 minutes)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 (dry run: fp32)")
+    ap.add_argument("--budget", type=float, default=400.0,
+                    help="seconds: cases that would end past it are skipped (gpu.sh stops all at 470)")
+    ap.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny model: checks the flow only")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the random model is written (a temp dir)")
+    args = ap.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (3 if args.dry_run else 50)
+    args.dtype = args.dtype or ("fp32" if args.dry_run else "fp16")
+    args.batches = args.batches or ("1,2" if args.dry_run else "1,8")
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (it/s is timed between the first and the last step)")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    try:
+        parse_batches(args.batches)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def environment(device: torch.device) -> tuple[str, str]:
+    """(the device's name, a line of versions)."""
+    import diffusers
+
+    versions = f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    if device.type != "cuda":
+        return "CPU", versions
+    props = torch.cuda.get_device_properties(device)
+    return props.name, (f"{versions}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                        f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2 ** 30:.0f} GiB)")
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit(f"gpu_bench: no CUDA device: torch {torch.__version__} (CUDA build: {torch.version.cuda}) "
+                         f"from {torch.__file__} sees none; --dry-run checks the flow on a CPU")
+    try:
+        import diffusers  # noqa: F401 - the references: test-only dependencies, maybe absent from a GPU box's Python
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"gpu_bench: {sys.executable} lacks {e.name}, which builds the reference models; "
+                         "use the Python of an environment with sdengine's [test] extra (PYTHON=... for gpu.sh)") from e
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    threads = torch.get_num_threads()
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny tensors: more threads only add synchronisation on a busy machine
+    try:
+        # one static graph per batch size, as compiled serving uses: not a batch-dynamic one after the second shape
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            return run(args, device, began)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, device: torch.device, began: float) -> list[Row]:
+    dtype = DTYPES[args.dtype]
+    name, versions = environment(device)
+    print(versions, flush=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # both engines' convolutions get the fastest cuDNN algorithms
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        ref, ours, size = build_models(Path(tmp) / "pipe", args.dry_run, device, dtype)
+    print(f"{'DRY RUN (tiny model on the CPU: checks the flow, measures nothing); ' if args.dry_run else ''}"
+          f"{size}x{size}, {args.steps} Euler steps, CFG {CFG} (UNet on 2 x batch), {args.dtype}, random "
+          f"{'tiny' if args.dry_run else 'SD1.5-shape'} weights shared by both; models ready after "
+          f"{time.perf_counter() - began:.0f} s; diffusers compiled: torch.compile default mode, fullgraph", flush=True)
+    rows = run_all(ref, ours, size, args, device, "eager" if args.dry_run else "inductor", not args.dry_run, began)
+    graphed = ours.model.unet.forward
+    if isinstance(graphed, GraphedForward):
+        print(f"CUDA graphs: {graphed.captures} shapes captured{'' if graphed.graphs else ' (dry run: not captured)'}")
+    print("\n".join(verdicts(rows, name)))
+    print(f"total {time.perf_counter() - began:.0f} s (warm-up s = the first call's, compilation included; "
+          f"excluded from it/s)", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
