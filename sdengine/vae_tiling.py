@@ -50,8 +50,13 @@ def tile_geometry(downscale: int, tile: int, overlap: float) -> tuple[int, int]:
     return side, stride
 
 
+def wraps_around(vae: nn.Module) -> bool:
+    """Whether the VAE is in seamless mode (nn/seamless.py: circular padding), where it must not be tiled."""
+    return any(isinstance(m, nn.Conv2d) and m.padding_mode == "circular" for m in vae.modules())
+
+
 def _check_not_circular(vae: nn.Module) -> None:
-    if any(isinstance(m, nn.Conv2d) and m.padding_mode == "circular" for m in vae.modules()):
+    if wraps_around(vae):
         raise ValueError("tiled VAE decode/encode cannot wrap around: seamless tiling needs the untiled VAE")
 
 

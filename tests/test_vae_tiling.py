@@ -10,7 +10,7 @@ from sdengine.config import PRESETS, VAEConfig
 from sdengine.memory_estimate import vae_decode_bytes
 from sdengine.nn.seamless import circular_padding
 from sdengine.nn.vae import DiagonalGaussian
-from sdengine.vae_tiling import decode_tiled, encode_tiled, should_tile, tiled_decode_bytes
+from sdengine.vae_tiling import decode_tiled, encode_tiled, should_tile, tiled_decode_bytes, wraps_around
 from sdengine.weights.parts import read_vae
 
 GB = 1 << 30
@@ -167,8 +167,11 @@ def test_bad_arguments_are_refused(vaes):
         encode_tiled(ours, torch.randn(1, 3, f - 1, 64))
     with pytest.raises(ValueError, match="stride"):
         decode_tiled(ours, z, tile=2 * f, overlap=0.75)
-    with circular_padding([ours]), pytest.raises(ValueError, match="seamless"):
-        decode_tiled(ours, z)
+    with circular_padding([ours]):
+        assert wraps_around(ours)
+        with pytest.raises(ValueError, match="seamless"):
+            decode_tiled(ours, z)
+    assert not wraps_around(ours)
 
 
 @pytest.mark.parametrize("preset", ["sd15", "sdxl"])
