@@ -9,12 +9,12 @@ target 7): 512x512, 50 Euler steps, CFG 7.5 (the UNet runs on 2 x batch), fp16, 
 
 Timing: every call is made once untimed first with 3 steps (its seconds are printed as warm-up: compilation,
 CUDA graph capture, cuDNN autotuning), then `--repeats` timed calls at batch 1 (one at larger batches, where one
-call is seconds), best kept. A CUDA event is recorded at the
-call's start, after each step (the pipelines' step callbacks) and at its end, and read after one synchronize, so
-the host's timing never stalls the queue: it/s = (steps - 1) / (first step's end -> last step's end), the
-sampler's steady rate as a progress bar shows it (what stable-fast's 104.6 it/s is); s/call = the whole call
-(text encoding + all steps, no VAE decode). Each case's final latents are compared with diffusers eager's at the
-same batch (max abs difference), its first image decoded by its own VAE (PSNR against diffusers eager's image).
+call is seconds), best kept. A CUDA event is recorded at the call's start, after each step (the pipelines' step
+callbacks) and at its end, and read after one synchronize, so the host's timing never stalls the queue:
+it/s = (steps - 1) / (first step's end -> last step's end), the sampler's steady rate as a progress bar shows it
+(what stable-fast's 104.6 it/s is); s/call = the whole call (text encoding + all steps, no VAE decode). Each
+case's final latents are compared with diffusers eager's at the same batch (max abs difference), its first image
+decoded by its own VAE (PSNR against diffusers eager's image).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ from sdengine.request import Request
 PROMPT, CFG, SEED = "a photograph of an astronaut riding a horse", 7.5, 0
 TARGET_RATIO, TARGET_H100_ITS, STABLE_FAST_ITS = 2.0, 110.0, 104.6
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CASES = ("diffusers eager", "sdengine eager", "sdengine compiled", "sdengine compiled + CUDA graphs",
+         "diffusers compiled")  # in this order: compiling changes the models in place
 Run = Callable[[int, int, Callable[[], None]], torch.Tensor]  # (batch, steps, mark) -> final latents
 
 
@@ -182,7 +184,7 @@ class Stage:
 
 
 def stages(ref, ours: Pipeline, size: int, backend: str, graphs: bool) -> list[Stage]:
-    """In order: the eager ones first (compiling changes the models in place)."""
+    """The CASES, each with what it changes in the models before its first call."""
     def compile_ours() -> None:
         if backend == "inductor":
             compile_unet(ours.model)
@@ -192,56 +194,83 @@ def stages(ref, ours: Pipeline, size: int, backend: str, graphs: bool) -> list[S
     def compile_ref() -> None:
         ref.unet = torch.compile(ref.unet, fullgraph=True, backend=backend)
 
-    return [
-        Stage("diffusers eager", diffusers_run(ref, size)),
-        Stage("sdengine eager", sdengine_run(ours, size)),
-        Stage("sdengine compiled", sdengine_run(ours, size), compile_ours, compiles=True),
-        Stage("sdengine compiled + CUDA graphs", sdengine_run(ours, size),
-              lambda: use_cuda_graphs(ours.model, graphs=graphs)),
-        Stage("diffusers compiled", diffusers_run(ref, size), compile_ref, compiles=True),
-    ]
+    theirs, mine = diffusers_run(ref, size), sdengine_run(ours, size)
+    return [Stage(CASES[0], theirs), Stage(CASES[1], mine), Stage(CASES[2], mine, compile_ours, compiles=True),
+            Stage(CASES[3], mine, lambda: use_cuda_graphs(ours.model, graphs=graphs)),
+            Stage(CASES[4], theirs, compile_ref, compiles=True)]
+
+
+HEADER = ("case", "batch", "it/s", "x d-eager", "s/call", "warm-up s", "lat. diff", "img PSNR")
+WIDTHS = (34, 6, 9, 10, 9, 11, 11, 10)  # lat. diff: max abs vs diffusers eager's latents; img PSNR: dB, first image
 
 
 def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: torch.device,
             backend: str, graphs: bool, began: float) -> list[Row]:
     rows: list[Row] = []
-    batches = parse_batches(args.batches)
-    print(f"{'case':<34}{'batch':>6}{'it/s':>9}{'s/call':>9}{'warm-up s':>11}{'max|dlat|':>11}{'PSNR dB':>9}",
-          flush=True)
-    for stage in stages(ref, ours, size, backend, graphs):
+    all_stages = stages(ref, ours, size, backend, graphs)
+    print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(HEADER, WIDTHS))), flush=True)
+    for index, stage in enumerate(all_stages, 1):
         prepared = stage.prepare is None
-        for batch in batches:
+        if index not in args.cases:  # not measured; a later case may build on it (graphs over the compiled UNet)
+            if not prepared and index < max(args.cases):
+                stage.prepare()
+            continue
+        for batch in args.batches:
             reserve = 120 if stage.compiles else 20  # seconds a case may need, compilation included
             if time.perf_counter() - began + reserve > args.budget:
-                rows.append(Row(stage.case, batch, note="skipped: time budget"))
-                print(f"{stage.case:<34}{batch:>6}  skipped (time budget)", flush=True)
-                continue
-            try:
-                if not prepared:
-                    stage.prepare()
-                    prepared = True
-                repeats = args.repeats if batch == 1 else 1
-                row = measure(stage.run, batch, args.steps, min(args.steps, 3), repeats, device)
-                row.case = stage.case
-                row.image = decode_first(stage.case, ref, ours, row.latents)
-            except Exception as e:  # noqa: BLE001 - one failing case (out of memory, a compiler error) must not end the rest
-                row = Row(stage.case, batch, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            base = next((r for r in rows if r.case == "diffusers eager" and r.batch == batch and r.latents is not None),
-                        None)
-            if base is not None and row.latents is not None:
-                row.max_diff = (row.latents - base.latents).abs().max().item()
-                row.psnr = psnr(row.image, base.image)
+                row = Row(stage.case, batch, note="skipped: time budget")
+            else:
+                try:
+                    if not prepared:
+                        stage.prepare()
+                        prepared = True
+                    repeats = args.repeats if batch == 1 else 1
+                    row = measure(stage.run, batch, args.steps, min(args.steps, 3), repeats, device)
+                    row.case = stage.case
+                    row.image = decode_first(stage.case, ref, ours, row.latents)
+                except Exception as e:  # noqa: BLE001 - one failing case (out of memory, a compiler error) must not end the rest
+                    row = Row(stage.case, batch, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                compare(row, rows)
             rows.append(row)
-            print(format_row(row), flush=True)
+            print(format_row(row, rows), flush=True)
     return rows
 
 
-def format_row(row: Row) -> str:
-    if row.its is None:
-        return f"{row.case:<34}{row.batch:>6}  {row.note}"
-    diff = "" if row.max_diff is None else f"{row.max_diff:>11.3g}"
-    quality = "" if row.psnr is None else f"{row.psnr:>9.1f}"
-    return f"{row.case:<34}{row.batch:>6}{row.its:>9.2f}{row.seconds:>9.2f}{row.warm:>11.1f}{diff}{quality}"
+def baseline(rows: list[Row], batch: int) -> Row | None:
+    return next((r for r in rows if r.case == "diffusers eager" and r.batch == batch and r.latents is not None), None)
+
+
+def compare(row: Row, rows: list[Row]) -> None:
+    """Latents and first image against diffusers eager's at the same batch (when it ran)."""
+    base = baseline(rows, row.batch)
+    if base is not None and row.latents is not None and row is not base:
+        row.max_diff = (row.latents - base.latents).abs().max().item()
+        row.psnr = psnr(row.image, base.image)
+
+
+def cells(row: Row, rows: list[Row]) -> list[str]:
+    if row.its is None or row.seconds is None or row.warm is None:
+        return [row.case, str(row.batch), row.note]
+    base = baseline(rows, row.batch)
+    speedup = "" if base is None or base.its is None else f"{row.its / base.its:.2f}x"
+    return [row.case, str(row.batch), f"{row.its:.2f}", speedup, f"{row.seconds:.2f}", f"{row.warm:.1f}",
+            "" if row.max_diff is None else f"{row.max_diff:.3g}", "" if row.psnr is None else f"{row.psnr:.1f}"]
+
+
+def format_row(row: Row, rows: list[Row]) -> str:
+    values = cells(row, rows)
+    if len(values) == 3:
+        return f"{values[0]:<{WIDTHS[0]}}{values[1]:>{WIDTHS[1]}}  {values[2]}"
+    return "".join(f"{v:<{w}}" if i == 0 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(values, WIDTHS)))
+
+
+def markdown(rows: list[Row], title: str) -> str:
+    """The table for the README, under the card's name."""
+    lines = [title, "", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    for row in rows:
+        values = cells(row, rows)
+        lines.append("| " + " | ".join(values + [""] * (len(HEADER) - len(values))) + " |")
+    return "\n".join(lines)
 
 
 def verdicts(rows: list[Row], device_name: str) -> list[str]:
@@ -278,12 +307,27 @@ def parse_batches(text: str) -> list[int]:
     return batches
 
 
+def parse_cases(text: str | None) -> list[int]:
+    if text is None:
+        return list(range(1, len(CASES) + 1))
+    try:
+        cases = sorted({int(c) for c in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--cases takes comma-separated numbers 1-{len(CASES)}, not {text!r}") from None
+    if cases[0] < 1 or cases[-1] > len(CASES):
+        raise ValueError(f"--cases takes numbers 1-{len(CASES)} ({', '.join(CASES)}), not {text!r}")
+    return cases
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=None, help="sampling steps per call (default 50; dry run 3)")
     ap.add_argument("--batches", default=None, help="comma-separated (default 1,8; dry run 1,2)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed calls per case at batch 1, the best kept (larger batches: one, for the 8 minutes)")
+    ap.add_argument("--cases", default=None,
+                    help="which to measure, comma-separated: " + ", ".join(f"{i} {c}" for i, c in enumerate(CASES, 1))
+                    + " (default all; to finish a run the budget cut short)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 (dry run: fp32)")
     ap.add_argument("--budget", type=float, default=400.0,
                     help="seconds: cases that would end past it are skipped (gpu.sh stops all at 470)")
@@ -298,7 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     try:
-        parse_batches(args.batches)
+        args.batches = parse_batches(args.batches)
+        args.cases = parse_cases(args.cases)
     except ValueError as e:
         ap.error(str(e))
     return args
@@ -356,7 +401,12 @@ def run(args: argparse.Namespace, device: torch.device, began: float) -> list[Ro
     graphed = ours.model.unet.forward
     if isinstance(graphed, GraphedForward):
         print(f"CUDA graphs: {graphed.captures} shapes captured{'' if graphed.graphs else ' (dry run: not captured)'}")
+    scales = [f"batch {r.batch}: {r.latents.abs().max().item():.3g}" for r in rows
+              if r.case == CASES[0] and r.latents is not None]
+    print(f"lat. diff: max abs difference from diffusers eager's latents, whose own max abs is {', '.join(scales)}; "
+          "img PSNR: the first image against diffusers eager's, pixels in [0, 1]")
     print("\n".join(verdicts(rows, name)))
+    print("\n" + markdown(rows, f"{name}: {versions}; {size}x{size}, {args.steps} steps, {args.dtype}") + "\n")
     print(f"total {time.perf_counter() - began:.0f} s (warm-up s = the first call's, compilation included; "
           f"excluded from it/s)", flush=True)
     return rows

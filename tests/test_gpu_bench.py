@@ -17,14 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_bench  # noqa: E402 - a script's module, found on the benchmarks folder
 
-CASES = ["diffusers eager", "sdengine eager", "sdengine compiled", "sdengine compiled + CUDA graphs",
-         "diffusers compiled"]
+CASES = gpu_bench.CASES
 
 
 def test_dry_run_measures_every_case_and_checks_the_images(capsys):
     rows = gpu_bench.main(["--dry-run", "--batches", "1", "--steps", "2", "--repeats", "1"])
     out = capsys.readouterr().out
-    assert [r.case for r in rows] == CASES
+    assert [r.case for r in rows] == list(CASES)
     assert all(r.its and r.its > 0 and r.seconds and r.warm is not None and not r.note for r in rows), rows
     scale = rows[0].latents.abs().max().item()
     assert scale > 1e-2
@@ -33,12 +32,17 @@ def test_dry_run_measures_every_case_and_checks_the_images(capsys):
         assert row.psnr is not None and row.psnr > 60, (row.case, row.psnr)
     assert "CUDA graphs: 1 shapes captured (dry run: not captured)" in out
     assert "torch " in out and "diffusers " in out and "target sdengine >= 2.0x diffusers eager" in out
+    assert "| sdengine compiled + CUDA graphs | 1 |" in out  # the markdown table for the README
 
 
 def test_cases_past_the_budget_are_skipped_and_said(capsys):
-    rows = gpu_bench.main(["--dry-run", "--batches", "1", "--steps", "2", "--budget", "0"])
-    assert [(r.case, r.note) for r in rows] == [(c, "skipped: time budget") for c in CASES]
-    assert capsys.readouterr().out.count("skipped (time budget)") == 5
+    """--cases 2,5: only those are measured (here: skipped), but the graphs still wrap the cases before them."""
+    rows = gpu_bench.main(["--dry-run", "--batches", "1,2", "--steps", "2", "--budget", "0", "--cases", "2,5"])
+    assert [(r.case, r.batch, r.note) for r in rows] == [
+        (c, b, "skipped: time budget") for c in (CASES[1], CASES[4]) for b in (1, 2)]
+    out = capsys.readouterr().out
+    assert out.count("skipped: time budget") == 4 + 4  # the table, then its markdown copy
+    assert "CUDA graphs: 0 shapes captured" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
@@ -47,7 +51,8 @@ def test_without_cuda_it_fails_clearly():
         gpu_bench.main([])
 
 
-@pytest.mark.parametrize("argv", [["--steps", "1"], ["--batches", "1,x"], ["--batches", "0"], ["--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["--steps", "1"], ["--batches", "1,x"], ["--batches", "0"], ["--repeats", "0"],
+                                  ["--cases", "6"], ["--cases", "a"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpu_bench.main(["--dry-run", *argv])
