@@ -25,6 +25,7 @@ Seamless mode (nn/seamless.py, circular padding) is refused: each tile would wra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,8 +78,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     head.copy_(a.narrow(dim, a.shape[dim] - e, e).to(compute) * down + head.to(compute) * up)
 
 
-def _tiled(run: nn.Module, x: torch.Tensor, in_scale: int, out_scale: int, side: int, stride: int,
-           out_size: tuple[int, int]) -> torch.Tensor:
+def _tiled(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, in_scale: int, out_scale: int, side: int,
+           stride: int, out_size: tuple[int, int]) -> torch.Tensor:
     """Run `run` over overlapping tiles of x (one image) and blend the results as diffusers does.
 
     Tiles start every `stride` units and are `side` units wide, where an input unit is `in_scale` pixels of x and an
@@ -110,6 +111,12 @@ def _tiled(run: nn.Module, x: torch.Tensor, in_scale: int, out_scale: int, side:
     return out
 
 
+def _per_image(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    # one image at a time bounds the working memory whatever the batch (every layer of the VAE is per-image)
+    outs = [fn(batch[i:i + 1]) for i in range(batch.shape[0])]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 @torch.no_grad()
 def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, *, tile: int = DEFAULT_TILE,
                  overlap: float = DEFAULT_OVERLAP) -> torch.Tensor:
@@ -123,7 +130,7 @@ def decode_tiled(vae: AutoencoderKL, z: torch.Tensor, *, tile: int = DEFAULT_TIL
     size = (z.shape[2], z.shape[3])
     if max(size) <= side:  # one tile: the untiled pass (diffusers' decode() does the same)
         return vae.decode(z)
-    return torch.cat([_tiled(vae.decode, z[i:i + 1], 1, f, side, stride, size) for i in range(z.shape[0])])
+    return _per_image(lambda one: _tiled(vae.decode, one, 1, f, side, stride, size), z)
 
 
 @torch.no_grad()
@@ -145,8 +152,7 @@ def encode_tiled(vae: AutoencoderKL, x: torch.Tensor, *, tile: int = DEFAULT_TIL
         return vae.quant_conv(vae.encoder(piece))
 
     size = (x.shape[2] // f, x.shape[3] // f)  # the encoder floors odd sizes at each downsample, as untiled
-    return DiagonalGaussian(torch.cat([_tiled(moments, x[i:i + 1], f, 1, side, stride, size)
-                                       for i in range(x.shape[0])]))
+    return DiagonalGaussian(_per_image(lambda one: _tiled(moments, one, f, 1, side, stride, size), x))
 
 
 def tiled_decode_bytes(cfg: VAEConfig, height: int, width: int, batch: int, element: int,
@@ -156,7 +162,8 @@ def tiled_decode_bytes(cfg: VAEConfig, height: int, width: int, batch: int, elem
     f = cfg.downscale
     h, w = math.ceil(height / f) * f, math.ceil(width / f) * f
     one_tile = vae_decode_bytes(cfg, min(tile, h), min(tile, w), 1, element)
-    kept = (batch * h * w + 2 * tile * w) * cfg.out_ch * element  # the output, the row above and this row
+    outputs = batch * h * w * (2 if batch > 1 else 1)  # a batch's per-image results, then their concatenation
+    kept = (outputs + 2 * tile * w) * cfg.out_ch * element  # the output, the row above and this row
     return one_tile + int(kept * OVERHEAD)
 
 
