@@ -41,7 +41,7 @@ PROMPT, CFG, SEED = "a photograph of an astronaut riding a horse", 7.5, 0
 TARGET_RATIO, TARGET_H100_ITS, STABLE_FAST_ITS = 2.0, 110.0, 104.6
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CASES = ("diffusers eager", "sdengine eager", "sdengine compiled", "sdengine compiled + CUDA graphs",
-         "diffusers compiled")  # in this order: compiling changes the models in place
+         "diffusers compiled")
 Run = Callable[[int, int, Callable[[], None]], torch.Tensor]  # (batch, steps, mark) -> final latents
 
 
@@ -175,29 +175,60 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- the cases ---------------------------------------------------------------------------------------------------
 
+class Forwards:
+    """The UNet forwards the cases run, each made once and swapped in before its case, so that the cases can go
+    batch by batch (all of batch 1 first: the targets') with every model as its case wants it."""
+
+    def __init__(self, ref, ours: Pipeline, backend: str, graphs: bool) -> None:
+        self.ref, self.ours, self.backend, self.graphs = ref, ours, backend, graphs
+        self.eager_ours, self.eager_ref = ours.model.unet.forward, ref.unet
+        self.compiled_ours: Callable | None = None
+        self.graphed: GraphedForward | None = None
+        self.compiled_ref = None
+
+    def ours_eager(self) -> None:
+        self.ours.model.unet.forward = self.eager_ours
+
+    def ours_compiled(self) -> None:
+        unet = self.ours.model.unet
+        if self.compiled_ours is None:
+            self.ours_eager()
+            if self.backend == "inductor":  # the engine's own: compile.compile_unet (inductor, freezing)
+                compile_unet(self.ours.model)
+                self.compiled_ours = unet.forward
+            else:  # the dry run: dynamo's tracing without inductor's code generation, seconds on a CPU
+                self.compiled_ours = torch.compile(self.eager_ours, backend=self.backend)
+        unet.forward = self.compiled_ours
+
+    def ours_graphed(self) -> None:
+        self.ours_compiled()
+        if self.graphed is None:
+            self.graphed = use_cuda_graphs(self.ours.model, graphs=self.graphs)
+        self.ours.model.unet.forward = self.graphed
+
+    def ref_eager(self) -> None:
+        self.ref.unet = self.eager_ref
+
+    def ref_compiled(self) -> None:
+        if self.compiled_ref is None:  # as diffusers' docs do it; default mode
+            self.compiled_ref = torch.compile(self.eager_ref, fullgraph=True, backend=self.backend)
+        self.ref.unet = self.compiled_ref
+
+
 @dataclass
 class Stage:
     case: str
     run: Run
-    prepare: Callable[[], None] | None = None  # applied once, before the stage's first batch
+    use: Callable[[], None]  # puts the case's forward in place (cheap: compilation waits for the first call)
     compiles: bool = False  # its warm-up compiles: reserve more of the budget before starting it
 
 
-def stages(ref, ours: Pipeline, size: int, backend: str, graphs: bool) -> list[Stage]:
-    """The CASES, each with what it changes in the models before its first call."""
-    def compile_ours() -> None:
-        if backend == "inductor":
-            compile_unet(ours.model)
-        else:  # the dry run: dynamo's tracing without inductor's code generation, seconds on a CPU
-            ours.model.unet.forward = torch.compile(ours.model.unet.forward, backend=backend)
-
-    def compile_ref() -> None:
-        ref.unet = torch.compile(ref.unet, fullgraph=True, backend=backend)
-
+def stages(ref, ours: Pipeline, size: int, forwards: Forwards) -> list[Stage]:
+    """The CASES, in their order."""
     theirs, mine = diffusers_run(ref, size), sdengine_run(ours, size)
-    return [Stage(CASES[0], theirs), Stage(CASES[1], mine), Stage(CASES[2], mine, compile_ours, compiles=True),
-            Stage(CASES[3], mine, lambda: use_cuda_graphs(ours.model, graphs=graphs)),
-            Stage(CASES[4], theirs, compile_ref, compiles=True)]
+    return [Stage(CASES[0], theirs, forwards.ref_eager), Stage(CASES[1], mine, forwards.ours_eager),
+            Stage(CASES[2], mine, forwards.ours_compiled, compiles=True), Stage(CASES[3], mine, forwards.ours_graphed),
+            Stage(CASES[4], theirs, forwards.ref_compiled, compiles=True)]
 
 
 HEADER = ("case", "batch", "it/s", "x d-eager", "s/call", "warm-up s", "lat. diff", "img PSNR")
@@ -205,27 +236,23 @@ WIDTHS = (34, 6, 9, 10, 9, 11, 11, 10)  # lat. diff: max abs vs diffusers eager'
 
 
 def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: torch.device,
-            backend: str, graphs: bool, began: float) -> list[Row]:
+            forwards: Forwards, began: float) -> list[Row]:
     rows: list[Row] = []
-    all_stages = stages(ref, ours, size, backend, graphs)
+    chosen = [stage for index, stage in enumerate(stages(ref, ours, size, forwards), 1) if index in args.cases]
     print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(HEADER, WIDTHS))), flush=True)
-    for index, stage in enumerate(all_stages, 1):
-        prepared = stage.prepare is None
-        if index not in args.cases:  # not measured; a later case may build on it (graphs over the compiled UNet)
-            if not prepared and index < max(args.cases):
-                stage.prepare()
-            continue
-        for batch in args.batches:
-            reserve = 120 if stage.compiles else 20  # seconds a case may need, compilation included
+    spent: dict[str, float] = {}  # each case's last warm-up + timed calls: a guess of what its next batch needs
+    for batch in args.batches:
+        for stage in chosen:
+            reserve = spent.get(stage.case, 120 if stage.compiles else 20)  # compilation included
             if time.perf_counter() - began + reserve > args.budget:
                 row = Row(stage.case, batch, note="skipped: time budget")
             else:
                 try:
-                    if not prepared:
-                        stage.prepare()
-                        prepared = True
+                    stage.use()
                     repeats = args.repeats if batch == 1 else 1
+                    started = time.perf_counter()
                     row = measure(stage.run, batch, args.steps, min(args.steps, 3), repeats, device)
+                    spent[stage.case] = time.perf_counter() - started
                     row.case = stage.case
                     row.image = decode_first(stage.case, ref, ours, row.latents)
                 except Exception as e:  # noqa: BLE001 - one failing case (out of memory, a compiler error) must not end the rest
@@ -397,10 +424,11 @@ def run(args: argparse.Namespace, device: torch.device, began: float) -> list[Ro
           f"{size}x{size}, {args.steps} Euler steps, CFG {CFG} (UNet on 2 x batch), {args.dtype}, random "
           f"{'tiny' if args.dry_run else 'SD1.5-shape'} weights shared by both; models ready after "
           f"{time.perf_counter() - began:.0f} s; diffusers compiled: torch.compile default mode, fullgraph", flush=True)
-    rows = run_all(ref, ours, size, args, device, "eager" if args.dry_run else "inductor", not args.dry_run, began)
-    graphed = ours.model.unet.forward
-    if isinstance(graphed, GraphedForward):
-        print(f"CUDA graphs: {graphed.captures} shapes captured{'' if graphed.graphs else ' (dry run: not captured)'}")
+    forwards = Forwards(ref, ours, "eager" if args.dry_run else "inductor", graphs=not args.dry_run)
+    rows = run_all(ref, ours, size, args, device, forwards, began)
+    if forwards.graphed is not None:
+        print(f"CUDA graphs: {forwards.graphed.captures} shapes captured"
+              f"{'' if forwards.graphed.graphs else ' (dry run: static buffers, not captured)'}")
     scales = [f"batch {r.batch}: {r.latents.abs().max().item():.3g}" for r in rows
               if r.case == CASES[0] and r.latents is not None]
     print(f"lat. diff: max abs difference from diffusers eager's latents, whose own max abs is {', '.join(scales)}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from sdengine.config import PRESETS
 from sdengine.cuda_graphs import GraphedForward, call_key, use_cuda_graphs
 from sdengine.model import StableDiffusion
+from sdengine.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -30,19 +32,37 @@ def test_dry_run_measures_every_case_and_checks_the_images(capsys):
     for row in rows[1:]:  # fp32 on a CPU: every variant gives diffusers eager's latents and image
         assert row.max_diff is not None and row.max_diff <= 1e-3 * scale, (row.case, row.max_diff)
         assert row.psnr is not None and row.psnr > 60, (row.case, row.psnr)
-    assert "CUDA graphs: 1 shapes captured (dry run: not captured)" in out
+    assert "CUDA graphs: 1 shapes captured (dry run: static buffers, not captured)" in out
     assert "torch " in out and "diffusers " in out and "target sdengine >= 2.0x diffusers eager" in out
     assert "| sdengine compiled + CUDA graphs | 1 |" in out  # the markdown table for the README
 
 
 def test_cases_past_the_budget_are_skipped_and_said(capsys):
-    """--cases 2,5: only those are measured (here: skipped), but the graphs still wrap the cases before them."""
+    """--cases 2,5: only those, batch by batch (all of batch 1 first, the targets' batch)."""
     rows = gpu_bench.main(["--dry-run", "--batches", "1,2", "--steps", "2", "--budget", "0", "--cases", "2,5"])
     assert [(r.case, r.batch, r.note) for r in rows] == [
-        (c, b, "skipped: time budget") for c in (CASES[1], CASES[4]) for b in (1, 2)]
-    out = capsys.readouterr().out
-    assert out.count("skipped: time budget") == 4 + 4  # the table, then its markdown copy
-    assert "CUDA graphs: 0 shapes captured" in out
+        (c, b, "skipped: time budget") for b in (1, 2) for c in (CASES[1], CASES[4])]
+    assert capsys.readouterr().out.count("skipped: time budget") == 4 + 4  # the table, then its markdown copy
+
+
+def test_each_case_gets_its_own_forward_whatever_ran_before(tiny):
+    model = StableDiffusion(tiny.config)
+    ref = SimpleNamespace(unet=torch.nn.Linear(1, 1))  # only its `unet` is swapped
+    eager, eager_ref = model.unet.forward, ref.unet
+    forwards = gpu_bench.Forwards(ref, Pipeline(model), "eager", graphs=False)
+    forwards.ours_graphed()  # compiles first, then wraps the compiled forward
+    graphed = model.unet.forward
+    assert isinstance(graphed, GraphedForward) and graphed.fn is forwards.compiled_ours is not None
+    forwards.ours_eager()
+    assert model.unet.forward == eager
+    forwards.ours_compiled()
+    assert model.unet.forward is forwards.compiled_ours
+    forwards.ours_graphed()
+    assert model.unet.forward is graphed  # the same wrapper, its captures kept
+    forwards.ref_compiled()
+    assert ref.unet is not eager_ref and ref.unet._orig_mod is eager_ref
+    forwards.ref_eager()
+    assert ref.unet is eager_ref
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
