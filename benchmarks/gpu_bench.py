@@ -33,7 +33,9 @@ import torch
 
 import sdengine
 from sdengine.compile import compile_unet
+from sdengine.config import PRESETS
 from sdengine.cuda_graphs import GraphedForward, use_cuda_graphs
+from sdengine.model import StableDiffusion
 from sdengine.pipeline import Pipeline
 from sdengine.request import Request
 
@@ -111,9 +113,16 @@ def measure(run: Run, batch: int, steps: int, warm_steps: int, repeats: int, dev
 
 # ---- the two engines --------------------------------------------------------------------------------------------
 
-def build_models(folder: Path, tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple:
+def build_models(folder: Path, tiny: bool, device: torch.device, dtype: torch.dtype, diffusers: bool) -> tuple:
     """(diffusers pipeline, sdengine Pipeline, image size) with the same random weights: the references the other
-    benchmarks and tests build, saved as a diffusers folder and loaded from it by sdengine."""
+    benchmarks and tests build, saved as a diffusers folder and loaded from it by sdengine. Without diffusers:
+    (None, sdengine's own freshly initialised model, size): its speed alone."""
+    if not diffusers:
+        model = StableDiffusion(PRESETS["tiny" if tiny else "sd15"]).init_weights(SEED)
+        with torch.no_grad():  # off the zeroed output layers, as the references do, so that outputs can differ
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        return None, Pipeline(model.to(device, dtype).eval()), 64 if tiny else 512
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     if tiny:  # the tests' tiny oracle (tests/reference.py): milliseconds per step on a CPU
@@ -181,7 +190,7 @@ class Forwards:
 
     def __init__(self, ref, ours: Pipeline, backend: str, graphs: bool) -> None:
         self.ref, self.ours, self.backend, self.graphs = ref, ours, backend, graphs
-        self.eager_ours, self.eager_ref = ours.model.unet.forward, ref.unet
+        self.eager_ours, self.eager_ref = ours.model.unet.forward, None if ref is None else ref.unet
         self.compiled_ours: Callable | None = None
         self.graphed: GraphedForward | None = None
         self.compiled_ref = None
@@ -223,22 +232,23 @@ class Stage:
     compiles: bool = False  # its warm-up compiles: reserve more of the budget before starting it
 
 
-def stages(ref, ours: Pipeline, size: int, forwards: Forwards) -> list[Stage]:
-    """The CASES, in their order."""
-    theirs, mine = diffusers_run(ref, size), sdengine_run(ours, size)
-    return [Stage(CASES[0], theirs, forwards.ref_eager), Stage(CASES[1], mine, forwards.ours_eager),
+def stages(ref, ours: Pipeline, size: int, forwards: Forwards) -> list[Stage | None]:
+    """The CASES, in their order (None for diffusers' without diffusers)."""
+    theirs, mine = (None if ref is None else diffusers_run(ref, size)), sdengine_run(ours, size)
+    return [theirs and Stage(CASES[0], theirs, forwards.ref_eager), Stage(CASES[1], mine, forwards.ours_eager),
             Stage(CASES[2], mine, forwards.ours_compiled, compiles=True), Stage(CASES[3], mine, forwards.ours_graphed),
-            Stage(CASES[4], theirs, forwards.ref_compiled, compiles=True)]
+            theirs and Stage(CASES[4], theirs, forwards.ref_compiled, compiles=True)]
 
 
-HEADER = ("case", "batch", "it/s", "x d-eager", "s/call", "warm-up s", "lat. diff", "img PSNR")
-WIDTHS = (34, 6, 9, 10, 9, 11, 11, 10)  # lat. diff: max abs vs diffusers eager's latents; img PSNR: dB, first image
+HEADER = ("case", "batch", "it/s", "speedup", "s/call", "warm-up s", "lat. diff", "img PSNR")
+WIDTHS = (34, 6, 9, 9, 9, 11, 11, 10)
 
 
 def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: torch.device,
             forwards: Forwards, began: float) -> list[Row]:
     rows: list[Row] = []
-    chosen = [stage for index, stage in enumerate(stages(ref, ours, size, forwards), 1) if index in args.cases]
+    chosen = [stage for index, stage in enumerate(stages(ref, ours, size, forwards), 1)
+              if index in args.cases and stage is not None]
     print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(HEADER, WIDTHS))), flush=True)
     spent: dict[str, float] = {}  # each case's last warm-up + timed calls: a guess of what its next batch needs
     for batch in args.batches:
@@ -264,11 +274,16 @@ def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: to
 
 
 def baseline(rows: list[Row], batch: int) -> Row | None:
-    return next((r for r in rows if r.case == "diffusers eager" and r.batch == batch and r.latents is not None), None)
+    """What the batch's other cases are compared with: diffusers eager, or without it sdengine eager."""
+    for case in CASES[:2]:
+        found = [r for r in rows if r.case == case and r.batch == batch and r.latents is not None]
+        if found:
+            return found[0]
+    return None
 
 
 def compare(row: Row, rows: list[Row]) -> None:
-    """Latents and first image against diffusers eager's at the same batch (when it ran)."""
+    """Latents and first image against the baseline's at the same batch (when it ran)."""
     base = baseline(rows, row.batch)
     if base is not None and row.latents is not None and row is not base:
         row.max_diff = (row.latents - base.latents).abs().max().item()
@@ -307,12 +322,14 @@ def verdicts(rows: list[Row], device_name: str) -> list[str]:
         return max(found) if found else None
 
     ours, eager = its("sdengine"), its("diffusers eager")
-    lines = []
-    if ours is None or eager is None:
-        return ["targets: not judged (batch 1 of sdengine or diffusers eager missing)"]
-    ratio = ours / eager
-    lines.append(f"target sdengine >= {TARGET_RATIO:.1f}x diffusers eager at batch 1: {ratio:.2f}x "
-                 f"({ours:.1f} vs {eager:.1f} it/s) -> {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
+    if ours is None:
+        return ["targets: not judged (no sdengine case at batch 1)"]
+    if eager is None:
+        lines = [f"target sdengine >= {TARGET_RATIO:.1f}x diffusers eager at batch 1: not judged (no diffusers eager)"]
+    else:
+        ratio = ours / eager
+        lines = [f"target sdengine >= {TARGET_RATIO:.1f}x diffusers eager at batch 1: {ratio:.2f}x "
+                 f"({ours:.1f} vs {eager:.1f} it/s) -> {'met' if ratio >= TARGET_RATIO else 'NOT met'}"]
     if "H100" in device_name:
         lines.append(f"target >= {TARGET_H100_ITS:.0f} it/s at batch 1 on an H100 (stable-fast: {STABLE_FAST_ITS}): "
                      f"{ours:.1f} -> {'met' if ours >= TARGET_H100_ITS else 'NOT met'}")
@@ -359,6 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=400.0,
                     help="seconds: cases that would end past it are skipped (gpu.sh stops all at 470)")
     ap.add_argument("--dry-run", action="store_true", help="on the CPU with a tiny model: checks the flow only")
+    ap.add_argument("--sdengine-only", action="store_true",
+                    help="without diffusers (also when it is missing): sdengine's cases on its own random weights")
     ap.add_argument("--workdir", type=Path, default=None, help="where the random model is written (a temp dir)")
     args = ap.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (3 if args.dry_run else 50)
@@ -376,11 +395,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def environment(device: torch.device) -> tuple[str, str]:
+def environment(device: torch.device, diffusers_version: str | None) -> tuple[str, str]:
     """(the device's name, a line of versions)."""
-    import diffusers
-
-    versions = f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+    versions = f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers_version}"
     if device.type != "cuda":
         return "CPU", versions
     props = torch.cuda.get_device_properties(device)
@@ -394,12 +411,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit(f"gpu_bench: no CUDA device: torch {torch.__version__} (CUDA build: {torch.version.cuda}) "
                          f"from {torch.__file__} sees none; --dry-run checks the flow on a CPU")
-    try:
-        import diffusers  # noqa: F401 - the references: test-only dependencies, maybe absent from a GPU box's Python
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"gpu_bench: {sys.executable} lacks {e.name}, which builds the reference models; "
-                         "use the Python of an environment with sdengine's [test] extra (PYTHON=... for gpu.sh)") from e
+    args.diffusers = None
+    if not args.sdengine_only:
+        try:  # the references: test-only dependencies, maybe absent from a GPU box's Python
+            import diffusers
+            import transformers  # noqa: F401
+            args.diffusers = diffusers.__version__
+        except ImportError as e:
+            print(f"gpu_bench: {sys.executable} lacks {e.name}, which builds the reference models: sdengine's cases "
+                  "only, on its own random weights (no comparison; PYTHON=... for gpu.sh picks another Python)",
+                  flush=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     threads = torch.get_num_threads()
     if args.dry_run:
@@ -414,25 +435,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 def run(args: argparse.Namespace, device: torch.device, began: float) -> list[Row]:
     dtype = DTYPES[args.dtype]
-    name, versions = environment(device)
+    name, versions = environment(device, args.diffusers)
     print(versions, flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # both engines' convolutions get the fastest cuDNN algorithms
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        ref, ours, size = build_models(Path(tmp) / "pipe", args.dry_run, device, dtype)
+        ref, ours, size = build_models(Path(tmp) / "pipe", args.dry_run, device, dtype, args.diffusers is not None)
     print(f"{'DRY RUN (tiny model on the CPU: checks the flow, measures nothing); ' if args.dry_run else ''}"
           f"{size}x{size}, {args.steps} Euler steps, CFG {CFG} (UNet on 2 x batch), {args.dtype}, random "
-          f"{'tiny' if args.dry_run else 'SD1.5-shape'} weights shared by both; models ready after "
-          f"{time.perf_counter() - began:.0f} s; diffusers compiled: torch.compile default mode, fullgraph", flush=True)
+          f"{'tiny' if args.dry_run else 'SD1.5-shape'} weights{'' if ref is None else ' shared by both'}; "
+          f"models ready after {time.perf_counter() - began:.0f} s; diffusers compiled: torch.compile default mode, "
+          "fullgraph", flush=True)
     forwards = Forwards(ref, ours, "eager" if args.dry_run else "inductor", graphs=not args.dry_run)
     rows = run_all(ref, ours, size, args, device, forwards, began)
     if forwards.graphed is not None:
         print(f"CUDA graphs: {forwards.graphed.captures} shapes captured"
               f"{'' if forwards.graphed.graphs else ' (dry run: static buffers, not captured)'}")
-    scales = [f"batch {r.batch}: {r.latents.abs().max().item():.3g}" for r in rows
-              if r.case == CASES[0] and r.latents is not None]
-    print(f"lat. diff: max abs difference from diffusers eager's latents, whose own max abs is {', '.join(scales)}; "
-          "img PSNR: the first image against diffusers eager's, pixels in [0, 1]")
+    bases = [(b, base) for b in args.batches if (base := baseline(rows, b)) is not None]
+    if bases:
+        print(f"speedup (it/s), lat. diff (max abs), img PSNR (the first image, pixels in [0, 1]): against "
+              f"{bases[0][1].case} at the same batch; its latents' own max abs: "
+              + ", ".join(f"batch {b}: {base.latents.abs().max().item():.3g}" for b, base in bases))
     print("\n".join(verdicts(rows, name)))
     print("\n" + markdown(rows, f"{name}: {versions}; {size}x{size}, {args.steps} steps, {args.dtype}") + "\n")
     print(f"total {time.perf_counter() - began:.0f} s (warm-up s = the first call's, compilation included; "

@@ -37,6 +37,15 @@ def test_dry_run_measures_every_case_and_checks_the_images(capsys):
     assert "| sdengine compiled + CUDA graphs | 1 |" in out  # the markdown table for the README
 
 
+def test_without_diffusers_sdengine_is_measured_alone(capsys):
+    rows = gpu_bench.main(["--dry-run", "--sdengine-only", "--batches", "1", "--steps", "2", "--repeats", "1"])
+    assert [r.case for r in rows] == list(CASES[1:4]) and all(r.its and r.its > 0 for r in rows)
+    scale = rows[0].latents.abs().max().item()
+    assert scale > 1e-2 and all(r.max_diff <= 1e-4 * scale for r in rows[1:])  # against sdengine eager
+    out = capsys.readouterr().out
+    assert "against sdengine eager" in out and "not judged (no diffusers eager)" in out
+
+
 def test_cases_past_the_budget_are_skipped_and_said(capsys):
     """--cases 2,5: only those, batch by batch (all of batch 1 first, the targets' batch)."""
     rows = gpu_bench.main(["--dry-run", "--batches", "1,2", "--steps", "2", "--budget", "0", "--cases", "2,5"])
