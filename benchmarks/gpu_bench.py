@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,7 @@ def run_all(ref, ours: Pipeline, size: int, args: argparse.Namespace, device: to
                     row.case = stage.case
                     row.image = decode_first(stage.case, ref, ours, row.latents)
                 except Exception as e:  # noqa: BLE001 - one failing case (out of memory, a compiler error) must not end the rest
+                    traceback.print_exc()  # on stderr: a GPU run is rare, its failures must be readable afterwards
                     row = Row(stage.case, batch, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 compare(row, rows)
             rows.append(row)

@@ -46,6 +46,19 @@ def test_without_diffusers_sdengine_is_measured_alone(capsys):
     assert "against sdengine eager" in out and "not judged (no diffusers eager)" in out
 
 
+def test_a_failing_case_is_reported_and_the_others_go_on(monkeypatch, capsys):
+    def broken(self):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(gpu_bench.Forwards, "ours_compiled", broken)  # the graphs case builds on it: fails too
+    rows = gpu_bench.main(["--dry-run", "--batches", "1", "--steps", "2", "--repeats", "1", "--cases", "1,3,4"])
+    assert [(r.case, r.note) for r in rows] == [(CASES[0], ""), (CASES[2], "failed: RuntimeError: no compiler here"),
+                                                (CASES[3], "failed: RuntimeError: no compiler here")]
+    assert rows[0].its > 0
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "not judged (no sdengine case at batch 1)" in captured.out
+
+
 def test_cases_past_the_budget_are_skipped_and_said(capsys):
     """--cases 2,5: only those, batch by batch (all of batch 1 first, the targets' batch)."""
     rows = gpu_bench.main(["--dry-run", "--batches", "1,2", "--steps", "2", "--budget", "0", "--cases", "2,5"])
