@@ -68,11 +68,13 @@ def sample(model, settings: Accelerations = OFF, sampler: str = "euler", steps: 
     x = noise() * spec.initial_scale(float(sigmas[0]), req.spacing)
     extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
     calls = Calls(model.unet, guided)
+    before = (guided.denoiser, guided.guidance_until, list(guided.step_listeners))
     try:
         with torch.no_grad(), accelerated(guided, settings, len(sigmas) - 1):
             out = spec(guided, x, sigmas, callback=follow_steps(guided, None), noise=noise, **extra)
     finally:
         calls.close()
+    assert (guided.denoiser, guided.guidance_until, guided.step_listeners) == before  # restored on exit
     return out, calls
 
 

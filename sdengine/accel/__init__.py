@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -56,32 +56,47 @@ class Accelerations:
         return fields
 
 
+def accelerate_denoiser(guided: CFGDenoiser, settings: Accelerations, end_step: int) -> Callable[[], None]:
+    """The per-pass accelerations (DeepCache, CFG skipping) set on `guided`, a CFGDenoiser built for one sampling
+    pass whose steps run up to `end_step` (exclusive, counted as guided.step counts them: len(sigmas) - 1 from
+    step 0). Returns the function that undoes them. Token merging, which patches the shared UNet, is not here."""
+    denoiser = guided.denoiser
+    undo: list[Callable[[], None]] = []
+    if settings.deepcache > 1:
+        unet = denoiser.unet
+        if not isinstance(unet, UNetModel):
+            raise ValueError(f"DeepCache needs sdengine's UNetModel, not {type(unet).__name__}")
+        cached = DeepCacheUNet(unet, settings.deepcache, settings.deepcache_branch)
+        cached.set_step(guided.step)
+        guided.denoiser = Denoiser(cached, denoiser.schedule, denoiser.prediction)
+        guided.step_listeners.append(cached.set_step)
+        undo += [lambda: guided.step_listeners.remove(cached.set_step), lambda: setattr(guided, "denoiser", denoiser)]
+    if settings.cfg_skip > 0:
+        before = guided.guidance_until
+        guided.guidance_until = max(0, end_step - settings.cfg_skip)
+        undo.append(lambda: setattr(guided, "guidance_until", before))
+
+    def restore() -> None:
+        for f in reversed(undo):
+            f()
+
+    return restore
+
+
 @contextmanager
 def accelerated(guided: CFGDenoiser, settings: Accelerations, end_step: int, tome_seed: int = 0
                 ) -> Iterator[CFGDenoiser]:
-    """`guided` with `settings` switched on for one sampling pass whose steps run up to `end_step` (exclusive,
-    counted as guided.step counts them: len(sigmas) - 1 from step 0), restored on exit. Token merging patches the
-    UNet in place for the duration (the model is not shared with another request meanwhile)."""
+    """`guided` with `settings` switched on for one sampling pass (see accelerate_denoiser), restored on exit.
+    Token merging patches the UNet in place for the duration: the model serves no other request meanwhile."""
     with ExitStack() as stack:
-        denoiser = guided.denoiser
-        unet = denoiser.unet
-        if (settings.tome > 0 or settings.deepcache > 1) and not isinstance(unet, UNetModel):
-            raise ValueError(f"accelerations need sdengine's UNetModel, not {type(unet).__name__}")
-        if settings.cfg_skip > 0:
-            before = guided.guidance_until
-            guided.guidance_until = max(0, end_step - settings.cfg_skip)
-            stack.callback(setattr, guided, "guidance_until", before)
         if settings.tome > 0:
+            unet = guided.denoiser.unet
+            if not isinstance(unet, UNetModel):
+                raise ValueError(f"token merging needs sdengine's UNetModel, not {type(unet).__name__}")
             stack.enter_context(token_merging(unet, settings.tome, seed=tome_seed))
-        if settings.deepcache > 1:
-            cached = DeepCacheUNet(unet, settings.deepcache, settings.deepcache_branch)
-            cached.set_step(guided.step)
-            guided.denoiser = Denoiser(cached, denoiser.schedule, denoiser.prediction)
-            guided.step_listeners.append(cached.set_step)
-            stack.callback(guided.step_listeners.remove, cached.set_step)
-            stack.callback(setattr, guided, "denoiser", denoiser)
+        stack.callback(accelerate_denoiser(guided, settings, end_step))
         yield guided
 
 
-__all__ = ["Accelerations", "DeepCacheUNet", "ToMeSettings", "accelerated", "bipartite_soft_matching_2d",
-           "deepcache", "nonuniform_steps", "token_merging"]
+__all__ = ["Accelerations", "DeepCacheUNet", "ToMeSettings", "accelerate_denoiser", "accelerated",
+           "bipartite_soft_matching_2d", "deepcache", "nonuniform_steps", "token_merging"]

@@ -1,0 +1,168 @@
+"""What the opt-in accelerations (sdengine/accel) cost in quality and buy in compute, measured:
+
+1. the shipped model: ShapesEval (sdengine/evaluate.py's run_eval) exact vs each acceleration, same seeds;
+2. an SD1.5-shaped UNet and VAE with random weights (PyTorch's default init): one txt2img run (DPM++ 2M, CFG 7.5)
+   exact vs each acceleration from the same noise: PSNR of the decoded image and of the latents against the exact
+   run, UNet FLOPs (torch.utils.flop_counter: convs, linears, attention) and seconds (one run each, not a timed
+   best-of: this machine is shared; read the ratios), and for ToMe one UNet call at 512² as well.
+
+    nice -n 10 python benchmarks/accel_quality.py [--limit 5] [--seeds 4] [--size 256] [--steps 10] [--skip-eval]
+
+Random weights say little about how a trained model's deep features drift between steps (what DeepCache relies
+on): the ShapesEval rows are the quality verdict, the SD1.5-shape rows the cost.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdengine import runtime
+from sdengine.accel import Accelerations, accelerate_denoiser, accelerated, token_merging
+from sdengine.config import SD15
+from sdengine.diffusion.denoiser import CFGDenoiser, Conditioning, Denoiser
+from sdengine.diffusion.samplers import BatchNoise, get_sampler
+from sdengine.diffusion.schedule import SD_SCHEDULE
+from sdengine.evaluate import run_eval
+from sdengine.nn.unet import UNetModel
+from sdengine.nn.vae import AutoencoderKL
+from sdengine.pipeline import Pipeline, follow_steps
+
+
+def configs(steps: int) -> dict[str, Accelerations]:
+    k = max(1, steps // 5)  # the last fifth of the steps unguided
+    return {"exact": Accelerations(), "deepcache N=3 b=0": Accelerations(deepcache=3),
+            "deepcache N=2 b=0": Accelerations(deepcache=2), "tome 0.5": Accelerations(tome=0.5),
+            f"cfg-skip last {k}": Accelerations(cfg_skip=k)}
+
+
+class AcceleratedPipeline(Pipeline):
+    """The pipeline with the per-pass accelerations on every txt2img pass (the integration, for this script)."""
+
+    def __init__(self, model, settings: Accelerations):
+        super().__init__(model)
+        self.settings = settings
+
+    def denoiser(self, req, cond, uncond) -> CFGDenoiser:
+        guided = super().denoiser(req, cond, uncond)
+        accelerate_denoiser(guided, self.settings, req.steps)  # txt2img: the pass runs req.steps steps
+        return guided
+
+
+def shapes_eval(args: argparse.Namespace) -> None:
+    path = runtime.default_model()
+    if path is None:
+        raise SystemExit("no shipped model in this install")
+    model = runtime.load_for_inference(path, torch.device("cpu"), torch.float32)
+    print(f"ShapesEval on the shipped model: {args.seeds} seeds, first {args.limit} prompts per category, "
+          f"{args.eval_steps} Euler steps, CFG 5, 64x64")
+    base = None
+    for name, settings in configs(args.eval_steps).items():
+        tome = token_merging(model.unet, settings.tome) if settings.tome else nullcontext()
+        start = time.perf_counter()
+        with tome:
+            scores, _, _ = run_eval(AcceleratedPipeline(model, settings), seeds=args.seeds, steps=args.eval_steps,
+                                    limit=args.limit, quiet=True)
+        seconds = time.perf_counter() - start
+        base = base or scores
+        cats = " ".join(f"{c[:6]} {scores[c]:.3f}" for c in ("single_object", "two_object", "counting", "colors",
+                                                               "position", "color_attr") if c in scores)
+        print(f"  {name:<20} overall {scores['overall']:.3f} ({100 * (scores['overall'] - base['overall']):+.1f} "
+              f"points)  {cats}  [{scores['images']} images, {seconds:.0f} s]", flush=True)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
+    mse = (a - b).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
+
+
+def sd15_shapes(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    unet = UNetModel(SD15.unet).eval()
+    vae = AutoencoderKL(SD15.vae).eval()
+    g = torch.Generator().manual_seed(1)
+    cond = Conditioning(torch.randn(1, 77, 768, generator=g))
+    uncond = Conditioning(torch.randn(1, 77, 768, generator=g))
+    spec = get_sampler("dpmpp_2m")
+    sigmas = torch.from_numpy(spec.sigmas(SD_SCHEDULE, args.steps, "karras"))
+    latent = args.size // 8
+    print(f"\nSD1.5-shape random weights: {args.size}x{args.size}, {args.steps} steps DPM++ 2M Karras, CFG 7.5, "
+          f"fp32, {torch.get_num_threads()} threads")
+
+    def run(settings: Accelerations, count: bool) -> tuple[torch.Tensor, float, float]:
+        guided = CFGDenoiser(Denoiser(unet, SD_SCHEDULE), cond, uncond, 7.5)
+        noise = BatchNoise([torch.Generator().manual_seed(7)], (1, 4, latent, latent), "cpu")
+        x = noise() * sigmas[0]
+        counter = FlopCounterMode(display=False) if count else nullcontext()
+        start = time.perf_counter()
+        with torch.inference_mode(), counter, accelerated(guided, settings, len(sigmas) - 1):
+            out = spec(guided, x, sigmas, callback=follow_steps(guided, None), noise=noise)
+        seconds = time.perf_counter() - start
+        flops = counter.get_total_flops() if count else 0.0  # type: ignore[union-attr]
+        return out, flops, seconds
+
+    rows = {}
+    for name, settings in configs(args.steps).items():
+        latents, flops, _ = run(settings, count=True)
+        _, _, seconds = run(settings, count=False)
+        with torch.inference_mode():
+            image = (vae.decode(latents / SD15.vae.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        rows[name] = (latents, image, flops, seconds)
+    exact = rows["exact"]
+    peak = exact[0].abs().max().item()
+    print(f"  {'':<20}{'UNet GFLOP':>11}{'FLOP ratio':>11}{'seconds':>9}{'speed-up':>9}{'PSNR img':>10}"
+          f"{'PSNR lat':>10}")
+    for name, (latents, image, flops, seconds) in rows.items():
+        print(f"  {name:<20}{flops / 1e9:>11.0f}{exact[2] / flops:>10.2f}x{seconds:>9.1f}{exact[3] / seconds:>8.2f}x"
+              f"{psnr(image, exact[1], 1.0):>10.1f}{psnr(latents, exact[0], peak):>10.1f}", flush=True)
+
+
+def tome_512(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    unet = UNetModel(SD15.unet).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500, 500]), torch.randn(2, 77, 768, generator=g)
+
+    def best(n: int = 2) -> tuple[float, float]:
+        times = []
+        with torch.inference_mode():
+            for _ in range(n):
+                start = time.perf_counter()
+                unet(x, t, ctx)
+                times.append(time.perf_counter() - start)
+            with FlopCounterMode(display=False) as counter:
+                unet(x, t, ctx)
+        return min(times), counter.get_total_flops()
+
+    plain, plain_flops = best()
+    with token_merging(unet, 0.5):
+        merged, merged_flops = best()
+    print(f"\nToMe 0.5, one SD1.5-shape UNet call at 512x512, batch 2: {plain:.2f} s -> {merged:.2f} s "
+          f"({plain / merged:.2f}x), {plain_flops / 1e9:.0f} -> {merged_flops / 1e9:.0f} GFLOP "
+          f"({plain_flops / merged_flops:.2f}x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=int, default=5, help="ShapesEval prompts per category")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--skip-512", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_eval:
+        shapes_eval(args)
+    if not args.skip_sd15:
+        sd15_shapes(args)
+    if not args.skip_512:
+        tome_512(args)
+
+
+if __name__ == "__main__":
+    main()
