@@ -174,9 +174,14 @@ def dtype_of(precision: str) -> torch.dtype:
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype for generation. auto: fp16 on GPUs (CUDA, MPS), fp32 on the CPU."""
+    """The weights' dtype for generation. auto: fp16 on GPUs (CUDA, MPS); on the CPU bf16 where it has bf16
+    instructions (there a bf16 matmul runs 2-4x fp32 and the image stays within ~30+ dB of fp32's: see
+    benchmarks/compare_cpu.py), fp32 elsewhere (emulated bf16 is slower than fp32)."""
     if precision == "auto":
-        precision = "fp16" if device.type in ("cuda", "mps") else "fp32"
+        if device.type in ("cuda", "mps"):
+            precision = "fp16"
+        else:
+            precision = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     return dtype_of(precision)
 
 

@@ -28,17 +28,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def read_checkpoint(
-    path: str | Path, use_ema: bool = False
+    path: str | Path, use_ema: bool = False, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer | None]:
-    """A single file or diffusers folder -> (original-keyed tensors, config, tokenizer or None for the default)."""
+    """A single file or diffusers folder -> (original-keyed tensors, config, tokenizer or None for the default).
+    dtype: floating tensors cast to it as they are read (None: as stored)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json or unet/)")
-        return read_folder(path)
-    raw, metadata = read_tensors(path)
+        return read_folder(path, dtype)
+    raw, metadata = read_tensors(path, dtype)
     sd = normalize(raw, use_ema=use_ema)
     if CONFIG_METADATA in metadata:
         try:
@@ -102,7 +103,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     head split or prediction type the detection rules would get wrong (the shapes are still checked).
     """
     path = Path(path)
-    sd, cfg, tokenizer = read_checkpoint(path, use_ema=use_ema)
+    sd, cfg, tokenizer = read_checkpoint(path, use_ema=use_ema, dtype=dtype)
     cfg = config or cfg
     if vae is not None:
         part = read_vae(vae)

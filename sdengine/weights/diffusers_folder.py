@@ -49,20 +49,22 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
 
 
-def _read_part_tensors(folder: Path, part: str, kind: str | None = None) -> dict[str, torch.Tensor]:
-    """The weights in folder/part, a model of `kind` (default: part) as diffusers names its files."""
+def _read_part_tensors(folder: Path, part: str, kind: str | None = None, dtype: torch.dtype | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The weights in folder/part, a model of `kind` (default: part) as diffusers names its files; floating ones
+    cast to dtype as they are read (None: as stored)."""
     d = folder / part
     if not d.is_dir():
         raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
     for stem in WEIGHT_NAMES[kind or part]:
         for ext in (".safetensors", ".bin"):
             if (d / (stem + ext)).exists():
-                return read_tensors(d / (stem + ext))[0]
+                return read_tensors(d / (stem + ext), dtype)[0]
         index = d / f"{stem}.safetensors.index.json"
         if index.exists():  # sharded weights
             tensors: dict[str, torch.Tensor] = {}
             for shard in sorted(set(_read_json(index)["weight_map"].values())):
-                tensors.update(read_tensors(d / shard)[0])
+                tensors.update(read_tensors(d / shard, dtype)[0])
             return tensors
     raise CheckpointError(f"diffusers folder {folder}: no weights file in {part}/")
 
@@ -202,16 +204,17 @@ def text_config_to_diffusers(t: TextConfig) -> dict[str, Any]:
             "eos_token_id": t.eos_token_id, "pad_token_id": 1, "torch_dtype": "float32"}
 
 
-def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
-    """A diffusers folder -> (original-keyed tensors, config, tokenizer)."""
+def read_folder(folder: Path, dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
+    """A diffusers folder -> (original-keyed tensors, config, tokenizer); dtype as in _read_part_tensors."""
     unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
     if unet.adm_in_channels is not None:
-        return _read_sdxl_folder(folder, unet)
+        return _read_sdxl_folder(folder, unet, dtype)
     for part in PARTS:
         if not (folder / part).is_dir():
             raise CheckpointError(f"diffusers folder {folder} is missing its {part}/ folder")
     extras_path = folder / "text_encoder" / OPENCLIP_EXTRAS
-    extras = read_tensors(extras_path)[0] if extras_path.exists() else {}
+    extras = read_tensors(extras_path, dtype)[0] if extras_path.exists() else {}
     extra_layers = len({k.split(".")[3] for k in extras if k.startswith("model.transformer.resblocks.")})
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     cfg = ModelConfig(
@@ -220,7 +223,7 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLI
         text=text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"), extra_layers,
                                         "model.text_projection" in extras),
         prediction="v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
-    parts = {p: _read_part_tensors(folder, p) for p in ("unet", "vae", "text_encoder")}
+    parts = {p: _read_part_tensors(folder, p, dtype=dtype) for p in ("unet", "vae", "text_encoder")}
     parts["openclip_extras"] = extras
     parts["text_encoder"] = {k if k.startswith("text_model.") else "text_model." + k: v
                              for k, v in parts["text_encoder"].items()}
@@ -231,7 +234,8 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, CLI
 SDXL_TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L, bigG (the refiner: text_encoder_2 alone)
 
 
-def _read_sdxl_folder(folder: Path, unet: UNetConfig) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
+def _read_sdxl_folder(folder: Path, unet: UNetConfig, dtype: torch.dtype | None = None
+                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
     """A StableDiffusionXLPipeline (or the refiner's StableDiffusionXLImg2ImgPipeline) folder. The second
     tokenizer is CLIP's vocabulary padded with "!" (id 0), as tokenizer_2/ of the published SDXL folders."""
     texts = [p for p in SDXL_TEXT_PARTS if (folder / p).is_dir()]
@@ -246,7 +250,7 @@ def _read_sdxl_folder(folder: Path, unet: UNetConfig) -> tuple[dict[str, torch.T
     cfg = ModelConfig(unet=unet, vae=vae_config_from_diffusers(_read_json(folder / "vae" / "config.json")),
                       text=configs[0], text_2=configs[1] if len(configs) > 1 else None,
                       prediction="v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
-    parts = {p: _read_part_tensors(folder, p, "text_encoder" if p in texts else None)
+    parts = {p: _read_part_tensors(folder, p, "text_encoder" if p in texts else None, dtype)
              for p in ("unet", "vae", *texts)}
     tokenizer = CLIPTokenizer.from_dir(folder / texts[0].replace("text_encoder", "tokenizer"))
     return from_diffusers(parts, cfg), cfg, tokenizer

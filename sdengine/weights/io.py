@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import first_line
@@ -58,8 +59,9 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of one file (CPU), with the safetensors metadata ({} for pickles)."""
+def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of one file (CPU), with the safetensors metadata ({} for pickles). dtype: floating tensors are
+    cast to it one at a time as they are read, so a bf16 model from an fp32 file never holds the fp32 copy whole."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -69,14 +71,22 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if kind == "safetensors":
         try:
             meta = safetensors_metadata(path)
-            return load_file(path), meta
+            if dtype is None:
+                return load_file(path), meta
+            with safe_open(path, framework="pt") as f:
+                return {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}, meta  # noqa: SIM118 - not a dict
         except (SafetensorError, ValueError, json.JSONDecodeError, struct.error, OSError) as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{path}: corrupt .safetensors file ({first_line(e)})") from None
     if kind in ("zip", "pickle"):
-        return _read_pickle(path), {}
+        tensors = _read_pickle(path)
+        return (tensors if dtype is None else {k: _cast(v, dtype) for k, v in tensors.items()}), {}
     raise CheckpointError(f"{path}: not a checkpoint (neither .safetensors nor a torch.save file)")
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
