@@ -183,7 +183,8 @@ def _build(sds: dict[str, dict[str, torch.Tensor]], where: str,
            device: torch.device | str, dtype: torch.dtype) -> TinyAutoencoder:
     """A TinyAutoencoder from madebyollin-layout halves ({"encoder": sd, "decoder": sd}, either may be absent)."""
     cfgs = {half: _infer(half, sd, where) for half, sd in sds.items()}
-    if len({(c.latent_channels, c.downscale) for c in cfgs.values()}) > 1:
+    # one width for both halves (madebyollin's and diffusers' TAESDs have it); a pair of other widths is refused here
+    if len({(c.latent_channels, c.downscale, c.channels) for c in cfgs.values()}) > 1:
         raise CheckpointError(f"{where}: the encoder and decoder do not fit each other "
                               f"({cfgs['encoder']} vs {cfgs['decoder']})")
     # the decoder's counts are what it decodes with; the encoder's are kept for it

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...cli.options import non_negative_float, positive_int
 from ...images import images_to_tensor, tensor_to_images
 from ...model import StableDiffusion
 from ...nn.taesd import DECODER, ENCODER, TAESDConfig, TinyAutoencoder, taesd_tensors
@@ -166,19 +167,15 @@ def add_taesd_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--init", type=Path, required=True,
                        help="the whole model whose VAE the tiny autoencoder learns (any SD checkpoint); its latent "
                             "space is kept")
-    model.add_argument("--channels", type=int, default=None,
+    model.add_argument("--channels", type=positive_int, default=None,
                        help="channels of every layer (default: 64, madebyollin's, for a full-size VAE; 32 for a "
                             "small one like the shipped model's)")
-    model.add_argument("--latent-weight", type=float, default=1.0,
+    model.add_argument("--latent-weight", type=non_negative_float, default=1.0,
                        help="the encoder's latent MSE weight against the decoder's pixel MSE (1)")
 
 
 def build_taesd(args: argparse.Namespace, source: Source) -> TAESDStage:
     from ...weights import load
 
-    if args.channels is not None and args.channels < 1:
-        raise ValueError(f"--channels must be at least 1, got {args.channels}")
-    if args.latent_weight < 0:
-        raise ValueError(f"--latent-weight must be at least 0, got {args.latent_weight}")
     return TAESDStage(load(args.init), source, seed=args.seed, channels=args.channels,
                       latent_weight=args.latent_weight)
