@@ -39,7 +39,7 @@ def matmul_peak(dtype: torch.dtype) -> float:
     best = 0.0
     for n in (2048, 4096):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = max(best, 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b), 3) / 1e9)
+        best = max(best, 2 * n ** 3 / best_seconds(lambda a=a, b=b: torch.mm(a, b), 3) / 1e9)
     return best
 
 
@@ -156,8 +156,9 @@ def main() -> None:
     if args.model == "shipped":
         runs = [(64, steps) for _, steps in runs[:1]]
     folder = reference_folder(args.workdir, args.model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {runtime.cpu_has_native_bf16()}, "
-          f"sdengine --precision auto = {runtime.inference_dtype('auto', torch.device('cpu'))}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: "
+          f"{runtime.cpu_has_native_bf16()}, sdengine --precision auto = "
+          f"{runtime.inference_dtype('auto', torch.device('cpu'))}")
     peaks = {dtype: matmul_peak(dtype) for dtype in (torch.float32, torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks[torch.float32]:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
     outdir = args.workdir / "images"

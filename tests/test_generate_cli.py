@@ -141,8 +141,9 @@ def test_bf16_on_cpu(cli, tmp_path):
 
 @pytest.mark.slow  # a TorchInductor compile: ~20-55 s
 def test_compile_gives_the_eager_image(cli, tmp_path):
-    """--compile (TorchInductor) changes speed, not the picture: same seed, same pixels up to float noise."""
-    args = ("generate", "a cat", "--seed", "4", *FAST)
+    """--compile (TorchInductor) changes speed, not the picture: same seed, same pixels up to float noise (fp32:
+    bf16's rounding differs between fused and eager kernels by more than that)."""
+    args = ("generate", "a cat", "--seed", "4", "--precision", "fp32", *FAST)
     assert cli(*args, "--out", tmp_path / "eager.png")[0] == 0
     code, stdout, stderr = cli(*args, "--compile", "--out", tmp_path / "compiled.png")
     assert code == 0, stderr
