@@ -484,7 +484,7 @@ def test_upscale_command_end_to_end(folder, tmp_path):
     src, out = tmp_path / "in.png", tmp_path / "out.png"
     save_png(image, src, "a red circle\nSteps: 20, Seed: 1")
     proc = run_cli("upscale", src, "--upscaler", "4x-tiny", "--scale", "2", "--tile", "16", "--tile-overlap", "8",
-                   "--out", out)
+                   "--precision", "fp32", "--out", out)  # the Python call below runs fp32; auto may pick bf16
     assert proc.returncode == 0, proc.stderr
     with Image.open(out) as result:
         result.load()
