@@ -75,6 +75,9 @@ class LCMStage(UNetStage):
             raise ValueError(f"--ema-decay must be in [0, 1) (got {ema_decay})")
         if huber_c <= 0:
             raise ValueError(f"--huber-c must be positive (got {huber_c})")
+        if lora_rank and ema_decay > 0:
+            raise ValueError("an LCM-LoRA's target network is the student itself (LCM-LoRA recipe): "
+                             "pass --ema-decay 0 with --lora-rank")
         super().__init__(model, source, seed=seed, caption_dropout=0.0, snr_gamma=0.0, schedule=schedule,
                          sample_prompts=sample_prompts)
         self.guidance, self.ema_decay, self.huber_c, self.timestep_scaling = (lo, hi), ema_decay, huber_c, \
@@ -94,9 +97,6 @@ class LCMStage(UNetStage):
             self.lora.attach()
             self.teacher = model.unet
             model.unet.eval()
-            if ema_decay > 0:
-                raise ValueError("an LCM-LoRA's target network is the student itself (LCM-LoRA recipe): "
-                                 "pass --ema-decay 0 with --lora-rank")
         else:
             self.teacher = copy.deepcopy(model.unet).requires_grad_(False).eval()
             model.unet.requires_grad_(True)
