@@ -13,7 +13,6 @@ so a seed gives the same image here, there and on any device.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import __version__
+from . import __version__, decoding
 from .control import ControlNets
 from .diffusion.denoiser import AnyConditioning, CFGDenoiser, Conditioning, Denoiser, ScheduledConditioning
 from .diffusion.samplers import SAMPLERS, BatchNoise
@@ -36,6 +35,7 @@ from .metadata import format_parameters
 from .model import StableDiffusion
 from .networks import Networks, strip_tags
 from .nn.seamless import circular_padding
+from .nn.taesd import TinyAutoencoder
 from .nn.unet import sdxl_vector
 from .prompt_schedule import has_schedule, schedule
 from .prompts import encode_text
@@ -77,6 +77,10 @@ class Pipeline:
         self._model_hash: str | None | bool = False  # computed on first use
         # ControlNets by name ($SDENGINE_HOME/controlnet, or paths), loaded on first use
         self.controlnets = ControlNets(model.config.unet, model.device, model.dtype)
+        # the tiny autoencoder (nn/taesd.py), when one is loaded: for previews, and for final images if tiny_final
+        # (the hires fix's intermediate decode always takes the VAE)
+        self.tiny_vae: TinyAutoencoder | None = None
+        self.tiny_final = False
 
     # --- public API ---------------------------------------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class Pipeline:
         if init_latents is not None:
             image_latents = init_latents.to(device, torch.float32)
         elif init is not None and (not inpainting_unet or strength < 1.0 or mask is None):
-            image_latents = self.encode_image(init, generators)
+            image_latents = self.encode_image(init, generators, req.vae_tiling)
         variation = req.variation(f)
         noise = noise_source() if variation is None else initial_noise(noise_source, req.seeds, variation)
         if mask is None:
@@ -321,7 +325,8 @@ class Pipeline:
             x = noise * spec.initial_scale(float(sigmas[0]), req.spacing)
 
         if mask is not None and inpainting_unet:  # the UNet sees the mask and the masked image
-            concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators)], dim=1)
+            concat = torch.cat([latent_mask, self.encode_image(init * (mask < 0.5), generators, req.vae_tiling)],
+                               dim=1)
             cond = cond.with_concat(concat)
             uncond = uncond.with_concat(concat) if uncond is not None else None
         denoise = guided = self.denoiser(req, cond, uncond)
@@ -388,38 +393,35 @@ class Pipeline:
             return self.sample(req, init_latents=upscale_latents(latents, hr, first.width, first.height, f),
                                callback=callback, first_pass_steps=first.steps)
         with self.tiling(first):
-            pixels = self.decode(latents)
+            pixels = self.decode(latents, first.vae_tiling)
         return self.sample(req, init=upscale_pixels(pixels, hr, first.width, first.height, f), callback=callback,
                            first_pass_steps=first.steps)
 
     @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """Pixels in [-1, 1] (1 or b images) -> scaled latents, one posterior sample per image from its generator."""
-        vae = self.model.vae
-        dtype = next(vae.parameters()).dtype
-        out = []
-        for i, g in enumerate(generators):
-            img = pixels[i if pixels.shape[0] > 1 else 0][None].to(self.model.device, dtype)
-            out.append(vae.encode(img).sample(g).float())
-        return torch.cat(out) * self.model.config.vae.scaling_factor
+    def encode_image(self, pixels: torch.Tensor, generators: list[torch.Generator], tiling: bool | None = None
+                     ) -> torch.Tensor:
+        """Pixels in [-1, 1] (1 or b images) -> scaled latents, one posterior sample per image from its generator;
+        tiling: the request's vae_tiling (None: tiled when large, decoding.py)."""
+        tiles = decoding.tiled(self.model, pixels.shape[-2], pixels.shape[-1], 1, tiling, encode=True)
+        return decoding.encode(self.model, pixels, generators, tiles)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels in [0, 1]. A half-precision decode that overflows is redone in fp32 by a copy of the
-        VAE: the shared model is never changed (the server decodes previews from another thread)."""
-        vae = self.model.vae
-        dtype = next(vae.parameters()).dtype
-        z = latents.to(self.model.device) / self.model.config.vae.scaling_factor
-        pixels = vae.decode(z.to(dtype)).float()
-        if dtype != torch.float32 and not torch.isfinite(pixels).all():  # fp32 is checked once, below
-            pixels = copy.deepcopy(vae).float().decode(z.float())
+    def decode(self, latents: torch.Tensor, tiling: bool | None = None, tiny: bool = False) -> torch.Tensor:
+        """Latents -> pixels in [0, 1]: by the VAE (in tiles when `tiling` says so, or, None, when the image is large:
+        decoding.py), or with `tiny` by the tiny autoencoder where one is loaded (previews; final images when
+        `tiny_final`)."""
+        f = self.model.config.vae.downscale
+        small = self.tiny_vae if tiny else None
+        tiles = small is None and decoding.tiled(self.model, latents.shape[-2] * f, latents.shape[-1] * f,
+                                                 latents.shape[0], tiling)
+        pixels = decoding.decode(self.model, latents, tiles, small)
         return (check_finite(pixels, "the decoded pixels") / 2 + 0.5).clamp(0, 1)
 
     def to_images(self, latents: torch.Tensor, req: Request, extra: dict[str, Any] | None = None
                   ) -> list[Image.Image]:
         """Decoded images, each with its infotext; `extra` adds infotext fields (before Version)."""
         with self.tiling(req):
-            pixels = self.decode(latents)
+            pixels = self.decode(latents, req.vae_tiling, tiny=self.tiny_final)
         images = tensor_to_images(pixels)
         shared = self._batch_infotext(req)  # hashes, warnings, ControlNet units: the same for every image
         for i, img in enumerate(images):

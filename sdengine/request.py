@@ -98,6 +98,7 @@ class Request:
     subseed_strength: float = 0.0  # 0: no variation; 1: the variation seed's image
     seed_resize_from: tuple[int, int] | None = None  # (width, height) whose noise the seed keeps, centred
     tiling: bool = False  # seamless: every padded convolution wraps around (A1111's Tiling)
+    vae_tiling: bool | None = None  # the VAE in overlapping tiles; None: when the image is large (decoding.py)
     hires: HiresFix | None = None  # txt2img: a second, larger img2img pass (sdengine/hires.py)
     # SDXL's size/crop conditioning (diffusers' original_size, crops_coords_top_left, target_size), (width, height)
     # and (left, top) here as the CLI and A1111 write sizes; None: the generated size, as A1111 and diffusers pass
@@ -157,6 +158,11 @@ class Request:
             object.__setattr__(self, "seed_resize_from", pair)
         if not isinstance(self.tiling, bool):
             raise FieldError("tiling", f"must be true or false, got {self.tiling!r}")
+        if self.vae_tiling is not None and not isinstance(self.vae_tiling, bool):
+            raise FieldError("vae_tiling", f"must be true, false or null (automatic), got {self.vae_tiling!r}")
+        if self.vae_tiling and self.tiling:
+            raise FieldError("vae_tiling", "cannot be combined with seamless tiling: each VAE tile would wrap around "
+                                           "on itself")
         for name in ("original_size", "crop", "target_size"):
             value = getattr(self, name)
             if value is not None:

@@ -37,6 +37,9 @@ REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--seed-resize-from": ("seed_resize_from", {"type": size_pair, "metavar": "WxH", "help": "keep the composition "
                                                 "the seed had at this size (noise drawn there, centred)"}),
     "--tiling": ("tiling", {"action": "store_true", "help": "seamless: the image tiles (its edges wrap around)"}),
+    "--vae-tiling": ("vae_tiling", {"action": argparse.BooleanOptionalAction,
+                                    "help": "the VAE in overlapping tiles, bounding its memory (default: when the "
+                                            "image is large)"}),
     "--original-size": ("original_size", {"type": size_pair, "metavar": "WxH",
                                           "help": "SDXL's original-size conditioning (default: the image size)"}),
     "--crop": ("crop", {"type": size_pair, "metavar": "LEFTxTOP", "help": "SDXL's crop conditioning"}),
@@ -84,6 +87,9 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
                    help="__name__ reads a random line of name.txt here (default: $SDENGINE_HOME/wildcards)")
     p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
     p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
+    p.add_argument("--vae-tiny", type=Path, default=None, metavar="FILE",
+                   help="decode with this tiny autoencoder (TAESD: taesd_decoder.pth/.safetensors, a diffusers "
+                        "AutoencoderTiny folder): much faster, blurrier")
     p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:UNET_W]]",
                    help="apply a LoRA (a name in --lora-dir, or a file) at weight W (default 1), the UNet at UNET_W "
@@ -429,10 +435,20 @@ def run_generation(args: argparse.Namespace) -> None:
     from ..networks import Networks
     from ..pipeline import Pipeline
 
-    model = runtime.load_for_inference(model_path, device, runtime.inference_dtype(args.precision, device),
-                                       vae=args.vae, compile=args.compile)
+    dtype = runtime.inference_dtype(args.precision, device)
+    tiny = None
+    if args.vae_tiny is not None:  # read before the model: a wrong file fails fast
+        from ..nn.taesd import load_taesd
+
+        tiny = load_taesd(args.vae_tiny, device, dtype)
+    model = runtime.load_for_inference(model_path, device, dtype, vae=args.vae, compile=args.compile)
+    if tiny is not None and (tiny.decoder is None or tiny.cfg.latent_channels != model.config.unet.out_channels):
+        raise CLIError(f"--vae-tiny {args.vae_tiny}: " + ("holds no decoder" if tiny.decoder is None else
+                       f"a tiny autoencoder for {tiny.cfg.latent_channels}-channel latents; this model's have "
+                       f"{model.config.unet.out_channels}"))
     networks = Networks(model, embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()], loras=loras)
     pipe = Pipeline(model, networks=networks)
+    pipe.tiny_vae, pipe.tiny_final = tiny, tiny is not None
     pipe.wildcards = args.wildcards_dir or runtime.wildcards_dir()
     pipe.controlnets.folder = args.controlnet_dir
     paths_left = iter(paths)

@@ -62,6 +62,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.models_dir is not None and not folder.is_dir():
         raise ValueError(f"--models-dir {folder} is not a folder")
     device = runtime.pick_device(args.device)
+    tiny = None
+    if args.vae_tiny is not None:
+        from ..nn.taesd import load_taesd
+
+        tiny = load_taesd(args.vae_tiny, device, runtime.inference_dtype(args.precision, device))
+        if tiny.decoder is None:
+            raise ValueError(f"--vae-tiny {args.vae_tiny} holds no decoder")
     pinned = None  # a model outside the folder, served under its file name
     if args.model is None:
         pinned = runtime.default_model()  # the shipped model, when this install has one
@@ -77,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                              runtime.inference_dtype(args.precision, device), compile=args.compile,
                              lora_dirs=[args.lora_dir or runtime.loras_dir()],
                              embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()],
-                             controlnet_dir=args.controlnet_dir or runtime.controlnet_dir())
+                             controlnet_dir=args.controlnet_dir or runtime.controlnet_dir(), tiny_vae=tiny)
     if args.upscalers_dir is not None:  # the hires fix finds model upscalers through runtime.upscalers_dir() too
         os.environ["SDENGINE_UPSCALERS"] = str(args.upscalers_dir.resolve())
     name = args.model  # a name in the folder, unless a file was pinned
@@ -90,6 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         registry.ensure(name)  # BadInput/ModelLoadError: one line from the CLI, before the port opens
         registry.default_name = registry.current.name
     service = Service(registry, limits, load_styles(args.styles_file or BUNDLED_STYLES), threads=args.threads)
+    if tiny is not None:  # a tiny decode costs less than a UNet step: a preview at every step
+        service.settings["show_progress_every_n_steps"] = 1
     app = create_app(service, credentials)
     if not is_loopback(args.host) and credentials is None:
         print(f"sdengine: warning: serving on {args.host} without --api-auth: anyone who can reach it can use it",
@@ -138,6 +147,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--upscalers-dir", type=Path, default=None,
                    help="model upscalers (ESRGAN, ...) for extras and the hires fix (default: $SDENGINE_UPSCALERS, "
                         "else $SDENGINE_HOME/upscalers)")
+    p.add_argument("--vae-tiny", type=Path, default=None, metavar="FILE",
+                   help="a tiny autoencoder (TAESD) for the live previews: cheap enough for one at every step")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")

@@ -18,6 +18,7 @@ from .. import runtime
 from ..errors import first_line
 from ..lora import LoraLibrary
 from ..networks import Networks
+from ..nn.taesd import TinyAutoencoder
 from ..pipeline import Pipeline
 from .errors import BadInput, ModelLoadError
 
@@ -35,10 +36,13 @@ class ModelEntry:
 class ModelRegistry:
     def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype,
                  compile: bool = False, lora_dirs: Sequence[Path] | None = None,
-                 embedding_dirs: Sequence[Path] | None = None, controlnet_dir: Path | None = None):
+                 embedding_dirs: Sequence[Path] | None = None, controlnet_dir: Path | None = None,
+                 tiny_vae: TinyAutoencoder | None = None):
         """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir);
-        controlnet_dir: where clients' ControlNet names are looked up (None: no ControlNets)."""
+        controlnet_dir: where clients' ControlNet names are looked up (None: no ControlNets); tiny_vae: decodes
+        the live previews of every model whose latents it fits (serve --vae-tiny)."""
         self.controlnet_dir = controlnet_dir
+        self.tiny_vae = tiny_vae
         self.folder, self.pinned, self.device, self.dtype = folder, pinned, device, dtype
         self.compile = compile  # compile each loaded model's UNet (sdengine serve --compile)
         self.embedding_dirs = [Path(d) for d in (embedding_dirs if embedding_dirs is not None
@@ -116,6 +120,8 @@ class ModelRegistry:
             raise ModelLoadError(f"model {entry.name} could not be loaded: {first_line(e)}") from None
         pipe = Pipeline(model, networks=Networks(model, embedding_dirs=self.embedding_dirs, loras=self.loras))
         pipe.refiner_loader = self._load_refiner  # refiner_checkpoint: chosen by name, as models are
+        if self.tiny_vae is not None and self.tiny_vae.cfg.latent_channels == model.config.unet.out_channels:
+            pipe.tiny_vae = self.tiny_vae
         pipe.controlnets.folder = self.controlnet_dir  # units arrive resolved to its files (server/controlnet.py)
         # the embeddings scanned here, in the worker: /sdapi/v1/embeddings then only reads a finished scan
         pipe.networks.embeddings()

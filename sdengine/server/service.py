@@ -198,7 +198,7 @@ class Service:
             if cached_id == job.id and 0 <= step - cached_step < self.settings["show_progress_every_n_steps"]:
                 return cached
             try:
-                png = encode_png(tensor_to_images(pipe.decode(latent))[0])
+                png = encode_png(tensor_to_images(pipe.decode(latent, tiny=True))[0])  # TAESD where loaded
             except NonFiniteError:  # an estimate gone NaN: no preview (the job itself fails with the message)
                 png = None
             self._preview_cache = (job.id, step, png)
