@@ -183,6 +183,13 @@ def test_deepcache_refuses_bad_settings():
         Accelerations(cfg_skip=-2)
 
 
+def test_deepcache_start_runs_the_early_steps_full():
+    cached = DeepCacheUNet(random_unet(SD1_TINY), interval=3, start=4)
+    assert [s for s in range(12) if cached.is_full_step(s)] == [0, 1, 2, 3, 4, 7, 10]
+    with pytest.raises(ValueError, match="start"):
+        DeepCacheUNet(random_unet(SD1_TINY), start=-1)
+
+
 def test_nonuniform_schedule():
     steps = nonuniform_steps(50, 3)
     assert 0 in steps and 12 <= len(steps) <= 17 and max(steps) < 50

@@ -26,10 +26,14 @@ class DeepCacheUNet(nn.Module):
 
     interval: a full call every `interval` steps (steps i with i % interval == 0; 1: every call is the plain UNet,
     bit for bit). branch: the skip branch at which the deep features are cached (0 = shallowest, fastest).
+    start: steps before caching begins, all full (the early steps, where the image's layout forms and the deep
+    features change fastest; ComfyUI's DeepCache start_step, the A1111 extension's cache_enable_step); from
+    `start` on, steps start, start + interval, ... are full.
     full_steps: instead of the uniform interval, exactly these steps are full (DeepCache's non-uniform schedule
     chooses them denser where features change fastest)."""
 
-    def __init__(self, unet: UNetModel, interval: int = 3, branch: int = 0, full_steps: frozenset[int] | None = None):
+    def __init__(self, unet: UNetModel, interval: int = 3, branch: int = 0, full_steps: frozenset[int] | None = None,
+                 start: int = 0):
         super().__init__()
         if not isinstance(unet, UNetModel):
             raise TypeError(f"DeepCache wraps sdengine's UNetModel, not {type(unet).__name__}")
@@ -38,7 +42,10 @@ class DeepCacheUNet(nn.Module):
         branches = len(unet.input_blocks) - 1  # the deepest input block's skip is the last cacheable branch
         if not isinstance(branch, int) or not 0 <= branch < branches:
             raise ValueError(f"DeepCache branch must be in 0..{branches - 1} for this UNet, got {branch!r}")
+        if not isinstance(start, int) or start < 0:
+            raise ValueError(f"DeepCache start must be a step >= 0, got {start!r}")
         self.unet = unet
+        self.start = start
         self.interval, self.branch, self.depth = interval, branch, branch + 1
         self.full_steps = full_steps
         self.step = 0
@@ -54,7 +61,7 @@ class DeepCacheUNet(nn.Module):
     def is_full_step(self, step: int) -> bool:
         if self.full_steps is not None:
             return step in self.full_steps
-        return step % self.interval == 0
+        return step < self.start or (step - self.start) % self.interval == 0
 
     def reset(self) -> None:
         self._cache, self._key, self.step = None, None, 0
@@ -125,6 +132,6 @@ def nonuniform_steps(total: int, interval: int, center: int | None = None, power
     return frozenset([0, *steps])
 
 
-def deepcache(unet: UNetModel, interval: int = 3, branch: int = 0) -> DeepCacheUNet:
+def deepcache(unet: UNetModel, interval: int = 3, branch: int = 0, start: int = 0) -> DeepCacheUNet:
     """`unet` with DeepCache (uniform interval): use it where the UNet is called, advance `.step` every step."""
-    return DeepCacheUNet(unet, interval, branch)
+    return DeepCacheUNet(unet, interval, branch, start=start)
