@@ -5,7 +5,9 @@ folders renamed through the table (keys.py); the model is then built from a dete
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -63,12 +65,34 @@ def read_checkpoint(
     return sd, cfg, None
 
 
+# torch.nn.init's in-place initialisers: modules call them in their constructors
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                 "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skipped_init() -> Iterator[None]:
+    """Module constructors leave their parameters uninitialised. On the meta device the initialisers would do
+    nothing useful, and their first call there imports torch._dynamo (torch's reference kernels run meta tensors):
+    about as long as importing torch itself, paid by every `sdengine generate` before its first step.
+    Not thread-safe: it swaps torch.nn.init's functions while a model is built (transformers' no_init_weights
+    does the same)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def build(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
           device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
           source: str = "checkpoint") -> StableDiffusion:
     """Build the model for `cfg` and load `sd` strictly; dtype None keeps the file's dtypes."""
     tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.text.pad_with_eos)
-    with torch.device("meta"):  # no random init of weights that are about to be replaced
+    with torch.device("meta"), skipped_init():  # no random init of weights that are about to be replaced
         model = StableDiffusion(cfg, tokenizer)
     check_keys(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
