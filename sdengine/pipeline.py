@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, decoding
+from .accel import accelerated
 from .control import ControlNets
 from .diffusion.denoiser import AnyConditioning, CFGDenoiser, Conditioning, Denoiser, ScheduledConditioning
 from .diffusion.samplers import SAMPLERS, BatchNoise
@@ -333,7 +334,8 @@ class Pipeline:
         if latent_mask is not None and not inpainting_unet:
             denoise = known_region_blend(denoise, latent_mask, image_latents, noise, sigmas[0])
         extra = {"prediction": model.config.prediction} if spec.uses_prediction else {}
-        x = spec(denoise, x, sigmas, callback=follow_steps(guided, callback), noise=noise_source, **extra)
+        with accelerated(guided, req.accelerations, len(sigmas) - 1, tome_seed=req.seeds[0]):
+            x = spec(denoise, x, sigmas, callback=follow_steps(guided, callback), noise=noise_source, **extra)
         latents = check_finite(x / (1 + sigmas[-1] ** 2) ** 0.5, "the sampled latents")
         if latent_mask is not None and not inpainting_unet:  # the known region exactly as encoded
             latents = image_latents * (1 - latent_mask) + latents * latent_mask
@@ -379,8 +381,9 @@ class Pipeline:
             denoise = refiner.denoiser(req, *refiner.condition(req))
             denoise.step = k  # prompt editing continues where the base model stopped
             extra = {"prediction": refiner.model.config.prediction} if spec.uses_prediction else {}
-            x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise,
-                     callback=follow_steps(denoise, progress(k), offset=k), **extra)
+            with accelerated(denoise, req.accelerations, len(sigmas) - 1, tome_seed=req.seeds[0]):
+                x = spec(denoise, x.to(refiner.model.device), sigmas[k:], noise=noise,
+                         callback=follow_steps(denoise, progress(k), offset=k), **extra)
         return x / (1 + sigmas[-1] ** 2) ** 0.5
 
     def second_pass(self, first: Request, latents: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:

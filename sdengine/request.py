@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .accel import Accelerations
 from .control import ControlError, ControlUnit, check_units
 from .diffusion.img2img_steps import a1111_img2img_steps
 from .diffusion.samplers import SamplerSpec, get_sampler
@@ -109,6 +110,12 @@ class Request:
     refiner_switch_at: float = 0.8  # the share of the schedule the base model runs before the refiner takes over
     # ControlNet units (control.py): frozen specs, model by name or path and the control image, read when sampling
     controls: tuple[ControlUnit, ...] = ()
+    # opt-in accelerations (sdengine/accel): DeepCache's interval (0: off) and branch, the token merging ratio
+    # (0: off), the last steps run without guidance (0: off)
+    deepcache: int = 0
+    deepcache_branch: int = 0
+    tome: float = 0.0
+    cfg_skip: int = 0
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -179,6 +186,10 @@ class Request:
             object.__setattr__(self, "controls", check_units(self.controls))
         except ControlError as e:
             raise FieldError("controls", f"are not valid: {e}") from None
+        try:
+            _ = self.accelerations  # validated here, before any model loads
+        except ValueError as e:
+            raise FieldError("accelerations", f"are not valid: {e}") from None
         if self.hires is not None and not isinstance(self.hires, HiresFix):
             raise FieldError("hires", f"must be a HiresFix, got {type(self.hires).__name__}")
         if self.hires is not None and self.width is not None and self.height is not None:
@@ -189,6 +200,11 @@ class Request:
     @property
     def sampler_spec(self) -> SamplerSpec:
         return get_sampler(self.sampler)
+
+    @property
+    def accelerations(self) -> Accelerations:
+        return Accelerations(deepcache=self.deepcache, deepcache_branch=self.deepcache_branch, tome=self.tome,
+                             cfg_skip=self.cfg_skip)
 
     @property
     def seeds(self) -> list[int]:
@@ -274,7 +290,7 @@ class Request:
         }
         if self.hires is not None:
             fields.update(self.hires.infotext(self))
-        return fields
+        return {**fields, **self.accelerations.infotext_fields()}
 
 
 # A1111 parameters-text key -> Request field (the inverse of infotext_fields, for `generate --from-png`)
@@ -282,7 +298,8 @@ INFOTEXT_FIELDS: dict[str, str] = {
     "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler",
     "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height", "Clip skip": "clip_skip",
     "Variation seed": "subseed", "Variation seed strength": "subseed_strength", "Refiner": "refiner",
-    "Refiner switch at": "refiner_switch_at",
+    "Refiner switch at": "refiner_switch_at", "DeepCache interval": "deepcache", "DeepCache branch": "deepcache_branch",
+    "Token merging ratio": "tome", "CFG skip last steps": "cfg_skip",
 }
 INFOTEXT_HIRES: dict[str, str] = {"Hires upscale": "scale", "Hires steps": "steps", "Hires upscaler": "upscaler",
                                   "Hires sampler": "sampler", "Hires prompt": "prompt",

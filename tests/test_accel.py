@@ -14,10 +14,11 @@ from sdengine.accel import Accelerations, DeepCacheUNet, accelerated, bipartite_
 from sdengine.accel.deepcache import nonuniform_steps
 from sdengine.config import UNetConfig
 from sdengine.diffusion.samplers import BatchNoise
+from sdengine.metadata import parse_parameters
 from sdengine.nn.attention import CrossAttention
 from sdengine.nn.unet import UNetModel
 from sdengine.pipeline import Pipeline, follow_steps
-from sdengine.request import Request
+from sdengine.request import FieldError, Request, fields_from_parameters
 
 W = H = 32  # the tiny VAE halves: latents 16x16
 OFF = Accelerations()
@@ -306,3 +307,24 @@ def test_cfg_skip_validates_and_says_so_in_the_parameters():
     assert Accelerations().infotext_fields() == {}
     assert Accelerations(deepcache=3, tome=0.5, cfg_skip=2).infotext_fields() == {
         "DeepCache interval": 3, "DeepCache branch": 0, "Token merging ratio": 0.5, "CFG skip last steps": 2}
+
+
+# ---- the integration: Request fields -> Pipeline -> PNG parameters ---------------------------------------------------
+
+def test_request_to_png(sd1_folder):
+    pipe = Pipeline(sdengine.load(sd1_folder))
+    kw = dict(prompt="a red circle", negative_prompt="blue", steps=6, seed=3, width=32, height=32)
+    exact = pipe.generate(**kw)[0]
+    fast = pipe.generate(**kw, deepcache=3, tome=0.5, cfg_skip=2)[0]
+    assert exact.tobytes() != fast.tobytes()
+    params = parse_parameters(fast.info["parameters"])
+    assert params["DeepCache interval"] == 3 and params["Token merging ratio"] == 0.5
+    assert params["CFG skip last steps"] == 2
+    assert "DeepCache" not in exact.info["parameters"]
+    fields = fields_from_parameters(params)
+    assert (fields["deepcache"], fields["tome"], fields["cfg_skip"]) == (3, 0.5, 2)
+    again = pipe.generate(**kw, deepcache=3, tome=0.5, cfg_skip=2)[0]
+    assert again.tobytes() == fast.tobytes()
+    with pytest.raises(FieldError, match="token merging ratio"):
+        Request(tome=2.0)
+    assert torch.equal(torch.tensor(list(pipe.generate(**kw)[0].tobytes())), torch.tensor(list(exact.tobytes())))

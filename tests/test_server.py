@@ -205,6 +205,21 @@ def test_txt2img_fields_seeds_and_images(server: Running, pipe):
         "images"] == []
 
 
+def test_token_merging_ratio_is_a1111s_option(server: Running, pipe):
+    """token_merging_ratio (A1111's ToMe setting) per request in override_settings, or kept through /options; the
+    image says it was used, as A1111's does."""
+    info = info_of(server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 5,
+                                                     "override_settings": {"token_merging_ratio": 0.5}}))
+    assert "Token merging ratio: 0.5" in info["infotexts"][0]
+    assert "Token merging ratio" not in info_of(server.post("/sdapi/v1/txt2img", {**SMALL, "seed": 5}))["infotexts"][0]
+    assert server.post("/sdapi/v1/options", {"token_merging_ratio": 0.3}).status_code == 200
+    try:
+        assert server.get("/sdapi/v1/options").json()["token_merging_ratio"] == 0.3
+        assert "Token merging ratio: 0.3" in info_of(server.post("/sdapi/v1/txt2img", SMALL))["infotexts"][0]
+    finally:
+        server.post("/sdapi/v1/options", {"token_merging_ratio": 0.0})
+
+
 def test_parallel_requests_keep_their_seeds(server: Running, pipe):
     seeds = [1000 + 17 * i for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -411,6 +426,8 @@ BAD = [
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "paths"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "missing"}}, "no model named"),
     ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 40}}, "CLIP_stop_at_last_layers"),
+    ("txt2img", {"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio"),
+    ("options", {"token_merging_ratio": "half"}, "token_merging_ratio"),
     ("txt2img", {"script_name": "loopback"}, "scripts"),
     ("txt2img", {"width": "wide"}, "width"),
     ("img2img", {}, "init_images"),

@@ -48,6 +48,12 @@ REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--refiner": ("refiner", {"metavar": "MODEL", "help": "an SDXL refiner (path or models-folder name) that takes "
                                                           "over the schedule at --refiner-switch-at (txt2img)"}),
     "--refiner-switch-at": ("refiner_switch_at", {"type": float, "help": "share of the steps the base model runs"}),
+    "--deepcache": ("deepcache", {"type": int, "metavar": "N", "help": "DeepCache: the full UNet every N steps, "
+                                  "the shallow blocks on cached deep features between (0: off; 3 is ~2x)"}),
+    "--deepcache-branch": ("deepcache_branch", {"type": int, "help": "DeepCache's skip branch (0: shallowest)"}),
+    "--tome": ("tome", {"type": float, "metavar": "R", "help": "token merging ratio at full resolution (0: off; "
+                        "0.5 is tomesd's default)"}),
+    "--cfg-skip": ("cfg_skip", {"type": int, "metavar": "K", "help": "the last K steps without guidance (0: off)"}),
 }
 # Options of the second pass -> HiresFix fields (sdengine/hires.py); any of them turns the hires fix on.
 HIRES_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {

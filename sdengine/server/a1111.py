@@ -21,7 +21,7 @@ from .bodies import BodyInThread
 from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
-from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip
+from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, check_token_merging
 from .scripts import SCRIPTS
 from .service import Service
 
@@ -116,7 +116,7 @@ class PNGInfoBody(BaseModel):
 
 # Options a client may set: none of them names a path, a folder or anything outside the server's models.
 SETTABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_previews_enable",
-            "show_progress_every_n_steps", "samples_format")
+            "show_progress_every_n_steps", "samples_format", "token_merging_ratio")
 
 
 # Fields that take any JSON: echoed shortened (json_safe), as a client may put anything of any size there.
@@ -247,6 +247,8 @@ def router(service: Service) -> APIRouter:
                                                             or not -1 <= value <= 10000):
                 raise BadInput("show_progress_every_n_steps must be an integer from -1 to 10000 (-1, 0: no live "
                                "preview)")
+            elif key == "token_merging_ratio":
+                changes[key] = check_token_merging(value)
             if key in ("live_previews_enable", "show_progress_every_n_steps"):  # read by Service.progress/preview
                 changes[key] = value
         if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it

@@ -42,6 +42,13 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str]:
     return spec.name, SCHEDULER_KEYS[key]
 
 
+def check_token_merging(value: object) -> float:
+    """A1111's token_merging_ratio option: 0 (off) up to, not including, 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise BadInput(f"token_merging_ratio must be a number from 0 (off) up to 1 (not included), got {value!r}")
+    return float(value)
+
+
 def check_clip_skip(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP:
         raise BadInput(f"CLIP_stop_at_last_layers must be an integer from 1 to {MAX_CLIP_SKIP}, got {value!r}")

@@ -31,7 +31,7 @@ class Service:
         self.registry, self.limits, self.styles, self.threads = registry, limits, styles, threads
         # A1111's defaults; a preview is a full VAE decode, hence one every 10 steps at most
         self.settings: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
-                                         "show_progress_every_n_steps": 10}
+                                         "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0}
         self.bodies = BodyReader(limits, registry, styles, self.settings)
         # the heap trimmed whenever the queue goes idle: bursts of mixed-size jobs fragment it (cpu_memory.release)
         self.queue = JobQueue(self.run, max_waiting=limits.queue_size, on_idle=cpu_memory.release)
@@ -76,6 +76,8 @@ class Service:
             self.registry.default_name = entry.name
         if "CLIP_stop_at_last_layers" in gen.persist:
             self.settings["CLIP_stop_at_last_layers"] = gen.request.clip_skip
+        if "token_merging_ratio" in gen.persist:
+            self.settings["token_merging_ratio"] = gen.request.tome
         infotexts = [image.info.get("parameters", "") for image in images]
         encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if gen.send_images else []
         return {"images": encoded, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job, warnings))}

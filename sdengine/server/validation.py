@@ -24,7 +24,7 @@ from .controlnet import UnitReader
 from .errors import BadInput
 from .images import decode_image, prepare_mask, resize_image
 from .registry import ModelRegistry
-from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, resolve_sampler
+from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, check_token_merging, resolve_sampler
 
 # A1111 body field -> (Request field, A1111's default when the body leaves it out or sends null)
 A1111_FIELDS: dict[str, tuple[str, Any]] = {
@@ -135,6 +135,7 @@ class BodyReader:
         values["sampler"], values["schedule"] = resolve_sampler(
             _get(body, "sampler_name", None) or _get(body, "sampler_index", None), _get(body, "scheduler", None))
         values["clip_skip"], model, persist = self.settings["CLIP_stop_at_last_layers"], None, {}
+        values["tome"] = self.settings.get("token_merging_ratio", 0.0)
         overrides = _get(body, "override_settings", {})
         keep = _get(body, "override_settings_restore_afterwards", True) is False
         for key, value in overrides.items():
@@ -142,11 +143,14 @@ class BodyReader:
                 values["clip_skip"] = check_clip_skip(value)
             elif key == "sd_model_checkpoint":
                 model = self.registry.find(value).name
+            elif key == "token_merging_ratio":
+                values["tome"] = check_token_merging(value)
             else:
                 warnings.append(f"override_settings.{key} ignored")
                 continue
             if keep:
-                persist[key] = values["clip_skip"] if key == "CLIP_stop_at_last_layers" else model
+                persist[key] = {"CLIP_stop_at_last_layers": values["clip_skip"], "sd_model_checkpoint": model,
+                                "token_merging_ratio": values["tome"]}[key]
         refiner = _get(body, "refiner_checkpoint", None)
         if refiner not in (None, "", "None"):  # A1111 sends "None" for no refiner
             values["refiner"] = self.registry.find(refiner).name  # by name only, as models are chosen
