@@ -128,16 +128,19 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x0 estimate. sigma: (b,) or scalar."""
-        # Sigmas live on the CPU (schedules are numpy); move them to x, which may be on a GPU.
-        sigma = sigma.to(x.device, torch.float32)
+        # Sigmas live on the CPU (schedules are numpy): the timesteps are computed there and both copied to x's
+        # device without waiting (a blocking copy to a GPU waits for all the work queued before it)
+        sigma = sigma.to(torch.float32)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        async_copy = x.device.type == "cuda"
+        t = self.schedule.sigma_to_t_torch(sigma).to(x.device, non_blocking=async_copy)
+        sigma = sigma.to(x.device, non_blocking=async_copy)
         s = append_dims(sigma, x.ndim)
         c_in = 1.0 / (s ** 2 + 1.0) ** 0.5
-        t = self.schedule.sigma_to_t_torch(sigma)
         unet_in = x * c_in
         dtype = next(self.unet.parameters()).dtype
         extra = {} if cond.y is None else {"y": cond.y.to(dtype)}  # SD1/SD2 UNets take no vector
-        t, context = t.to(x.device), cond.context.to(dtype)
+        context = cond.context.to(dtype)
         if cond.controls:  # ControlNets see the latents without an inpainting UNet's extra channels
             control = None
             for unit in cond.controls:
