@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from sdengine.config import PRESETS
-from sdengine.memory_estimate import readable, vae_decode_bytes
+from sdengine.memory_estimate import readable, tiled_decode_bytes, vae_decode_bytes
 from sdengine.nn.vae import AutoencoderKL
-from sdengine.vae_tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled, tile_geometry, tiled_decode_bytes
+from sdengine.vae_tiling import DEFAULT_OVERLAP, DEFAULT_TILE, decode_tiled, tile_geometry
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

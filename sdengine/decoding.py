@@ -29,8 +29,8 @@ def tiled(model: StableDiffusion, height: int, width: int, batch: int, setting: 
     if wraps_around(model.vae):
         return False
     budget = min(AUTO_TILE_BYTES, available_bytes(model.device) or AUTO_TILE_BYTES)
-    return should_tile(model.vae, height, width, model.dtype, budget=budget, batch=1 if encode else batch,
-                       encode=encode)
+    return should_tile(model.vae, height, width, next(model.vae.parameters()).dtype, budget=budget,
+                       batch=1 if encode else batch, encode=encode)
 
 
 @torch.no_grad()

@@ -138,18 +138,39 @@ def vae_encode_bytes(cfg: VAEConfig, height: int, width: int, batch: int, elemen
     return int(peak * batch * element * OVERHEAD)
 
 
+DEFAULT_VAE_TILE = 512  # vae_tiling's tile side in pixels (diffusers' for SD1.x/2.x)
+
+
+def tiled_decode_bytes(cfg: VAEConfig, height: int, width: int, batch: int, element: int,
+                       tile: int = DEFAULT_VAE_TILE) -> int:
+    """Working memory of vae_tiling.decode_tiled: one tile of one image, plus the output and the
+    row of decoded tiles kept for blending (in the decoder's dtype)."""
+    f = cfg.downscale
+    h, w = math.ceil(height / f) * f, math.ceil(width / f) * f
+    one_tile = vae_decode_bytes(cfg, min(tile, h), min(tile, w), 1, element)
+    outputs = batch * h * w * (2 if batch > 1 else 1)  # a batch's per-image results, then their concatenation
+    kept = (outputs + 2 * tile * w) * cfg.out_ch * element  # the output, the row above and this row
+    return one_tile + int(kept * OVERHEAD)
+
+
 def estimate(config: ModelConfig, width: int, height: int, batch: int = 1, dtype: torch.dtype = torch.float32, *,
-             guidance: bool = True, img2img: bool = False, previews: bool = False) -> Estimate:
+             guidance: bool = True, img2img: bool = False, previews: bool = False,
+             vae_tiling: bool | None = None) -> Estimate:
     """Working memory of generating `batch` images of width x height (the final size: the hires fix's second pass
     is the larger one) with this model in `dtype`; the model's own weights are not included.
 
     guidance: classifier-free guidance (the UNet sees 2 x batch). img2img: init images are encoded (one at a time,
-    at the output size). previews: a one-image decode may run beside the UNet (the server's live previews)."""
+    at the output size). previews: a one-image decode may run beside the UNet (the server's live previews).
+    vae_tiling: the request's (None: automatic, so the smaller of the tiled and untiled decodes)."""
     element = torch.finfo(dtype).bits // 8
     f = config.vae.downscale
     unet = unet_bytes(config.unet, math.ceil(height / f), math.ceil(width / f), batch * (2 if guidance else 1),
                       element)
     decode = vae_decode_bytes(config.vae, height, width, batch, element)
+    if vae_tiling is not False and max(height, width) > DEFAULT_VAE_TILE:  # within one tile nothing is tiled
+        # forced, or automatic: decoding.py tiles whenever the untiled pass would not fit
+        tiled = tiled_decode_bytes(config.vae, height, width, batch, element)
+        decode = tiled if vae_tiling else min(decode, tiled)
     encode = vae_encode_bytes(config.vae, height, width, 1, element) if img2img else 0
     preview = vae_decode_bytes(config.vae, height, width, 1, element) if previews else 0
     return Estimate(unet=unet, decode=decode, encode=encode, preview=preview)

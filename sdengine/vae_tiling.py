@@ -24,17 +24,16 @@ Seamless mode (nn/seamless.py, circular padding) is refused: each tile would wra
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import VAEConfig
-from .memory_estimate import OVERHEAD, vae_decode_bytes, vae_encode_bytes
+from .memory_estimate import DEFAULT_VAE_TILE, vae_decode_bytes, vae_encode_bytes
 from .nn.vae import AutoencoderKL, DiagonalGaussian
 
-DEFAULT_TILE = 512  # pixels per tile side (diffusers' sample_size for SD1.x/2.x)
+DEFAULT_TILE = DEFAULT_VAE_TILE  # pixels per tile side (diffusers' sample_size for SD1.x/2.x)
 DEFAULT_OVERLAP = 0.25  # fraction of a tile shared with its neighbour (diffusers' tile_overlap_factor)
 
 
@@ -153,18 +152,6 @@ def encode_tiled(vae: AutoencoderKL, x: torch.Tensor, *, tile: int = DEFAULT_TIL
 
     size = (x.shape[2] // f, x.shape[3] // f)  # the encoder floors odd sizes at each downsample, as untiled
     return DiagonalGaussian(_per_image(lambda one: _tiled(moments, one, f, 1, side, stride, size), x))
-
-
-def tiled_decode_bytes(cfg: VAEConfig, height: int, width: int, batch: int, element: int,
-                       tile: int = DEFAULT_TILE) -> int:
-    """Working memory of decode_tiled (memory_estimate's units): one tile of one image, plus the output and the
-    row of decoded tiles kept for blending (in the decoder's dtype)."""
-    f = cfg.downscale
-    h, w = math.ceil(height / f) * f, math.ceil(width / f) * f
-    one_tile = vae_decode_bytes(cfg, min(tile, h), min(tile, w), 1, element)
-    outputs = batch * h * w * (2 if batch > 1 else 1)  # a batch's per-image results, then their concatenation
-    kept = (outputs + 2 * tile * w) * cfg.out_ch * element  # the output, the row above and this row
-    return one_tile + int(kept * OVERHEAD)
 
 
 def _config(vae: VAEConfig | AutoencoderKL) -> VAEConfig:

@@ -127,3 +127,14 @@ def test_cli_vae_tiny_and_vae_tiling(cli, pipe, tmp_path):
     code, _, err = cli("generate", "a cat", *FAST, "--vae-tiny", tmp_path / "taesd3.safetensors", "--out",
                        tmp_path / "z.png")
     assert code == 1 and "16-channel latents" in err and not (tmp_path / "z.png").exists()
+
+
+def test_the_memory_estimate_counts_the_tiled_decode_where_it_would_run():
+    """The server's refusals (memory_estimate.refusal) follow the decode that will run: a 2048² SD1.5 image decodes
+    in tiles unless the request says otherwise, so only then does it need the untiled pass's memory."""
+    from sdengine.config import SD15
+    from sdengine.memory_estimate import estimate
+
+    untiled = estimate(SD15, 2048, 2048, vae_tiling=False).decode
+    assert estimate(SD15, 2048, 2048).decode == estimate(SD15, 2048, 2048, vae_tiling=True).decode < untiled / 10
+    assert estimate(SD15, 256, 256).decode == estimate(SD15, 256, 256, vae_tiling=False).decode  # one tile

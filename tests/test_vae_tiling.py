@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sdengine.config import PRESETS, VAEConfig
-from sdengine.memory_estimate import vae_decode_bytes
+from sdengine.memory_estimate import tiled_decode_bytes, vae_decode_bytes
 from sdengine.nn.seamless import circular_padding
 from sdengine.nn.vae import DiagonalGaussian
-from sdengine.vae_tiling import decode_tiled, encode_tiled, should_tile, tiled_decode_bytes, wraps_around
+from sdengine.vae_tiling import decode_tiled, encode_tiled, should_tile, wraps_around
 from sdengine.weights.parts import read_vae
 
 GB = 1 << 30

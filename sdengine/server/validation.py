@@ -202,7 +202,7 @@ class BodyReader:
         width, height = req.hires.output_size(req.width, req.height) if req.hires else (req.width, req.height)
         if why := refusal(pipe.model.config, width, height, req.batch_size, pipe.model.dtype, pipe.model.device,
                           guidance=req.cfg_scale != 1, img2img=job.mode == "img2img",
-                          previews=bool(self.settings["live_previews_enable"])):
+                          previews=bool(self.settings["live_previews_enable"]), vae_tiling=req.vae_tiling):
             raise BadInput(why)
 
     def _check_prompts(self, prompts: tuple[tuple[str, str], ...]) -> None:
