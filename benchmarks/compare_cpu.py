@@ -109,8 +109,8 @@ def end_to_end(folder: Path, outdir: Path, size: int, steps: int, rounds: int, c
 
 def components(folder: Path, size: int, peaks: dict[torch.dtype, float]) -> None:
     """Text encoder, one CFG UNet step, VAE decode: sdengine at its default precision, diffusers fp32 and bf16."""
+    from accel_quality import flop_counter  # torch's counter plus the CPU attention kernel's FLOPs
     from diffusers import StableDiffusionPipeline
-    from torch.utils.flop_counter import FlopCounterMode
 
     dtype = runtime.inference_dtype("auto", torch.device("cpu"))
     model = sdengine.load(folder, dtype=dtype)
@@ -129,7 +129,7 @@ def components(folder: Path, size: int, peaks: dict[torch.dtype, float]) -> None
     print(f"  components at {size}x{size} (best of 3; sdengine {str(dtype).removeprefix('torch.')}):")
     for part in ours:
         with torch.inference_mode():
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 ours[part]()
             flops = counter.get_total_flops()
             mine = best_seconds(ours[part], 3)

@@ -13,6 +13,12 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32, as the original does, so half-precision runs keep their statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.weight is not None and \
+                self.weight.dtype == torch.bfloat16:
+            # PyTorch's CPU kernel computes bf16 statistics and output in float32 itself: the same values (a rare
+            # last-bit rounding apart) without the float copies, measured 5x (a 512² VAE map) to 20x (a 64² UNet
+            # map) faster. Mixed runs (bf16 autocast over fp32 weights) keep the path below.
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
