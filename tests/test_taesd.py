@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from train_helpers import make_images, tiny_model
 
 import sdengine
-from sdengine.cli import train as cli_train
+from sdengine.cli import run
 from sdengine.nn.taesd import TAESDConfig, TinyAutoencoder, load_taesd, taesd_from_tensors
 from sdengine.train.stages import taesd as stage_module
 from sdengine.weights.io import CheckpointError, read_tensors
@@ -131,18 +131,12 @@ def test_train_taesd_distils_and_writes_readable_files(tmp_path, monkeypatch, ca
     it writes hold what it trained, in madebyollin's layout (diffusers' AutoencoderTiny computes the same)."""
     model = tiny_model(1)
     sdengine.save(model, tmp_path / "tiny.safetensors")
-    monkeypatch.setitem(cli_train.DEFAULTS, "taesd", stage_module.DEFAULTS)
-    monkeypatch.setitem(cli_train.BUILDERS, "taesd", stage_module.build_taesd)
-    p = argparse.ArgumentParser()
-    cli_train.add_shared_options(p, "taesd")
-    stage_module.add_taesd_options(p)
     out = tmp_path / "run"
-    args = p.parse_args(["--init", str(tmp_path / "tiny.safetensors"), "--data", str(make_images(tmp_path / "img")),
-                         "--out", str(out), "--arch", "shapes-tiny", "--size", "32", "--steps", "12", "--batch", "4",
-                         "--warmup", "1", "--lr", "2e-3", "--precision", "fp32", "--log-every", "1", "--quiet",
-                         "--channels", "8"])
-    args.stage = "taesd"
-    cli_train.cmd_train(args)
+    code = run(["train", "taesd", "--init", str(tmp_path / "tiny.safetensors"), "--data",
+                str(make_images(tmp_path / "img")), "--out", str(out), "--size", "32", "--steps", "12", "--batch",
+                "4", "--warmup", "1", "--lr", "2e-3", "--precision", "fp32", "--log-every", "1", "--quiet",
+                "--channels", "8"])
+    assert code == 0, capsys.readouterr().err
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and log[-1]["dec"] < log[0]["dec"] and log[-1]["enc"] < log[0]["enc"]
     report = json.loads((out / "eval.json").read_text())

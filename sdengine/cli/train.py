@@ -29,7 +29,9 @@ STAGES = {"vae": "the autoencoder (KL-regularized, SD's layout)",
           "unet": "the denoiser, on a trained VAE and text encoder or a whole model (--init)",
           "lora": "a LoRA (kohya-ss layout; LoCon with --conv-rank) on a whole model (--init), the model frozen",
           "embedding": "a textual inversion embedding (--token) on a whole model (--init), the model frozen",
-          "lcm": "a few-step latent consistency model (LCM) distilled from a whole model (--init), or an LCM-LoRA"}
+          "lcm": "a few-step latent consistency model (LCM) distilled from a whole model (--init), or an LCM-LoRA",
+          "taesd": "a tiny autoencoder (TAESD) distilled from a whole model's VAE (--init), for previews and fast "
+                   "decodes"}
 DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "vae": {"steps": 6000, "batch": 32, "lr": 2e-4, "ema": 0.0},
     "text": {"steps": 3000, "batch": 128, "lr": 3e-4, "ema": 0.0},
@@ -37,6 +39,7 @@ DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "lora": {"steps": 1500, "batch": 32, "lr": 1e-4, "ema": 0.0},
     "embedding": {"steps": 1500, "batch": 32, "lr": 5e-3, "ema": 0.0},
     "lcm": {"steps": 2000, "batch": 32, "lr": 5e-5, "ema": 0.0},  # the target network's EMA is --ema-decay
+    "taesd": {"steps": 4000, "batch": 16, "lr": 1e-3, "ema": 0.0},
 }
 
 
@@ -82,6 +85,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     add_lora_options(parsers["lora"])
     add_embedding_options(parsers["embedding"])
     add_lcm_options(parsers["lcm"])
+    add_taesd_options(parsers["taesd"])
     refuse_other_stages_options(parsers)
 
 
@@ -240,6 +244,18 @@ def add_lcm_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--huber-c", type=positive_float, default=0.001, help="the pseudo-Huber loss's c (0.001)")
 
 
+def add_taesd_options(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--init", type=Path, required=True,
+                       help="the whole model whose VAE the tiny autoencoder learns (any SD checkpoint); its latent "
+                            "space is kept")
+    model.add_argument("--channels", type=positive_int, default=None,
+                       help="channels of every layer (default: 64, madebyollin's, for a full-size VAE; 32 for a "
+                            "small one like the shipped model's)")
+    model.add_argument("--latent-weight", type=non_negative_float, default=1.0,
+                       help="the encoder's latent MSE weight against the decoder's pixel MSE (1)")
+
+
 def refuse_other_stages_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """Give each stage's parser the other stages' options as hidden refusals that name the stage they are for."""
     owners: dict[str, list[str]] = {}
@@ -348,8 +364,14 @@ def build_lcm(args: argparse.Namespace, source):
                     init_name=args.init.name)
 
 
+def build_taesd(args: argparse.Namespace, source):
+    from ..train.stages.taesd import build_taesd as build
+
+    return build(args, source)
+
+
 BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet, "lora": build_lora,
-            "embedding": build_embedding, "lcm": build_lcm}
+            "embedding": build_embedding, "lcm": build_lcm, "taesd": build_taesd}
 
 
 def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:

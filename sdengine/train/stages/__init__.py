@@ -6,6 +6,8 @@ deterministic batches, a loss, pictures, and what each leaves behind.
   unet.py       the denoiser on the frozen VAE's latents -> model.safetensors (the whole model)
   lora.py       LoRA/LoCon on a frozen model -> lora.safetensors (kohya-ss layout)
   embedding.py  textual inversion on a frozen model -> TOKEN.pt (A1111 layout) or .safetensors (emb_params)
+  lcm.py        latent consistency distillation -> model.safetensors (4-step model) or lora.safetensors (LCM-LoRA)
+  taesd.py      a tiny autoencoder distilled from a model's VAE -> taesd.safetensors (madebyollin's layout)
 
 A batch's random numbers come from draws.BatchDraws, so results do not depend on how a batch is split.
 """

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...cli.options import non_negative_float, positive_int
 from ...images import images_to_tensor, tensor_to_images
 from ...model import StableDiffusion
 from ...nn.taesd import DECODER, ENCODER, TAESDConfig, TinyAutoencoder, taesd_tensors
@@ -31,7 +30,6 @@ from ..plots import image_grid
 
 RESULT = "taesd.safetensors"
 HALVES = {"encoder": "taesd_encoder.safetensors", "decoder": "taesd_decoder.safetensors"}
-DEFAULTS = {"steps": 4000, "batch": 16, "lr": 1e-3, "ema": 0.0}  # `sdengine train taesd`'s schedule defaults
 
 
 def default_channels(model: StableDiffusion) -> int:
@@ -160,19 +158,7 @@ def write_taesd(taesd: TinyAutoencoder, out: Path, metadata: dict[str, str] | No
                               {"format": "pt"})
 
 
-# --- `sdengine train taesd`'s options, for sdengine/cli/train.py ---------------------------------------------------
-
-def add_taesd_options(p: argparse.ArgumentParser) -> None:
-    model = p.add_argument_group("model")
-    model.add_argument("--init", type=Path, required=True,
-                       help="the whole model whose VAE the tiny autoencoder learns (any SD checkpoint); its latent "
-                            "space is kept")
-    model.add_argument("--channels", type=positive_int, default=None,
-                       help="channels of every layer (default: 64, madebyollin's, for a full-size VAE; 32 for a "
-                            "small one like the shipped model's)")
-    model.add_argument("--latent-weight", type=non_negative_float, default=1.0,
-                       help="the encoder's latent MSE weight against the decoder's pixel MSE (1)")
-
+# --- `sdengine train taesd` (sdengine/cli/train.py has its options) ----------------------------------------------
 
 def build_taesd(args: argparse.Namespace, source: Source) -> TAESDStage:
     from ...weights import load
