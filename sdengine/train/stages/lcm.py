@@ -30,7 +30,6 @@ from ...diffusion.schedule import SD_SCHEDULE, NoiseSchedule
 from ...model import StableDiffusion
 from ..data import Source
 from ..draws import BatchDraws, Draw
-from ..plots import image_grid
 from .lora import BASE_VERSIONS, LoraNetwork, unet_layers, write_lora
 from .unet import UNetStage
 
@@ -60,6 +59,8 @@ def skipping_timesteps(num_train_timesteps: int, solver_steps: int) -> torch.Ten
 class LCMStage(UNetStage):
     """UNetStage's data (latents, captions never dropped: the teacher's guidance needs the caption) with the
     consistency distillation loss; trains the UNet (with a target copy) or a LoRA on the frozen model."""
+
+    SAMPLING = {"steps": 4, "sampler": "lcm", "cfg_scale": 1.0}  # as the result is meant to be used
 
     name = "lcm"
 
@@ -189,24 +190,6 @@ class LCMStage(UNetStage):
         diff = estimate.float() - target.float()
         loss = ((diff.pow(2) + self.huber_c ** 2).sqrt() - self.huber_c).mean()
         return loss, {"mse": diff.pow(2).mean().item()}
-
-    @torch.no_grad()
-    def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
-        """4 LCM steps at CFG 1, as the result is meant to be used."""
-        from ...pipeline import Pipeline
-
-        unet = self.model.unet
-        was = unet.training
-        unet.eval()
-        self.model.to(next(unet.parameters()).device)
-        size = self.source.size
-        images = []
-        for prompt in self.sample_prompts:
-            images += Pipeline(self.model).generate(prompt, steps=4, sampler="lcm", cfg_scale=1.0, seed=0,
-                                                    width=size, height=size, batch_size=2)
-        image_grid(images, columns=len(images) // 2 if len(images) > 4 else len(images),
-                   labels=[p for p in self.sample_prompts for _ in range(2)]).save(out)
-        unet.train(was)
 
     def metadata(self) -> dict[str, str]:
         """kohya's `ss_*` entries of the LCM-LoRA file, and how it was distilled."""

@@ -49,6 +49,7 @@ def read_text_layer(model: StableDiffusion, clip_skip: int) -> StableDiffusion:
 
 class UNetStage:
     name = "unet"
+    SAMPLING = {"steps": 20, "cfg_scale": 5.0}  # how the sample grids are generated
 
     def __init__(self, model: StableDiffusion, source: Source | None, seed: int = 0, caption_dropout: float = 0.1,
                  snr_gamma: float = 5.0, sample_prompts: list[str] | None = None, train_text: bool = False,
@@ -138,7 +139,7 @@ class UNetStage:
     def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
         from ...pipeline import Pipeline
 
-        unet = modules["unet"]
+        unet = self.model.unet
         was = unet.training
         unet.eval()
         # The pipeline runs the whole model on one device; with a latent cache the VAE never left the CPU.
@@ -146,8 +147,8 @@ class UNetStage:
         size = self.source.size
         images = []
         for prompt in self.sample_prompts:
-            images += Pipeline(self.model).generate(prompt, steps=20, cfg_scale=5.0, seed=0, width=size, height=size,
-                                                    batch_size=2)
+            images += Pipeline(self.model).generate(prompt, seed=0, width=size, height=size, batch_size=2,
+                                                    **self.SAMPLING)
         image_grid(images, columns=len(images) // 2 if len(images) > 4 else len(images),
                    labels=[p for p in self.sample_prompts for _ in range(2)]).save(out)
         unet.train(was)
