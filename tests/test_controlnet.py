@@ -250,7 +250,8 @@ def test_cli(cn, tmp_path, capsys, monkeypatch):
     control_image().save(tmp_path / "map.png")
     out = tmp_path / "out.png"
     common = ["generate", "a red circle", "--model", str(cn["folder"]), "--steps", "2", "--seed", "4", "--width",
-              str(W), "--height", str(H), "--quiet", "--controlnet-dir", str(folder)]
+              str(W), "--height", str(H), "--quiet", "--controlnet-dir", str(folder),
+              "--precision", "fp32"]  # as the Python call below (auto may be bf16 on this CPU)
     assert run([*common, "--control", f"edges:{tmp_path / 'map.png'}:0.5:0:0.5", "--control-mode", "control",
                 "--out", str(out)]) == 0
     image = Image.open(out)
