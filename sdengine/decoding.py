@@ -16,7 +16,7 @@ import torch
 from .memory_estimate import available_bytes
 from .model import StableDiffusion
 from .nn.taesd import TinyAutoencoder
-from .vae_tiling import decode_tiled, encode_tiled, should_tile, wraps_around
+from .vae_tiling import DEFAULT_TILE, decode_tiled, encode_tiled, should_tile, wraps_around
 
 AUTO_TILE_BYTES = 6 << 30
 
@@ -26,7 +26,7 @@ def tiled(model: StableDiffusion, height: int, width: int, batch: int, setting: 
     """Whether the VAE pass for `batch` images of height x width runs in tiles (see the module's docstring)."""
     if setting is not None:
         return setting
-    if wraps_around(model.vae):
+    if max(height, width) <= DEFAULT_TILE or wraps_around(model.vae):  # cheap answers before reading the memory
         return False
     budget = min(AUTO_TILE_BYTES, available_bytes(model.device) or AUTO_TILE_BYTES)
     return should_tile(model.vae, height, width, next(model.vae.parameters()).dtype, budget=budget,
