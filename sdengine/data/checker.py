@@ -7,9 +7,10 @@ analytically: background = the commonest palette colour on the border; each pixe
 each object's shape is the template that best overlaps its mask inside its own bounding box, gated by aspect
 ratio; size class from the bounding box; relations from bounding-box centres, dominant axis.
 
-The palette is COLORS, plus a colour of NOVEL_COLORS (pink) only when the prompt names it: the judgment of every
-prompt of the old world stays exactly what it was, and a pink object is no object at all to it (pink is > 60
-from every old colour, so its pixels belong to none).
+The palette is COLORS, plus a colour of NOVEL_COLORS (pink) only when the prompt names it, and the shapes tried are
+SHAPES, plus one of NOVEL_SHAPES (heart) only when the prompt names it: the judgment of every prompt of the old world
+stays exactly what it was, and a pink object is no object at all to it (pink is > 60 from every old colour, so its
+pixels belong to none), a heart an object of no known shape.
 
 numpy + PIL only (no scipy, no torch), so evaluation runs wherever the engine runs.
 """
@@ -25,6 +26,7 @@ from .shapes import (
     ASPECT,
     COLORS,
     NOVEL_COLORS,
+    NOVEL_SHAPES,
     SHAPES,
     SIZE_SPLIT,
     WORLD_COLORS,
@@ -127,13 +129,15 @@ def _unit_moments(shape: str) -> tuple[float, float, float, float]:
     return cu, cv, (a * (u - cu) ** 2).sum() / m, (a * (v - cv) ** 2).sum() / m
 
 
-def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, float, float]]:
+def classify_shape(alpha: np.ndarray, shapes: tuple[str, ...] = SHAPES
+                   ) -> tuple[str, float, tuple[float, float, float, float]]:
     """Fit every shape to a soft coverage map by moments, keep the best overlap.
 
     For each hypothesis the centroid and second moments of `alpha` give the box (x0, y0, w, h) that shape
     would need (moments are exact under anti-aliasing, unlike a thresholded mask whose thin tips vanish
     at 10 px); the shape is redrawn there and scored by soft IoU. Hypotheses whose fitted box has the
-    wrong aspect ratio (a 2:1 box is no square) are skipped. Returns (shape or "unknown", score, box)."""
+    wrong aspect ratio (a 2:1 box is no square) are skipped. Returns (shape or "unknown", score, box).
+    shapes: the hypotheses, in order (a tie keeps the first)."""
     rows, cols = alpha.shape
     y, x = np.mgrid[0:rows, 0:cols] + 0.5
     m = float(alpha.sum())
@@ -142,7 +146,7 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, f
     vx = float((alpha * (x - cx) ** 2).sum()) / m + 1 / 12
     vy = float((alpha * (y - cy) ** 2).sum()) / m + 1 / 12
     best, best_score, best_box = "unknown", 0.0, (cx, cy, 0.0, 0.0)
-    for shape in SHAPES:
+    for shape in shapes:
         cu, cv, vu, vv = _unit_moments(shape)
         w, h = (vx / vu) ** 0.5, (vy / vv) ** 0.5
         if not 1 / ASPECT_TOLERANCE <= (w / h) / ASPECT[shape] <= ASPECT_TOLERANCE:
@@ -169,13 +173,20 @@ def novel_colors(spec: SceneSpec) -> tuple[str, ...]:
     return tuple(c for c in NOVEL_COLORS if c in named)
 
 
+def novel_shapes(spec: SceneSpec) -> tuple[str, ...]:
+    """The NOVEL_SHAPES a spec names, in NOVEL_SHAPES' order."""
+    return tuple(s for s in NOVEL_SHAPES if s in {g.shape for g in spec.groups})
+
+
 def detect(image: object, novel: tuple[str, ...] = ()) -> tuple[str, list[Detected]]:
-    """(background colour, objects) read from an image of the shapes world; `novel`: NOVEL_COLORS to tell apart
-    too (without them, their pixels are no colour)."""
-    unknown = [c for c in novel if c not in NOVEL_COLORS]
+    """(background colour, objects) read from an image of the shapes world; `novel`: NOVEL_COLORS and NOVEL_SHAPES
+    to tell apart too (without them, a novel colour's pixels are no colour, a novel shape is "unknown")."""
+    unknown = [c for c in novel if c not in NOVEL_COLORS and c not in NOVEL_SHAPES]
     if unknown:
-        raise ValueError(f"not novel colours: {', '.join(unknown)} (novel colours: {', '.join(NOVEL_COLORS)})")
-    names, palette = _palette(tuple(novel))
+        raise ValueError(f"not novel concepts: {', '.join(unknown)} (novel colours: {', '.join(NOVEL_COLORS)}; "
+                         f"novel shapes: {', '.join(NOVEL_SHAPES)})")
+    names, palette = _palette(tuple(c for c in novel if c in NOVEL_COLORS))
+    shapes = SHAPES + tuple(s for s in novel if s in NOVEL_SHAPES)   # appended: old ties fall as before
     img = to_array(image)
     h, w, _ = img.shape
     k = min(h, w) / 64
@@ -212,7 +223,7 @@ def detect(image: object, novel: tuple[str, ...] = ()) -> tuple[str, list[Detect
         f, b = palette[c], palette[bg]
         alpha = ((img[y0:y1, x0:x1] - b) @ (f - b)) / float((f - b) @ (f - b))
         alpha = np.where(grown, np.clip(alpha, 0.0, 1.0), 0.0)
-        shape, score, (bx, by, bw, bh) = classify_shape(alpha)
+        shape, score, (bx, by, bw, bh) = classify_shape(alpha, shapes)
         if shape == "unknown":   # no fitted box to trust: the mask's own
             bx, by, bw, bh = xs.min() - x0, ys.min() - y0, np.ptp(xs) + 1, np.ptp(ys) + 1
         size = "small" if max(bw, bh) < SIZE_SPLIT * k else "big"
@@ -226,7 +237,7 @@ def check(image: object, prompt: str | SceneSpec, *, strict: bool = True) -> tup
     """Whether `image` shows `prompt` (a caption or a SceneSpec), and why not. Raises PromptError for a
     prompt outside the grammar. strict: any object the prompt did not ask for (or of no known shape) fails."""
     spec = (parse_prompt(prompt) if isinstance(prompt, str) else prompt).validate()
-    background, objects = detect(image, novel_colors(spec))
+    background, objects = detect(image, novel_colors(spec) + novel_shapes(spec))
     d = Details(spec, background, objects)
     if background != spec.background:
         d.failures.append(f"background is {background}, not {spec.background}")

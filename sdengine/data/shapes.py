@@ -5,9 +5,10 @@ Every image is drawn from a scene whose truth is known exactly, so a generated i
 `parse_prompt` reads it back), so prompts a person would guess ("a red circle above a blue square",
 "three yellow stars on a black background") are inside the world.
 
-A colour the shipped model never saw (NOVEL_COLORS: pink) is part of the grammar, the renderer and the checker but
-never of the default stream: `SceneSampler(concept="pink")` mixes scenes featuring it into the ordinary ones, for
-teaching the model a new concept (a LoRA, an embedding) and measuring it with `shapes_eval(concept="pink")`.
+A colour and a shape the shipped model never saw (NOVEL_COLORS: pink; NOVEL_SHAPES: heart) are part of the grammar,
+the renderer and the checker but never of the default stream: `SceneSampler(concept="heart")` mixes scenes featuring
+one into the ordinary ones, for teaching the model a new concept (a LoRA, an embedding) and measuring it with
+`shapes_eval(concept="heart")`.
 
 Everything here is numpy + PIL and deterministic from a seed: sample i of `SceneSampler(seed)` depends only
 on (seed, i), so data-parallel workers can shard the stream and a resumed run continues it exactly.
@@ -39,10 +40,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
 # (255, 105, 180) is as far from the colours themselves but 52 from the red-white blends: red edges would read pink.
 NOVEL_COLORS: dict[str, tuple[int, int, int]] = {"pink": (255, 100, 200)}
 WORLD_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NOVEL_COLORS}   # all the grammar and renderer know
-CONCEPTS: tuple[str, ...] = tuple(NOVEL_COLORS)
 CONCEPT_SHARE = 0.5   # a concept stream's share of scenes featuring it; the rest are the ordinary stream's
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
-PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
+# A shape the world can draw, parse and judge but never draws by itself, as NOVEL_COLORS are colours: the checker
+# tries its template only when the prompt names it. Unlike pink, the shipped VAE reconstructs it (its round trip
+# passes the checker), so a LoRA or an embedding can be measured on it without the autoencoder capping the score.
+NOVEL_SHAPES: tuple[str, ...] = ("heart",)
+WORLD_SHAPES: tuple[str, ...] = SHAPES + NOVEL_SHAPES
+CONCEPTS: tuple[str, ...] = tuple(NOVEL_COLORS) + NOVEL_SHAPES
+PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in WORLD_SHAPES}
 SIZES: tuple[str, ...] = ("small", "big")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
@@ -88,17 +94,21 @@ def _unit_polygons() -> dict[str, np.ndarray]:
     star = (star - star.min(0)) / (star.max(0) - star.min(0))
     a, b = 0.31, 0.69                                    # cross arms 0.38 of the extent wide
     cross = [(a, 0), (b, 0), (b, a), (1, a), (1, b), (b, b), (b, 1), (a, 1), (a, b), (0, b), (0, a), (a, a)]
+    # the classic heart curve (x = 16 sin³t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), point down
+    heart = np.stack([16 * np.sin(t) ** 3,
+                      -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1)
+    heart = (heart - heart.min(0)) / (heart.max(0) - heart.min(0))
     return {"circle": circle, "square": np.array([(0, 0), (1, 0), (1, 1), (0, 1)], float),
             "triangle": np.array([(0.5, 0), (1, 1), (0, 1)], float),
             "star": star, "diamond": np.array([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)], float),
-            "cross": np.array(cross, float)}
+            "cross": np.array(cross, float), "heart": heart}
 
 
 UNIT_POLYGONS = _unit_polygons()
 # Width / height of each shape's bounding box: equilateral triangle, regular star, a taller-than-wide
-# diamond (so it is not just a rotated square).
+# diamond (so it is not just a rotated square), the heart curve's own.
 ASPECT: dict[str, float] = {"circle": 1.0, "square": 1.0, "triangle": 2 / np.sqrt(3), "star": 1.0515,
-                            "diamond": 0.75, "cross": 1.0}
+                            "diamond": 0.75, "cross": 1.0, "heart": 1.1066}
 
 
 def shape_dims(shape: str, extent: float) -> tuple[float, float]:
@@ -152,7 +162,7 @@ class SceneSpec:
         if self.background not in WORLD_COLORS:
             raise PromptError(f"unknown background colour {self.background!r}")
         for g in self.groups:
-            if g.shape not in SHAPES or (g.color is not None and g.color not in WORLD_COLORS) \
+            if g.shape not in WORLD_SHAPES or (g.color is not None and g.color not in WORLD_COLORS) \
                     or (g.size is not None and g.size not in SIZES) or not 1 <= g.count <= MAX_COUNT:
                 raise PromptError(f"not a valid object: {g}")
             if g.color == self.background:
@@ -359,9 +369,9 @@ def _if_other(caption: str, original: SceneSpec) -> str | None:
 
 def caption_words() -> tuple[str, ...]:
     """Every word a caption of the default stream can contain (the trainer builds its small BPE vocabulary from
-    captions); NOVEL_COLORS are not among them, as the shipped model's vocabulary has no token for them."""
+    captions); the novel concepts are not among them, as the shipped model's vocabulary has no token for them."""
     words = {"a", "an", "and", "of", "on", "with", "background"}
-    words |= set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(SIZES) | set(NUMBER_WORDS.values())
+    words |= set(COLORS) | set(SHAPES) | {PLURALS[s] for s in SHAPES} | set(SIZES) | set(NUMBER_WORDS.values())
     for phrase in list(RELATION_PHRASES.values()) + list(PREFIXES):
         words |= set(phrase.split())
     return tuple(sorted(words))
@@ -410,7 +420,7 @@ def _parse_group(t: _Tokens) -> Group:
             t.i -= 1
             t.fail("repeated attribute")
     noun = t.peek()
-    if noun in SHAPES or noun in _SINGULAR:
+    if noun in WORLD_SHAPES or noun in _SINGULAR:
         plural = noun in _SINGULAR
         if plural != (count > 1):
             t.fail(f"'{det}' needs a {'plural' if count > 1 else 'singular'} shape")
@@ -479,11 +489,11 @@ def _random_spec(kind: str, rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(tuple(groups), relation, bg)
 
 
-def _featuring(spec: SceneSpec, color: str, rng: np.random.Generator) -> SceneSpec:
-    """`spec` with one of its groups (drawn at random) in `color`."""
+def _featuring(spec: SceneSpec, concept: str, rng: np.random.Generator) -> SceneSpec:
+    """`spec` with one of its groups (drawn at random) in the concept's colour, or of the concept's shape."""
     groups = list(spec.groups)
     i = int(rng.integers(len(groups)))
-    groups[i] = replace(groups[i], color=color)
+    groups[i] = replace(groups[i], **({"color": concept} if concept in NOVEL_COLORS else {"shape": concept}))
     return SceneSpec(tuple(groups), spec.relation, spec.background)
 
 
@@ -512,8 +522,8 @@ class SceneSampler:
     mode: "train" never draws a HELD_OUT binding; "held_out" only scenes with at least one; "all" both.
     kinds: the scene kinds rotated through (SCENE_KINDS; a kind named twice has twice the share);
     color_drop: how often a caption leaves an object's colour unsaid.
-    concept: a colour of NOVEL_COLORS that about `concept_share` of the samples feature (one of their objects in
-    it, the rest as the stream draws them); the other samples are exactly the stream's without a concept, so a
+    concept: a colour of NOVEL_COLORS or a shape of NOVEL_SHAPES that about `concept_share` of the samples feature
+    (one of their objects in that colour or of that shape, the rest as the stream draws them); the other samples are exactly the stream's without a concept, so a
     fine-tune on it keeps seeing the world it knows. Which samples feature it depends only on (seed, i)."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, mode: str = "train",
@@ -527,7 +537,7 @@ class SceneSampler:
                 raise ValueError(f"unknown concept {concept!r}; concepts: {', '.join(CONCEPTS)}")
             if not 0.0 < concept_share <= 1.0:
                 raise ValueError(f"concept share must be in (0, 1], got {concept_share}")
-            if mode == "held_out":   # a single object in the concept's colour is never a held-out binding
+            if mode == "held_out":   # a single object of the concept is never a held-out binding
                 raise ValueError("a concept stream draws modes train or all, not held_out")
         unknown = sorted(set(kinds) - set(ALL_SCENE_KINDS))
         if not kinds or unknown:
@@ -564,7 +574,8 @@ class SceneSampler:
                 continue
             if self.mode == "held_out" and not full.held_out(self.held):
                 continue
-            said = _drop_attributes(full, rng, self.color_drop, self.concept if featured else None)
+            keep = self.concept if featured and self.concept in NOVEL_COLORS else None
+            said = _drop_attributes(full, rng, self.color_drop, keep)
             try:  # rarely (big objects bound by a relation) no placement is found: draw another scene
                 scene = replace(realize(full, rng, self.resolution), spec=said)
             except PromptError:

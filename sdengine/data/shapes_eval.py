@@ -10,7 +10,8 @@ The list is built from a fixed rng: the same prompts, in the same order, for eve
 
 `shapes_eval(concept="pink")` is the same benchmark for a colour the shipped model never saw (shapes.NOVEL_COLORS):
 the categories that name a colour (colors, position, color_attr), each prompt naming the concept, built from their
-own rng so the ordinary list is untouched.
+own rng so the ordinary list is untouched. `shapes_eval(concept="heart")`, for a shape it never saw
+(shapes.NOVEL_SHAPES), has all six categories, each prompt naming the shape.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .shapes import (
     CONCEPTS,
     DEFAULT_BACKGROUND,
     HELD_OUT,
+    NOVEL_COLORS,
     RELATIONS,
     SHAPES,
     SIZES,
@@ -47,6 +49,10 @@ _COLORED = ("colors", "position", "color_attr")
 # A concept's prompts (120 in all, 480 images at 4 seeds): the categories where a colour is named. Single pink
 # objects have 144 distinct forms (6 shapes x 3 sizes x 8 backgrounds), so 40 of each leaves room to vary.
 CONCEPT_SIZES: dict[str, int] = {"colors": 40, "position": 40, "color_attr": 40}
+# A novel shape's prompts (120): every category. A single heart with no colour has only 24 forms (3 sizes x 8
+# backgrounds), hence the smaller share there.
+SHAPE_CONCEPT_SIZES: dict[str, int] = {"single_object": 16, "two_object": 20, "counting": 20, "colors": 24,
+                                       "position": 20, "color_attr": 20}
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class EvalItem:
     spec: SceneSpec
     seed: int          # the generation seed; each prompt comes with seeds 0 .. seeds_per_prompt-1
     held_out: bool     # the prompt names a HELD_OUT colour-shape binding
-    concept: str | None = None   # the novel colour the prompt is about (shapes_eval(concept=...)), else None
+    concept: str | None = None   # the novel colour or shape the prompt is about (shapes_eval(concept=...))
 
     def scene(self, resolution: int = 64) -> Scene:
         """A ground-truth scene for this prompt and seed (what a perfect model could draw)."""
@@ -165,21 +171,59 @@ _CONCEPT_MAKERS: dict[str, Callable[[np.random.Generator, str], SceneSpec]] = {
     "colors": _concept_colors, "position": _concept_position, "color_attr": _concept_color_attr}
 
 
+def _shape_single(rng: np.random.Generator, shape: str) -> SceneSpec:
+    return SceneSpec((Group(shape, None, _size(rng)),), None, _background(rng))
+
+
+def _shape_two(rng: np.random.Generator, shape: str) -> SceneSpec:
+    groups = (Group(shape, None, _size(rng)), Group(str(rng.choice(SHAPES)), None, _size(rng)))
+    return SceneSpec(groups[::-1] if rng.random() < 0.5 else groups, None, _background(rng))
+
+
+def _shape_counting(rng: np.random.Generator, shape: str) -> SceneSpec:
+    return SceneSpec((Group(shape, None, _size(rng), int(rng.integers(2, 5))),), None, _background(rng))
+
+
+def _shape_colors(rng: np.random.Generator, shape: str) -> SceneSpec:
+    return SceneSpec((Group(shape, str(rng.choice(list(COLORS))), _size(rng)),), None, _background(rng))
+
+
+def _shape_position(rng: np.random.Generator, shape: str) -> SceneSpec:
+    colored = rng.random() < 0.5   # half GenEval's form (no colours), half with both colours named
+    groups = tuple(Group(s, str(rng.choice(list(COLORS))) if colored else None, _size(rng))
+                   for s in (shape, str(rng.choice(SHAPES))))
+    return SceneSpec(groups[::-1] if rng.random() < 0.5 else groups, str(rng.choice(RELATIONS)), _background(rng))
+
+
+def _shape_color_attr(rng: np.random.Generator, shape: str) -> SceneSpec:
+    other = shape if rng.random() < 0.2 else str(rng.choice(SHAPES))   # "a red heart and a blue heart" a fifth
+    a, b = rng.choice(list(COLORS), 2, replace=False)
+    groups = (Group(shape, str(a), _size(rng)), Group(other, str(b), _size(rng)))
+    return SceneSpec(groups[::-1] if rng.random() < 0.5 else groups, None, _background(rng))
+
+
+_SHAPE_CONCEPT_MAKERS: dict[str, Callable[[np.random.Generator, str], SceneSpec]] = {
+    "single_object": _shape_single, "two_object": _shape_two, "counting": _shape_counting, "colors": _shape_colors,
+    "position": _shape_position, "color_attr": _shape_color_attr}
+
+
 def concept_prompts(concept: str, seed: int = 2024) -> list[tuple[str, str, SceneSpec, bool]]:
-    """The distinct prompts of a novel colour's benchmark, (category, prompt, spec, held_out=False), each naming
-    the concept; the same for every run (the rng is seeded from `seed` and the concept's name)."""
+    """The distinct prompts of a novel colour's or shape's benchmark, (category, prompt, spec, held_out=False), each
+    naming the concept; the same for every run (the rng is seeded from `seed` and the concept's name)."""
     if concept not in CONCEPTS:
         raise ValueError(f"unknown concept {concept!r}; concepts: {', '.join(CONCEPTS)}")
     rng = np.random.default_rng([seed, zlib.crc32(concept.encode())])
     seen: set[SceneSpec] = set()
     out: list[tuple[str, str, SceneSpec, bool]] = []
-    for cat, n in CONCEPT_SIZES.items():
+    sizes, makers = ((CONCEPT_SIZES, _CONCEPT_MAKERS) if concept in NOVEL_COLORS
+                     else (SHAPE_CONCEPT_SIZES, _SHAPE_CONCEPT_MAKERS))
+    for cat, n in sizes.items():
         made = 0
         while made < n:
-            spec = _CONCEPT_MAKERS[cat](rng, concept)
+            spec = makers[cat](rng, concept)
             try:
                 spec.validate()
-            except PromptError:        # the other object's colour drawn equal to the background, ...
+            except PromptError:        # a colour drawn equal to the background, two alike objects, ...
                 continue
             if spec.held_out() or spec.normalized() in seen:
                 continue
