@@ -40,7 +40,7 @@ from .nn.taesd import TinyAutoencoder
 from .nn.unet import sdxl_vector
 from .prompt_schedule import has_schedule, schedule
 from .prompts import encode_text
-from .request import Request
+from .request import AESTHETIC_SCORES, Request
 from .runtime import embeddings_dir, loras_dir, model_hash, wildcards_dir
 from .wildcards import expand, has_wildcards
 
@@ -224,8 +224,14 @@ class Pipeline:
     def vector(self, req: Request, pooled: torch.Tensor, negative: bool = False) -> torch.Tensor | None:
         """SDXL's vector input y: the pooled text embedding and the Fourier-embedded original size (h, w), crop
         top-left and target size, as diffusers and A1111 pass them: the generated size, crop (0, 0). The refiner
-        conditions on an aesthetic score in place of the target size (6.0, and 2.5 for the negative, diffusers'
-        defaults). None for UNets without a vector input."""
+        conditions on an aesthetic score in place of the target size (req.aesthetic_score, and
+        req.negative_aesthetic_score for the negative: 6.0 and 2.5 by default, as diffusers and A1111). None for
+        UNets without a vector input."""
+        refiner = self.model.config.conditioner and self.model.config.text_2 is None
+        if not refiner and req.refiner is None and (req.aesthetic_score, req.negative_aesthetic_score) != \
+                AESTHETIC_SCORES:
+            raise ValueError(f"aesthetic scores condition SDXL refiners; this is {self.model.config.family} and no "
+                             "refiner was given")
         if not self.model.config.conditioner:
             if req.original_size or req.target_size or req.crop != (0, 0):
                 raise ValueError(f"original size, crop and target size condition SDXL models; this is "
@@ -239,8 +245,9 @@ class Pipeline:
             return torch.tensor([[h, w]] * n)
 
         crop = torch.tensor([[req.crop[1], req.crop[0]]] * n)  # (top, left), generative-models' order
-        if self.model.config.text_2 is None:  # the refiner
-            return sdxl_vector(pooled, hw(req.original_size), crop, torch.full((n, 1), 2.5 if negative else 6.0))
+        if refiner:
+            score = req.negative_aesthetic_score if negative else req.aesthetic_score
+            return sdxl_vector(pooled, hw(req.original_size), crop, torch.full((n, 1), score))
         return sdxl_vector(pooled, hw(req.original_size), crop, hw(req.target_size))
 
     def sigmas(self, req: Request, img2img: bool) -> torch.Tensor:

@@ -25,6 +25,8 @@ MAX_BATCH = 64
 MAX_SEED = 2 ** 64 - 64  # image i of a batch uses seed + i: leave room for a batch
 MAX_CLIP_SKIP = 12  # A1111's range; a text encoder with fewer layers refuses more when it runs
 MAX_CFG = 100.0  # beyond this guidance only overflows (a scale of 1e308 gives NaN-black images)
+MAX_AESTHETIC = 10.0  # the aesthetic scores the refiner was trained on are 0..10 (A1111's slider range)
+AESTHETIC_SCORES = (6.0, 2.5)  # the refiner's defaults for the prompt and the negative prompt (diffusers', A1111's)
 
 
 # How messages name the fields whose names say less than A1111's labels do
@@ -108,6 +110,10 @@ class Request:
     target_size: tuple[int, int] | None = None
     refiner: str | None = None  # SDXL refiner model (A1111's refiner_checkpoint): a path or a models-folder name
     refiner_switch_at: float = 0.8  # the share of the schedule the base model runs before the refiner takes over
+    # the SDXL refiner's aesthetic-score conditioning of the prompt and of the negative prompt (diffusers'
+    # aesthetic_score / negative_aesthetic_score, A1111's sdxl_refiner_high/low_aesthetic_score options)
+    aesthetic_score: float = AESTHETIC_SCORES[0]
+    negative_aesthetic_score: float = AESTHETIC_SCORES[1]
     # ControlNet units (control.py): frozen specs, model by name or path and the control image, read when sampling
     controls: tuple[ControlUnit, ...] = ()
     # opt-in accelerations (sdengine/accel): DeepCache's interval (0: off) and branch, the token merging ratio
@@ -182,6 +188,9 @@ class Request:
             raise FieldError("refiner", f"must be a model's name or path, got {self.refiner!r}")
         if not (_is_number(self.refiner_switch_at) and 0.0 < self.refiner_switch_at < 1.0):
             raise FieldError("refiner_switch_at", f"must lie in (0, 1), got {self.refiner_switch_at!r}")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if not (_is_number(getattr(self, name)) and 0.0 <= getattr(self, name) <= MAX_AESTHETIC):
+                raise FieldError(name, f"must be a number from 0 to {MAX_AESTHETIC:g}, got {getattr(self, name)!r}")
         try:
             object.__setattr__(self, "controls", check_units(self.controls))
         except ControlError as e:
@@ -287,6 +296,9 @@ class Request:
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Tiling": "True" if self.tiling else None,
             "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None,
+            "Aesthetic score": None if self.aesthetic_score == AESTHETIC_SCORES[0] else self.aesthetic_score,
+            "Negative aesthetic score": (None if self.negative_aesthetic_score == AESTHETIC_SCORES[1]
+                                         else self.negative_aesthetic_score),
         }
         if self.hires is not None:
             fields.update(self.hires.infotext(self))
@@ -299,7 +311,8 @@ INFOTEXT_FIELDS: dict[str, str] = {
     "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height", "Clip skip": "clip_skip",
     "Variation seed": "subseed", "Variation seed strength": "subseed_strength", "Refiner": "refiner",
     "Refiner switch at": "refiner_switch_at", "DeepCache interval": "deepcache", "DeepCache branch": "deepcache_branch",
-    "Token merging ratio": "tome", "CFG skip last steps": "cfg_skip",
+    "Token merging ratio": "tome", "CFG skip last steps": "cfg_skip", "Aesthetic score": "aesthetic_score",
+    "Negative aesthetic score": "negative_aesthetic_score",
 }
 INFOTEXT_HIRES: dict[str, str] = {"Hires upscale": "scale", "Hires steps": "steps", "Hires upscaler": "upscaler",
                                   "Hires sampler": "sampler", "Hires prompt": "prompt",

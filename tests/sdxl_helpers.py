@@ -56,3 +56,23 @@ def sdxl_pipeline(folder, seed: int = 0):
                                      tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def sdxl_refiner(folder, base, seed: int = 4):
+    """A tiny StableDiffusionXLImg2ImgPipeline in the refiner's layout (4 levels, bigG alone as text_encoder_2,
+    aesthetic score) sharing `base`'s VAE and bigG, saved by diffusers to `folder`; returns it."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    unet = dict(SDXL_UNET, block_out_channels=(64, 128, 128, 128), attention_head_dim=(1, 2, 2, 2),
+                cross_attention_dim=32, transformer_layers_per_block=2,
+                projection_class_embeddings_input_dim=POOLED + 5 * 256,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, scheduler=base.scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        unet=perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **unet), seed))
+    pipe.save_pretrained(folder)
+    return pipe

@@ -48,6 +48,9 @@ REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--refiner": ("refiner", {"metavar": "MODEL", "help": "an SDXL refiner (path or models-folder name) that takes "
                                                           "over the schedule at --refiner-switch-at (txt2img)"}),
     "--refiner-switch-at": ("refiner_switch_at", {"type": float, "help": "share of the steps the base model runs"}),
+    "--aesthetic-score": ("aesthetic_score", {"type": float, "help": "the SDXL refiner's aesthetic-score "
+                                              "conditioning of the prompt (0..10)"}),
+    "--negative-aesthetic-score": ("negative_aesthetic_score", {"type": float, "help": "... of the negative prompt"}),
     "--deepcache": ("deepcache", {"type": int, "metavar": "N", "help": "DeepCache: the full UNet every N steps, "
                                   "the shallow blocks on cached deep features between (0: off; 3 is ~2x)"}),
     "--deepcache-branch": ("deepcache_branch", {"type": int, "help": "DeepCache's skip branch (0: shallowest)"}),

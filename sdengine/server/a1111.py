@@ -21,8 +21,8 @@ from .bodies import BodyInThread
 from .errors import BadInput, json_safe
 from .images import decode_image
 from .jobs import Job
-from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, check_token_merging
-from .scripts import SCRIPTS
+from .samplers import AESTHETIC_OPTIONS, AUTOMATIC_SCHEDULE, check_aesthetic_score, check_clip_skip, check_token_merging
+from .scripts import AXIS_OPTIONS, MK2, POOR, SCRIPTS, XYZ
 from .service import Service
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_\-()]{1,64}$")
@@ -116,7 +116,7 @@ class PNGInfoBody(BaseModel):
 
 # Options a client may set: none of them names a path, a folder or anything outside the server's models.
 SETTABLE = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "live_previews_enable",
-            "show_progress_every_n_steps", "samples_format", "token_merging_ratio")
+            "show_progress_every_n_steps", "samples_format", "token_merging_ratio", *AESTHETIC_OPTIONS)
 
 
 # Fields that take any JSON: echoed shortened (json_safe), as a client may put anything of any size there.
@@ -147,6 +147,39 @@ async def generate(service: Service, mode: str, body: Txt2ImgBody) -> JSONRespon
     job = await submit(service, mode, body.model_dump(), ephemeral=True)
     result = await asyncio.wrap_future(job.future)  # failures reach the app's handlers (server/errors.py)
     return JSONResponse({"images": result["images"], "parameters": echo(body), "info": result["info"]})
+
+
+def _arg(label: str | None, value: Any, choices: list[str] | None = None, **limits: Any) -> dict[str, Any]:
+    return {"label": label, "value": value, "minimum": limits.get("minimum"), "maximum": limits.get("maximum"),
+            "step": limits.get("step"), "choices": choices}
+
+
+def script_args_info(name: str, mode: str) -> list[dict[str, Any]]:
+    """A1111's /sdapi/v1/script-info args of a script (A1111 1.10's ui() order): what script_args carries. The
+    X/Y/Z axis types are indices into `choices` (every A1111 axis; those sdengine cannot plot are a 422)."""
+    if name == XYZ:
+        axes = []
+        for axis, default in zip("XYZ", (1, 0, 0)):
+            axes += [_arg(f"{axis} type", default, AXIS_OPTIONS[mode]), _arg(f"{axis} values", ""),
+                     _arg(f"{axis} values", [])]
+        return [*axes, _arg("Draw legend", True), _arg("Include Sub Images", False),
+                _arg("Include Sub Grids", False), _arg("Keep -1 for seeds", False), _arg("Vary seeds for X", False),
+                _arg("Vary seeds for Y", False), _arg("Vary seeds for Z", False),
+                _arg("Grid margins (px)", 0, minimum=0, maximum=500, step=2),
+                _arg("Use text inputs instead of dropdowns", False)]
+    directions = ["left", "right", "up", "down"]
+    if name == MK2:
+        return [_arg(None, None), _arg("Pixels to expand", 128, minimum=8, maximum=256, step=8),
+                _arg("Mask blur", 8, minimum=0, maximum=64, step=1),
+                _arg("Outpainting direction", directions, directions),
+                _arg("Fall-off exponent (lower=higher detail)", 1.0, minimum=0.0, maximum=4.0, step=0.01),
+                _arg("Color variation", 0.05, minimum=0.0, maximum=1.0, step=0.01)]
+    if name == POOR:
+        return [_arg("Pixels to expand", 128, minimum=8, maximum=256, step=8),
+                _arg("Mask blur", 4, minimum=0, maximum=64, step=1),
+                _arg("Masked content", 1, ["fill", "original", "latent noise", "latent nothing"]),
+                _arg("Outpainting direction", directions, directions)]
+    return []
 
 
 def router(service: Service) -> APIRouter:
@@ -209,6 +242,11 @@ def router(service: Service) -> APIRouter:
     def scripts() -> dict[str, list[str]]:  # clients ask at start which scripts exist (webuiapi does)
         return {mode: list(names) for mode, names in SCRIPTS.items()}
 
+    @api.get("/script-info")
+    def script_info() -> list[dict[str, Any]]:  # each script's script_args, in order, as A1111 describes them
+        return [{"name": name, "is_alwayson": False, "is_img2img": mode == "img2img",
+                 "args": script_args_info(name, mode)} for mode, names in SCRIPTS.items() for name in names]
+
     @api.get("/options")
     def get_options() -> dict[str, Any]:
         reg = service.registry
@@ -220,10 +258,13 @@ def router(service: Service) -> APIRouter:
                 title, sha = described["title"], described["sha256"]
             except BadInput:  # the file went away since
                 title = name
-        # ours: the loaded model's training size, the web page's default width and height (the shipped model: 64)
-        size = reg.pipeline.model.config.image_size if reg.pipeline is not None else None
+        # ours: the loaded model's training size, the web page's default width and height (the shipped model: 64),
+        # and its UNet context width, which the page matches against each LoRA's sdengine_context_dim
+        config = reg.pipeline.model.config if reg.pipeline is not None else None
+        size, context = (config.image_size, config.unet.context_dim) if config is not None else (None, None)
         return {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha, "sd_vae": "Automatic",
-                "samples_format": "png", "eta_noise_seed_delta": 0, "sdengine_image_size": size, **service.settings}
+                "samples_format": "png", "eta_noise_seed_delta": 0, "sdengine_image_size": size,
+                "sdengine_context_dim": context, **service.settings}
 
     @api.post("/options")
     async def set_options(body: dict[str, Any]) -> Any:
@@ -249,6 +290,8 @@ def router(service: Service) -> APIRouter:
                                "preview)")
             elif key == "token_merging_ratio":
                 changes[key] = check_token_merging(value)
+            elif key in AESTHETIC_OPTIONS:
+                changes[key] = check_aesthetic_score(key, value)
             if key in ("live_previews_enable", "show_progress_every_n_steps"):  # read by Service.progress/preview
                 changes[key] = value
         if "sd_model_checkpoint" in changes:  # queued like a job: it waits for the jobs before it

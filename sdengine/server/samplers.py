@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..diffusion.samplers import SAMPLERS, get_sampler
 from ..diffusion.schedule import A1111_SCHEDULERS, SCHEDULE_LABELS
-from ..request import MAX_CLIP_SKIP
+from ..request import MAX_AESTHETIC, MAX_CLIP_SKIP
 from .errors import BadInput
 
 # A1111's "automatic" scheduler: what each sampler's options name (sd_samplers_kdiffusion), else the plain one.
@@ -46,6 +46,17 @@ def check_token_merging(value: object) -> float:
     """A1111's token_merging_ratio option: 0 (off) up to, not including, 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise BadInput(f"token_merging_ratio must be a number from 0 (off) up to 1 (not included), got {value!r}")
+    return float(value)
+
+
+# A1111's options for the refiner's aesthetic-score conditioning -> Request fields
+AESTHETIC_OPTIONS = {"sdxl_refiner_high_aesthetic_score": "aesthetic_score",
+                     "sdxl_refiner_low_aesthetic_score": "negative_aesthetic_score"}
+
+
+def check_aesthetic_score(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_AESTHETIC:
+        raise BadInput(f"{key} must be a number from 0 to {MAX_AESTHETIC:g}, got {value!r}")
     return float(value)
 
 

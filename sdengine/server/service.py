@@ -2,6 +2,7 @@
 cancel) over the model registry, with bodies read into GenJobs by server/validation.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -16,11 +17,12 @@ from ..diffusion.samplers import SAMPLERS
 from ..images import image_to_tensor, mask_to_tensor, tensor_to_images
 from ..pipeline import NonFiniteError, Pipeline
 from ..prompts import Style
-from ..request import Request
+from ..request import AESTHETIC_SCORES, Request
 from . import scripts
 from .images import encode_png
 from .jobs import Job, JobQueue, StopSampling
 from .registry import ModelEntry, ModelRegistry
+from .samplers import AESTHETIC_OPTIONS
 from .validation import BodyReader, GenJob, Limits, check_clip_skip
 
 
@@ -31,7 +33,9 @@ class Service:
         self.registry, self.limits, self.styles, self.threads = registry, limits, styles, threads
         # A1111's defaults; a preview is a full VAE decode, hence one every 10 steps at most
         self.settings: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
-                                         "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0}
+                                         "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
+                                         "sdxl_refiner_high_aesthetic_score": AESTHETIC_SCORES[0],
+                                         "sdxl_refiner_low_aesthetic_score": AESTHETIC_SCORES[1]}
         self.bodies = BodyReader(limits, registry, styles, self.settings)
         # the heap trimmed whenever the queue goes idle: bursts of mixed-size jobs fragment it (cpu_memory.release)
         self.queue = JobQueue(self.run, max_waiting=limits.queue_size, on_idle=cpu_memory.release)
@@ -71,16 +75,28 @@ class Service:
         else:
             pipe, entry = self.registry.ensure(gen.model)
             job.job_count = gen.request.n_iter
-            images = self.images(job, gen, pipe, gen.request, warnings)
+            images = self.images(job, gen, pipe, self.for_model(gen, pipe), warnings)
         if "sd_model_checkpoint" in gen.persist:
             self.registry.default_name = entry.name
         if "CLIP_stop_at_last_layers" in gen.persist:
             self.settings["CLIP_stop_at_last_layers"] = gen.request.clip_skip
         if "token_merging_ratio" in gen.persist:
             self.settings["token_merging_ratio"] = gen.request.tome
+        for key in AESTHETIC_OPTIONS:
+            if key in gen.persist:
+                self.settings[key] = gen.persist[key]
         infotexts = [image.info.get("parameters", "") for image in images]
         encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if gen.send_images else []
         return {"images": encoded, "info": json.dumps(self.info(gen, entry, pipe, infotexts, job, warnings))}
+
+    @staticmethod
+    def for_model(gen: GenJob, pipe: Pipeline) -> Request:
+        """The job's request for the model that runs it: a refiner run as the model itself takes the aesthetic-score
+        options too (as A1111 conditions any refiner on them; the others have no such input)."""
+        cfg = pipe.model.config
+        if cfg.conditioner and cfg.text_2 is None and gen.request.refiner is None:
+            return dataclasses.replace(gen.request, **gen.aesthetic)
+        return gen.request
 
     def images(self, job: Job, gen: GenJob, pipe: Pipeline, req: Request, warnings: list[str],
                offset: int = 0) -> list[Image.Image]:

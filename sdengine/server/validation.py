@@ -24,7 +24,14 @@ from .controlnet import UnitReader
 from .errors import BadInput
 from .images import decode_image, prepare_mask, resize_image
 from .registry import ModelRegistry
-from .samplers import AUTOMATIC_SCHEDULE, check_clip_skip, check_token_merging, resolve_sampler
+from .samplers import (
+    AESTHETIC_OPTIONS,
+    AUTOMATIC_SCHEDULE,
+    check_aesthetic_score,
+    check_clip_skip,
+    check_token_merging,
+    resolve_sampler,
+)
 
 # A1111 body field -> (Request field, A1111's default when the body leaves it out or sends null)
 A1111_FIELDS: dict[str, tuple[str, Any]] = {
@@ -79,6 +86,8 @@ class GenJob:
     denoising_strength: float | None = None  # as A1111 reports it
     warnings: list[str] = field(default_factory=list)
     script: scripts.XYZPlan | None = None  # script_name "x/y/z plot": the cells run instead of the request
+    # the aesthetic-score options (Request fields) for a refiner run as the model itself (Service.for_model)
+    aesthetic: dict[str, float] = field(default_factory=dict)
 
 
 def _get(body: dict, key: str, default: Any) -> Any:
@@ -136,6 +145,8 @@ class BodyReader:
             _get(body, "sampler_name", None) or _get(body, "sampler_index", None), _get(body, "scheduler", None))
         values["clip_skip"], model, persist = self.settings["CLIP_stop_at_last_layers"], None, {}
         values["tome"] = self.settings.get("token_merging_ratio", 0.0)
+        # the refiner's aesthetic scores: they condition a refiner only (the one named here, or a refiner model)
+        aesthetic = {field: self.settings[key] for key, field in AESTHETIC_OPTIONS.items()}
         overrides = _get(body, "override_settings", {})
         keep = _get(body, "override_settings_restore_afterwards", True) is False
         for key, value in overrides.items():
@@ -145,12 +156,15 @@ class BodyReader:
                 model = self.registry.find(value).name
             elif key == "token_merging_ratio":
                 values["tome"] = check_token_merging(value)
+            elif key in AESTHETIC_OPTIONS:
+                aesthetic[AESTHETIC_OPTIONS[key]] = check_aesthetic_score(key, value)
             else:
                 warnings.append(f"override_settings.{key} ignored")
                 continue
             if keep:
                 persist[key] = {"CLIP_stop_at_last_layers": values["clip_skip"], "sd_model_checkpoint": model,
-                                "token_merging_ratio": values["tome"]}[key]
+                                "token_merging_ratio": values["tome"],
+                                **{k: aesthetic[f] for k, f in AESTHETIC_OPTIONS.items()}}[key]
         refiner = _get(body, "refiner_checkpoint", None)
         if refiner not in (None, "", "None"):  # A1111 sends "None" for no refiner
             values["refiner"] = self.registry.find(refiner).name  # by name only, as models are chosen
@@ -159,6 +173,7 @@ class BodyReader:
                                "refiner is not supported")
             switch = _get(body, "refiner_switch_at", None)
             values["refiner_switch_at"] = 0.8 if switch is None else switch
+            values.update(aesthetic)
         script = scripts.script_name(body, mode)
         script_args = _get(body, "script_args", [])
         if not isinstance(script_args, list):
@@ -173,7 +188,8 @@ class BodyReader:
             warnings.append("alwayson_scripts ignored: " + ", ".join(others))
         job = GenJob(mode, make_request(prompt=styled_prompt, negative_prompt=styled_negative, **values), prompt,
                      negative, styles, model=model, persist=persist, send_images=bool(_get(body, "send_images", True)),
-                     denoising_strength=_get(body, "denoising_strength", None), warnings=warnings)
+                     denoising_strength=_get(body, "denoising_strength", None), warnings=warnings,
+                     aesthetic=aesthetic)
         if mode == "img2img":
             if _get(body, "enable_hr", False):
                 warnings.append("enable_hr: hires fix is a txt2img option; ignored")

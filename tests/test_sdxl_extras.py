@@ -1,0 +1,144 @@
+"""SDXL beyond the base cases (issue 29's remainder), each against its reference: the refiner's aesthetic scores as
+Request fields (diffusers' StableDiffusionXLImg2ImgPipeline), a diffusers folder's own tokenizers (transformers'
+CLIPTokenizer), single files written by diffusers' convert_diffusers_to_original_sdxl.py (its mapping re-expressed
+here, test-only), and pruned UNets with uneven transformer depths (SSD-1B, Segmind Vega)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from sdxl_helpers import sdxl_pipeline, sdxl_refiner
+
+W, H = 40, 32  # non-square; the tiny VAE downsamples by 2
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    return folder, sdxl_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory, sdxl_folder):
+    folder = tmp_path_factory.mktemp("refiner") / "pipe"
+    return folder, sdxl_refiner(folder, sdxl_folder[1])
+
+
+def _reference(pipe, class_name: str = "EulerDiscreteScheduler"):
+    """The reference pipeline with one of diffusers' schedulers on SD's training schedule."""
+    import diffusers
+    from sampler_harness import SD15_SCHEDULER_CONFIG
+
+    pipe.scheduler = getattr(diffusers, class_name).from_config(SD15_SCHEDULER_CONFIG)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _init_image():
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(0).rand(H, W, 3) * 255).astype(np.uint8))
+
+
+# --- the refiner's aesthetic scores ------------------------------------------------------------------------------
+
+def test_aesthetic_scores_match_diffusers(refiner_folder):
+    """Request(aesthetic_score=, negative_aesthetic_score=) conditions the refiner as diffusers'
+    StableDiffusionXLImg2ImgPipeline(aesthetic_score=, negative_aesthetic_score=) does."""
+    from sampler_harness import max_rel_error
+
+    import sdengine
+    from sdengine.images import image_to_tensor
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import Request
+
+    folder, ref = refiner_folder
+    ref = _reference(ref)
+    pipe = Pipeline(sdengine.load(folder))
+    init = image_to_tensor(_init_image(), W, H)
+    results = {}
+    for scores in ((6.0, 2.5), (8.5, 1.0), (3.0, 9.0)):
+        expected = ref("a red circle", negative_prompt="blue", image=_init_image(), strength=0.5,
+                       num_inference_steps=8, guidance_scale=5, generator=[torch.Generator().manual_seed(3)],
+                       aesthetic_score=scores[0], negative_aesthetic_score=scores[1], output_type="latent").images
+        req = Request(prompt="a red circle", negative_prompt="blue", steps=8, cfg_scale=5, seed=3, width=W, height=H,
+                      strength=0.5, aesthetic_score=scores[0], negative_aesthetic_score=scores[1])
+        results[scores] = ours = pipe.sample(req, init=init)
+        assert max_rel_error(ours, expected) < 1e-3, scores
+    assert max_rel_error(results[(8.5, 1.0)], results[(6.0, 2.5)]) > 1e-3  # the scores matter
+
+
+def test_aesthetic_scores_as_fields(sdxl_folder):
+    """Validated once, written to the parameters text only when not the defaults (and read back), refused where
+    nothing would read them (a model that is not a refiner, without a refiner)."""
+    import sdengine
+    from sdengine.metadata import parse_parameters
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import FieldError, Request, fields_from_parameters
+
+    for bad in (-1, 10.5, float("nan"), "7", True):
+        with pytest.raises(FieldError, match="aesthetic score must be a number from 0 to 10"):
+            Request(aesthetic_score=bad)
+    with pytest.raises(FieldError, match="negative aesthetic score"):
+        Request(negative_aesthetic_score=11)
+    plain = Request(seed=1, width=64, height=64, refiner="r")
+    assert "Aesthetic score" not in plain.infotext_fields(0) or plain.infotext_fields(0)["Aesthetic score"] is None
+    req = Request(seed=1, width=64, height=64, refiner="r", aesthetic_score=7.0, negative_aesthetic_score=1.5)
+    fields = req.infotext_fields(0)
+    assert fields["Aesthetic score"] == 7.0 and fields["Negative aesthetic score"] == 1.5
+    text = "a\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Aesthetic score: 7.0, Negative aesthetic score: 1.5"
+    back = fields_from_parameters(parse_parameters(text))
+    assert back["aesthetic_score"] == 7.0 and back["negative_aesthetic_score"] == 1.5
+    base = Pipeline(sdengine.load(sdxl_folder[0]))
+    with pytest.raises(ValueError, match="aesthetic scores condition SDXL refiners; this is sdxl"):
+        base.generate("a", steps=1, width=W, height=H, aesthetic_score=7.0)
+
+
+def test_aesthetic_score_cli_options():
+    from sdengine.cli import build_parser
+    from sdengine.cli.generate import request_from_args
+
+    argv = ["generate", "a", "--refiner", "r", "--aesthetic-score", "7.5", "--negative-aesthetic-score", "2"]
+    req = request_from_args(build_parser(argv).parse_args(argv), "generate", 64, 64)
+    assert (req.aesthetic_score, req.negative_aesthetic_score) == (7.5, 2.0)
+
+
+def test_aesthetic_scores_are_a1111_options(tmp_path, sdxl_folder, refiner_folder):
+    """A1111's sdxl_refiner_high/low_aesthetic_score options, per request (override_settings) or kept (/options),
+    reach the refiner named by refiner_checkpoint, or a refiner run as the model itself; bad values are a 422."""
+    from fastapi.testclient import TestClient
+
+    import sdengine
+    from sdengine.pipeline import Pipeline
+    from sdengine.prompts import BUNDLED_STYLES, load_styles
+    from sdengine.server.app import create_app
+    from sdengine.server.errors import BadInput
+    from sdengine.server.registry import ModelRegistry
+    from sdengine.server.service import Service
+    from sdengine.server.validation import Limits
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "base").symlink_to(sdxl_folder[0])
+    (models / "refiner").symlink_to(refiner_folder[0])
+    registry = ModelRegistry(models, None, torch.device("cpu"), torch.float32, lora_dirs=[], embedding_dirs=[])
+    service = Service(registry, Limits(max_width=64, max_height=64, max_steps=3), load_styles(BUNDLED_STYLES))
+    body = {"prompt": "a", "steps": 2, "width": W, "height": H}
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        assert client.post("/sdapi/v1/options", json={"sdxl_refiner_high_aesthetic_score": 7.5}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sdxl_refiner_high_aesthetic_score"] == 7.5
+        r = client.post("/sdapi/v1/options", json={"sdxl_refiner_low_aesthetic_score": 12})
+        assert r.status_code == 422 and "sdxl_refiner_low_aesthetic_score must be a number from 0 to 10" in r.text
+        r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+            "sdxl_refiner_high_aesthetic_score": "high"}})
+        assert r.status_code == 422 and "sdxl_refiner_high_aesthetic_score" in r.text
+    refined = service.read({**body, "refiner_checkpoint": "refiner",
+                            "override_settings": {"sdxl_refiner_low_aesthetic_score": 1.0}}, "txt2img").request
+    assert (refined.aesthetic_score, refined.negative_aesthetic_score) == (7.5, 1.0)
+    plain = service.read(body, "txt2img")  # no refiner: the base model has no aesthetic input
+    assert (plain.request.aesthetic_score, plain.request.negative_aesthetic_score) == (6.0, 2.5)
+    assert service.for_model(plain, Pipeline(sdengine.load(sdxl_folder[0]))) is plain.request
+    as_model = service.for_model(plain, Pipeline(sdengine.load(refiner_folder[0])))
+    assert (as_model.aesthetic_score, as_model.negative_aesthetic_score) == (7.5, 2.5)
+    with pytest.raises(BadInput, match="sdxl_refiner_low_aesthetic_score"):
+        service.read({**body, "override_settings": {"sdxl_refiner_low_aesthetic_score": -1}}, "txt2img")
