@@ -8,6 +8,7 @@
     sdengine train lora --init model.safetensors --data shapes:pink --rank 8 --out runs/pink-lora
     sdengine train embedding --init model.safetensors --data shapes:pink --token pink --vectors 2 --out runs/pink-ti
     sdengine train lcm --init model.safetensors --data shapes --out runs/lcm          (4-step LCM; --lora-rank R: LoRA)
+    sdengine train controlnet --init model.safetensors --data shapes --hint layout --out runs/layout-cn
 
 Each stage has its own options (an option of another stage is a usage error that names it); values are checked by
 argparse as they are parsed. Under `torchrun --nproc_per_node N` the same commands train data-parallel. torch is
@@ -31,7 +32,9 @@ STAGES = {"vae": "the autoencoder (KL-regularized, SD's layout)",
           "embedding": "a textual inversion embedding (--token) on a whole model (--init), the model frozen",
           "lcm": "a few-step latent consistency model (LCM) distilled from a whole model (--init), or an LCM-LoRA",
           "taesd": "a tiny autoencoder (TAESD) distilled from a whole model's VAE (--init), for previews and fast "
-                   "decodes"}
+                   "decodes",
+          "controlnet": "a ControlNet (from the UNet's encoder, zero convolutions at zero) on a whole model (--init), "
+                        "the model frozen"}
 DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "vae": {"steps": 6000, "batch": 32, "lr": 2e-4, "ema": 0.0},
     "text": {"steps": 3000, "batch": 128, "lr": 3e-4, "ema": 0.0},
@@ -40,6 +43,7 @@ DEFAULTS = {  # per stage: steps, global batch, peak LR, EMA decay
     "embedding": {"steps": 1500, "batch": 32, "lr": 5e-3, "ema": 0.0},
     "lcm": {"steps": 2000, "batch": 32, "lr": 5e-5, "ema": 0.0},  # the target network's EMA is --ema-decay
     "taesd": {"steps": 4000, "batch": 16, "lr": 1e-3, "ema": 0.0},
+    "controlnet": {"steps": 3000, "batch": 32, "lr": 1e-4, "ema": 0.0},
 }
 
 
@@ -86,6 +90,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     add_embedding_options(parsers["embedding"])
     add_lcm_options(parsers["lcm"])
     add_taesd_options(parsers["taesd"])
+    add_controlnet_options(parsers["controlnet"])
     refuse_other_stages_options(parsers)
 
 
@@ -256,6 +261,25 @@ def add_taesd_options(p: argparse.ArgumentParser) -> None:
                        help="the encoder's latent MSE weight against the decoder's pixel MSE (1)")
 
 
+def add_controlnet_options(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--init", type=Path, required=True,
+                       help="the model the ControlNet is for, frozen (any SD checkpoint); the ControlNet starts as a "
+                            "copy of its UNet's encoder half")
+    model.add_argument("--hint", default=None, choices=("layout", "canny", "file"),
+                       help="the control images: layout (shapes: every object's silhouette white on black; the "
+                            "default there), canny (edges of the training image) or file (a folder's NAME.control.png "
+                            "beside NAME.png, or metadata.jsonl's conditioning_image; the default there)")
+    model.add_argument("--caption-dropout", type=fraction, default=0.5,
+                       help="share of captions left empty, so the ControlNet learns from the control image (0.5, "
+                            "the paper's)")
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--timestep-shift", type=positive_float, default=1.0, metavar="S",
+                      help="draw training timesteps towards the noisy end, as train unet's option (1: uniform)")
+    loss.add_argument("--snr-floor", type=non_negative_float, default=0.0, metavar="F",
+                      help="weigh each step's error in x0 by at least F, as train unet's option")
+
+
 def refuse_other_stages_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """Give each stage's parser the other stages' options as hidden refusals that name the stage they are for."""
     owners: dict[str, list[str]] = {}
@@ -370,8 +394,14 @@ def build_taesd(args: argparse.Namespace, source):
     return build(args, source)
 
 
+def build_controlnet(args: argparse.Namespace, source):
+    from ..train.stages.controlnet import build_controlnet as build
+
+    return build(args, source)
+
+
 BUILDERS = {"vae": build_vae, "text": build_text, "unet": build_unet, "lora": build_lora,
-            "embedding": build_embedding, "lcm": build_lcm, "taesd": build_taesd}
+            "embedding": build_embedding, "lcm": build_lcm, "taesd": build_taesd, "controlnet": build_controlnet}
 
 
 def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
@@ -419,7 +449,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.size is None:
         args.size = PRESETS[args.arch].image_size
     torch.manual_seed(args.seed)  # fresh weights depend on --seed only (and are the same in every process)
-    source = make_source(args.data, args.size, args.seed, args.scene_kinds, args.color_drop)
+    if args.stage == "controlnet":  # items with their control images
+        from ..train.stages.controlnet import make_control_source
+
+        source = make_control_source(args.data, args.size, args.seed, args.hint, args.scene_kinds, args.color_drop)
+    else:
+        source = make_source(args.data, args.size, args.seed, args.scene_kinds, args.color_drop)
     stage = BUILDERS[args.stage](args, source)
     if args.stage in ("unet", "lora", "embedding", "lcm"):
         workers = unet_extras(args, stage, device, workers)
