@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inpaint": ("generate", "repaint the white part of a mask"),
     "outpaint": ("generate", "extend an image on any side and paint the new border"),
     "upscale": ("upscale", "enlarge an image with a model upscaler (ESRGAN, Real-ESRGAN) from the upscalers folder"),
+    "batch": ("batch", "many generations from a JSON-lines file: resumable, sharded under torchrun or on Ray"),
     "grid": ("grid", "X/Y/Z plot: a labelled grid of generations over axis values (A1111's script)"),
     "info": ("models", "a checkpoint's family, prediction, sizes and config; or a PNG's parameters"),
     "models": ("models", "list the models folder with each model's detected family"),
