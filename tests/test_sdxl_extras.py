@@ -142,3 +142,69 @@ def test_aesthetic_scores_are_a1111_options(tmp_path, sdxl_folder, refiner_folde
     assert (as_model.aesthetic_score, as_model.negative_aesthetic_score) == (7.5, 2.5)
     with pytest.raises(BadInput, match="sdxl_refiner_low_aesthetic_score"):
         service.read({**body, "override_settings": {"sdxl_refiner_low_aesthetic_score": -1}}, "txt2img")
+
+
+# --- a diffusers folder's own tokenizers ---------------------------------------------------------------------------
+
+ODD_TEXTS = ["wow!!! a cat!", "!", "<|endoftext|> and <|startoftext|>", "<|ENDOFTEXT|>", "  UPPER\tcase \n lines ",
+             "ünïcödé ½ 日本語 café", "emoji 😀👍🏽", "a,b.c;d:e'f's don't", "(word:1.2) [x|y] {a|b}", "",
+             " ".join(f"w{i}!" for i in range(60))]
+
+
+def test_folder_tokenizers_equal_transformers(sdxl_folder):
+    """Both of an SDXL folder's tokenizers (tokenizer_2: pad "!" = id 0, and every "!" split off as that id, as
+    transformers does) give transformers' CLIPTokenizer ids on odd text, padded and cut to 77."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    import sdengine
+
+    folder = sdxl_folder[0]
+    model = sdengine.load(folder)
+    assert model.tokenizer.pad_id == 49407 and model.tokenizer_2.pad_id == 0
+    for ours, part in ((model.tokenizer, "tokenizer"), (model.tokenizer_2, "tokenizer_2")):
+        ref = HFTokenizer.from_pretrained(folder / part)
+        expected = ref(ODD_TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        assert torch.equal(ours(ODD_TEXTS), expected.input_ids), part
+
+
+def test_folder_with_its_own_tokenizer_2(sdxl_folder, tmp_path):
+    """A folder whose tokenizer_2/ is not CLIP's vocabulary (a tiny learned one) is read and used: ids and prompt
+    embeddings equal diffusers' from the same folder, and a single file written from it carries it."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+    from reference import assert_close
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    import sdengine
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import Request
+    from sdengine.tokenizer import CLIPTokenizer
+
+    folder = tmp_path / "own"
+    shutil.copytree(sdxl_folder[0], folder)
+    shutil.rmtree(folder / "tokenizer_2")
+    tiny = CLIPTokenizer.train(["a red circle", "two blue squares"], pad_with_eos=False)
+    tiny.save(folder / "tokenizer_2")
+    assert tiny.vocab_size < 1000
+    model = sdengine.load(folder)
+    assert model.tokenizer_2.vocab == tiny.vocab and model.tokenizer.vocab_size == 49408
+    hf = HFTokenizer.from_pretrained(folder / "tokenizer_2")
+    texts = ["a red circle!", "two blue squares", "unknown words"]
+    assert torch.equal(model.tokenizer_2(texts), hf(texts, padding="max_length", max_length=77,
+                                                     return_tensors="pt").input_ids)
+    assert not torch.equal(model.tokenizer_2(texts), CLIPTokenizer.default(pad_with_eos=False)(texts))
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    cond, uncond = Pipeline(model).condition(Request(prompt="a red circle", negative_prompt="two blue squares",
+                                                     width=W, height=H))
+    with torch.no_grad():
+        embeds, neg_embeds, pooled, neg_pooled = ref.encode_prompt("a red circle", negative_prompt="two blue squares",
+                                                                   do_classifier_free_guidance=True)
+    assert_close(cond.context, embeds)
+    assert_close(uncond.context, neg_embeds)
+    assert_close(cond.y[:, :pooled.shape[1]], pooled)
+    single = tmp_path / "own.safetensors"
+    sdengine.save(model, single)
+    again = sdengine.load(single)
+    assert again.tokenizer_2.vocab == tiny.vocab and again.tokenizer_2.pad_id == 0
+    assert again.tokenizer.vocab_size == 49408

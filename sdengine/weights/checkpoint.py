@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -22,7 +22,7 @@ from .detect import UnknownArchitecture, check_keys, detect, known_model
 from .diffusers_folder import is_diffusers_folder, read_folder, write_folder
 from .io import CheckpointError, atomic_path, read_tensors, write_pickle, write_safetensors
 from .keys import TEXT, UNET, VAE
-from .metadata import CONFIG_METADATA, tokenizer_from_metadata, tokenizer_metadata
+from .metadata import CONFIG_METADATA, TOKENIZER_2_METADATA, tokenizer_from_metadata, tokenizer_metadata
 from .parts import check_vae_fits, read_vae
 from .single import normalize
 
@@ -31,9 +31,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def read_checkpoint(
     path: str | Path, use_ema: bool = False, dtype: torch.dtype | None = None
-) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer | None]:
-    """A single file or diffusers folder -> (original-keyed tensors, config, tokenizer or None for the default).
-    dtype: floating tensors cast to it as they are read (None: as stored)."""
+) -> tuple[dict[str, torch.Tensor], ModelConfig, tuple[CLIPTokenizer | None, ...]]:
+    """A single file or diffusers folder -> (original-keyed tensors, config, tokenizers: one per text encoder, in
+    order, None for the default CLIP vocabulary). dtype: floating tensors cast to it as they are read (None: as
+    stored)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -52,9 +53,12 @@ def read_checkpoint(
         except (ValueError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA} metadata ({e})") from None
         tokenizer = tokenizer_from_metadata(metadata, cfg.text.pad_with_eos, path)
-        return sd, cfg, tokenizer
+        if cfg.text_2 is None:
+            return sd, cfg, (tokenizer,)
+        return sd, cfg, (tokenizer, tokenizer_from_metadata(metadata, cfg.text_2.pad_with_eos, path,
+                                                            TOKENIZER_2_METADATA))
     if (known := known_model(sd)) is not None:  # the shipped model without its metadata
-        return sd, *known
+        return sd, known[0], (known[1],)
     try:
         cfg = detect(sd)
     except UnknownArchitecture as e:  # name the file, as the other load errors do
@@ -62,7 +66,7 @@ def read_checkpoint(
     except (KeyError, IndexError) as e:  # detect() reads the keys and shapes SD's layout implies; a damaged file
         what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"a tensor of unexpected rank ({e})"
         raise UnknownArchitecture(f"{path}: not a Stable Diffusion checkpoint: {what}") from None
-    return sd, cfg, None
+    return sd, cfg, ()
 
 
 # torch.nn.init's in-place initialisers: modules call them in their constructors
@@ -87,13 +91,14 @@ def skipped_init() -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
-def build(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
+def build(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizers: Sequence[CLIPTokenizer | None] = (),
           device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
           source: str = "checkpoint") -> StableDiffusion:
-    """Build the model for `cfg` and load `sd` strictly; dtype None keeps the file's dtypes."""
-    tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.text.pad_with_eos)
+    """Build the model for `cfg` and load `sd` strictly; tokenizers: one per text encoder (missing or None: CLIP's
+    vocabulary); dtype None keeps the file's dtypes."""
+    tokenizer, tokenizer_2 = (*tokenizers, None, None)[:2]
     with torch.device("meta"), skipped_init():  # no random init of weights that are about to be replaced
-        model = StableDiffusion(cfg, tokenizer)
+        model = StableDiffusion(cfg, tokenizer, tokenizer_2)
     check_keys(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
@@ -127,7 +132,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     head split or prediction type the detection rules would get wrong (the shapes are still checked).
     """
     path = Path(path)
-    sd, cfg, tokenizer = read_checkpoint(path, use_ema=use_ema, dtype=dtype)
+    sd, cfg, tokenizers = read_checkpoint(path, use_ema=use_ema, dtype=dtype)
     cfg = config or cfg
     if vae is not None:
         part = read_vae(vae)
@@ -138,7 +143,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         cfg = replace(cfg, vae=vae_cfg)
     if prediction is not None:
         cfg = replace(cfg, prediction=prediction)
-    model = build(sd, cfg, tokenizer, device=device, dtype=dtype, source=str(path))
+    model = build(sd, cfg, tokenizers, device=device, dtype=dtype, source=str(path))
     if prediction is None and config is None and not path.is_dir() and cfg.family == "sd2":
         if probe_v_prediction(model):
             model.config = replace(cfg, prediction="v")
@@ -185,7 +190,8 @@ def save(model: StableDiffusion, dst: str | Path, to: Literal["single", "diffuse
             write_pickle(sd, tmp)
         else:
             metadata = {CONFIG_METADATA: single_file_config(model).to_json(), "format": "pt",
-                        **tokenizer_metadata(model.tokenizer)}
+                        **tokenizer_metadata(model.tokenizer),
+                        **(tokenizer_metadata(model.tokenizer_2, TOKENIZER_2_METADATA) if model.tokenizer_2 else {})}
             write_safetensors(sd, tmp, metadata=metadata)
     return dst
 

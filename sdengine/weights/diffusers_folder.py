@@ -205,8 +205,9 @@ def text_config_to_diffusers(t: TextConfig) -> dict[str, Any]:
 
 
 def read_folder(folder: Path, dtype: torch.dtype | None = None
-                ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
-    """A diffusers folder -> (original-keyed tensors, config, tokenizer); dtype as in _read_part_tensors."""
+                ) -> tuple[dict[str, torch.Tensor], ModelConfig, tuple[CLIPTokenizer, ...]]:
+    """A diffusers folder -> (original-keyed tensors, config, its tokenizers: one per text encoder, each read from
+    the folder); dtype as in _read_part_tensors."""
     unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
     if unet.adm_in_channels is not None:
         return _read_sdxl_folder(folder, unet, dtype)
@@ -228,16 +229,17 @@ def read_folder(folder: Path, dtype: torch.dtype | None = None
     parts["text_encoder"] = {k if k.startswith("text_model.") else "text_model." + k: v
                              for k, v in parts["text_encoder"].items()}
     tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
-    return from_diffusers(parts, cfg), cfg, tokenizer
+    return from_diffusers(parts, cfg), cfg, (tokenizer,)
 
 
 SDXL_TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIP-L, bigG (the refiner: text_encoder_2 alone)
 
 
 def _read_sdxl_folder(folder: Path, unet: UNetConfig, dtype: torch.dtype | None = None
-                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer]:
-    """A StableDiffusionXLPipeline (or the refiner's StableDiffusionXLImg2ImgPipeline) folder. The second
-    tokenizer is CLIP's vocabulary padded with "!" (id 0), as tokenizer_2/ of the published SDXL folders."""
+                      ) -> tuple[dict[str, torch.Tensor], ModelConfig, tuple[CLIPTokenizer, ...]]:
+    """A StableDiffusionXLPipeline (or the refiner's StableDiffusionXLImg2ImgPipeline) folder, each text encoder
+    with the folder's own tokenizer (tokenizer_2/ of the published SDXL folders: CLIP's vocabulary padded with "!",
+    id 0; a fine-tune may carry another vocabulary)."""
     texts = [p for p in SDXL_TEXT_PARTS if (folder / p).is_dir()]
     for part in ("vae", "scheduler", *[p.replace("text_encoder", "tokenizer") for p in texts]):
         if not (folder / part).is_dir():
@@ -252,8 +254,8 @@ def _read_sdxl_folder(folder: Path, unet: UNetConfig, dtype: torch.dtype | None 
                       prediction="v" if scheduler.get("prediction_type") == "v_prediction" else "eps")
     parts = {p: _read_part_tensors(folder, p, "text_encoder" if p in texts else None, dtype)
              for p in ("unet", "vae", *texts)}
-    tokenizer = CLIPTokenizer.from_dir(folder / texts[0].replace("text_encoder", "tokenizer"))
-    return from_diffusers(parts, cfg), cfg, tokenizer
+    tokenizers = tuple(CLIPTokenizer.from_dir(folder / p.replace("text_encoder", "tokenizer")) for p in texts)
+    return from_diffusers(parts, cfg), cfg, tokenizers
 
 
 def write_folder(sd: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: CLIPTokenizer, folder: Path,
