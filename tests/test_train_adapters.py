@@ -160,6 +160,11 @@ def test_train_lora_learns_resumes_exactly_and_loads(capsys, tmp_path, base):
     assert any(layer.tensors["up"].abs().max() > 0 for layer in a.layers.values())  # it trained
     model = sdengine.load(init)
     assert not LoraPatcher(model).apply([LoraUse(a)]).skipped
+    # train unet's loss options reach the adapter stage: other timesteps and weights, another LoRA
+    rc, err = train(capsys, "lora", tmp_path / "shifted", data, *args, "--timestep-shift", "3", "--snr-floor", "0.3")
+    assert rc == 0, err
+    c = read_lora(tmp_path / "shifted" / RESULT)
+    assert any(not torch.equal(layer.tensors["up"], c.layers[name].tensors["up"]) for name, layer in a.layers.items())
 
 
 def test_train_embedding_writes_a_file_prompts_read(capsys, tmp_path, base):

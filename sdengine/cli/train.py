@@ -162,13 +162,7 @@ def add_unet_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--text-lr", type=positive_float, default=None, metavar="LR",
                        help="with --train-text-encoder: the text encoder's peak LR (default: --lr); the same warmup "
                             "and cosine apply")
-    loss = p.add_argument_group("loss")
-    loss.add_argument("--timestep-shift", type=positive_float, default=1.0, metavar="S",
-                      help="draw training timesteps towards the noisy end, t/T = S u / (1 + (S - 1) u) for uniform u "
-                           "(1: uniform, as SD; 3: half of them above t = 750, where the layout is decided)")
-    loss.add_argument("--snr-floor", type=non_negative_float, default=0.0, metavar="F",
-                      help="weigh each step's error in x0 by at least F (min-SNR weighting clamps it to at most 5; "
-                           "eps prediction weighs it by SNR, ~0.005-0.05 at the steps that settle the layout)")
+    add_loss_options(p)
     speed = p.add_argument_group("speed")
     speed.add_argument("--cache-latents", type=positive_int, default=None, metavar="N",
                        help="encode N training images with the VAE once (a folder: all of it at most) and train on "
@@ -178,6 +172,19 @@ def add_unet_options(p: argparse.ArgumentParser) -> None:
                             "model's step on an H100; costs a minute or so of compilation first)")
     speed.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute the UNet's activations in backward instead of keeping them (less memory)")
+
+
+def add_loss_options(p: argparse.ArgumentParser) -> None:
+    """Where a stage with the UNet's loss (unet, lora, embedding, controlnet) puts its gradient along the noise
+    levels."""
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--timestep-shift", type=positive_float, default=1.0, metavar="S",
+                      help="draw training timesteps towards the noisy end, t/T = S u / (1 + (S - 1) u) for uniform u "
+                           "(1: uniform, as SD; 3: half of them above t = 750, where the layout is decided)")
+    loss.add_argument("--snr-floor", type=non_negative_float, default=0.0, metavar="F",
+                      help="weigh each step's error in x0 by at least F (min-SNR weighting clamps it to at most 5; "
+                           "eps prediction weighs it by SNR, ~0.005-0.05 at the steps that settle the layout; the "
+                           "shipped model's last stages used 0.3)")
 
 
 def add_adapter_model_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -195,6 +202,7 @@ def add_adapter_model_options(p: argparse.ArgumentParser) -> argparse._ArgumentG
 
 def add_lora_options(p: argparse.ArgumentParser) -> None:
     model = add_adapter_model_options(p)
+    add_loss_options(p)
     model.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the attention layers (8)")
     model.add_argument("--alpha", type=positive_float, default=None,
                        help="LoRA alpha: the output is scaled by alpha / rank (default: the rank, a scale of 1)")
@@ -210,6 +218,7 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
 
 def add_embedding_options(p: argparse.ArgumentParser) -> None:
     model = add_adapter_model_options(p)
+    add_loss_options(p)
     model.add_argument("--token", required=True,
                        help="the embedding's name, the word prompts use; captions saying it train it (e.g. pink)")
     model.add_argument("--vectors", type=positive_int, default=1, help="vectors it takes in a prompt (1)")
@@ -273,11 +282,7 @@ def add_controlnet_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--caption-dropout", type=fraction, default=0.5,
                        help="share of captions left empty, so the ControlNet learns from the control image (0.5, "
                             "the paper's)")
-    loss = p.add_argument_group("loss")
-    loss.add_argument("--timestep-shift", type=positive_float, default=1.0, metavar="S",
-                      help="draw training timesteps towards the noisy end, as train unet's option (1: uniform)")
-    loss.add_argument("--snr-floor", type=non_negative_float, default=0.0, metavar="F",
-                      help="weigh each step's error in x0 by at least F, as train unet's option")
+    add_loss_options(p)
 
 
 def refuse_other_stages_options(parsers: dict[str, argparse.ArgumentParser]) -> None:
@@ -361,7 +366,8 @@ def build_lora(args: argparse.Namespace, source):
     model.unet.gradient_checkpointing = args.grad_checkpointing
     return LoraStage(model, source, rank=args.rank, alpha=args.alpha if args.alpha is not None else args.rank,
                      conv_rank=args.conv_rank or 0, conv_alpha=args.conv_alpha, text_lr=args.text_encoder_lr,
-                     seed=args.seed, caption_dropout=args.caption_dropout, init_name=args.init.name)
+                     seed=args.seed, caption_dropout=args.caption_dropout, init_name=args.init.name,
+                     timestep_shift=args.timestep_shift, snr_floor=args.snr_floor)
 
 
 def build_embedding(args: argparse.Namespace, source):
@@ -371,7 +377,8 @@ def build_embedding(args: argparse.Namespace, source):
     model = load(args.init)
     model.unet.gradient_checkpointing = args.grad_checkpointing
     return EmbeddingStage(model, source, token=args.token, vectors=args.vectors, init_word=args.init_word,
-                          seed=args.seed, init_name=args.init.name, fmt=args.format)
+                          seed=args.seed, init_name=args.init.name, fmt=args.format,
+                          timestep_shift=args.timestep_shift, snr_floor=args.snr_floor)
 
 
 def build_lcm(args: argparse.Namespace, source):
