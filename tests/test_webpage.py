@@ -2,7 +2,8 @@
 
 Checked: the page loads its lists from the API, generates from the form (gallery item with the infotext, a PNG
 download that carries the parameters), shows live progress with a preview and interrupts, sends img2img and an
-inpainting mask painted with the mouse, and with --api-auth loads only with credentials.
+inpainting mask painted with the mouse, sends a ControlNet unit and an X/Y/Z plot, offers only the LoRAs made for
+the loaded model, and with --api-auth loads only with credentials.
 
 Uses Debian's chromium (/usr/bin/chromium) through Playwright; no browser is downloaded. Skipped without it.
 """
@@ -32,6 +33,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 AUTH = ("painter", "p4ss-word")
 SCREENSHOT = Path("/tmp/sdengine-webpage.png")
 INPAINT_SCREENSHOT = Path("/tmp/sdengine-webpage-inpaint.png")
+CONTROL_SCREENSHOT = Path("/tmp/sdengine-webpage-control.png")
+GRID_SCREENSHOT = Path("/tmp/sdengine-webpage-grid.png")
 WAIT_MS = 120_000
 
 
@@ -43,29 +46,41 @@ def browser():
         browser.close()
 
 
+SD1_LORA_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """With a LoRA folder (one kohya LoRA) and an embeddings folder (one embedding) for the tiny model."""
+    """With a LoRA folder (one kohya LoRA for the tiny model, one made for SD1), an embeddings folder (one
+    embedding) and a ControlNet folder (one ControlNet for the tiny model)."""
     import torch
     from lora_helpers import random_kohya
     from safetensors.torch import save_file
 
     from sdengine.config import TINY
+    from sdengine.control import save_controlnet
     from sdengine.model import StableDiffusion
+    from sdengine.nn.controlnet import ControlNet, ControlNetConfig
 
     root = tmp_path_factory.mktemp("web")
-    (root / "loras").mkdir()
-    (root / "embeddings").mkdir()
+    for name in ("loras", "embeddings", "controlnet"):
+        (root / name).mkdir()
     save_file(random_kohya(StableDiffusion(TINY)), root / "loras" / "style.safetensors")
+    # SD1's cross-attention reads 768-wide text: listed by the server, not offered for the 64-wide tiny model
+    save_file({f"{SD1_LORA_KEY}.lora_down.weight": torch.zeros(2, 768), f"{SD1_LORA_KEY}.lora_up.weight":
+               torch.zeros(320, 2), f"{SD1_LORA_KEY}.alpha": torch.tensor(2.0)}, root / "loras" / "sd15.safetensors")
     save_file({"emb_params": torch.full((1, TINY.text.width), 0.01)}, root / "embeddings" / "tok.safetensors")
+    save_controlnet(ControlNet(ControlNetConfig(unet=TINY.unet)), root / "controlnet" / "cn_tiny.safetensors")
     with serve(root, extra=["--max-steps", "5000", "--lora-dir", str(root / "loras"), "--embeddings-dir",
-                            str(root / "embeddings")]) as running:
+                            str(root / "embeddings"), "--controlnet-dir", str(root / "controlnet")]) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("webauth"), auth=AUTH) as running:
+    root = tmp_path_factory.mktemp("webauth")
+    (root / "controlnet").mkdir()  # empty: the page's ControlNet panel stays hidden
+    with serve(root, auth=AUTH, extra=["--controlnet-dir", str(root / "controlnet")]) as running:
         yield running
 
 
@@ -216,6 +231,16 @@ def test_lora_and_embedding_lists_insert_into_the_prompts(server, web):
     page = web().open(server.url)
     expect(page.locator("#networks")).to_have_attribute("open", "")  # shown: the server has some
     loras, embeddings = page.locator("#lora-list button"), page.locator("#embedding-list button")
+    expect(loras).to_have_text(["style"])  # sd15 is for SD1, not the loaded (64-wide) model: not offered
+    expect(page.locator("#lora-hidden")).to_have_text("1 hidden: made for SD1, not the loaded model.")
+    listed = {entry["name"]: entry for entry in server.get("/sdapi/v1/loras").json()}
+    assert (listed["sd15"]["sd_version"], listed["sd15"]["sdengine_context_dim"]) == ("SD1", 768)
+    assert (listed["style"]["sd_version"], listed["style"]["sdengine_context_dim"]) == ("Unknown", 64)
+    assert {"name", "alias", "path", "metadata"} <= set(listed["sd15"])  # A1111's fields kept
+    assert server.get("/sdapi/v1/options").json()["sdengine_context_dim"] == 64
+    page.get_by_label("Show all LoRAs").check()
+    expect(loras).to_have_text(["sd15", "style"])
+    page.get_by_label("Show all LoRAs").uncheck()
     expect(loras).to_have_text(["style"])
     expect(embeddings).to_have_text(["tok"])
     fill_small(page, "a red circle", seed=3)
@@ -310,6 +335,89 @@ def test_img2img_and_inpaint_from_the_page(server, web, tmp_path):
     expect(page.locator("#gallery li")).to_have_count(0)
 
 
+def test_control_panel_sends_a_unit_the_server_applies(server, web, tmp_path):
+    page = web().open(server.url)
+    panel = page.locator("#control-section")
+    expect(panel).to_be_visible()
+    panel.locator("summary").click()
+    assert page.get_by_label("ControlNet", exact=True).input_value().startswith("cn_tiny [")  # model_list's name
+    modules = page.locator("#control-module option").all_inner_texts()
+    assert "canny" in modules and "invert" in modules and page.get_by_label("Preprocessor").input_value() == "none"
+    fill_small(page, "a yellow square", steps=5, seed=11)
+    page.get_by_label("Use ControlNet").check()
+    page.get_by_role("button", name="Generate").click()  # no control image in txt2img: said so, nothing sent
+    expect(page.get_by_role("alert")).to_contain_text("Choose a control image")
+    page.get_by_label("Control image").set_input_files(str(source_png(tmp_path / "control.png")))
+    expect(page.get_by_alt_text("The control image")).to_be_visible()
+    page.get_by_label("Preprocessor").select_option("invert")
+    with page.expect_request("**/controlnet/detect") as sent:
+        page.get_by_role("button", name="Preview preprocessor").click()
+    assert sent.value.post_data_json["controlnet_module"] == "invert"
+    detected = page.get_by_alt_text("The preprocessor's output")
+    expect(detected).to_be_visible()
+    inverted = decode_data_url(detected.get_attribute("src"))
+    assert inverted.convert("RGB").getpixel((5, 5)) == (255 - 30, 255 - 90, 255 - 200)  # the source, inverted
+    page.get_by_label("Control weight").fill("0.8")
+    page.get_by_label("Starting step").fill("0.2")
+    page.get_by_label("Ending step").fill("0.8")
+    page.get_by_label("Control mode").select_option(label="ControlNet first")
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    [unit] = sent.value.post_data_json["alwayson_scripts"]["controlnet"]["args"]
+    assert (unit["module"], unit["weight"], unit["guidance_start"], unit["guidance_end"], unit["control_mode"]) == \
+        ("invert", 0.8, 0.2, 0.8, "ControlNet is more important")
+    assert unit["enabled"] is True and unit["model"].startswith("cn_tiny [")
+    assert decode_data_url(unit["image"]).size == (128, 128)
+    text = page.locator("#gallery li .infotext").first
+    expect(text).to_contain_text('ControlNet 0: "Module: invert, Model: cn_tiny [', timeout=WAIT_MS)
+    for part in ("Weight: 0.8", "Guidance Start: 0.2", "Guidance End: 0.8", "Control Mode: ControlNet is more"):
+        expect(text).to_contain_text(part)
+    page.screenshot(path=str(tmp_path / "control.png"), full_page=True)
+    shutil.copyfile(tmp_path / "control.png", CONTROL_SCREENSHOT)
+    page.get_by_label("Use ControlNet").uncheck()  # off: no unit sent
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert "alwayson_scripts" not in sent.value.post_data_json
+    expect(page.locator("#gallery li")).to_have_count(2, timeout=WAIT_MS)
+
+
+def test_xyz_grid_from_the_page(server, web, tmp_path):
+    info = {(s["name"], s["is_img2img"]): s["args"] for s in server.get("/sdapi/v1/script-info").json()}
+    axes = info[("x/y/z plot", False)][0]["choices"]
+    page = web().open(server.url)
+    page.locator("#xyz-section summary").click()
+    offered = page.locator("#xyz-x-type option").all_inner_texts()
+    assert "Steps" in offered and "Sampler" in offered and "Denoising" not in offered  # txt2img's plottable axes
+    assert "VAE" not in offered  # A1111 has it; the server cannot plot it
+    fill_small(page, "a blue triangle", steps=1, seed=21)
+    page.get_by_label("Make a grid").check()
+    page.get_by_label("X axis").select_option("Steps")
+    page.get_by_label("X values").fill("1-2")
+    page.get_by_label("Y axis").select_option("Sampler")
+    page.get_by_label("Y values").fill("Euler, DPM++ 2M")
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    args = body["script_args"]
+    assert body["script_name"] == "x/y/z plot" and len(args) == len(info[("x/y/z plot", False)])
+    assert (axes[args[0]], args[1], axes[args[3]], args[4], axes[args[6]]) == \
+        ("Steps", "1-2", "Sampler", "Euler, DPM++ 2M", "Nothing")
+    items = page.locator("#gallery li")
+    expect(items).to_have_count(5, timeout=WAIT_MS)  # the grid, then its 4 cells
+    grid = items.first
+    expect(grid.locator(".badge")).to_have_text("Grid")
+    assert "Script: X/Y/Z plot, X Type: Steps, X Values: 1-2, Y Type: Sampler" in grid.locator(".infotext").inner_text()
+    size = page.evaluate("img => [img.complete && img.naturalWidth, img.naturalHeight]", grid.locator("img")
+                         .element_handle())
+    assert size[0] > 2 * 64 and size[1] > 2 * 64  # two by two cells and their labels
+    assert "Sampler: DPM++ 2M" in items.nth(4).locator(".infotext").inner_text()  # x fastest, as A1111
+    page.screenshot(path=str(tmp_path / "grid.png"), full_page=True)
+    shutil.copyfile(tmp_path / "grid.png", GRID_SCREENSHOT)
+    page.get_by_label("Change an image").check()  # img2img's list: Denoising, and its own indices
+    assert "Denoising" in page.locator("#xyz-x-type option").all_inner_texts()
+    page.get_by_label("Make a grid").uncheck()
+
+
 def refused(page, url: str) -> None:
     """Chromium either shows the 401 answer or, having no (right) credentials to retry with, gives up with
     ERR_INVALID_AUTH_CREDENTIALS: both are a refusal, and the page's form never appears."""
@@ -333,6 +441,7 @@ def test_page_needs_credentials(auth_server, web):
 
     page = web(http_credentials={"username": AUTH[0], "password": AUTH[1]}).open(auth_server.url)
     assert "Euler a" in page.locator("#sampler option").all_inner_texts()  # the page's API calls pass too
+    expect(page.locator("#control-section")).to_be_hidden()  # no ControlNet in the server's folder
     fill_small(page, "a locked door")
     page.get_by_label("Prompt", exact=True).press("Control+Enter")  # the keyboard shortcut generates
     expect(page.locator("#gallery li .infotext").first).to_contain_text("a locked door", timeout=WAIT_MS)

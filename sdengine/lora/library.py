@@ -9,10 +9,43 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..weights.io import safetensors_metadata
+from ..weights.io import safetensors_header
 from .formats import Lora, read_lora
+from .patch import CONTEXT_FAMILIES
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+# A1111's SdVersion names (its Lora extension's detect_version) and the cross-attention width each family has
+SD_VERSIONS = {"SD1": 768, "SD2": 1024, "SDXL": 2048}
+# the tensors of a cross-attention key projection whose second dimension is the layer's input (context) width
+_INPUT_SIDE = ("lora_down.weight", "lora_A.weight", "down.weight", "hada_w1_b", "hada_w2_b", "diff")
+
+
+def lora_family(header: dict) -> tuple[str, int | None]:
+    """A LoRA file's family from its safetensors header alone (no tensor read): (A1111's sd_version: "SD1", "SD2",
+    "SDXL" or "Unknown", the UNet context width it was made for or None). The cross-attention key projection's
+    input width decides, as LoraPatcher's error does; without one, SDXL's key names, then the metadata kohya's
+    trainers write (what A1111 reads: ss_base_model_version, ss_v2, modelspec.architecture)."""
+    for key, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if ("attn2_to_k" in key or "attn2.to_k" in key or "attn2.processor.to_k" in key) and \
+                key.endswith(_INPUT_SIDE) and isinstance(shape, list) and len(shape) == 2:
+            width = shape[1]
+            family = CONTEXT_FAMILIES.get(width)
+            return (family if family in SD_VERSIONS else "Unknown"), width
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_")) for k in header):
+        return "SDXL", SD_VERSIONS["SDXL"]
+    meta = header.get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
+    base, arch = str(meta.get("ss_base_model_version", "")), str(meta.get("modelspec.architecture", ""))
+    if base.startswith("sdxl_") or arch.startswith("stable-diffusion-xl-v1-base"):
+        family = "SDXL"
+    elif str(meta.get("ss_v2", "")) == "True" or base.startswith("sd_v2") or arch.startswith("stable-diffusion-v2"):
+        family = "SD2"
+    elif base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        family = "SD1"
+    else:
+        return "Unknown", None
+    return family, SD_VERSIONS[family]
 
 
 def addnet_hash(path: Path) -> str:
@@ -98,14 +131,20 @@ class LoraLibrary:
         return digest[:12]
 
     def api_list(self) -> list[dict]:
-        """A1111's /sdapi/v1/loras entries: name, alias, path, metadata (the file's safetensors metadata)."""
+        """A1111's /sdapi/v1/loras entries: name, alias, path, metadata (the file's safetensors metadata), plus
+        sd_version (A1111's family name, as its extra-networks page shows it) and sdengine_context_dim (the
+        UNet context width the LoRA was made for: a page offers only LoRAs whose width is the loaded model's)."""
         out = []
         for name in self.names():
             path = self.paths[name]
             try:
-                metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+                header = safetensors_header(path) if path.suffix == ".safetensors" else {}
             except (ValueError, OSError):  # a broken file is listed (applying it says why); a deleted one too
-                metadata = {}
+                header = {}
+            metadata = header.get("__metadata__")
+            metadata = metadata if isinstance(metadata, dict) else {}
+            family, width = lora_family(header)
             alias = metadata.get("ss_output_name") or name
-            out.append({"name": name, "alias": alias, "path": str(path), "metadata": metadata})
+            out.append({"name": name, "alias": alias, "path": str(path), "metadata": metadata, "sd_version": family,
+                        "sdengine_context_dim": width})
         return out

@@ -43,8 +43,14 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (its MAX_H
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The __metadata__ of a .safetensors file; the header's size is checked before any of it is read (a file
-    claiming a 1 GiB header is refused without allocating it)."""
+    """The __metadata__ of a .safetensors file (see safetensors_header)."""
+    return safetensors_header(path).get("__metadata__") or {}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (each tensor's dtype and shape, and __metadata__), no tensor data
+    read; its size is checked before any of it is read (a file claiming a 1 GiB header is refused without
+    allocating it)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
@@ -55,7 +61,7 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         header = json.loads(f.read(n))
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt .safetensors file (the header is not a JSON object)")
-    return header.get("__metadata__") or {}
+    return header
 
 
 def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -21,6 +21,14 @@
     refiner: $("refiner_checkpoint"), refinerSwitch: $("refiner_switch_at"), networks: $("networks"),
     loraList: $("lora-list"), loraEmpty: $("lora-empty"),
     embeddingList: $("embedding-list"), embeddingEmpty: $("embedding-empty"), networksRefresh: $("networks-refresh"),
+    loraHidden: $("lora-hidden"), loraAll: $("lora-all"), loraAllLabel: $("lora-all-label"),
+    control: $("control-section"), controlEnabled: $("control-enabled"), controlFile: $("control-file"),
+    controlPreview: $("control-preview"), controlDetected: $("control-detected"), controlNet: $("control-net"),
+    controlModule: $("control-module"), controlWeight: $("control-weight"), controlMode: $("control-mode"),
+    controlStart: $("control-start"), controlEnd: $("control-end"), controlDetect: $("control-detect"),
+    xyz: $("xyz-section"), xyzEnabled: $("xyz-enabled"), xyzCells: $("xyz-cells"),
+    xyzType: ["x", "y", "z"].map((a) => $(`xyz-${a}-type`)),
+    xyzValues: ["x", "y", "z"].map((a) => $(`xyz-${a}-values`)),
   };
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
   const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
@@ -30,7 +38,12 @@
     "height", "seed", "hrScale", "hrStrength", "hrSteps", "hrUpscaler", "refiner", "refinerSwitch"];
 
   const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
-    urls: [], lastPrompt: null };
+    urls: [], lastPrompt: null, controlImage: null, axes: { txt2img: [], img2img: [] }, loras: [] };
+  // The X/Y/Z axes the server plots (A1111's labels; sdengine/server/scripts.py AXIS_FIELDS); the index sent is the
+  // label's place in A1111's list for the tab, read from /sdapi/v1/script-info. Placeholders show the syntax.
+  const XYZ_AXES = { "Seed": "1-4", "Steps": "10,20,30", "CFG Scale": "5,7,9", "Sampler": "Euler a, DPM++ 2M",
+    "Schedule type": "Karras, Exponential", "Prompt S/R": "red, blue, green", "Checkpoint name": "model names",
+    "Clip skip": "1,2", "Denoising": "0.3,0.5,0.7", "Var. seed": "1-3", "Var. strength": "0,0.25,0.5" };
 
   // --- the API -----------------------------------------------------------------------------------------------
 
@@ -155,18 +168,41 @@
     empty.hidden = items.length > 0;
   }
 
-  async function loadNetworks() {
-    const [loras, embeddings] = await Promise.allSettled([api("sdapi/v1/loras"), api("sdapi/v1/embeddings")]);
-    const failed = [loras, embeddings].find((r) => r.status === "rejected");
-    if (failed) showError(`Could not list the LoRAs and embeddings: ${failed.reason.message}`);
-    const loraItems = (loras.status === "fulfilled" ? loras.value : []).map((l) => [l.name,
-      `${l.alias && l.alias !== l.name ? `${l.alias}: ` : ""}adds <lora:${l.name}:1> to the prompt`]);
+  // A LoRA fits the loaded model when it was made for the same UNet context width (SD1 768, SD2 1024, SDXL 2048;
+  // the server reads it from the file's shapes or metadata); one whose width is unknown is offered, as A1111 does.
+  function fitsModel(lora) {
+    return !state.contextDim || !lora.sdengine_context_dim || lora.sdengine_context_dim === state.contextDim;
+  }
+
+  function showLoras() {
+    const others = state.loras.filter((l) => !fitsModel(l));
+    const shown = el.loraAll.checked ? state.loras : state.loras.filter(fitsModel);
+    const loraItems = shown.map((l) => [l.name, `${l.alias && l.alias !== l.name ? `${l.alias}: ` : ""}` +
+      `${l.sd_version && l.sd_version !== "Unknown" ? `${l.sd_version} LoRA; ` : ""}` +
+      `adds <lora:${l.name}:1> to the prompt`]);
     // by name (the file's), not alias: the server looks LoRAs up by file name only
     fillChips(el.loraList, el.loraEmpty, loraItems, (name) => insertInto(el.prompt, `<lora:${name}:1>`));
+    el.loraEmpty.textContent = state.loras.length ? "None for the loaded model." : "None in the server's LoRA folder.";
+    const kinds = [...new Set(others.map((l) => (l.sd_version && l.sd_version !== "Unknown" ? l.sd_version
+      : "another model")))];
+    el.loraHidden.textContent = `${others.length} hidden: made for ${kinds.join(", ")}, not the loaded model.`;
+    el.loraHidden.hidden = others.length === 0 || el.loraAll.checked;
+    el.loraAllLabel.hidden = others.length === 0;
+    return loraItems.length;
+  }
+
+  async function loadNetworks() {
+    const [loras, embeddings, options] = await Promise.allSettled([api("sdapi/v1/loras"), api("sdapi/v1/embeddings"),
+      api("sdapi/v1/options")]);
+    const failed = [loras, embeddings].find((r) => r.status === "rejected");
+    if (failed) showError(`Could not list the LoRAs and embeddings: ${failed.reason.message}`);
+    state.contextDim = options.status === "fulfilled" ? options.value.sdengine_context_dim : null;
+    state.loras = loras.status === "fulfilled" ? loras.value : [];
+    const loraCount = showLoras();
     const loaded = Object.keys(embeddings.status === "fulfilled" ? embeddings.value.loaded || {} : {});
     fillChips(el.embeddingList, el.embeddingEmpty, loaded.map((n) => [n, `adds ${n} to the prompt typed in last`]),
       (name) => insertInto(state.lastPrompt || el.prompt, name));
-    if (loraItems.length + loaded.length > 0 && !el.networks.dataset.seen) el.networks.open = true; // first time
+    if (loraCount + loaded.length > 0 && !el.networks.dataset.seen) el.networks.open = true; // first time
     el.networks.dataset.seen = "true";
   }
 
@@ -182,6 +218,152 @@
       el.networksRefresh.disabled = false;
       el.networksRefresh.textContent = "Refresh lists";
     }
+  }
+
+  // --- ControlNet: one unit in alwayson_scripts, as the sd-webui-controlnet extension sends it ------------------
+
+  async function loadControl() {
+    let models = [], modules = [];
+    try {
+      const [m, p] = await Promise.all([api("controlnet/model_list"), api("controlnet/module_list")]);
+      models = m.model_list || [];
+      modules = p.module_list || [];
+    } catch (_) { /* a server without ControlNet routes: no panel */ }
+    el.control.hidden = models.length === 0; // nothing in the server's ControlNet folder
+    fillSelect(el.controlNet, models.map((m) => [m, m]), el.controlNet.value, models[0]);
+    fillSelect(el.controlModule, modules.map((m) => [m, m]), el.controlModule.value, "none");
+    syncControl(true);
+  }
+
+  const isIpAdapter = (name) => /ip[-_]?adapter/i.test(name || "");
+
+  // An IP-Adapter takes its reference picture through its own module (ip-adapter*), and has no map to preview.
+  function syncControl(modelChanged) {
+    const ip = isIpAdapter(el.controlNet.value);
+    const module = el.controlModule.value || "";
+    if (modelChanged && ip !== module.startsWith("ip-adapter")) {
+      const match = [...el.controlModule.options].find((o) => (ip ? o.value.startsWith("ip-adapter")
+        : o.value === "none"));
+      if (match) el.controlModule.value = match.value;
+    }
+    el.controlDetect.disabled = (el.controlModule.value || "").startsWith("ip-adapter");
+  }
+
+  function readControlFile(file) {
+    const reader = new FileReader();
+    reader.onload = () => {
+      const img = new Image();
+      img.onload = () => {
+        clearError();
+        state.controlImage = reader.result;
+        el.controlPreview.src = reader.result;
+        el.controlPreview.hidden = false;
+        el.controlDetected.hidden = true;
+        el.controlEnabled.checked = true; // choosing an image means using it
+      };
+      img.onerror = () => showError("That file is not an image this browser can read (PNG, JPEG, WebP).");
+      img.src = reader.result;
+    };
+    reader.onerror = () => showError("The file could not be read.");
+    reader.readAsDataURL(file);
+  }
+
+  function controlSource() { // the control image, or img2img's source image as the extension falls back to
+    return state.controlImage || (mode() !== "txt2img" && state.source ? state.source.dataURL : null);
+  }
+
+  async function detectControl() {
+    const image = controlSource();
+    if (!image) {
+      el.controlFile.focus();
+      showError("Choose a control image first.");
+      return;
+    }
+    clearError();
+    el.controlDetect.disabled = true;
+    el.controlDetect.textContent = "Preprocessing…";
+    try {
+      const data = await api("controlnet/detect", { controlnet_module: el.controlModule.value || "none",
+        controlnet_input_images: [image] });
+      el.controlDetected.src = `data:image/png;base64,${data.images[0]}`;
+      el.controlDetected.hidden = false;
+    } catch (e) {
+      showError(e);
+    } finally {
+      el.controlDetect.textContent = "Preview preprocessor";
+      syncControl(false);
+    }
+  }
+
+  function controlUnit(m) {
+    if (el.control.hidden || !el.controlEnabled.checked) return null;
+    if (!el.controlNet.value) throw new Error("Choose a ControlNet.");
+    if (!controlSource()) {
+      el.controlFile.focus();
+      throw new Error("Choose a control image (or turn ControlNet off).");
+    }
+    const unit = { enabled: true, module: el.controlModule.value || "none", model: el.controlNet.value,
+      weight: parseFloat(el.controlWeight.value), guidance_start: parseFloat(el.controlStart.value),
+      guidance_end: parseFloat(el.controlEnd.value), control_mode: el.controlMode.value,
+      resize_mode: "Crop and Resize", pixel_perfect: false };
+    if (state.controlImage) unit.image = state.controlImage; // else the server takes img2img's source
+    if (![unit.weight, unit.guidance_start, unit.guidance_end].every(Number.isFinite)) {
+      throw new Error("The ControlNet's weight, starting and ending step must be numbers.");
+    }
+    return unit;
+  }
+
+  // --- X/Y/Z plot: A1111's script_args, axis types as indices into the tab's list ---------------------------
+
+  async function loadScripts() {
+    try {
+      for (const script of await api("sdapi/v1/script-info")) {
+        if (script.name === "x/y/z plot") {
+          state.axes[script.is_img2img ? "img2img" : "txt2img"] = (script.args[0] && script.args[0].choices) || [];
+        }
+      }
+    } catch (_) { /* no X/Y/Z plot on this server: the section stays hidden */ }
+    fillAxes();
+  }
+
+  const tab = () => (mode() === "txt2img" ? "txt2img" : "img2img");
+
+  function fillAxes() {
+    const usable = state.axes[tab()].filter((label) => label === "Nothing" || (label in XYZ_AXES &&
+      (label !== "Denoising" || tab() === "img2img"))); // the server plots Denoising in img2img only
+    el.xyz.hidden = usable.length < 2;
+    el.xyzType.forEach((select, i) => {
+      const wanted = select.value || ["Steps", "CFG Scale", "Nothing"][i];
+      fillSelect(select, usable.map((label) => [label, label]), wanted, "Nothing");
+    });
+    syncAxes();
+  }
+
+  function syncAxes() {
+    el.xyzType.forEach((select, i) => {
+      el.xyzValues[i].placeholder = XYZ_AXES[select.value] ? `e.g. ${XYZ_AXES[select.value]}` : "";
+      el.xyzValues[i].disabled = select.value === "Nothing";
+    });
+  }
+
+  function xyzArgs() {
+    if (el.xyz.hidden || !el.xyzEnabled.checked) return null;
+    const labels = state.axes[tab()];
+    const args = [];
+    el.xyzType.forEach((select, i) => {
+      const label = select.value || "Nothing";
+      const values = el.xyzValues[i].value.trim();
+      if (label !== "Nothing" && !values) {
+        el.xyzValues[i].focus();
+        throw new Error(`Give the ${"XYZ"[i]} axis (${label}) its values, separated by commas.`);
+      }
+      args.push(Math.max(0, labels.indexOf(label)), label === "Nothing" ? "" : values, []);
+    });
+    if (args[0] === 0 && args[3] === 0 && args[6] === 0) throw new Error("Choose at least one axis for the grid.");
+    // A1111 1.10's order: draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z,
+    // margin_size, csv_mode (the values are text, the choice axes' names included)
+    args.push(true, el.xyzCells.checked, false, false, false, false, false, 0, true);
+    return args;
   }
 
   function syncSeed() {
@@ -202,6 +384,7 @@
     el.maskEditor.hidden = m !== "inpaint" || !hasSource;
     el.hiresSection.hidden = m !== "txt2img"; // A1111's hires fix is a txt2img option
     el.refinerSection.hidden = m !== "txt2img"; // here a refiner continues a txt2img schedule only
+    fillAxes(); // img2img's axis list is another (Denoising; its own indices)
   }
 
   function applyHires() {
@@ -388,6 +571,10 @@
         body.inpaint_full_res = false; // "Whole picture", the page's default there (the API's is "Only masked")
       }
     }
+    const unit = controlUnit(m);
+    if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
+    const script = xyzArgs();
+    if (script) Object.assign(body, { script_name: "x/y/z plot", script_args: script });
     return [m === "txt2img" ? "sdapi/v1/txt2img" : "sdapi/v1/img2img", body];
   }
 
@@ -457,6 +644,7 @@
       let info = {};
       try { info = JSON.parse(data.info); } catch (_) { /* shown without its settings */ }
       addResults(data.images || [], info, body);
+      if (body.override_settings) loadNetworks().catch(() => {}); // the model loaded now: its LoRAs, embeddings
       const took = seconds((performance.now() - state.started) / 1000);
       const count = (data.images || []).length;
       const what = `${count} image${count === 1 ? "" : "s"}`;
@@ -539,15 +727,24 @@
     const items = document.createDocumentFragment();
     images.forEach((data, i) => {
       const seed = seeds[i];
+      const isGrid = i === 0 && body.script_name === "x/y/z plot";
       const url = URL.createObjectURL(base64ToBlob(data, "image/png"));
       state.urls.push(url);
       const item = document.createElement("li");
       const figure = document.createElement("figure");
       const img = document.createElement("img");
       img.src = url;
-      img.alt = `Generated image${seed !== undefined ? ` (seed ${seed})` : ""}: ${prompt || "no prompt"}`;
-      if (info.width && info.height) { img.width = info.width; img.height = info.height; }
+      img.alt = `${isGrid ? "X/Y/Z grid" : "Generated image"}${seed !== undefined ? ` (seed ${seed})` : ""}: ` +
+        `${prompt || "no prompt"}`;
+      if (info.width && info.height && !isGrid) { img.width = info.width; img.height = info.height; }
       const caption = document.createElement("figcaption");
+      if (isGrid) {
+        item.classList.add("grid-item");
+        const badge = document.createElement("span");
+        badge.className = "badge grid-badge";
+        badge.textContent = "Grid";
+        caption.append(badge);
+      }
       if (info.interrupted) {
         const badge = document.createElement("span");
         badge.className = "badge";
@@ -629,9 +826,18 @@
   el.interrupt.addEventListener("click", interrupt);
   el.galleryClear.addEventListener("click", clearGallery);
   el.networksRefresh.addEventListener("click", refreshNetworks);
+  el.loraAll.addEventListener("change", showLoras);
+  el.controlFile.addEventListener("change", () => {
+    if (el.controlFile.files[0]) readControlFile(el.controlFile.files[0]);
+  });
+  el.controlNet.addEventListener("change", () => syncControl(true));
+  el.controlModule.addEventListener("change", () => { el.controlDetected.hidden = true; syncControl(false); });
+  el.controlDetect.addEventListener("click", detectControl);
+  for (const select of el.xyzType) select.addEventListener("change", syncAxes);
   for (const box of [el.prompt, el.negative]) box.addEventListener("focus", () => { state.lastPrompt = box; });
 
   restore(saved());
   applyMode();
-  Promise.allSettled([loadLists(), loadNetworks()]).finally(() => document.body.setAttribute("data-ready", "true"));
+  Promise.allSettled([loadLists(), loadNetworks(), loadControl(), loadScripts()])
+    .finally(() => document.body.setAttribute("data-ready", "true"));
 })();
