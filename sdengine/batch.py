@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -384,14 +385,15 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
     if not todo:
         return 0
     ray = _import_ray()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver says what it wrote
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actors = workers or gpus or 1
         per_actor = {"num_gpus": 1} if gpus else {"num_cpus": settings.threads or 1}
         data = ray.data.from_items([{"index": it.index, "text": it.text} for it in todo])
         results = data.map_batches(RayGenerator, fn_constructor_args=(settings,), batch_size=1,
-                                   concurrency=actors, **per_actor)
+                                   compute=ray.data.ActorPoolStrategy(size=actors), **per_actor)
         by_index = {it.index: it for it in todo}
         part = PartWriter(out, "ray", recorded)
         count = 0
