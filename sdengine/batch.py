@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -388,7 +388,7 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver says what it wrote
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if settings.device != "cpu" else 0
         actors = workers or gpus or 1
         per_actor = {"num_gpus": 1} if gpus else {"num_cpus": settings.threads or 1}
         data = ray.data.from_items([{"index": it.index, "text": it.text} for it in todo])
@@ -397,7 +397,7 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
         by_index = {it.index: it for it in todo}
         part = PartWriter(out, "ray", recorded)
         count = 0
-        for row in _rows(results):
+        for row in results.iter_rows():
             item = by_index[int(row["index"])]
             made = json.loads(str(row["parameters"]))
             images = []
@@ -413,10 +413,6 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
         return count
     finally:
         ray.shutdown()
-
-
-def _rows(dataset: Any) -> Iterator[dict[str, Any]]:
-    yield from dataset.iter_rows()
 
 
 __all__ = ["BatchError", "Item", "Settings", "derived_seed", "read_items", "run_batch", "run_batch_ray"]
