@@ -55,6 +55,12 @@ def controlnet_dir() -> Path:
     return Path(os.environ.get("SDENGINE_CONTROLNET") or sdengine_home() / "controlnet")
 
 
+def ipadapter_dir() -> Path:
+    """Where IP-Adapters and their image encoders are looked up by name ($SDENGINE_IPADAPTER, else
+    $SDENGINE_HOME/ipadapter)."""
+    return Path(os.environ.get("SDENGINE_IPADAPTER") or sdengine_home() / "ipadapter")
+
+
 def embeddings_dir() -> Path:
     """Where textual-inversion embeddings are found ($SDENGINE_EMBEDDINGS, else $SDENGINE_HOME/embeddings)."""
     return Path(os.environ.get("SDENGINE_EMBEDDINGS") or sdengine_home() / "embeddings")

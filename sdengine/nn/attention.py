@@ -4,6 +4,8 @@ Attribute names follow the original (CompVis ldm.modules.attention) so checkpoin
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 class CrossAttention(nn.Module):
     """Multi-head attention; self-attention when no context is given."""
 
+    # Decoupled cross-attention (IP-Adapter, nn/ip_adapter.py): callables q (b, heads, n, d) -> a term added to
+    # the attention's output before to_out; set by an adapter for one UNet call and removed after it
+    extra: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
@@ -71,6 +77,8 @@ class CrossAttention(nn.Module):
         # (b, tokens, heads*d) -> (b, heads, tokens, d)
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v)
+        for term in self.extra:
+            out = out + term(q)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.to_out(out)
 

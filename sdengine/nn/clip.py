@@ -22,10 +22,11 @@ def activation_fn(name: str):
     return quick_gelu if name == "quick_gelu" else F.gelu
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = True
+                     ) -> torch.Tensor:
     b, n, c = q.shape
     q, k, v = (t.view(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, n, c)
 
 
@@ -110,16 +111,16 @@ class TextEncoderBase(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        return self.out_proj(causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -134,9 +135,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """One pre-norm layer; the image tower (nn/clip_vision.py, a VisionConfig of the same field names) attends
+    without the causal mask."""
+
+    def __init__(self, cfg: TextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width)
         self.mlp = CLIPMLP(cfg.width, cfg.mlp_width, cfg.activation)
         self.layer_norm2 = nn.LayerNorm(cfg.width)

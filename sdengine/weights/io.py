@@ -131,6 +131,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:  # dicts of tensors (IP-Adapter's {"image_proj": {...}, "ip_adapter": {...}}): "outer.inner" keys
+        tensors = {f"{k}.{name}": t for k, v in obj.items() if isinstance(v, dict)
+                   for name, t in v.items() if isinstance(t, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
