@@ -27,7 +27,12 @@ class UNetConfig:
     # Transformer blocks in each SpatialTransformer, per level (generative-models' parameter: an int is every
     # level's; SDXL: (0, 2, 10)); the middle block's defaults to the last level's, as in the original.
     transformer_depth: int | tuple[int, ...] = 1
+    # 0: the middle block is one res block, no transformer (SSD-1B, Segmind Vega; diffusers' UNetMidBlock2D)
     transformer_depth_middle: int | None = None
+    # Transformer blocks of each output block in the original's order (output_blocks.0 first): pruned SDXL UNets
+    # keep different depths within a level (SSD-1B: 4, 4, 10 then 2, 1, 1; ComfyUI's transformer_depth_output,
+    # diffusers' reverse_transformer_layers_per_block). None: each block its level's transformer_depth.
+    transformer_depth_output: tuple[int, ...] | None = None
     context_dim: int = 768
     num_heads: int = 8  # used when num_head_channels == -1 (SD1: 8 heads at every level)
     num_head_channels: int = -1  # SD2: 64 channels per head
@@ -55,8 +60,34 @@ class UNetConfig:
             raise ValueError(f"transformer_depth {depth} has no blocks at a level with attention "
                              f"(attention_resolutions {self.attention_resolutions})")
         object.__setattr__(self, "transformer_depth", depth)
+        if self.transformer_depth_middle is not None and self.transformer_depth_middle < 0:
+            raise ValueError(f"transformer_depth_middle must be >= 0, got {self.transformer_depth_middle}")
+        if self.transformer_depth_output is not None:
+            out, levels = tuple(self.transformer_depth_output), self._output_levels()
+            if len(out) != len(levels):
+                raise ValueError(f"transformer_depth_output needs one entry per output block ({len(levels)}), got "
+                                 f"{len(out)}")
+            out = tuple(d if 2 ** level in self.attention_resolutions else 0 for level, d in zip(levels, out))
+            if any(d < 1 for level, d in zip(levels, out) if 2 ** level in self.attention_resolutions):
+                raise ValueError(f"transformer_depth_output {out} has no blocks where there is attention")
+            # the uniform case is written one way (None), so that configs compare equal however they were written
+            object.__setattr__(self, "transformer_depth_output", None if out == self._uniform_output_depths() else out)
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError("set exactly one of num_heads and num_head_channels")
+
+    def _output_levels(self) -> list[int]:
+        """The level of each output block, in order (the deepest level's first)."""
+        return [level for level in reversed(range(len(self.channel_mult)))
+                for _ in range(self.num_res_blocks[level] + 1)]
+
+    def _uniform_output_depths(self) -> tuple[int, ...]:
+        depth = self.transformer_depth
+        assert isinstance(depth, tuple)
+        return tuple(depth[level] for level in self._output_levels())
+
+    def output_depths(self) -> tuple[int, ...]:
+        """Transformer blocks of each output block (0 where there is no attention)."""
+        return self.transformer_depth_output or self._uniform_output_depths()
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(number of heads, channels per head) of a transformer with `channels` channels."""

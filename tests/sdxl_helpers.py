@@ -27,8 +27,9 @@ TEXT = dict(vocab_size=49408, max_position_embeddings=77, eos_token_id=49407, bo
             intermediate_size=64, num_hidden_layers=3)
 
 
-def sdxl_pipeline(folder, seed: int = 0):
-    """A tiny StableDiffusionXLPipeline with random weights, saved by diffusers to `folder`; returns it."""
+def sdxl_pipeline(folder, seed: int = 0, **unet_options):
+    """A tiny StableDiffusionXLPipeline with random weights, saved by diffusers to `folder`; returns it.
+    unet_options: UNet2DConditionModel arguments in place of SDXL_UNET's (a pruned layout)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from transformers import CLIPTokenizer as HFTokenizer
@@ -36,7 +37,8 @@ def sdxl_pipeline(folder, seed: int = 0):
     from sdengine.tokenizer import CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet = perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, **SDXL_UNET), seed)
+    unet = perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                                          **{**SDXL_UNET, **unet_options}), seed)
     vae = perturbed(AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
                                   norm_num_groups=32, scaling_factor=0.13025,
                                   down_block_types=("DownEncoderBlock2D",) * 2,

@@ -208,3 +208,82 @@ def test_folder_with_its_own_tokenizer_2(sdxl_folder, tmp_path):
     again = sdengine.load(single)
     assert again.tokenizer_2.vocab == tiny.vocab and again.tokenizer_2.pad_id == 0
     assert again.tokenizer.vocab_size == 49408
+
+
+# --- pruned SDXL UNets: SSD-1B and Segmind Vega ------------------------------------------------------------------
+
+# Their layouts at test size, as diffusers writes them: SSD-1B keeps depths 4, 4, 10 / 2, 1, 1 on the way up
+# (here 3, 3, 5 / 2, 1, 1) and a middle block of one res block; Vega has depths 1 and 2 per level throughout.
+PRUNED = {
+    "ssd-1b": dict(transformer_layers_per_block=[1, [2, 2], [3, 3]],
+                   reverse_transformer_layers_per_block=[[3, 3, 5], [2, 1, 1], 1], mid_block_type="UNetMidBlock2D"),
+    "vega": dict(transformer_layers_per_block=[1, 1, 2], mid_block_type="UNetMidBlock2D"),
+}
+OUTPUT_DEPTHS = {"ssd-1b": (3, 3, 5, 2, 1, 1, 0, 0, 0), "vega": None}
+
+
+@pytest.mark.parametrize("layout", list(PRUNED))
+def test_pruned_unet_matches_diffusers(layout):
+    """The per-block depths and the one-res-block middle are read from diffusers' config and from the original
+    keys alike, the key table maps them both ways, and the UNet's output equals diffusers'."""
+    from diffusers import UNet2DConditionModel
+    from reference import assert_close
+    from sdxl_helpers import POOLED, SDXL_UNET, perturbed
+
+    from sdengine.config import ModelConfig
+    from sdengine.nn.unet import UNetModel, sdxl_vector
+    from sdengine.weights.detect import detect_unet
+    from sdengine.weights.diffusers_folder import unet_config_from_diffusers, unet_config_to_diffusers
+    from sdengine.weights.keys import UNET, from_diffusers, to_diffusers
+
+    torch.manual_seed(0)
+    ref = perturbed(UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                                         **{**SDXL_UNET, **PRUNED[layout]}), 0)
+    cfg = unet_config_from_diffusers(dict(ref.config))
+    assert cfg.transformer_depth_middle == 0 and cfg.transformer_depth_output == OUTPUT_DEPTHS[layout]
+    sd = from_diffusers({"unet": ref.state_dict()}, ModelConfig(unet=cfg))
+    assert not any(k.startswith(UNET + "middle_block.1") for k in sd)
+    ours = UNetModel(cfg).eval()
+    ours.load_state_dict({k[len(UNET):]: v for k, v in sd.items()}, strict=True)
+    assert detect_unet(sd) == cfg  # the single-file view finds the same layout
+    back = to_diffusers(sd, ModelConfig(unet=cfg))["unet"]
+    assert set(back) == set(ref.state_dict()) and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    again = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if k != "_class_name"})
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+    g = torch.Generator().manual_seed(1)
+    x, context, pooled = torch.randn(2, 4, 16, 24, generator=g), torch.randn(2, 77, 64, generator=g), \
+        torch.randn(2, POOLED, generator=g)
+    time_ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 768], [512, 512, 16, 8, 640, 384]])
+    with torch.no_grad():
+        expected = ref(x, torch.tensor([3, 981]), encoder_hidden_states=context,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        assert_close(ours(x, torch.tensor([3, 981]), context, sdxl_vector(pooled, time_ids)), expected)
+
+
+def test_pruned_sdxl_folder_and_single_file_generate_as_diffusers(tmp_path):
+    """An SSD-1B-layout StableDiffusionXLPipeline saved by diffusers loads as sdxl, generates as diffusers does,
+    and its single file (detected from the keys alone, no metadata) loads to the same tensors."""
+    from sampler_harness import max_rel_error
+
+    import sdengine
+    from sdengine.pipeline import Pipeline
+    from sdengine.request import Request
+    from sdengine.weights.io import read_tensors, write_safetensors
+
+    folder = tmp_path / "ssd"
+    ref = _reference(sdxl_pipeline(folder, **PRUNED["ssd-1b"]))
+    model = sdengine.load(folder)
+    assert model.config.family == "sdxl" and model.config.unet.transformer_depth_output == OUTPUT_DEPTHS["ssd-1b"]
+    expected = ref("a red circle", negative_prompt="blue", num_inference_steps=4, guidance_scale=6, height=H,
+                   width=W, generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    req = Request(prompt="a red circle", negative_prompt="blue", steps=4, cfg_scale=6, seed=2, width=W, height=H)
+    assert max_rel_error(Pipeline(model).sample(req), expected) < 1e-3
+    single = tmp_path / "ssd.safetensors"
+    sdengine.save(model, single)
+    bare = tmp_path / "bare.safetensors"
+    write_safetensors(read_tensors(single)[0], bare)  # as other tools write it: no sdengine metadata
+    for path in (single, bare):
+        loaded = sdengine.load(path)
+        assert loaded.config.unet == model.config.unet
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -159,6 +159,8 @@ class Encoder:
     def middle_block(self) -> TimestepEmbedSequential:
         ch, groups, depth = self.channels, self.cfg.norm_groups, self.cfg.transformer_depth_middle
         assert depth is not None
+        if depth == 0:  # SSD-1B, Segmind Vega: one res block (diffusers' UNetMidBlock2D)
+            return TimestepEmbedSequential(ResBlock(ch, self.emb_dim, ch, groups))
         return TimestepEmbedSequential(ResBlock(ch, self.emb_dim, ch, groups), self.transformer(ch, depth),
                                        ResBlock(ch, self.emb_dim, ch, groups))
 
@@ -169,8 +171,7 @@ class UNetModel(nn.Module):
         self.config = cfg
         mc, groups = cfg.model_channels, cfg.norm_groups
         enc = Encoder(cfg)
-        emb_dim, depths = enc.emb_dim, cfg.transformer_depth
-        assert isinstance(depths, tuple)
+        emb_dim = enc.emb_dim
         self.time_embed = enc.time_embed()
         if (label_emb := enc.label_emb()) is not None:
             self.label_emb = label_emb
@@ -180,13 +181,15 @@ class UNetModel(nn.Module):
         transformer = enc.transformer
 
         self.output_blocks = nn.ModuleList()
+        output_depths = iter(cfg.output_depths())
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             n = cfg.num_res_blocks[level] + 1
             for i in range(n):
                 layers: list[nn.Module] = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
+                depth = next(output_depths)
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, depths[level]))
+                    layers.append(transformer(ch, depth))
                 if level and i == n - 1:
                     layers.append(Upsample(ch))
                     ds //= 2

@@ -65,34 +65,56 @@ def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> 
     res_counts: list[int] = []
     attention: set[int] = set()
     depths: list[int] = []
-    count, ds, channels, depth = 0, 1, mc, 0
+    count, ds, channels, level_depths = 0, 1, mc, [0]
     for i in _indices(keys, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in keys:
             mults.append(channels // mc)
             res_counts.append(count)
-            depths.append(depth)
-            count, ds, depth = 0, ds * 2, 0
+            depths.append(_level_depth(level_depths, len(mults) - 1))
+            count, ds, level_depths = 0, ds * 2, [0]
             continue
         channels = sd[UNET + f"input_blocks.{i}.0.out_layers.3.weight"].shape[0]
         count += 1
         if f"input_blocks.{i}.1.norm.weight" in keys:
             attention.add(ds)
-            depth = len(_indices(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\."))
+            level_depths = [d for d in level_depths if d] + [_depth(keys, f"input_blocks.{i}.1.")]
     mults.append(channels // mc)
     res_counts.append(count)
-    depths.append(depth)
-    proj_in = _need(sd, UNET + "middle_block.1.proj_in.weight")
-    context_dim = _need(sd, UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
-    middle = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depths.append(_level_depth(level_depths, len(mults) - 1))
+    # the middle block's transformer, or (SSD-1B, Vega: one res block) the first one there is, tells the context
+    # width and the projection kind
+    transformers = sorted(k.removesuffix("proj_in.weight") for k in keys
+                          if re.fullmatch(r"(middle_block|input_blocks\.\d+)\.1\.proj_in\.weight", k))
+    first = transformers[-1] if transformers else "middle_block.1."  # "middle_block." sorts after "input_blocks."
+    proj_in = _need(sd, UNET + first + "proj_in.weight")
+    context_dim = _need(sd, UNET + first + "transformer_blocks.0.attn2.to_k.weight").shape[1]
+    middle = _depth(keys, "middle_block.1.")
+    if not middle and "middle_block.2.in_layers.0.weight" in keys:
+        raise UnknownArchitecture("unsupported UNet: a middle block of two res blocks without a transformer")
+    output = tuple(_depth(keys, f"output_blocks.{i}.1.") for i in _indices(keys, r"output_blocks\.(\d+)\."))
     label = sd.get(UNET + "label_emb.0.0.weight")
     heads = heads_hint or _head_rule(context_dim, [mc * m for m in mults])
     return UNetConfig(
         in_channels=in_channels, out_channels=out_channels, model_channels=mc, channel_mult=tuple(mults),
         num_res_blocks=tuple(res_counts), attention_resolutions=tuple(sorted(attention)),
-        transformer_depth=tuple(depths), transformer_depth_middle=middle,
+        transformer_depth=tuple(depths), transformer_depth_middle=middle, transformer_depth_output=output,
         adm_in_channels=None if label is None else label.shape[1],
         context_dim=context_dim, use_linear_in_transformer=proj_in.ndim == 2,
         norm_groups=norm_groups([mc * m for m in mults]), **heads)
+
+
+def _depth(keys: list[str], prefix: str) -> int:
+    """Transformer blocks in the SpatialTransformer at `prefix` (0: none there)."""
+    return len(_indices(keys, re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
+
+
+def _level_depth(depths: list[int], level: int) -> int:
+    """A level's transformer depth from its input blocks' (one per level on the way down, as every published
+    layout has it; the way up may differ per block)."""
+    if len(set(depths)) > 1:
+        raise UnknownArchitecture(f"unsupported UNet: input blocks of level {level} have different transformer "
+                                  f"depths {depths}")
+    return depths[0]
 
 
 def _head_rule(context_dim: int, level_channels: list[int]) -> dict[str, int]:

@@ -73,6 +73,14 @@ def _per_level(value: Any, levels: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
 
 
+def _uniform(value: Any, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise UnknownArchitecture(f"unsupported UNet: {name} {value} differs within a down block")
+        return value[0]
+    return value
+
+
 def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
     for name in UNSUPPORTED_UNET:
         if c.get(name) is not None:
@@ -96,13 +104,23 @@ def unet_config_from_diffusers(c: dict[str, Any]) -> UNetConfig:
         head_args = {"num_heads": -1, "num_head_channels": per_head.pop()}
     else:
         raise UnknownArchitecture(f"unsupported attention head layout {heads} for channels {boc}")
-    depth = _per_level(c.get("transformer_layers_per_block", 1), levels)
-    if c.get("reverse_transformer_layers_per_block") is not None:
-        raise UnknownArchitecture("unsupported UNet: reverse_transformer_layers_per_block is set")
+    # per down block an int, or (SSD-1B) a list per layer, which must agree within the block
+    depth = tuple(_uniform(d, "transformer_layers_per_block") for d in
+                  _per_level(c.get("transformer_layers_per_block", 1), levels))
+    res_blocks = _per_level(c.get("layers_per_block", 2), levels)
+    output = None
+    if (reverse := c.get("reverse_transformer_layers_per_block")) is not None:  # per up block: an int or per layer
+        output = tuple(d for up, n in zip(reverse, reversed(res_blocks))
+                       for d in (up if isinstance(up, (list, tuple)) else [up] * (n + 1)))
+    mid_type = c.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        raise UnknownArchitecture(f"unsupported UNet: mid_block_type={mid_type!r} (SD's cross-attention middle "
+                                  "block, or SSD-1B's single res block)")
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
-        channel_mult=tuple(b // mc for b in boc), num_res_blocks=_per_level(c.get("layers_per_block", 2), levels),
-        attention_resolutions=attention, transformer_depth=depth, transformer_depth_middle=depth[-1],
+        channel_mult=tuple(b // mc for b in boc), num_res_blocks=res_blocks,
+        attention_resolutions=attention, transformer_depth=depth, transformer_depth_output=output,
+        transformer_depth_middle=depth[-1] if mid_type == "UNetMidBlock2DCrossAttn" else 0,
         adm_in_channels=adm, context_dim=c.get("cross_attention_dim", 768),
         use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
         norm_groups=c.get("norm_num_groups", 32), **head_args)
@@ -114,19 +132,26 @@ def unet_config_to_diffusers(u: UNetConfig) -> dict[str, Any]:
     # diffusers' middle block takes the last level's depth: a level without attention holds any value, so 1
     # there except the last, which carries the middle block's
     depth = [d if a else 1 for d, a in zip(u.transformer_depth, attn)]  # type: ignore[arg-type]
-    if not attn[-1]:
-        depth[-1] = u.transformer_depth_middle
-    elif depth[-1] != u.transformer_depth_middle:
+    middle = u.transformer_depth_middle  # 0: one res block, diffusers' UNetMidBlock2D, which takes no depth
+    if middle and not attn[-1]:
+        depth[-1] = middle
+    elif middle and depth[-1] != middle:
         raise ValueError("diffusers cannot hold a middle-block transformer depth other than the last level's")
+    pruned: dict[str, Any] = {}
+    if u.transformer_depth_output is not None:  # per up block, a depth per layer (1 where there is no attention)
+        out = iter(u.transformer_depth_output)
+        pruned["reverse_transformer_layers_per_block"] = [
+            [max(next(out), 1) for _ in range(n + 1)] for n in reversed(u.num_res_blocks)]
     vector = {} if u.adm_in_channels is None else {
         "addition_embed_type": "text_time", "addition_time_embed_dim": VECTOR_EMBED_DIM,
         "projection_class_embeddings_input_dim": u.adm_in_channels}
-    return {**vector,
+    return {**vector, **pruned,
         "_class_name": "UNet2DConditionModel", "in_channels": u.in_channels, "out_channels": u.out_channels,
         "block_out_channels": boc, "layers_per_block": list(u.num_res_blocks),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": u.context_dim,
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if u.transformer_depth_middle else "UNetMidBlock2D",
+        "cross_attention_dim": u.context_dim,
         "attention_head_dim": [u.heads_for(b)[0] for b in boc], "use_linear_projection": u.use_linear_in_transformer,
         "transformer_layers_per_block": depth, "norm_num_groups": u.norm_groups, "norm_eps": 1e-5,
         "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1,

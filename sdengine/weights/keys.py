@@ -58,8 +58,9 @@ def unet_pairs(cfg: UNetConfig) -> Pairs:
             index += 1
             ds *= 2
     pairs += _unet_resnet("middle_block.0.", "mid_block.resnets.0.")
-    pairs.append(("middle_block.1.", "mid_block.attentions.0."))
-    pairs += _unet_resnet("middle_block.2.", "mid_block.resnets.1.")
+    if cfg.transformer_depth_middle:  # else one res block (SSD-1B, Vega)
+        pairs.append(("middle_block.1.", "mid_block.attentions.0."))
+        pairs += _unet_resnet("middle_block.2.", "mid_block.resnets.1.")
     index = 0
     for up, level in enumerate(reversed(range(levels))):
         n = cfg.num_res_blocks[level] + 1
