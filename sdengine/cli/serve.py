@@ -36,6 +36,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def parse_devices(text: str, device: str) -> list:
+    """--devices cuda:0,cuda:1 (or cpu,cpu): one worker each. Every one checked before any model loads."""
+    import torch
+
+    from .. import runtime
+
+    if device != "auto":
+        raise ValueError("give --device or --devices, not both")
+    devices = []
+    for name in (part.strip() for part in text.split(",")):
+        kind, _, index = name.partition(":")
+        if kind not in runtime.DEVICES[1:] or (index and (kind != "cuda" or not index.isdigit())):
+            raise ValueError(f"--devices: {name!r} is not a device (cpu, cuda, cuda:N or mps)")
+        found = runtime.pick_device(kind)  # UnavailableError when there is no such kind here
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--devices: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        devices.append(torch.device(name) if index else found)
+    return devices
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
@@ -61,13 +81,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     folder = args.models_dir if args.models_dir is not None else runtime.models_dir()
     if args.models_dir is not None and not folder.is_dir():
         raise ValueError(f"--models-dir {folder} is not a folder")
-    device = runtime.pick_device(args.device)
-    tiny = None
+    devices = parse_devices(args.devices, args.device) if args.devices else [runtime.pick_device(args.device)]
+    tiny = []  # one per device
     if args.vae_tiny is not None:
         from ..nn.taesd import load_taesd
 
-        tiny = load_taesd(args.vae_tiny, device, runtime.inference_dtype(args.precision, device))
-        if tiny.decoder is None:
+        tiny = [load_taesd(args.vae_tiny, device, runtime.inference_dtype(args.precision, device))
+                for device in devices]
+        if tiny[0].decoder is None:
             raise ValueError(f"--vae-tiny {args.vae_tiny} holds no decoder")
     pinned = None  # a model outside the folder, served under its file name
     if args.model is None:
@@ -75,16 +96,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     elif Path(args.model).expanduser().exists():
         pinned = Path(args.model).expanduser()
     if args.compile:
-        check_compiler(device)
+        for device in devices:
+            check_compiler(device)
     for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                         ("--controlnet-dir", args.controlnet_dir), ("--upscalers-dir", args.upscalers_dir)):
         if value is not None and not value.is_dir():  # the defaults may be absent: nothing to list then
             raise ValueError(f"{flag} {value} is not a folder")
-    registry = ModelRegistry(folder if folder.is_dir() else None, pinned, device,
-                             runtime.inference_dtype(args.precision, device), compile=args.compile,
-                             lora_dirs=[args.lora_dir or runtime.loras_dir()],
-                             embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()],
-                             controlnet_dir=args.controlnet_dir or runtime.controlnet_dir(), tiny_vae=tiny)
+    registries = [ModelRegistry(folder if folder.is_dir() else None, pinned, device,
+                                runtime.inference_dtype(args.precision, device), compile=args.compile,
+                                lora_dirs=[args.lora_dir or runtime.loras_dir()],
+                                embedding_dirs=[args.embeddings_dir or runtime.embeddings_dir()],
+                                controlnet_dir=args.controlnet_dir or runtime.controlnet_dir(),
+                                tiny_vae=tiny[i] if tiny else None) for i, device in enumerate(devices)]
+    registry = registries[0]
+    for other in registries[1:]:  # one LoRA library: one listing and one /refresh-loras for every device
+        other.loras = registry.loras
     if args.upscalers_dir is not None:  # the hires fix finds model upscalers through runtime.upscalers_dir() too
         os.environ["SDENGINE_UPSCALERS"] = str(args.upscalers_dir.resolve())
     name = args.model  # a name in the folder, unless a file was pinned
@@ -94,17 +120,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
         entries = registry.entries()
         name = entries[0].name if entries else None
     if name is not None:
-        registry.ensure(name)  # BadInput/ModelLoadError: one line from the CLI, before the port opens
-        registry.default_name = registry.current.name
-    service = Service(registry, limits, load_styles(args.styles_file or BUNDLED_STYLES), threads=args.threads)
-    if tiny is not None:  # a tiny decode costs less than a UNet step: a preview at every step
+        for each in registries:  # BadInput/ModelLoadError: one line from the CLI, before the port opens
+            each.ensure(name)
+            each.default_name = each.current.name
+    service = Service(registry, limits, load_styles(args.styles_file or BUNDLED_STYLES), threads=args.threads,
+                      registries=registries)
+    if tiny:  # a tiny decode costs less than a UNet step: a preview at every step
         service.settings["show_progress_every_n_steps"] = 1
     app = create_app(service, credentials)
     if not is_loopback(args.host) and credentials is None:
         print(f"sdengine: warning: serving on {args.host} without --api-auth: anyone who can reach it can use it",
               file=sys.stderr)
     model = registry.current.name if registry.current else "no model (set sd_model_checkpoint)"
-    print(f"sdengine: serving {model} on http://{args.host}:{args.port} (API: /sdapi/v1, jobs: /api/v1/jobs)",
+    on = f" on {', '.join(map(str, devices))}" if len(devices) > 1 else ""
+    print(f"sdengine: serving {model}{on} on http://{args.host}:{args.port} (API: /sdapi/v1, jobs: /api/v1/jobs)",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     _server_class()(config, service.queue.stop).run()
@@ -153,6 +182,8 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, help="user:pass[,user:pass...]: HTTP basic auth on every route")
     add_runtime_args(p, first="request")
+    p.add_argument("--devices", default=None, metavar="D1,D2,...", help="one worker per device, sharing one queue "
+                   "(cuda:0,cuda:1; cpu,cpu): each holds its own pipeline; instead of --device")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")

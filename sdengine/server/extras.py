@@ -168,9 +168,8 @@ class Plan:
 
 
 async def upscale(service: Service, plan: Plan, images: list[Image.Image]) -> list[Image.Image]:
-    registry = service.registry
-
     def work(job: Job) -> list[Image.Image]:
+        registry = service.worker_registry(job)  # the device of the worker that runs it
         try:
             return [plan.run(im, registry.device, registry.dtype) for im in images]
         except upscalers.UpscalerError as e:  # a file that does not load: the request's, a 422

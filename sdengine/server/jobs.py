@@ -1,6 +1,7 @@
 """The job queue: one generation at a time per device, first in first out, with a bounded wait list.
 
-A worker thread takes jobs in order and runs them with the runner it was given. Each job carries its own
+One worker thread per device (serve --devices) takes jobs in the order they arrived and runs them with the runner
+it was given (job.worker says which worker: the runner picks that device's pipeline). Each job carries its own
 result future, progress counters and stop flags, so concurrent requests never see each other's seeds or
 images, and stopping one job (interrupt, skip, cancel) touches no other. The pipeline is stopped by raising
 from its per-step callback (see `Job.check`), so a stop takes effect within one sampler step.
@@ -64,6 +65,7 @@ class Job:
     error: str | None = None
     future: Future = field(default_factory=Future)
     echo: dict[str, Any] | None = None  # the request as responses echo it ("parameters")
+    worker: int = 0  # the worker (device) that runs it, set when it starts
     # progress, written by the worker thread only
     job_no: int = 0  # which n_iter batch is sampling
     job_count: int = 1
@@ -99,33 +101,37 @@ class Job:
 
 
 class JobQueue:
-    """FIFO of jobs run one at a time by a worker thread. `runner(job)` returns the job's result or raises."""
+    """FIFO of jobs run by `workers` threads, one job each at a time. `runner(job)` returns the job's result or
+    raises. Jobs start in the order they arrived (so each client's do); with several workers a later job may finish
+    first."""
 
     def __init__(self, runner: Callable[[Job], Any], max_waiting: int = 16, keep_finished: int = 32,
-                 on_idle: Callable[[], Any] | None = None):
+                 on_idle: Callable[[], Any] | None = None, workers: int = 1):
         self.runner = runner
-        self.on_idle = on_idle  # called by the worker after a job when none is waiting (cpu_memory.release)
+        self.on_idle = on_idle  # called by a worker after a job when none is waiting or running (cpu_memory.release)
         self.max_waiting = max_waiting
         self.keep_finished = keep_finished
         self._waiting: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # every job a client may ask about by id
         self._finished: deque[str] = deque()  # ids of finished jobs still kept, oldest first
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: dict[int, Job] = {}  # worker -> its job
         self._stopped = False
-        self._thread = threading.Thread(target=self._work, name="sdengine-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(w,), name=f"sdengine-worker-{w}", daemon=True)
+                         for w in range(workers)]
 
     # --- clients -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Shutting down: the running job stops at its next step and waiting clients are answered, not left hanging."""
         with self._cond:
             self._stopped = True
-            if self._running is not None:
-                self._running.cancel = True
+            for running in self._running.values():
+                running.cancel = True
             while self._waiting:
                 job = self._waiting.popleft()
                 self._finish(job, CANCELLED, error="the server is shutting down")
@@ -155,7 +161,13 @@ class JobQueue:
 
     @property
     def running(self) -> Job | None:
-        return self._running
+        """The running job that started first (A1111's progress shows one)."""
+        with self._cond:
+            return min(self._running.values(), key=lambda job: job.started or 0.0, default=None)
+
+    def running_jobs(self) -> list[Job]:
+        with self._cond:
+            return list(self._running.values())
 
     def waiting(self) -> int:
         with self._cond:
@@ -164,7 +176,7 @@ class JobQueue:
     def position(self, job: Job) -> int:
         """0 while running, k for the k-th job waiting, -1 when finished."""
         with self._cond:
-            if job is self._running:
+            if any(running is job for running in self._running.values()):
                 return 0
             for i, other in enumerate(self._waiting):
                 if other is job:
@@ -186,22 +198,21 @@ class JobQueue:
             return job
 
     def interrupt(self) -> Job | None:
-        """A1111's /interrupt: stop the running job (it returns what it has); waiting jobs are untouched."""
-        job = self._running
-        if job is not None:
+        """A1111's /interrupt: stop the running jobs (each returns what it has; one per device); waiting jobs are
+        untouched."""
+        for job in self.running_jobs():
             job.interrupt = True
-        return job
+        return self.running
 
     def skip(self) -> Job | None:
-        """A1111's /skip: end the running job's current n_iter batch; it goes on with the next one."""
-        job = self._running
-        if job is not None:
+        """A1111's /skip: end the running jobs' current n_iter batch; each goes on with its next one."""
+        for job in self.running_jobs():
             job.skip = True
-        return job
+        return self.running
 
     # --- the worker ------------------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._stopped:
@@ -209,8 +220,8 @@ class JobQueue:
                 if self._stopped:
                     return
                 job = self._waiting.popleft()
-                job.status, job.started = RUNNING, time.time()
-                self._running = job
+                job.status, job.started, job.worker = RUNNING, time.time(), worker
+                self._running[worker] = job
             try:
                 result = self.runner(job)
             except StopSampling as e:  # cancelled, or stopped before any image existed
@@ -224,7 +235,7 @@ class JobQueue:
                 status = INTERRUPTED if job.interrupt else SUCCEEDED  # a cancel after the last step came too late
                 self._done(job, status, result=result)
             del job  # nothing of the finished job held here while idle
-            if self.on_idle is not None and not self.waiting():
+            if self.on_idle is not None and not self.waiting() and not self._running:
                 try:
                     self.on_idle()
                 except Exception:  # noqa: BLE001 - housekeeping must never stop the worker
@@ -233,7 +244,7 @@ class JobQueue:
     def _done(self, job: Job, status: str, result: Any = None, exc: BaseException | None = None,
               error: str | None = None) -> None:
         with self._cond:
-            self._running = None
+            del self._running[job.worker]
             job.preview = None  # the latent preview is only for progress while running
             self._finish(job, status, error)
         if exc is not None:

@@ -207,7 +207,7 @@ def run_xyz(service: Service, job: Job, gen: GenJob) -> tuple[list[Image.Image],
     for c, cell in enumerate(plan.cells):
         if job.interrupt:
             break
-        pipe, _ = service.registry.ensure(cell.checkpoint or gen.model)
+        pipe, _ = service.worker_registry(job).ensure(cell.checkpoint or gen.model)
         images = service.images(job, gen, pipe, cell.request, warnings, offset=c * gen.request.n_iter)
         if images:
             made[cell.index] = images[0]

@@ -27,10 +27,15 @@ from .validation import BodyReader, GenJob, Limits, check_clip_skip
 
 
 class Service:
-    """Everything the routes share: caps, models, settings, styles and the queue with its runner."""
+    """Everything the routes share: caps, models, settings, styles and the queue with its runner. `registries`:
+    one per device (serve --devices), each with its own pipeline and a worker of the queue; `registry` (the
+    first) answers listings and checks requests."""
 
-    def __init__(self, registry: ModelRegistry, limits: Limits, styles: dict[str, Style], threads: int | None = None):
-        self.registry, self.limits, self.styles, self.threads = registry, limits, styles, threads
+    def __init__(self, registry: ModelRegistry, limits: Limits, styles: dict[str, Style], threads: int | None = None,
+                 registries: list[ModelRegistry] | None = None):
+        self.registries = registries or [registry]
+        self.registry, self.limits, self.styles, self.threads = self.registries[0], limits, styles, threads
+        self._stale: set[int] = set()  # workers whose pipeline has not seen the latest /refresh-embeddings
         # A1111's defaults; a preview is a full VAE decode, hence one every 10 steps at most
         self.settings: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True,
                                          "show_progress_every_n_steps": 10, "token_merging_ratio": 0.0,
@@ -38,7 +43,8 @@ class Service:
                                          "sdxl_refiner_low_aesthetic_score": AESTHETIC_SCORES[1]}
         self.bodies = BodyReader(limits, registry, styles, self.settings)
         # the heap trimmed whenever the queue goes idle: bursts of mixed-size jobs fragment it (cpu_memory.release)
-        self.queue = JobQueue(self.run, max_waiting=limits.queue_size, on_idle=cpu_memory.release)
+        self.queue = JobQueue(self.run, max_waiting=limits.queue_size, on_idle=cpu_memory.release,
+                              workers=len(self.registries))
         self._preview_lock = threading.Lock()
         self._preview_cache: tuple[str, int, str | None] = ("", -1, None)
 
@@ -48,22 +54,32 @@ class Service:
 
     check_clip_skip = staticmethod(check_clip_skip)
 
-    # --- the worker thread ---------------------------------------------------------------------------------
+    def worker_registry(self, job: Job) -> ModelRegistry:
+        """The models of the device that runs `job`."""
+        return self.registries[job.worker]
+
+    # --- the worker threads (one per device) ---------------------------------------------------------------
 
     def run(self, job: Job) -> dict[str, Any]:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set it here
+        registry = self.worker_registry(job)
         if job.mode == "extras":  # an upscale (server/extras.py): its own work, on this thread
             return job.spec(job)
-        if job.mode == "load":
-            self.registry.ensure(job.spec)
-            self.registry.default_name = self.registry.current.name
+        if job.mode == "load":  # this device loads it now, the others when they next generate
+            registry.ensure(job.spec)
+            for other in self.registries:
+                other.default_name = registry.current.name
             return {}
         if job.mode == "refresh":  # between jobs, so no generation sees the embeddings change under it
-            self.registry.loras.refresh()
-            if self.registry.pipeline is not None:
-                self.registry.pipeline.networks.refresh()
-                self.registry.pipeline.networks.embeddings()
+            registry.loras.refresh()
+            self._stale = set(range(len(self.registries)))  # each worker refreshes its own, between its jobs
+        if job.worker in self._stale:
+            self._stale.discard(job.worker)
+            if registry.pipeline is not None:
+                registry.pipeline.networks.refresh()
+                registry.pipeline.networks.embeddings()
+        if job.mode == "refresh":
             return {}
         gen: GenJob = job.spec
         job.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
@@ -71,13 +87,14 @@ class Service:
         if gen.script is not None:  # x/y/z plot (server/scripts.py): its cells, then the grid
             images, more = scripts.run_xyz(self, job, gen)
             warnings += [w for w in more if w not in warnings]
-            pipe, entry = self.registry.ensure(gen.model)  # the request's model again, for the info
+            pipe, entry = registry.ensure(gen.model)  # the request's model again, for the info
         else:
-            pipe, entry = self.registry.ensure(gen.model)
+            pipe, entry = registry.ensure(gen.model)
             job.job_count = gen.request.n_iter
             images = self.images(job, gen, pipe, self.for_model(gen, pipe), warnings)
         if "sd_model_checkpoint" in gen.persist:
-            self.registry.default_name = entry.name
+            for other in self.registries:
+                other.default_name = entry.name
         if "CLIP_stop_at_last_layers" in gen.persist:
             self.settings["CLIP_stop_at_last_layers"] = gen.request.clip_skip
         if "token_merging_ratio" in gen.persist:
@@ -141,7 +158,7 @@ class Service:
              warnings: list[str]) -> dict:
         req = gen.request
         count = req.batch_size * req.n_iter
-        sha = self.registry.sha256(entry)
+        sha = self.worker_registry(job).sha256(entry)
         inpainting_unet = pipe.model.config.unet.in_channels == 9
         resize_from = req.seed_resize_from or (-1, -1)
         batches = [req.iteration(n) for n in range(req.n_iter)]  # their seeds follow A1111's rules (Request)
@@ -177,8 +194,8 @@ class Service:
     def embeddings(self) -> dict[str, Any]:
         """A1111's /sdapi/v1/embeddings for the loaded model (scanned when it loaded or on refresh, in the
         worker; nothing is read here)."""
-        pipe = self.registry.pipeline
-        return pipe.networks.embeddings().api() if pipe is not None else {"loaded": {}, "skipped": {}}
+        fresh = [r.pipeline for w, r in enumerate(self.registries) if w not in self._stale and r.pipeline is not None]
+        return fresh[0].networks.embeddings().api() if fresh else {"loaded": {}, "skipped": {}}
 
     # --- progress (request threads) ------------------------------------------------------------------------
 
@@ -209,7 +226,7 @@ class Service:
         show_progress_every_n_steps steps however many clients poll, one decode at a time: polling cannot pile
         up work (on a CPU a full-size decode costs more than a few UNet steps)."""
         with self._preview_lock:
-            latent, step, pipe = job.preview, job.preview_step, self.registry.pipeline
+            latent, step, pipe = job.preview, job.preview_step, self.worker_registry(job).pipeline
             if latent is None or pipe is None:
                 return None
             cached_id, cached_step, cached = self._preview_cache
