@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .config import UNetConfig
     from .diffusion.denoiser import Control
     from .nn.controlnet import ControlNet, ControlNetConfig
+    from .nn.t2i_adapter import T2IAdapter
 
 PREFIX = "control_model."
 MAX_UNITS = 10
@@ -370,14 +371,15 @@ def _original_keys(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.
     if "input_hint_block.0.weight" not in sd or "zero_convs.0.0.weight" not in sd:
         shown = ", ".join(sorted(sd)[:4])
         raise ControlError(f"{source}: not a ControlNet: expected keys '{PREFIX}input_hint_block.*' and "
-                           f"'{PREFIX}zero_convs.*' (lllyasviel's files) or a diffusers ControlNetModel folder "
-                           f"(found: {shown})")
+                           f"'{PREFIX}zero_convs.*' (lllyasviel's files) or a diffusers ControlNetModel folder, or a "
+                           f"T2I-Adapter ('conv_in.*' and 'body.*', or a diffusers T2IAdapter folder) (found: {shown})")
     return sd
 
 
-def read_controlnet(path: str | Path, like: UNetConfig | None = None
+def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: dict[str, torch.Tensor] | None = None
                     ) -> tuple[dict[str, torch.Tensor], ControlNetConfig]:
-    """(original-keyed state dict without prefix, config) of a ControlNet file or diffusers folder."""
+    """(original-keyed state dict without prefix, config) of a ControlNet file or diffusers folder; `tensors`: the
+    file's, when already read."""
     from .weights.io import CheckpointError, read_tensors
 
     path = Path(path)
@@ -396,7 +398,8 @@ def read_controlnet(path: str | Path, like: UNetConfig | None = None
                 raise ControlError(f"{path}: no diffusion_pytorch_model.safetensors (or .bin) beside config.json")
             tensors, _ = read_tensors(found)
             return _rename_all(tensors, controlnet_pairs(cfg), reverse=True, what=f"{path}: diffusers"), cfg
-        tensors, _ = read_tensors(path)
+        if tensors is None:
+            tensors, _ = read_tensors(path)
     except (CheckpointError, KeyError, json.JSONDecodeError) as e:
         raise ControlError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     sd = _original_keys(tensors, str(path))
@@ -427,14 +430,14 @@ def check_fits(cfg: ControlNetConfig, unet: UNetConfig, source: str) -> None:
 
 
 def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> ControlNet:
+                    dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None) -> ControlNet:
     """A ControlNet for a model whose UNet is `unet`, on `device` in `dtype`, frozen for inference."""
     import torch
 
     from .nn.controlnet import ControlNet
     from .weights.detect import UnknownArchitecture, check_keys
 
-    sd, cfg = read_controlnet(path, unet)
+    sd, cfg = read_controlnet(path, unet, tensors)
     check_fits(cfg, unet, str(path))
     with torch.device("meta"):
         net = ControlNet(cfg)
@@ -444,6 +447,31 @@ def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | s
         raise ControlError(str(e)) from None
     net.load_state_dict(sd, strict=True, assign=True)
     return net.to(device, dtype or torch.float32).eval().requires_grad_(False)
+
+
+def load_control_model(path: str | Path, unet: UNetConfig, latent_factor: int = 8,
+                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                       ) -> ControlNet | T2IAdapter:
+    """A ControlNet or a T2I-Adapter (t2i_adapter.py), by the file's content: both live in the ControlNet folder
+    and are used through the same units, as in A1111's extension. latent_factor: the model's VAE downscale."""
+    from . import t2i_adapter
+    from .weights.io import CheckpointError, read_tensors
+
+    path = Path(path)
+    tensors = None
+    try:
+        if path.is_dir() and t2i_adapter.is_adapter_folder(path):
+            return t2i_adapter.load_adapter(path, unet, latent_factor, device, dtype)
+        if path.is_file():
+            try:
+                tensors, _ = read_tensors(path)
+            except CheckpointError as e:
+                raise ControlError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+            if t2i_adapter.is_adapter(tensors):
+                return t2i_adapter.load_adapter(path, unet, latent_factor, device, dtype, tensors)
+    except t2i_adapter.AdapterError as e:
+        raise ControlError(str(e)) from None
+    return load_controlnet(path, unet, device, dtype, tensors)
 
 
 def save_controlnet(net: ControlNet, path: str | Path, layout: str = "original") -> None:
@@ -507,10 +535,12 @@ class ControlNets:
     """The ControlNets a pipeline has loaded, by name, on the model's device and precision. `loader` (name ->
     ControlNet) replaces how they are found and loaded (a server's registry)."""
 
-    def __init__(self, unet: UNetConfig, device: torch.device, dtype: torch.dtype, keep: int = 4):
+    def __init__(self, unet: UNetConfig, device: torch.device, dtype: torch.dtype, keep: int = 4,
+                 latent_factor: int = 8):
         self.unet, self.device, self.dtype, self.keep = unet, device, dtype, keep
+        self.latent_factor = latent_factor  # the VAE's downscale (a T2I-Adapter's layout is read against it)
         self.folder: Path | None = None
-        self._loaded: dict[str, tuple[ControlNet, str]] = {}
+        self._loaded: dict[str, tuple[ControlNet | T2IAdapter, str]] = {}
         self._labels: dict[str, str] = {}  # kept after a net is let go: the infotext names it without a reload
 
     def check(self, units: tuple[ControlUnit, ...]) -> None:
@@ -519,11 +549,11 @@ class ControlNets:
             if unit.model not in self._loaded:
                 resolve_controlnet(unit.model, self.folder)
 
-    def get(self, name: str) -> tuple[ControlNet, str]:
-        """(the ControlNet, its label for the infotext: "name [hash]")."""
+    def get(self, name: str) -> tuple[ControlNet | T2IAdapter, str]:
+        """(the ControlNet or T2I-Adapter, its label for the infotext: "name [hash]")."""
         if name not in self._loaded:
             path = resolve_controlnet(name, self.folder)
-            net = load_controlnet(path, self.unet, self.device, self.dtype)
+            net = load_control_model(path, self.unet, self.latent_factor, self.device, self.dtype)
             digest = short_hash(path)
             label = path.stem if path.is_file() else path.name
             while len(self._loaded) >= self.keep:
@@ -537,6 +567,7 @@ class ControlNets:
         """(the controls of the conditional half, of the unconditional half) for a batch at this size and step
         count. In "control" mode the unconditional half gets no residuals (rows marked off)."""
         from .diffusion.denoiser import Control
+        from .nn.t2i_adapter import AdapterFeatures, T2IAdapter
 
         cond, uncond = [], []
         for unit in units:
@@ -545,6 +576,16 @@ class ControlNets:
             if active is None or unit.weight == 0:
                 continue
             hint = hint_tensor(unit, width, height, mask)
+            if isinstance(net, T2IAdapter):  # features once per pass: they depend on neither x nor t
+                from . import t2i_adapter
+
+                feats = AdapterFeatures(t2i_adapter.features(net, hint))
+                control = Control(feats, hint, t2i_adapter.scales(unit, len(feats.features)), active, adapter=True)
+                cond.append(control)
+                if guided:
+                    uncond.append(replace(control, hint=hint[:0], rows=(False,) * batch)
+                                  if unit.mode == "control" else control)
+                continue
             cfg = net.config
             if hint.shape[1] != cfg.hint_channels:
                 raise ControlError(f"{unit.model}: takes {cfg.hint_channels}-channel control images")

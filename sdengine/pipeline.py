@@ -77,7 +77,8 @@ class Pipeline:
         self._refiners: dict[str, Pipeline] = {}
         self._model_hash: str | None | bool = False  # computed on first use
         # ControlNets by name ($SDENGINE_HOME/controlnet, or paths), loaded on first use
-        self.controlnets = ControlNets(model.config.unet, model.device, model.dtype)
+        self.controlnets = ControlNets(model.config.unet, model.device, model.dtype,
+                                       latent_factor=model.config.vae.downscale)
         # the tiny autoencoder (nn/taesd.py), when one is loaded: for previews, and for final images if tiny_final
         # (the hires fix's intermediate decode always takes the VAE)
         self.tiny_vae: TinyAutoencoder | None = None

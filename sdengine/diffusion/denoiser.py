@@ -35,13 +35,16 @@ class Control:
     (none: (0, c, H, W));
     scales: one multiplier per residual (the unit's weight, or the soft-injection ramp); steps: [first, stop) of the
     sampling steps it acts on; rows: which rows of the batch it acts on (None: all; guidance's unconditional half
-    gets none in "ControlNet is more important" mode)."""
+    gets none in "ControlNet is more important" mode). pool: the residuals averaged over space (global pooling: the
+    shuffle ControlNet). adapter: net gives T2I-Adapter features (UNetModel's `adapter`), not residuals."""
 
     net: nn.Module
     hint: torch.Tensor
     scales: tuple[float, ...]
     steps: tuple[int, int] = ALL_STEPS
     rows: tuple[bool, ...] | None = None
+    pool: bool = False
+    adapter: bool = False
 
     def active(self, step: int) -> bool:
         return self.steps[0] <= step < self.steps[1]
@@ -58,6 +61,8 @@ class Control:
         extra = {} if y is None else {"y": y}
         hint = self.hint[:1].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)  # one image for the batch
         out = [r * s for r, s in zip(self.net(x, hint, t, context, **extra), self.scales)]
+        if self.pool:
+            out = [r.mean(dim=(2, 3), keepdim=True) for r in out]
         if index is None:
             return out
         full = []
@@ -142,11 +147,10 @@ class Denoiser:
         extra = {} if cond.y is None else {"y": cond.y.to(dtype)}  # SD1/SD2 UNets take no vector
         context = cond.context.to(dtype)
         if cond.controls:  # ControlNets see the latents without an inpainting UNet's extra channels
-            control = None
             for unit in cond.controls:
                 res = unit.residuals(unet_in.to(dtype), t, context, extra.get("y"))
-                control = res if control is None else [a + b for a, b in zip(control, res)]
-            extra["control"] = control
+                key = "adapter" if unit.adapter else "control"
+                extra[key] = [a + b for a, b in zip(extra[key], res)] if key in extra else res
         if cond.concat is not None:
             unet_in = torch.cat([unet_in, cond.concat.to(x.dtype)], dim=1)
         out = self.unet(unet_in.to(dtype), t, context, **extra).to(x.dtype)

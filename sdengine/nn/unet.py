@@ -114,6 +114,8 @@ class Encoder:
         self.skip_channels: list[int] = []
         self.channels = cfg.model_channels  # after the input blocks: the middle block's width
         self.ds = 1  # after the input blocks: the deepest downsampling factor
+        # after the input blocks: where T2I-Adapter features join, one input block per level (UNetModel.forward)
+        self.adapter_points: list[int] = []
 
     def transformer(self, ch: int, depth: int) -> SpatialTransformer:
         cfg = self.cfg
@@ -149,9 +151,14 @@ class Encoder:
                     layers.append(self.transformer(ch, depths[level]))
                 blocks.append(TimestepEmbedSequential(*layers))
                 self.skip_channels.append(ch)
+            # diffusers adds a level's feature after its last attention block, or after a level without attention
+            # as a whole (its downsampler too): SD1.5's blocks 2, 5, 8, 11 (the original's), SDXL's 3, 5, 8
+            self.adapter_points.append(len(blocks) - 1)
             if level != levels - 1:
                 blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 self.skip_channels.append(ch)
+                if ds not in cfg.attention_resolutions:
+                    self.adapter_points[-1] = len(blocks) - 1
                 ds *= 2
         self.channels, self.ds = ch, ds
         return blocks
@@ -176,6 +183,7 @@ class UNetModel(nn.Module):
         if (label_emb := enc.label_emb()) is not None:
             self.label_emb = label_emb
         self.input_blocks = enc.input_blocks()
+        self.adapter_points = tuple(enc.adapter_points)
         self.middle_block = enc.middle_block()
         skip_channels, ch, ds = list(enc.skip_channels), enc.channels, enc.ds
         transformer = enc.transformer
@@ -219,23 +227,34 @@ class UNetModel(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None,
+                adapter: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Model output (eps or v, per the checkpoint) for latents x at timesteps t given text context and, for
         UNets with a vector input (SDXL), y (b, adm_in_channels). control: ControlNet residuals, one per input
         block then the middle block's (nn/controlnet.py), added to the skip connections and to the middle block's
         output as the original ControlledUnetModel does (diffusers: down_block_additional_residuals and
-        mid_block_additional_residual)."""
+        mid_block_additional_residual). adapter: T2I-Adapter features (nn/t2i_adapter.py), one per level added to
+        the output of input block `adapter_points[i]` (its skip connection too), and a surplus one to the middle
+        block's output (SDXL's adapters; diffusers' down_intrablock_additional_residuals)."""
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
                              "(one per input block and the middle block's)")
         emb = self.embed(x, timesteps, y)
         context = context.to(x.dtype)
+        points = dict(zip(self.adapter_points, adapter or ()))
+        if adapter is not None and not len(self.adapter_points) <= len(adapter) <= len(self.adapter_points) + 1:
+            raise ValueError(f"adapter holds {len(adapter)} features; this UNet takes {len(self.adapter_points)} "
+                             f"(one per level) or {len(self.adapter_points) + 1}")
         skips = []
         h = x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context)
+            if i in points:
+                h = h + points[i].to(h.dtype)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if adapter is not None and len(adapter) > len(self.adapter_points):
+            h = h + adapter[-1].to(h.dtype)
         if control is not None:
             h = h + control[-1].to(h.dtype)
             skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
