@@ -265,3 +265,49 @@ def test_unit_interfaces(sd, tmp_path, capsys):
     controls, uncontrols = pipe.controlnets.controls((ControlUnit(str(sd["file"]), control_image(), mode="control"),),
                                                      W, H, 4, 2, guided=True)
     assert controls[0].adapter and controls[0].rows is None and uncontrols[0].rows == (False, False)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL pipeline (test_sdxl's) and a full_adapter_xl on its UNet's widths (unshuffle 4: twice the tiny
+    VAE's factor), saved as TencentARC's single file."""
+    from sdxl_helpers import sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("t2i-sdxl")
+    ref = sdxl_pipeline(root / "pipe")
+    widths = tuple(ref.unet.config.block_out_channels)
+    adapter = make_adapter("full_adapter_xl", (*widths, widths[-1]), 4, seed=6)
+    write_safetensors(original_keys(adapter.state_dict(), "full"), root / "xl.safetensors")
+    return {"ref": ref, "adapter": adapter, "file": root / "xl.safetensors", "root": root,
+            "pipe": Pipeline(sdengine.load(root / "pipe"))}
+
+
+def test_sdxl_pipeline_matches_diffusers(sdxl, sd):
+    """StableDiffusionXLAdapterPipeline (Euler, CFG 7.5, batch 2, scale 0.7, adapter_conditioning_factor 0.6: the
+    first 60% of the steps) and ours with weight 0.7, end 0.6: four features, the last one after the middle block.
+    An SD1 adapter on this SDXL model is a clear error."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline
+
+    if sd["layout"] != "sd1":
+        pytest.skip("the SD1 adapter suffices for the bad-input check")
+    ref = StableDiffusionXLAdapterPipeline(**{k: v for k, v in sdxl["ref"].components.items()
+                                              if k not in ("image_encoder", "feature_extractor")},
+                                           adapter=sdxl["adapter"])
+    ref.scheduler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = ref("a red circle", image=control_image(), negative_prompt="blue", num_inference_steps=6,
+                   guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                   adapter_conditioning_scale=0.7, adapter_conditioning_factor=0.6, output_type="latent").images
+    unit = ControlUnit(str(sdxl["file"]), control_image(), weight=0.7, end=0.6)
+    pipe = sdxl["pipe"]
+    ours = pipe.sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=5,
+                               width=W, height=H, batch_size=2, controls=[unit]))
+    error = max_rel_error(ours, expected)
+    print(f"parity sdxl: {error:.2e}")
+    assert error < 1e-3
+    plain = pipe.sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=5,
+                                width=W, height=H, batch_size=2))
+    assert max_rel_error(plain, expected) > 1e-2
+    with pytest.raises(ControlError, match="a T2I-Adapter for SD1.x/SD2.x .* the model is SDXL"):
+        load_control_model(sd["file"], pipe.model.config.unet, latent_factor=2)
