@@ -91,7 +91,8 @@ def detect_unet(sd: dict[str, torch.Tensor], heads_hint: dict | None = None) -> 
     middle = _depth(keys, "middle_block.1.")
     if not middle and "middle_block.2.in_layers.0.weight" in keys:
         raise UnknownArchitecture("unsupported UNet: a middle block of two res blocks without a transformer")
-    output = tuple(_depth(keys, f"output_blocks.{i}.1.") for i in _indices(keys, r"output_blocks\.(\d+)\."))
+    # None without output blocks (a ControlNet's encoder half, detected through this function): the default
+    output = tuple(_depth(keys, f"output_blocks.{i}.1.") for i in _indices(keys, r"output_blocks\.(\d+)\.")) or None
     label = sd.get(UNET + "label_emb.0.0.weight")
     heads = heads_hint or _head_rule(context_dim, [mc * m for m in mults])
     return UNetConfig(
