@@ -238,9 +238,9 @@ def load_image_encoder(path: str | Path, device: torch.device | str = "cpu", dty
     return encoder.to(device, dtype or torch.float32).eval().requires_grad_(False)
 
 
-def encoder_widths(path: Path) -> tuple[int, int] | None:
-    """(width, projection width) of an image encoder, from config.json or the file's header when it can be read
-    without loading tensors; None: not an image encoder (or not cheaply known)."""
+def encoder_widths(path: Path, load: bool = True) -> tuple[int, int] | None:
+    """(width, projection width) of an image encoder, from config.json or a .safetensors header (a pickle is loaded
+    only with `load`); None: not an image encoder (or not cheaply known)."""
     try:
         weights, hints = _encoder_files(path)
     except IPAdapterError:
@@ -248,6 +248,8 @@ def encoder_widths(path: Path) -> tuple[int, int] | None:
     if hints.get("hidden_size") and hints.get("projection_dim"):
         return int(hints["hidden_size"]), int(hints["projection_dim"])
     if weights.suffix != ".safetensors":
+        if not load:
+            return None
         try:
             _, cfg = read_image_encoder(path)
         except (IPAdapterError, OSError):
@@ -298,15 +300,15 @@ def find_image_encoder(adapter: Path, cfg: IPAdapterConfig, given: str | None = 
     root = adapter.parent
     candidates = [root / "image_encoder", root.parent / "models" / "image_encoder",
                   root.parent / "sdxl_models" / "image_encoder"]
-    if folder.is_dir():
-        entries = sorted(folder.iterdir())
+    for place in (root, folder):  # the adapter's folder (A1111 keeps them with the ControlNets), the ipadapter one
+        entries = sorted(place.iterdir()) if place.is_dir() else []
         candidates += [p / "image_encoder" for p in entries if p.is_dir()] + entries
     seen = set()
     for candidate in candidates:
         if candidate in seen or not candidate.exists() or candidate == adapter:
             continue
         seen.add(candidate)
-        widths = encoder_widths(candidate)
+        widths = encoder_widths(candidate, load=False)  # scanned by headers: no pickle is loaded to look
         if widths is not None and fits(cfg, widths):
             return candidate
     raise IPAdapterError(f"{adapter.name} needs its image encoder, {need}: put it beside the adapter as "
@@ -331,24 +333,26 @@ def resolve_ip_adapter(name: str, folder: Path | None = None) -> Path:
 
 
 def list_ip_adapters(folder: Path | None = None) -> list[str]:
-    """The IP-Adapters in the ipadapter folder by stem (files whose keys are an IP-Adapter's; encoders left out)."""
+    """The IP-Adapters in the ipadapter folder by stem (.safetensors whose keys are an IP-Adapter's; pickles)."""
     from .runtime import ipadapter_dir
 
     folder = folder or ipadapter_dir()
     if not folder.is_dir():
         return []
-    return [p.stem for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in SUFFIXES and _is_adapter(p)]
+    return [p.stem for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix in SUFFIXES and is_adapter(p) is not False]
 
 
-def _is_adapter(path: Path) -> bool:
+def is_adapter(path: Path) -> bool | None:
+    """Whether a file holds an IP-Adapter, from its .safetensors keys; None for a pickle (not loaded to look)."""
     if path.suffix != ".safetensors":
-        return "ip" in path.stem.lower() and "adapter" in path.stem.lower()  # a pickle is not opened to list it
+        return None
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return any(k.startswith("ip_adapter.") for k in f.keys())  # noqa: SIM118
-    except Exception:  # noqa: BLE001
+            return any(k.startswith("ip_adapter.") for k in f.keys())  # noqa: SIM118 - a safe_open handle
+    except Exception:  # noqa: BLE001 - unreadable: not an IP-Adapter
         return False
 
 

@@ -32,6 +32,7 @@ from .diffusion.schedule import SD_SCHEDULE, SDXL_SCHEDULE, NoiseSchedule
 from .diffusion.variation import initial_noise
 from .hires import upscale_latents, upscale_pixels
 from .images import image_to_tensor, mask_to_tensor, tensor_to_images
+from .ip_adapter import IPAdapters
 from .metadata import format_parameters
 from .model import StableDiffusion
 from .networks import Networks, strip_tags
@@ -79,6 +80,8 @@ class Pipeline:
         # ControlNets by name ($SDENGINE_HOME/controlnet, or paths), loaded on first use
         self.controlnets = ControlNets(model.config.unet, model.device, model.dtype,
                                        latent_factor=model.config.vae.downscale)
+        # IP-Adapters and their image encoders ($SDENGINE_HOME/ipadapter, or paths), loaded on first use
+        self.ip_adapters = IPAdapters(model.unet, model.device, model.dtype)
         # the tiny autoencoder (nn/taesd.py), when one is loaded: for previews, and for final images if tiny_final
         # (the hires fix's intermediate decode always takes the VAE)
         self.tiny_vae: TinyAutoencoder | None = None
@@ -94,6 +97,7 @@ class Pipeline:
         image's, else the model's training size."""
         req = self.sized(req, init)
         self.controlnets.check(req.controls)  # every ControlNet found before any work
+        self.ip_adapters.check(req.image_prompts)  # every IP-Adapter and its image encoder too
         inits = [init] if isinstance(init, Image.Image) else init
         pixels = None if inits is None else torch.cat([image_to_tensor(im, req.width, req.height) for im in inits])
         mask_t = None if mask is None else mask_to_tensor(mask, req.width, req.height)
@@ -308,6 +312,10 @@ class Pipeline:
                                                              req.batch_size, guided=uncond is not None, mask=mask)
             cond = cond.with_controls(controls)
             uncond = uncond.with_controls(uncontrols) if uncond is not None else None
+        if req.image_prompts:  # IP-Adapters: the images' tokens; guidance's negative half those of a zero image
+            tokens, untokens = self.ip_adapters.tokens(req.image_prompts, req.batch_size)
+            cond = cond.with_image_tokens(tokens)
+            uncond = uncond.with_image_tokens(untokens) if uncond is not None else None
         strength = req.run_strength if img2img else 1.0
         inpainting_unet = model.config.unet.in_channels == 9
         image_latents = None
@@ -444,7 +452,8 @@ class Pipeline:
 
     def _batch_infotext(self, req: Request) -> dict[str, Any]:
         """The parameters every image of a batch shares beyond the Request's: LoRA/TI hashes, warnings, units."""
-        return {**self.networks.infotext_fields(req), **self.controlnets.infotext_fields(req.controls)}
+        return {**self.networks.infotext_fields(req), **self.controlnets.infotext_fields(req.controls),
+                **self.ip_adapters.infotext_fields(req.image_prompts)}
 
     def infotext(self, req: Request, index: int, extra: dict[str, Any] | None = None,
                  shared: dict[str, Any] | None = None) -> str:

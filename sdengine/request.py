@@ -19,6 +19,7 @@ from .diffusion.samplers import SamplerSpec, get_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, SCHEDULES, SPACINGS
 from .diffusion.variation import Variation
 from .hires import HiresFix
+from .ip_adapter import ImagePrompt, IPAdapterError, check_prompts
 
 MAX_SIDE = 8192
 MAX_BATCH = 64
@@ -116,6 +117,8 @@ class Request:
     negative_aesthetic_score: float = AESTHETIC_SCORES[1]
     # ControlNet units (control.py): frozen specs, model by name or path and the control image, read when sampling
     controls: tuple[ControlUnit, ...] = ()
+    # IP-Adapter image prompts (ip_adapter.py): frozen specs, adapter by name or path, reference image(s), scale
+    image_prompts: tuple[ImagePrompt, ...] = ()
     # opt-in accelerations (sdengine/accel): DeepCache's interval (0: off) and branch, the token merging ratio
     # (0: off), the last steps run without guidance (0: off)
     deepcache: int = 0
@@ -195,6 +198,10 @@ class Request:
             object.__setattr__(self, "controls", check_units(self.controls))
         except ControlError as e:
             raise FieldError("controls", f"are not valid: {e}") from None
+        try:
+            object.__setattr__(self, "image_prompts", check_prompts(self.image_prompts))
+        except IPAdapterError as e:
+            raise FieldError("image_prompts", f"are not valid: {e}") from None
         try:
             _ = self.accelerations  # validated here, before any model loads
         except ValueError as e:
@@ -346,4 +353,5 @@ def fields_from_parameters(params: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-__all__ = ["Request", "FieldError", "ControlUnit", "random_seed", "MAX_SIDE", "MAX_SEED", "MAX_CLIP_SKIP"]
+__all__ = ["Request", "FieldError", "ControlUnit", "ImagePrompt", "random_seed", "MAX_SIDE", "MAX_SEED",
+           "MAX_CLIP_SKIP"]

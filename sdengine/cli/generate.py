@@ -124,6 +124,16 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
     c.add_argument("--controlnet-dir", type=Path, default=None,
                    help="where ControlNets are found by name (default: $SDENGINE_CONTROLNET or "
                         "$SDENGINE_HOME/controlnet)")
+    i = p.add_argument_group("IP-Adapter", "image prompts (IP-Adapter); docs/control.md")
+    i.add_argument("--ip-adapter", action="append", default=[], metavar="MODEL:IMAGE[:SCALE]",
+                   help="an IP-Adapter (a path, or a name in --ip-adapter-dir) and its reference image (several: "
+                        "IMAGE,IMAGE,...), at SCALE (default 1) (repeatable)")
+    i.add_argument("--ip-adapter-encoder", default=None, metavar="PATH",
+                   help="the CLIP image encoder (a transformers folder or file); default: the image_encoder folder "
+                        "beside the adapter, or one in --ip-adapter-dir")
+    i.add_argument("--ip-adapter-dir", type=Path, default=None,
+                   help="where IP-Adapters and image encoders are found (default: $SDENGINE_IPADAPTER or "
+                        "$SDENGINE_HOME/ipadapter)")
     for flag, (field, options) in REQUEST_OPTIONS.items():
         _add(p, flag, field, options, defaults.get(field))
     if command != "generate":
@@ -231,6 +241,36 @@ def control_options(args: argparse.Namespace) -> tuple:
     return tuple(units)
 
 
+def ip_adapter_options(args: argparse.Namespace) -> tuple:
+    """The ImagePrompts --ip-adapter asks for: every adapter read, its image encoder found and every image read
+    before the model loads."""
+    from ..ip_adapter import ImagePrompt, IPAdapterError, find_image_encoder, read_ip_adapter, resolve_ip_adapter
+
+    values = getattr(args, "ip_adapter", [])
+    if not values:
+        if getattr(args, "ip_adapter_encoder", None):
+            raise CLIError("--ip-adapter-encoder needs an --ip-adapter")
+        return ()
+    if args.ip_adapter_dir is not None and not args.ip_adapter_dir.is_dir():
+        raise CLIError(f"IP-Adapter folder {args.ip_adapter_dir} does not exist")
+    prompts = []
+    for value in values:
+        try:
+            name, image, numbers = parse_control(value)
+            if len(numbers) > 1:
+                raise CLIError("")
+        except CLIError:
+            raise CLIError(f"--ip-adapter {value}: expected MODEL:IMAGE or MODEL:IMAGE:SCALE") from None
+        try:
+            path = resolve_ip_adapter(name, args.ip_adapter_dir)
+            encoder = find_image_encoder(path, read_ip_adapter(path)[1], args.ip_adapter_encoder, args.ip_adapter_dir)
+            images = [open_image(Path(i), "reference image") for i in image.split(",")]
+            prompts.append(ImagePrompt(str(path), images, scale=numbers[0] if numbers else 1.0, encoder=str(encoder)))
+        except IPAdapterError as e:
+            raise CLIError(f"--ip-adapter {value}: {e}") from None
+    return tuple(prompts)
+
+
 # A1111's "Prompts from file or textbox" line options -> Request fields
 LINE_OPTIONS: dict[str, tuple[str, Any]] = {
     "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "steps": ("steps", int),
@@ -323,6 +363,8 @@ def request_from_args(args: argparse.Namespace, command: str, width: int | None,
         values["prompt"] = " ".join([values["prompt"], *args.lora_tags]).strip()
     if getattr(args, "control_units", None):
         values["controls"] = args.control_units
+    if getattr(args, "image_prompts", None):
+        values["image_prompts"] = args.image_prompts
     values.setdefault("width", width)
     values.setdefault("height", height)
     return _request_class()(**values)
@@ -423,6 +465,7 @@ def run_generation(args: argparse.Namespace) -> None:
         width = height = runtime.native_size(model_path)
     loras, args.lora_tags = lora_options(args)
     args.control_units = control_options(args)
+    args.image_prompts = ip_adapter_options(args)
     lines = prompt_lines(args.prompts_file) if args.prompts_file else [None]
     reqs = [request_from_args(args, command, width, height, line) for line in lines]
     for req in reqs:

@@ -8,6 +8,7 @@ guided callable the same way.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -74,23 +75,39 @@ class Control:
 
 
 @dataclass(frozen=True)
+class ImageTokens:
+    """One IP-Adapter's image prompt as the denoiser applies it (built by sdengine/ip_adapter.py): its tokens
+    (b, m, width) for every row of the batch (guidance's unconditional half: those of a zero image), the adapter
+    (nn/ip_adapter.py's IPAdapter, which patches the UNet's cross-attention for one call) and its scale."""
+
+    adapter: nn.Module
+    tokens: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """Everything that conditions one UNet call besides x and t, for a batch.
 
     context: cross-attention states (b, 77k, width). y: the "vector" conditioning of class-conditional and SDXL
     UNets (None for SD1/SD2). concat: extra input channels (inpainting UNets: mask and masked-image latents).
-    controls: ControlNet units, their residuals computed at every evaluation from x, t, context, y and the hint."""
+    controls: ControlNet units, their residuals computed at every evaluation from x, t, context, y and the hint.
+    image_tokens: IP-Adapters' image prompts (decoupled cross-attention beside the context)."""
 
     context: torch.Tensor
     y: torch.Tensor | None = None
     concat: torch.Tensor | None = None
     controls: tuple[Control, ...] = ()
+    image_tokens: tuple[ImageTokens, ...] = ()
 
     def with_concat(self, concat: torch.Tensor | None) -> Conditioning:
         return replace(self, concat=concat)
 
     def with_controls(self, controls: tuple[Control, ...]) -> Conditioning:
         return replace(self, controls=controls)
+
+    def with_image_tokens(self, image_tokens: tuple[ImageTokens, ...]) -> Conditioning:
+        return replace(self, image_tokens=image_tokens)
 
     def at_step(self, step: int) -> tuple[tuple[int, ...], Conditioning]:
         """(which controls act at sampling step `step`, this conditioning with only those)."""
@@ -119,8 +136,13 @@ class Conditioning:
             rows = tuple(r for u, p in zip(units, parts) for r in (u.rows or (True,) * p.context.shape[0]))
             hint = max((u.hint for u in units), key=len)  # rows without the control hold none
             controls.append(replace(first, hint=hint, rows=rows))
+        images = []
+        for prompts in zip(*(p.image_tokens for p in parts), strict=True):
+            if any(i.adapter is not prompts[0].adapter or i.scale != prompts[0].scale for i in prompts):
+                raise ValueError("conditionings to batch together must carry the same image prompts")
+            images.append(replace(prompts[0], tokens=torch.cat([i.tokens for i in prompts])))
         return Conditioning(join([p.context for p in parts]), join([p.y for p in parts]),
-                            join([p.concat for p in parts]), tuple(controls))
+                            join([p.concat for p in parts]), tuple(controls), tuple(images))
 
 
 class Denoiser:
@@ -153,7 +175,10 @@ class Denoiser:
                 extra[key] = [a + b for a, b in zip(extra[key], res)] if key in extra else res
         if cond.concat is not None:
             unet_in = torch.cat([unet_in, cond.concat.to(x.dtype)], dim=1)
-        out = self.unet(unet_in.to(dtype), t, context, **extra).to(x.dtype)
+        with contextlib.ExitStack() as patched:  # IP-Adapters' image tokens, for this call only
+            for image in cond.image_tokens:
+                patched.enter_context(image.adapter.attached(self.unet, image.tokens.to(x.device, dtype), image.scale))
+            out = self.unet(unet_in.to(dtype), t, context, **extra).to(x.dtype)
         if self.prediction == "eps":
             return x - s * out
         # v = alpha * eps - sigma_vp * x0, rewritten for VE x: x0 = x / (s^2 + 1) - v * s / sqrt(s^2 + 1)
@@ -178,6 +203,9 @@ class ScheduledConditioning:
 
     def with_controls(self, controls: tuple[Control, ...]) -> ScheduledConditioning:
         return ScheduledConditioning(tuple((end, c.with_controls(controls)) for end, c in self.entries))
+
+    def with_image_tokens(self, image_tokens: tuple[ImageTokens, ...]) -> ScheduledConditioning:
+        return ScheduledConditioning(tuple((end, c.with_image_tokens(image_tokens)) for end, c in self.entries))
 
 
 AnyConditioning = Conditioning | ScheduledConditioning

@@ -2,6 +2,10 @@
 `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}` of txt2img/img2img, and its /controlnet routes
 (model_list, module_list, detect, version). The engine's side is sdengine/control.py.
 
+IP-Adapter arrives as the extension sends it: a unit whose module is one of its `ip-adapter_clip_*` modules (or whose
+model is an IP-Adapter file, which sits in the ControlNet folder as in A1111) becomes an image prompt
+(sdengine/ip_adapter.py), the unit's weight its scale.
+
 Clients name ControlNets as the extension lists them ("name" or "name [hash]"), found in the server's ControlNet
 folder only: a unit's model is resolved here, in the request thread, to that folder's file, so a name can never
 reach a path elsewhere (control.resolve_controlnet alone would take any existing path).
@@ -18,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from .. import control
+from .. import control, ip_adapter
 from .bodies import BodyInThread
 from .errors import BadInput
 from .images import decode_image, encode_png
@@ -28,6 +32,9 @@ IGNORED = {"pixel_perfect": (False, None), "processor_res": (-1, 512, 64, None),
            "guess_mode": (False, None), "save_detected_map": (True, False, None), "hr_option": ("Both", None)}
 NO_MODEL = (None, "", "None", "none")
 API_VERSION = 2  # the extension's /controlnet/version
+# The extension's IP-Adapter modules (its CLIP image encoders; the encoder here is chosen by the adapter's shapes)
+IP_MODULES = ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
+              "ip-adapter_clip_h", "ip-adapter_clip_g")
 
 
 def folder_names(folder: Path | None) -> list[str]:
@@ -37,6 +44,8 @@ def folder_names(folder: Path | None) -> list[str]:
     out = []
     for name in control.list_controlnets(folder):
         path = control.resolve_controlnet(name, folder)
+        if path.is_dir() and ip_adapter.encoder_widths(path, load=False):  # an IP-Adapter's image encoder
+            continue
         digest = control.short_hash(path)
         out.append(f"{name} [{digest}]" if digest else name)
     return out
@@ -90,20 +99,25 @@ class UnitReader:
 
     def units(self, scripts: dict[str, Any], fallback: Image.Image | None, warnings: list[str]
               ) -> tuple[control.ControlUnit, ...]:
-        """alwayson_scripts' "controlnet" entry (any case) -> the enabled units. `fallback`: img2img's init image,
-        the control image of a unit that sends none (as the extension does)."""
+        return self.read(scripts, fallback, warnings)[0]
+
+    def read(self, scripts: dict[str, Any], fallback: Image.Image | None, warnings: list[str]
+             ) -> tuple[tuple[control.ControlUnit, ...], tuple[ip_adapter.ImagePrompt, ...]]:
+        """alwayson_scripts' "controlnet" entry (any case) -> (the enabled ControlNet units, the IP-Adapter units as
+        image prompts). `fallback`: img2img's init image, the control image of a unit that sends none (as the
+        extension does)."""
         key = next((k for k in scripts if str(k).lower() == "controlnet"), None)
         if key is None:
-            return ()
+            return (), ()
         entry = scripts[key]
         args = entry.get("args") if isinstance(entry, dict) else entry
         if args is None:
-            return ()
+            return (), ()
         if not isinstance(args, list):
             raise BadInput("alwayson_scripts.controlnet.args must be a list of ControlNet units")
         if len(args) > control.MAX_UNITS:
             raise BadInput(f"at most {control.MAX_UNITS} ControlNet units at once, got {len(args)}")
-        out = []
+        out, prompts = [], []
         for i, unit in enumerate(args):
             where = f"alwayson_scripts.controlnet.args[{i}]"
             if not isinstance(unit, dict):
@@ -123,9 +137,14 @@ class UnitReader:
                 if fallback is None:
                     raise BadInput(f"{where}.image: a ControlNet unit needs a control image in txt2img")
                 image = fallback
+            model = resolve(unit.get("model"), self.folder, where)
+            module = str(unit.get("module") or "none").strip().lower()
+            if module.startswith("ip-adapter") or ip_adapter.is_adapter(Path(model)):
+                prompts.append(self.image_prompt(unit, module, model, image, where, warnings))
+                continue
             try:
                 out.append(control.ControlUnit(
-                    resolve(unit.get("model"), self.folder, where), image,
+                    model, image,
                     weight=_number(unit, "weight", 1.0, where), start=_number(unit, "guidance_start", 0.0, where),
                     end=_number(unit, "guidance_end", 1.0, where),
                     mode=unit.get("control_mode") if unit.get("control_mode") is not None else "balanced",
@@ -135,7 +154,24 @@ class UnitReader:
                     threshold_b=_threshold(unit, "threshold_b", where), mask=mask))
             except control.ControlError as e:
                 raise BadInput(f"{where}: {e}") from None
-        return tuple(out)
+        if len(prompts) > ip_adapter.MAX_ADAPTERS:
+            raise BadInput(f"at most {ip_adapter.MAX_ADAPTERS} IP-Adapter units at once, got {len(prompts)}")
+        return tuple(out), tuple(prompts)
+
+    def image_prompt(self, unit: dict, module: str, model: str, image: Image.Image, where: str,
+                     warnings: list[str]) -> ip_adapter.ImagePrompt:
+        """An IP-Adapter unit: its model must be an IP-Adapter and its module one of IP_MODULES (or none)."""
+        if module not in (*IP_MODULES, "none"):
+            raise BadInput(f"{where}.module {module!r}: an IP-Adapter unit takes one of {', '.join(IP_MODULES)}"
+                           + ("" if module.startswith("ip-adapter") else " (its model is an IP-Adapter)"))
+        if ip_adapter.is_adapter(Path(model)) is False:
+            raise BadInput(f"{where}.model: {Path(model).stem} is a ControlNet, not an IP-Adapter (module {module})")
+        if (_number(unit, "guidance_start", 0.0, where), _number(unit, "guidance_end", 1.0, where)) != (0.0, 1.0):
+            warnings.append(f"{where}: guidance start/end ignored for an IP-Adapter (it acts on every step)")
+        try:
+            return ip_adapter.ImagePrompt(model, image, scale=_number(unit, "weight", 1.0, where))
+        except ip_adapter.IPAdapterError as e:
+            raise BadInput(f"{where}: {e}") from None
 
 
 class DetectBody(BaseModel):
@@ -161,7 +197,7 @@ def router(folder: Path | None, max_pixels: int, max_images: int = 8) -> APIRout
 
     @api.get("/module_list")
     def module_list() -> dict[str, Any]:
-        return {"module_list": list(control.PREPROCESSORS)}
+        return {"module_list": [*control.PREPROCESSORS, *IP_MODULES]}
 
     @api.post("/detect")
     async def detect(body: DetectBody) -> dict[str, Any]:

@@ -201,9 +201,9 @@ class BodyReader:
         elif _get(body, "enable_hr", False):
             self._hires(body, job)
         with self._decoding:
-            units = self.controlnet.units(alwayson, job.init[0] if job.init else None, warnings)
-        if units:
-            job.request = make_request(**{**_fields(job.request), "controls": units})
+            units, prompts = self.controlnet.read(alwayson, job.init[0] if job.init else None, warnings)
+        if units or prompts:  # IP-Adapter units arrive as image prompts (server/controlnet.py)
+            job.request = make_request(**{**_fields(job.request), "controls": units, "image_prompts": prompts})
         if script == scripts.XYZ:
             job.script = scripts.xyz_plan(script_args, mode, job.request, self.registry, lim.max_batch ** 2, warnings)
         self._check_memory(job)
