@@ -15,10 +15,11 @@ model family, is a one-line error that says what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ RESIZE_MODES = {"just resize": "Just Resize", "crop and resize": "Crop and Resiz
 # Preprocessors (A1111's module names) -> (threshold A default, threshold B default); None: the module takes none.
 PREPROCESSORS: dict[str, tuple[float | None, float | None]] = {
     "none": (None, None), "canny": (100.0, 200.0), "invert": (None, None), "threshold": (127.0, None),
-    "scribble_xdog": (32.0, None), "tile_resample": (1.0, None), "inpaint": (None, None),
+    "scribble_xdog": (32.0, None), "tile_resample": (1.0, None), "inpaint": (None, None), "shuffle": (0.0, None),
 }
 ALIASES = {"scribble": "scribble_xdog", "tile": "tile_resample", "xdog": "scribble_xdog"}
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -198,12 +199,35 @@ def preprocess(image: Image.Image, module: str, threshold_a: float | None = None
         darker = np.clip(np.min(coarse - fine, axis=2), 0, 255)  # how much darker than its surround, every channel
         lines = (2 * darker > a).astype(np.uint8) * 255
         return Image.fromarray(np.stack([lines] * 3, axis=-1))
+    if module == "shuffle":  # A1111's content shuffle; threshold A: the seed of its random flow field
+        return _content_shuffle(image.convert("RGB"), int(a))
     if module == "tile_resample":  # the tile ControlNet's input: the image blurred by downsampling by `a`
         if a <= 1.0:
             return image.convert("RGB")
         w, h = max(1, round(image.width / a)), max(1, round(image.height / a))
         return image.convert("RGB").resize((w, h), Image.Resampling.BOX)
     raise AssertionError(module)
+
+
+def _content_shuffle(image: Image.Image, seed: int) -> Image.Image:
+    """The shuffle ControlNet's input: the image warped by a smooth random flow field (A1111's ContentShuffleDetector:
+    each pixel read from a place given by two bicubically upsampled uniform noise grids). Its grid spacing, 256 pixels
+    at A1111's fixed 512-pixel processing resolution, is scaled to the image's short side."""
+    cv2 = _cv2()
+    rng = np.random.RandomState(seed % 2 ** 32)
+    h, w = image.height, image.width
+    f = max(1, round(256 * min(h, w) / 512))
+
+    def noise() -> np.ndarray:  # annotator/util.py make_noise_disk, one channel
+        grid = rng.uniform(0, 1, size=(h // f + 2, w // f + 2))
+        field = cv2.resize(grid, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)[f:f + h, f:f + w]
+        field = field - field.min()
+        return field / max(field.max(), 1e-12)
+
+    x = noise() * float(w - 1)
+    y = noise() * float(h - 1)
+    flow = np.stack([x, y], axis=2).astype(np.float32)
+    return Image.fromarray(cv2.remap(np.asarray(image), flow, None, cv2.INTER_LINEAR))
 
 
 def fit(image: Image.Image, width: int, height: int, mode: str = "just resize") -> Image.Image:
@@ -309,11 +333,12 @@ def config_from_diffusers(c: dict[str, Any]) -> ControlNetConfig:
 
     if c.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise ControlError(f"a {c.get('_class_name')} folder, not a ControlNetModel")
-    if c.get("controlnet_conditioning_channel_order", "rgb") != "rgb" or c.get("global_pool_conditions"):
-        raise ControlError("unsupported ControlNet: BGR channel order or global pooling (shuffle) is set")
+    if c.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
+        raise ControlError("unsupported ControlNet: BGR channel order is set")
     unet = unet_config_from_diffusers({**c, "out_channels": c.get("in_channels", 4)})
     widths = tuple(c.get("conditioning_embedding_out_channels") or (16, 32, 96, 256))
-    return ControlNetConfig(unet=unet, hint_channels=c.get("conditioning_channels", 3), hint_block_channels=widths)
+    return ControlNetConfig(unet=unet, hint_channels=c.get("conditioning_channels", 3), hint_block_channels=widths,
+                            global_pool=bool(c.get("global_pool_conditions")))
 
 
 def config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
@@ -327,15 +352,13 @@ def config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
         c.pop(key, None)
     return {**c, "_class_name": "ControlNetModel", "conditioning_channels": cfg.hint_channels,
             "conditioning_embedding_out_channels": list(cfg.hint_block_channels),
-            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": cfg.global_pool}
 
 
 def detect_controlnet(sd: dict[str, torch.Tensor], like: UNetConfig | None = None) -> ControlNetConfig:
     """The layout of an original-keyed ControlNet state dict (no prefix). Heads and GroupNorm groups are in no
     tensor's shape: a ControlNet copies its UNet, so they are taken from `like` (the model's UNet) when the widths
     agree, else the published families' rule."""
-    import dataclasses
-
     import torch
 
     from .nn.controlnet import ControlNetConfig
@@ -403,7 +426,25 @@ def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: d
     except (CheckpointError, KeyError, json.JSONDecodeError) as e:
         raise ControlError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     sd = _original_keys(tensors, str(path))
-    return sd, detect_controlnet(sd, like)
+    cfg = detect_controlnet(sd, like)
+    return sd, dataclasses.replace(cfg, global_pool=global_pooling(path))
+
+
+def global_pooling(path: Path) -> bool:
+    """Whether a single file's ControlNet pools its residuals: lllyasviel's release ships a .yaml beside each file,
+    `global_average_pooling: True` in the shuffle model's (control_v11e_sd15_shuffle.yaml); nothing in the weights
+    says so. A file named like a shuffle model without that .yaml is warned about (A1111's extension goes by the
+    name)."""
+    import re
+    import warnings
+
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        return re.search(r"global_average_pooling:\s*true", yaml.read_text(errors="replace"), re.I) is not None
+    if "shuffle" in path.stem.lower():
+        warnings.warn(f"{path.name}: a shuffle ControlNet pools its residuals (global_average_pooling), which only "
+                      f"its .yaml says; put {yaml.name} from its release beside it", stacklevel=2)
+    return False
 
 
 def family_of(unet: UNetConfig) -> str:
@@ -483,6 +524,9 @@ def save_controlnet(net: ControlNet, path: str | Path, layout: str = "original")
     sd = net.state_dict()
     if layout == "original":
         write_safetensors({PREFIX + k: v for k, v in sd.items()}, path)
+        if net.config.global_pool:  # only a .yaml beside the file says so (global_pooling)
+            path.with_suffix(".yaml").write_text("model:\n  params:\n    control_stage_config:\n      params:\n"
+                                                 "        global_average_pooling: True\n")
         return
     if layout != "diffusers":
         raise ValueError(f"layout must be 'original' or 'diffusers', not {layout!r}")
@@ -583,17 +627,19 @@ class ControlNets:
                 control = Control(feats, hint, t2i_adapter.scales(unit, len(feats.features)), active, adapter=True)
                 cond.append(control)
                 if guided:
-                    uncond.append(replace(control, hint=hint[:0], rows=(False,) * batch)
+                    uncond.append(dataclasses.replace(control, hint=hint[:0], rows=(False,) * batch)
                                   if unit.mode == "control" else control)
                 continue
             cfg = net.config
             if hint.shape[1] != cfg.hint_channels:
                 raise ControlError(f"{unit.model}: takes {cfg.hint_channels}-channel control images")
-            control = Control(net, hint, unit.scales(net.residuals), active)
+            # global pooling (shuffle): averaged residuals on the conditional half only, as diffusers (which forces
+            # guess mode for it) and A1111's extension apply them
+            control = Control(net, hint, unit.scales(net.residuals), active, pool=cfg.global_pool)
             cond.append(control)
             if guided:
-                uncond.append(Control(net, hint[:0], control.scales, active, rows=(False,) * batch)
-                              if unit.mode == "control" else control)
+                uncond.append(dataclasses.replace(control, hint=hint[:0], rows=(False,) * batch)
+                              if unit.mode == "control" or cfg.global_pool else control)
         return tuple(cond), tuple(uncond)
 
     def infotext_fields(self, units: tuple[ControlUnit, ...]) -> dict[str, str]:

@@ -379,3 +379,45 @@ def test_tiling_wraps_the_controlnet_too(cn):
     assert net.input_hint_block[0].padding_mode == "zeros"
     image = pipe.generate("a red circle", steps=2, seed=1, width=W, height=H, tiling=True, controls=[unit])[0]
     assert "Tiling: True" in image.info["parameters"]
+
+
+def test_shuffle_preprocessor():
+    """A1111's content shuffle: a smooth random warp of the image, the same for the same seed (threshold A)."""
+    image = control_image(3).resize((64, 48))
+    a, b = preprocess(image, "shuffle"), preprocess(image, "shuffle")
+    assert a.size == image.size and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(preprocess(image, "shuffle", 1)))
+    assert not np.array_equal(np.asarray(a), np.asarray(image))
+    flat = Image.new("RGB", (64, 48), (10, 200, 30))  # a warp moves pixels, it makes no new colours
+    assert set(map(tuple, np.asarray(preprocess(flat, "shuffle")).reshape(-1, 3))) == {(10, 200, 30)}
+    assert ControlUnit("m", "x.png", preprocess="shuffle").threshold_a == 0
+
+
+def test_global_pool_matches_diffusers(cn, tmp_path):
+    """The shuffle ControlNet's global pooling: a ControlNetModel with global_pool_conditions (diffusers forces guess
+    mode for it: residuals mean-pooled over space, on the conditional half only, at the uniform weight) against
+    StableDiffusionControlNetPipeline; the same net as lllyasviel's single file with its .yaml beside."""
+    from diffusers import ControlNetModel
+
+    ref = perturb(ControlNetModel.from_unet(cn["parts"]["unet"], conditioning_embedding_out_channels=HINT_WIDTHS), 4)
+    ref.register_to_config(global_pool_conditions=True)
+    ref.save_pretrained(tmp_path / "pooled")
+    pipe = reference_pipeline(cn, [ref])
+    gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    expected = pipe("a red circle", image=control_image(), negative_prompt="blue", num_inference_steps=6,
+                    guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                    controlnet_conditioning_scale=0.8, output_type="latent").images
+    net = load_controlnet(tmp_path / "pooled", cn["model"].config.unet)
+    assert net.config.global_pool
+    save_controlnet(net, tmp_path / "shuffle.safetensors")
+    assert read_controlnet(tmp_path / "shuffle.safetensors")[1].global_pool
+    for model in (tmp_path / "pooled", tmp_path / "shuffle.safetensors"):
+        unit = ControlUnit(str(model), control_image(), weight=0.8)
+        ours = cn["pipe"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=6, cfg_scale=7.5, seed=3,
+                                         width=W, height=H, batch_size=2, controls=[unit]))
+        error = max_rel_error(ours, expected)
+        print(f"parity {cn['layout']} global pool ({model.name}): {error:.2e}")
+        assert error < 1e-3
+    (tmp_path / "shuffle.yaml").unlink()  # without its .yaml a shuffle-named file is warned about, not pooled
+    with pytest.warns(UserWarning, match="global_average_pooling"):
+        assert not read_controlnet(tmp_path / "shuffle.safetensors")[1].global_pool

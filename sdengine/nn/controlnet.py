@@ -25,11 +25,15 @@ HINT_BLOCK_CHANNELS = (16, 32, 96, 256)
 @dataclass(frozen=True)
 class ControlNetConfig:
     """unet: the layout of the copied encoder half (a UNetConfig; its output side is unused). hint_channels: the
-    control image's channels (3; inpainting ControlNets read 3 as well, masked pixels set to -1)."""
+    control image's channels (3; inpainting ControlNets read 3 as well, masked pixels set to -1). global_pool: the
+    residuals are averaged over space and act on guidance's conditional half only (the shuffle ControlNet: the
+    original's global_average_pooling, diffusers' global_pool_conditions); in no tensor's shape, read from the
+    file's .yaml or config.json."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     hint_channels: int = 3
     hint_block_channels: tuple[int, ...] = HINT_BLOCK_CHANNELS
+    global_pool: bool = False
 
     @property
     def downscale(self) -> int:
