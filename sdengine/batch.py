@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -133,7 +134,8 @@ def read_items(path: Path, seed_base: int, size: int) -> list[Item]:
         if len(line) > MAX_LINE_BYTES:
             raise BatchError(f"{where}: {len(line)} bytes; at most {MAX_LINE_BYTES} per line")
         try:
-            items.append(parse_line(line.decode("utf-8").strip(), number - 1, seed_base, size))
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # an editor's BOM, if any
+            items.append(parse_line(text, number - 1, seed_base, size))
         except UnicodeDecodeError:
             raise BatchError(f"{where}: not UTF-8 text") from None
         except json.JSONDecodeError as e:
@@ -211,16 +213,27 @@ def pending(items: list[Item], done: dict[str, dict[str, Any]], out: Path, force
 
 
 class PartWriter:
-    """One worker's record of what it finished, rewritten atomically after each item."""
+    """One worker's record of what it finished, rewritten atomically after an item when `interval` seconds have
+    passed since the last write (and by `flush`): a rewrite costs O(items), so per item only while it is cheap. A
+    worker killed between writes loses the records of at most `interval` seconds of items, which are made again."""
 
-    def __init__(self, out: Path, worker: str, settings: dict[str, Any]):
-        self.path, self.settings = out / f"{PART_PREFIX}{worker}.json", settings
+    def __init__(self, out: Path, worker: str, settings: dict[str, Any], interval: float = 2.0):
+        self.path, self.settings, self.interval = out / f"{PART_PREFIX}{worker}.json", settings, interval
         self.items: dict[str, dict[str, Any]] = {}
+        self.written = 0.0  # time.monotonic() of the last write
+        self.dirty = False
 
     def add(self, item: Item, seeds: list[int]) -> None:
         self.items[str(item.index)] = {"line": item.index + 1, "sha256": item.digest, "files": item.names(),
                                        "seeds": seeds}
-        _write_json(self.path, {"version": MANIFEST_VERSION, "settings": self.settings, "items": self.items})
+        self.dirty = True
+        if time.monotonic() - self.written >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.dirty:
+            _write_json(self.path, {"version": MANIFEST_VERSION, "settings": self.settings, "items": self.items})
+            self.written, self.dirty = time.monotonic(), False
 
 
 # --- generation -----------------------------------------------------------------------------------------------------
@@ -280,13 +293,16 @@ def save_item(item: Item, images: list[Image.Image], out: Path) -> list[int]:
 def run_items(pipe: Pipeline, todo: Iterable[Item], out: Path, part: PartWriter,
               log: Callable[[str], None]) -> int:
     count = 0
-    for item in todo:
-        seeds = save_item(item, pipe.run(item.request), out)
-        part.add(item, seeds)
-        for warning in pipe.networks.warnings:
-            log(f"line {item.index + 1}: warning: {warning}")
-        log(f"wrote {', '.join(item.names())} (line {item.index + 1}, seed {seeds[0]})")
-        count += 1
+    try:
+        for item in todo:
+            seeds = save_item(item, pipe.run(item.request), out)
+            part.add(item, seeds)
+            for warning in pipe.networks.warnings:
+                log(f"line {item.index + 1}: warning: {warning}")
+            log(f"wrote {', '.join(item.names())} (line {item.index + 1}, seed {seeds[0]})")
+            count += 1
+    finally:  # an error or Ctrl-C keeps the record of what was made
+        part.flush()
     return count
 
 
@@ -375,8 +391,6 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
     """Make every pending item on a Ray cluster (`address`; "local" starts one here) through Ray Data: one actor
     per GPU (num_gpus=1) where the cluster has GPUs, else `workers` CPU actors. The driver writes files and the
     manifest as results arrive."""
-    from PIL import Image
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     items = read_items(prompts, settings.seed_base, settings.size)
     recorded = settings.recorded()
@@ -396,23 +410,32 @@ def run_batch_ray(prompts: Path, out: Path, settings: Settings, address: str, wo
                                    compute=ray.data.ActorPoolStrategy(size=actors), **per_actor)
         by_index = {it.index: it for it in todo}
         part = PartWriter(out, "ray", recorded)
-        count = 0
-        for row in results.iter_rows():
-            item = by_index[int(row["index"])]
-            made = json.loads(str(row["parameters"]))
-            images = []
-            for pixels, (parameters, seed) in zip(row["pixels"], made):
-                image = Image.fromarray(pixels)
-                image.info.update(parameters=parameters, seed=seed)
-                images.append(image)
-            seeds = save_item(item, images, out)
-            part.add(item, seeds)
-            log(f"wrote {', '.join(item.names())} (line {item.index + 1}, seed {seeds[0]})")
-            count += 1
+        try:
+            count = sum(1 for _ in _finished(results, by_index, out, part, log))
+        finally:
+            part.flush()
         consolidate(out, recorded)
         return count
     finally:
         ray.shutdown()
+
+
+def _finished(results: Any, by_index: dict[int, Item], out: Path, part: PartWriter,
+              log: Callable[[str], None]) -> Iterable[int]:
+    """Ray's results as they arrive: each item's files written and recorded; yields its index."""
+    from PIL import Image
+
+    for row in results.iter_rows():
+        item = by_index[int(row["index"])]
+        images = []
+        for pixels, (parameters, seed) in zip(row["pixels"], json.loads(str(row["parameters"]))):
+            image = Image.fromarray(pixels)
+            image.info.update(parameters=parameters, seed=seed)
+            images.append(image)
+        seeds = save_item(item, images, out)
+        part.add(item, seeds)
+        log(f"wrote {', '.join(item.names())} (line {item.index + 1}, seed {seeds[0]})")
+        yield item.index
 
 
 __all__ = ["BatchError", "Item", "Settings", "derived_seed", "read_items", "run_batch", "run_batch_ray"]

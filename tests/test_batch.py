@@ -168,6 +168,8 @@ def test_seeds_are_derived_from_the_index_alone(tmp_path):
     assert [it.request.seed for it in items] == [derived_seed(3, i) for i in range(3)]
     assert items[2].request.subseed == derived_seed(3, 2, "variation") != items[2].request.seed
     assert read_items(prompts, 3, 64) == items  # and again: no randomness
+    prompts.write_bytes(b"\xef\xbb\xbf" + prompts.read_bytes())  # an editor's byte-order mark
+    assert read_items(prompts, 3, 64) == items
 
 
 @pytest.mark.slow
