@@ -275,3 +275,115 @@ def test_cli(ipa, tmp_path, capsys):
         assert run([*common, "--ip-adapter", *bad, "--out", str(tmp_path / "bad.png")]) != 0
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+# --- HTTP: the ControlNet extension's IP-Adapter units ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server over a tiny model, its ControlNet folder holding an IP-Adapter for it and the image encoder."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from sdengine.config import TINY
+    from sdengine.model import StableDiffusion
+    from sdengine.prompts import BUNDLED_STYLES, load_styles
+    from sdengine.server.app import create_app
+    from sdengine.server.registry import ModelRegistry
+    from sdengine.server.service import Service
+    from sdengine.server.validation import Limits
+    from sdengine.weights import save
+
+    root = tmp_path_factory.mktemp("ipa-server")
+    for name in ("models", "controlnet"):
+        (root / name).mkdir()
+    model = StableDiffusion(TINY).init_weights(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # init_weights zeroes the output layers: every image would be the noise alone
+        for p in model.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    save(model, root / "models" / "tiny.safetensors")
+    layers = cross_attentions(model.unet)
+    cross = layers[0].to_k.in_features
+    sd = {"image_proj.proj.weight": torch.randn(4 * cross, 24, generator=g) * 0.2,
+          "image_proj.proj.bias": torch.zeros(4 * cross), "image_proj.norm.weight": torch.ones(cross),
+          "image_proj.norm.bias": torch.zeros(cross)}
+    for i, layer in enumerate(layers):
+        for name in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{2 * i + 1}.{name}.weight"] = torch.randn(layer.to_k.out_features, cross, generator=g)
+    save_file(sd, str(root / "controlnet" / "ip-adapter_tiny.safetensors"))
+    save_image_encoder(root / "controlnet" / "image_encoder")
+    registry = ModelRegistry(root / "models", None, torch.device("cpu"), torch.float32, lora_dirs=[],
+                             embedding_dirs=[], controlnet_dir=root / "controlnet")
+    registry.ensure("tiny.safetensors")
+    registry.default_name = registry.current.name
+    service = Service(registry, Limits(max_width=64, max_height=64, max_steps=3, max_batch=4, queue_size=4),
+                      load_styles(BUNDLED_STYLES), threads=1)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        yield client
+
+
+def ip_unit(**fields) -> dict:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    reference_image(3).save(buf, format="PNG")
+    return {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "weight": 0.7,
+            "image": base64.b64encode(buf.getvalue()).decode(), **fields}
+
+
+def test_http_ip_adapter_unit(server):
+    import json
+
+    small = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    models = server.get("/controlnet/model_list").json()["model_list"]
+    assert any(m.startswith("ip-adapter_tiny [") for m in models) and not any("image_encoder" in m for m in models)
+    assert "ip-adapter_clip_sd15" in server.get("/controlnet/module_list").json()["module_list"]
+    plain = server.post("/sdapi/v1/txt2img", json=small)
+    r = server.post("/sdapi/v1/txt2img", json={**small, "alwayson_scripts": {"controlnet": {"args": [ip_unit()]}}})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "IP-Adapter 0: \"Model: ip-adapter_tiny [" in info["infotexts"][0] and "Scale: 0.7" in info["infotexts"][0]
+    assert r.json()["images"][0] != plain.json()["images"][0]
+    for bad, why in (({"module": "canny"}, "an IP-Adapter unit takes one of"), ({"weight": -1}, "scale must be"),
+                     ({"weight": "x"}, "weight must be a number"), ({"model": "nope"}, "no ControlNet 'nope'")):
+        r = server.post("/sdapi/v1/txt2img", json={**small, "alwayson_scripts": {"controlnet": {"args": [
+            ip_unit(**bad)]}}})
+        assert r.status_code == 422 and why in r.json()["detail"], r.text
+    r = server.post("/sdapi/v1/txt2img", json={**small, "alwayson_scripts": {"controlnet": {"args": [ip_unit()] * 5}}})
+    assert r.status_code == 422 and "at most 4 IP-Adapter units" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("kind", ["plain", "plus"])
+def test_sdxl_pipeline_matches_diffusers(ipa, tmp_path, kind):
+    """StableDiffusionXLPipeline with an IP-Adapter for its UNet (transformer depth 2 and 3: several cross-attention
+    layers per block, numbered as diffusers orders them) and ours, same seeds."""
+    from diffusers import EulerDiscreteScheduler
+    from sdxl_helpers import sdxl_pipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    ref = sdxl_pipeline(tmp_path / "pipe")
+    folder = ipa["root"] / "adapters"
+    name = f"sdxl-{kind}.safetensors"
+    save_file(adapter_state_dict(kind, ref.unet, IMAGE_DIMS[kind], 64, seed=4), str(folder / name))
+    ref.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder"))
+    ref.scheduler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    ref.load_ip_adapter(str(folder), subfolder="", weight_name=name)
+    ref.set_ip_adapter_scale(0.8)
+    ref.set_progress_bar_config(disable=True)
+    image = reference_image(5)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = ref("a red circle", negative_prompt="blue", ip_adapter_image=image, num_inference_steps=5,
+                   guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                   output_type="latent").images
+    pipe = Pipeline(sdengine.load(tmp_path / "pipe"))
+    ours = pipe.sample(Request(prompt="a red circle", negative_prompt="blue", steps=5, cfg_scale=7.5, seed=5,
+                               width=W, height=H, batch_size=2,
+                               image_prompts=[ImagePrompt(str(folder / name), image, scale=0.8)]))
+    error = max_rel_error(ours, expected)
+    print(f"parity ip-adapter sdxl {kind}: latents {error:.2e}")
+    assert error < 1e-3
+    with pytest.raises(IPAdapterError, match="made for it"):  # an SDXL adapter on the SD1 model
+        load_ip_adapter(folder / name, ipa["model"].unet)
