@@ -381,6 +381,38 @@ def test_control_panel_sends_a_unit_the_server_applies(server, web, tmp_path):
     expect(page.locator("#gallery li")).to_have_count(2, timeout=WAIT_MS)
 
 
+def test_control_panel_takes_ip_adapter_units(server, web, tmp_path):
+    """IP-Adapters listed as the extension lists them (model_list, ip-adapter* modules): the panel pairs the model
+    with its module and sends the unit as any other. The lists and the answer are stubbed (this server has none)."""
+    import json
+
+    page = web().page
+    models = {"model_list": ["cn_tiny [a4ed4526]", "ip-adapter_sd15 [12345678]"]}
+    modules = {"module_list": ["none", "canny", "ip-adapter_clip_sd15", "ip-adapter-auto"]}
+    page.route("**/controlnet/model_list", lambda route: route.fulfill(json=models))
+    page.route("**/controlnet/module_list", lambda route: route.fulfill(json=modules))
+    page.route("**/sdapi/v1/txt2img", lambda route: route.fulfill(json={
+        "images": [], "parameters": {}, "info": json.dumps({"infotexts": []})}))
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#control-section summary").click()
+    assert page.get_by_label("Preprocessor").input_value() == "none"
+    page.get_by_label("ControlNet", exact=True).select_option("ip-adapter_sd15 [12345678]")
+    assert page.get_by_label("Preprocessor").input_value() == "ip-adapter_clip_sd15"
+    expect(page.get_by_role("button", name="Preview preprocessor")).to_be_disabled()  # a reference, not a map
+    page.get_by_label("Control image").set_input_files(str(source_png(tmp_path / "reference.png")))
+    expect(page.get_by_alt_text("The control image")).to_be_visible()
+    page.get_by_label("Control weight").fill("0.6")
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        page.get_by_role("button", name="Generate").click()
+    [unit] = sent.value.post_data_json["alwayson_scripts"]["controlnet"]["args"]
+    assert (unit["model"], unit["module"], unit["weight"]) == ("ip-adapter_sd15 [12345678]", "ip-adapter_clip_sd15",
+                                                               0.6)
+    page.get_by_label("ControlNet", exact=True).select_option("cn_tiny [a4ed4526]")  # back to a ControlNet
+    assert page.get_by_label("Preprocessor").input_value() == "none"
+    expect(page.get_by_role("button", name="Preview preprocessor")).to_be_enabled()
+
+
 def test_xyz_grid_from_the_page(server, web, tmp_path):
     info = {(s["name"], s["is_img2img"]): s["args"] for s in server.get("/sdapi/v1/script-info").json()}
     axes = info[("x/y/z plot", False)][0]["choices"]
