@@ -52,6 +52,9 @@ PREPROCESSORS: dict[str, tuple[float | None, float | None]] = {
 }
 ALIASES = {"scribble": "scribble_xdog", "tile": "tile_resample", "xdog": "scribble_xdog"}
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+# The marker key of a "diff" ControlNet: its copied-UNet weights are differences to the model's UNet (A1111's
+# extension adds the UNet's weights back on load)
+DIFFERENCE = "difference"
 
 
 class ControlError(ValueError):
@@ -385,9 +388,10 @@ def detect_controlnet(sd: dict[str, torch.Tensor], like: UNetConfig | None = Non
 def _original_keys(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """A single file's tensors under the original names without the `control_model.` prefix."""
     if any(k.startswith(PREFIX) for k in sd):
-        sd = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
+        sd = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX) or k == DIFFERENCE}
     if "lora_controlnet" in sd or any(k.endswith((".up", ".down")) for k in sd):
-        raise ControlError(f"{source}: a Control-LoRA, not a full ControlNet (not supported yet)")
+        raise ControlError(f"{source}: a Control-LoRA (LoRA factors for a ControlNet copied from the model's UNet): "
+                           "not supported (see docs/control.md)")
     if any(k.startswith("controlnet_cond_embedding.") for k in sd):
         raise ControlError(f"{source}: diffusers-named ControlNet weights without their config.json: put the file in "
                            "a folder as diffusion_pytorch_model.safetensors beside its config.json")
@@ -397,6 +401,25 @@ def _original_keys(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.
                            f"'{PREFIX}zero_convs.*' (lllyasviel's files) or a diffusers ControlNetModel folder, or a "
                            f"T2I-Adapter ('conv_in.*' and 'body.*', or a diffusers T2IAdapter folder) (found: {shown})")
     return sd
+
+
+def _undiff(sd: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None, source: str
+            ) -> dict[str, torch.Tensor]:
+    """A "diff" ControlNet's weights: every tensor the UNet also holds is the difference to the UNet's."""
+    if base is None:
+        raise ControlError(f"{source}: a 'diff' ControlNet (differences to a model's UNet weights) needs the model it "
+                           "was made against; load it through a pipeline")
+    out = {}
+    for key, value in sd.items():
+        if key == DIFFERENCE:
+            continue
+        if key in base:
+            if tuple(base[key].shape) != tuple(value.shape):
+                raise ControlError(f"{source}: a 'diff' ControlNet for another UNet ({key}: {tuple(value.shape)}, the "
+                                   f"model's {tuple(base[key].shape)})")
+            value = value.float() + base[key].detach().to("cpu").float()
+        out[key] = value
+    return out
 
 
 def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: dict[str, torch.Tensor] | None = None
@@ -471,14 +494,18 @@ def check_fits(cfg: ControlNetConfig, unet: UNetConfig, source: str) -> None:
 
 
 def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None) -> ControlNet:
-    """A ControlNet for a model whose UNet is `unet`, on `device` in `dtype`, frozen for inference."""
+                    dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                    base: dict[str, torch.Tensor] | None = None) -> ControlNet:
+    """A ControlNet for a model whose UNet is `unet`, on `device` in `dtype`, frozen for inference. base: the
+    model's UNet weights (original names), which a "diff" ControlNet's differences are added to."""
     import torch
 
     from .nn.controlnet import ControlNet
     from .weights.detect import UnknownArchitecture, check_keys
 
     sd, cfg = read_controlnet(path, unet, tensors)
+    if DIFFERENCE in sd:
+        sd = _undiff(sd, base, str(path))
     check_fits(cfg, unet, str(path))
     with torch.device("meta"):
         net = ControlNet(cfg)
@@ -491,10 +518,11 @@ def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | s
 
 
 def load_control_model(path: str | Path, unet: UNetConfig, latent_factor: int = 8,
-                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-                       ) -> ControlNet | T2IAdapter:
+                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                       base: dict[str, torch.Tensor] | None = None) -> ControlNet | T2IAdapter:
     """A ControlNet or a T2I-Adapter (t2i_adapter.py), by the file's content: both live in the ControlNet folder
-    and are used through the same units, as in A1111's extension. latent_factor: the model's VAE downscale."""
+    and are used through the same units, as in A1111's extension. latent_factor: the model's VAE downscale; base:
+    the model's UNet weights (for "diff" ControlNets)."""
     from . import t2i_adapter
     from .weights.io import CheckpointError, read_tensors
 
@@ -512,7 +540,7 @@ def load_control_model(path: str | Path, unet: UNetConfig, latent_factor: int = 
                 return t2i_adapter.load_adapter(path, unet, latent_factor, device, dtype, tensors)
     except t2i_adapter.AdapterError as e:
         raise ControlError(str(e)) from None
-    return load_controlnet(path, unet, device, dtype, tensors)
+    return load_controlnet(path, unet, device, dtype, tensors, base)
 
 
 def save_controlnet(net: ControlNet, path: str | Path, layout: str = "original") -> None:
@@ -580,9 +608,10 @@ class ControlNets:
     ControlNet) replaces how they are found and loaded (a server's registry)."""
 
     def __init__(self, unet: UNetConfig, device: torch.device, dtype: torch.dtype, keep: int = 4,
-                 latent_factor: int = 8):
+                 latent_factor: int = 8, base: torch.nn.Module | None = None):
         self.unet, self.device, self.dtype, self.keep = unet, device, dtype, keep
         self.latent_factor = latent_factor  # the VAE's downscale (a T2I-Adapter's layout is read against it)
+        self.base = base  # the model's UNet: "diff" ControlNets hold differences to its weights
         self.folder: Path | None = None
         self._loaded: dict[str, tuple[ControlNet | T2IAdapter, str]] = {}
         self._labels: dict[str, str] = {}  # kept after a net is let go: the infotext names it without a reload
@@ -597,7 +626,8 @@ class ControlNets:
         """(the ControlNet or T2I-Adapter, its label for the infotext: "name [hash]")."""
         if name not in self._loaded:
             path = resolve_controlnet(name, self.folder)
-            net = load_control_model(path, self.unet, self.latent_factor, self.device, self.dtype)
+            net = load_control_model(path, self.unet, self.latent_factor, self.device, self.dtype,
+                                     None if self.base is None else self.base.state_dict())
             digest = short_hash(path)
             label = path.stem if path.is_file() else path.name
             while len(self._loaded) >= self.keep:

@@ -79,7 +79,7 @@ class Pipeline:
         self._model_hash: str | None | bool = False  # computed on first use
         # ControlNets by name ($SDENGINE_HOME/controlnet, or paths), loaded on first use
         self.controlnets = ControlNets(model.config.unet, model.device, model.dtype,
-                                       latent_factor=model.config.vae.downscale)
+                                       latent_factor=model.config.vae.downscale, base=model.unet)
         # IP-Adapters and their image encoders ($SDENGINE_HOME/ipadapter, or paths), loaded on first use
         self.ip_adapters = IPAdapters(model.unet, model.device, model.dtype)
         # the tiny autoencoder (nn/taesd.py), when one is loaded: for previews, and for final images if tiny_final

@@ -16,6 +16,7 @@ from sdengine import control as control_module
 from sdengine.control import ControlError, ControlUnit, load_controlnet, preprocess, read_controlnet, save_controlnet
 from sdengine.pipeline import Pipeline
 from sdengine.request import Request
+from sdengine.weights.io import write_safetensors
 
 W, H = 40, 32  # the tiny VAE downsamples by 2: latents 20x16
 HINT_WIDTHS = (16, 32)  # one stride-2 stage: the hint encoder halves the image as the tiny VAE does
@@ -421,3 +422,19 @@ def test_global_pool_matches_diffusers(cn, tmp_path):
     (tmp_path / "shuffle.yaml").unlink()  # without its .yaml a shuffle-named file is warned about, not pooled
     with pytest.warns(UserWarning, match="global_average_pooling"):
         assert not read_controlnet(tmp_path / "shuffle.safetensors")[1].global_pool
+
+
+def test_diff_controlnet(cn, tmp_path):
+    """A "diff" ControlNet (a `difference` key; the copied-UNet tensors are differences to the model's UNet, as
+    A1111's extension reads them): loaded through a pipeline it equals the full ControlNet; alone it is an error."""
+    net = load_controlnet(cn["folders"][0], cn["model"].config.unet)
+    unet_sd = cn["model"].unet.state_dict()
+    diff = {control_module.PREFIX + k: v - unet_sd[k] if k in unet_sd else v for k, v in net.state_dict().items()}
+    assert sum(k[len(control_module.PREFIX):] in unet_sd for k in diff) > 10
+    save = {**diff, "control_model.difference": torch.tensor([])}
+    write_safetensors(save, tmp_path / "diff_canny.safetensors")
+    loaded, _ = cn["pipe"].controlnets.get(str(tmp_path / "diff_canny.safetensors"))
+    for key, value in net.state_dict().items():
+        assert torch.allclose(loaded.state_dict()[key], value, atol=1e-6), key
+    with pytest.raises(ControlError, match="'diff' ControlNet .* needs the model"):
+        load_controlnet(tmp_path / "diff_canny.safetensors", cn["model"].config.unet)
