@@ -77,6 +77,16 @@ def default_model() -> Path | None:
     return shipped if shipped.exists() else None
 
 
+def shipped_taesd(model: Path | None) -> Path | None:
+    """The tiny autoencoder (TAESD) trained for the shipped model's latent space, when `model` is the shipped model
+    and this install has both; None otherwise (it would decode any other model's latents to noise)."""
+    shipped = default_model()
+    if shipped is None or model is None or Path(model).resolve() != shipped.resolve():
+        return None
+    tiny = shipped.with_name("taesd.safetensors")
+    return tiny if tiny.exists() else None
+
+
 def list_models(folder: Path | None = None) -> list[Path]:
     """Checkpoint files and diffusers folders directly in `folder` (default: the models folder), by name."""
     folder = folder or models_dir()

@@ -138,3 +138,42 @@ def test_the_memory_estimate_counts_the_tiled_decode_where_it_would_run():
     untiled = estimate(SD15, 2048, 2048, vae_tiling=False).decode
     assert estimate(SD15, 2048, 2048).decode == estimate(SD15, 2048, 2048, vae_tiling=True).decode < untiled / 10
     assert estimate(SD15, 256, 256).decode == estimate(SD15, 256, 256, vae_tiling=False).decode  # one tile
+
+
+def test_the_shipped_model_has_its_own_tiny_autoencoder(tmp_path, capsys):
+    """`--vae-tiny` without a file decodes the shipped model with the TAESD trained for its latent space (shipped
+    beside it); on any other model that is a one-line error, as is a serve registry guessing it for another model."""
+    from sdengine import runtime
+    from sdengine.nn.taesd import load_taesd
+
+    shipped = runtime.default_model()
+    tiny_file = runtime.shipped_taesd(shipped)
+    assert tiny_file is not None and tiny_file.parent == shipped.parent
+    assert runtime.shipped_taesd(tmp_path / "other.safetensors") is None and runtime.shipped_taesd(None) is None
+    out = tmp_path / "tiny.png"
+    args = ["generate", "a red circle", "--seed", "3", "--steps", "2", "--precision", "fp32", "--quiet"]
+    assert run([*args, "--out", str(out), "--vae-tiny"]) == 0
+    pipe = Pipeline(sdengine.load(shipped))
+    pipe.tiny_vae, pipe.tiny_final = load_taesd(tiny_file), True
+    want = np.asarray(pipe.run(Request(prompt="a red circle", seed=3, steps=2))[0], dtype=np.int16)
+    with Image.open(out) as got:
+        assert np.abs(np.asarray(got, dtype=np.int16) - want).max() <= 1
+    pipe.tiny_vae, pipe.tiny_final = None, False
+    full = np.asarray(pipe.run(Request(prompt="a red circle", seed=3, steps=2))[0], dtype=np.int16)
+    assert np.abs(full - want).mean() > 0.1       # it is the tiny decoder that drew it, not the VAE
+    capsys.readouterr()
+    other = tmp_path / "other.safetensors"
+    sdengine.save(sdengine.load(shipped), other)
+    assert run([*args, "--model", str(other), "--out", str(tmp_path / "x.png"), "--vae-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "--vae-tiny" in err and "other.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_server_previews_the_shipped_model_with_its_tiny_autoencoder():
+    from sdengine import runtime
+    from sdengine.server.registry import ModelRegistry
+
+    registry = ModelRegistry(None, runtime.default_model(), torch.device("cpu"), torch.float32, lora_dirs=[],
+                             embedding_dirs=[])
+    pipe, _ = registry.ensure("model.safetensors")
+    assert pipe.tiny_vae is not None and not pipe.tiny_final   # previews only: final images stay the VAE's

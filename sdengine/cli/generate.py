@@ -16,6 +16,9 @@ from typing import Any
 from ..errors import CLIError
 from .options import add_runtime_args, size_pair
 
+# `--vae-tiny` given without a file: the tiny autoencoder shipped for the shipped model (resolved once the model is)
+SHIPPED_TINY = Path("<shipped>")
+
 # CLI option -> (Request field, argparse keywords). Defaults are Request's: an option not given is not passed.
 REQUEST_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "--negative": ("negative_prompt", {"help": "negative prompt"}),
@@ -96,9 +99,10 @@ def add_generation_args(p: argparse.ArgumentParser, command: str) -> None:
                    help="__name__ reads a random line of name.txt here (default: $SDENGINE_HOME/wildcards)")
     p.add_argument("--model", default=None, help="checkpoint path or name in the models folder (default: shipped)")
     p.add_argument("--vae", type=Path, default=None, help="a standalone VAE file to use instead of the model's")
-    p.add_argument("--vae-tiny", type=Path, default=None, metavar="FILE",
+    p.add_argument("--vae-tiny", type=Path, nargs="?", const=SHIPPED_TINY, default=None, metavar="FILE",
                    help="decode with this tiny autoencoder (TAESD: taesd_decoder.pth/.safetensors, a diffusers "
-                        "AutoencoderTiny folder): much faster, blurrier")
+                        "AutoencoderTiny folder): much faster, blurrier; with no FILE, the one shipped for the "
+                        "shipped model")
     p.add_argument("--style", action="append", default=[], help="apply a named style (repeatable)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:UNET_W]]",
                    help="apply a LoRA (a name in --lora-dir, or a file) at weight W (default 1), the UNet at UNET_W "
@@ -489,6 +493,11 @@ def run_generation(args: argparse.Namespace) -> None:
 
     dtype = runtime.inference_dtype(args.precision, device)
     tiny = None
+    if args.vae_tiny == SHIPPED_TINY:
+        args.vae_tiny = runtime.shipped_taesd(model_path)
+        if args.vae_tiny is None:
+            raise CLIError("--vae-tiny without a file takes the tiny autoencoder shipped for the shipped model; for "
+                           f"{model_path.name} give its TAESD file (--vae-tiny FILE)")
     if args.vae_tiny is not None:  # read before the model: a wrong file fails fast
         from ..nn.taesd import load_taesd
 

@@ -40,7 +40,8 @@ class ModelRegistry:
                  tiny_vae: TinyAutoencoder | None = None):
         """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir);
         controlnet_dir: where clients' ControlNet names are looked up (None: no ControlNets); tiny_vae: decodes
-        the live previews of every model whose latents it fits (serve --vae-tiny)."""
+        the live previews of every model whose latents it fits (serve --vae-tiny); without it the shipped model's
+        previews use the tiny autoencoder shipped beside it (runtime.shipped_taesd)."""
         self.controlnet_dir = controlnet_dir
         self.tiny_vae = tiny_vae
         self.folder, self.pinned, self.device, self.dtype = folder, pinned, device, dtype
@@ -122,6 +123,11 @@ class ModelRegistry:
         pipe.refiner_loader = self._load_refiner  # refiner_checkpoint: chosen by name, as models are
         if self.tiny_vae is not None and self.tiny_vae.cfg.latent_channels == model.config.unet.out_channels:
             pipe.tiny_vae = self.tiny_vae
+        elif (shipped_tiny := runtime.shipped_taesd(entry.path)) is not None:
+            # the shipped model's own tiny autoencoder: a live preview at every step for the cost of a few ms
+            from ..nn.taesd import load_taesd
+
+            pipe.tiny_vae = load_taesd(shipped_tiny, self.device, self.dtype)
         pipe.controlnets.folder = self.controlnet_dir  # units arrive resolved to its files (server/controlnet.py)
         # the embeddings scanned here, in the worker: /sdapi/v1/embeddings then only reads a finished scan
         pipe.networks.embeddings()
