@@ -387,3 +387,17 @@ def test_sdxl_pipeline_matches_diffusers(ipa, tmp_path, kind):
     assert error < 1e-3
     with pytest.raises(IPAdapterError, match="made for it"):  # an SDXL adapter on the SD1 model
         load_ip_adapter(folder / name, ipa["model"].unet)
+
+
+def test_cuda_graphs_step_aside(ipa):
+    """A UNet replaying CUDA graphs (cuda_graphs.py; graphs=False runs the same plumbing on a CPU) runs its plain
+    forward while an adapter is attached (a replayed graph would leave the image attention out), and gets its
+    wrapper back after."""
+    from sdengine.cuda_graphs import use_cuda_graphs
+
+    model = sdengine.load(ipa["root"] / "pipe")
+    wrapper = use_cuda_graphs(model, graphs=False)
+    req = Request(prompt="a red circle", steps=2, seed=5, width=W, height=H,
+                  image_prompts=[ImagePrompt(str(ipa["files"]["plain"]), reference_image())])
+    assert torch.equal(Pipeline(model).sample(req), ipa["pipe"].sample(req))
+    assert wrapper.captures == 0 and model.unet.forward is wrapper

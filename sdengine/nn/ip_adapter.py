@@ -132,11 +132,17 @@ class IPAttention(nn.Module):
 PROJECTIONS: dict[str, type[nn.Module]] = {"plain": ImageProjModel, "plus": Resampler, "full": MLPProjModel}
 
 
-def cross_attentions(unet: nn.Module) -> list[CrossAttention]:
-    """A UNet's cross-attention layers in diffusers' attn_processors order (down blocks, up blocks, middle block):
-    the order IP-Adapter files number them in. A wrapper (DeepCache's) is looked through."""
+def unwrap(unet: nn.Module) -> nn.Module:
+    """The UNetModel inside a wrapper (DeepCache's)."""
     while not hasattr(unet, "input_blocks") and isinstance(getattr(unet, "unet", None), nn.Module):
         unet = unet.unet
+    return unet
+
+
+def cross_attentions(unet: nn.Module) -> list[CrossAttention]:
+    """A UNet's cross-attention layers in diffusers' attn_processors order (down blocks, up blocks, middle block):
+    the order IP-Adapter files number them in."""
+    unet = unwrap(unet)
     parts = (unet.input_blocks, unet.output_blocks, unet.middle_block)
     return [m.attn2 for part in parts for m in part.modules() if isinstance(m, BasicTransformerBlock)]
 
@@ -160,7 +166,7 @@ class IPAdapter(nn.Module):
     def attached(self, unet: nn.Module, tokens: torch.Tensor, scale: float) -> Iterator[None]:
         """The UNet's cross-attention layers each add `scale` x their attention over `tokens` (b, m, cross_dim),
         for the duration; restored exactly on exit (several adapters nest). Scale 0: nothing is attached (as
-        diffusers skips the layer)."""
+        diffusers skips the layer). A UNet whose forward replays CUDA graphs runs its plain forward meanwhile."""
         layers = cross_attentions(unet)
         if len(layers) != len(self.ip_adapter):
             raise ValueError(f"the IP-Adapter has {len(self.ip_adapter)} cross-attention layers; the UNet has "
@@ -169,11 +175,17 @@ class IPAdapter(nn.Module):
             yield
             return
         saved = [(layer, layer.__dict__.get("extra")) for layer in layers]
+        base = unwrap(unet)
+        graphed = base.__dict__.get("forward")  # cuda_graphs.GraphedForward: a replayed graph would skip the term
         try:
+            if graphed is not None and hasattr(graphed, "fn"):
+                base.forward = graphed.fn
             for layer, kv in zip(layers, self.ip_adapter.values()):
                 layer.extra = (*layer.extra, functools.partial(kv, tokens, scale))
             yield
         finally:
+            if graphed is not None:
+                base.forward = graphed
             for layer, before in saved:
                 if before is None:
                     layer.__dict__.pop("extra", None)  # back to the class's empty default
