@@ -383,6 +383,7 @@ class Pipeline:
         if k == 0 or k == len(timesteps):
             raise ValueError(f"switch point {switch_at} leaves no steps to the {'base' if k == 0 else 'refiner'}")
         head = _Head(self.model, self.schedule, sigmas[: k + 1], self.networks)
+        head.ip_adapters = self.ip_adapters  # the adapters and image encoders already loaded, and their folders
         total = len(sigmas) - 1  # progress counts the whole schedule, base and refiner steps together
 
         def progress(offset: int) -> Callback | None:
