@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from train_helpers import ARCH, ENV, ROOT, TINY, logged, make_images, one_error, train
+from train_helpers import ARCH, ENV, ROOT, TINY, assert_same_training, logged, make_images, one_error, train
 
 from sdengine import cli
 from sdengine.tokenizer import CLIPTokenizer
@@ -67,17 +67,6 @@ def state_diff(a, b, path: str = "") -> float:
         return max([state_diff(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))] or [0.0])
     assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (path, a, b)
     return 0.0
-
-
-def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Weights trained (AdamW, lr 1e-3) on the same data, summed in another order, agree up to rounding.
-
-    Not by their max difference: a few biases have a true gradient of exactly 0 (a conv bias right before a
-    one-channel-per-group GroupNorm, attention key biases) and AdamW turns their rounding noise (|g| ~ 1e-9, near
-    its eps) into steps of up to lr. All else agrees to ~1e-7; weights trained on other data (half the batch, say)
-    differ by ~lr almost everywhere."""
-    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-    assert diff.mean() < 2e-6 and diff.quantile(0.99) < 1e-5, (diff.mean(), diff.quantile(0.99), diff.max())
 
 
 def final_state(run: Path) -> dict:
