@@ -4,6 +4,8 @@ CLIPTokenizer), single files written by diffusers' convert_diffusers_to_original
 here, test-only), and pruned UNets with uneven transformer depths (SSD-1B, Segmind Vega)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from sdxl_helpers import sdxl_pipeline, sdxl_refiner
@@ -287,3 +289,154 @@ def test_pruned_sdxl_folder_and_single_file_generate_as_diffusers(tmp_path):
         loaded = sdengine.load(path)
         assert loaded.config.unet == model.config.unet
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+# --- single files written by diffusers' scripts/convert_diffusers_to_original_sdxl.py ----------------------------
+
+def _script_unet_prefixes() -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) as the script lays SDXL out: 3 levels of 2 res blocks (3 on the way up),
+    attention below the first level; its upsamplers land after the attention (output_blocks.2.2, 5.2)."""
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
+             ("mid_block.attentions.0.", "middle_block.1."), ("mid_block.resnets.0.", "middle_block.0."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    for i in range(3):
+        for j in range(2):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0."))
+            if i > 0:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1."))
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * i + 3}.0.op."))
+        for j in range(3):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0."))
+            if i < 2:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1."))
+        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.2."))
+    return pairs
+
+
+RESNET_PARTS = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+OPENCLIP_PARTS = [("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"),
+                  ("layer_norm2", "ln_2"), (".fc1.", ".c_fc."), (".fc2.", ".c_proj."), (".self_attn", ".attn"),
+                  ("text_model.final_layer_norm.", "ln_final."),
+                  ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+                  ("text_model.embeddings.position_embedding.weight", "positional_embedding")]
+
+
+def _rename(key: str, parts: list[tuple[str, str]]) -> str:
+    for old, new in parts:
+        key = key.replace(old, new)
+    return key
+
+
+def _script_vae_parts() -> list[tuple[str, str]]:
+    """The script's VAE renames (4 levels: down blocks of 2 res blocks, up blocks of 3, numbered in reverse)."""
+    parts = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"),
+             ("mid_block.attentions.0.", "mid.attn_1.")]
+    for i in range(4):
+        parts += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(2)]
+        if i < 3:
+            parts += [(f"down_blocks.{i}.downsamplers.0.", f"down.{i}.downsample."),
+                      (f"up_blocks.{i}.upsamplers.0.", f"up.{3 - i}.upsample.")]
+        parts += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.") for j in range(3)]
+    return parts + [(f"mid_block.resnets.{i}.", f"mid.block_{i + 1}.") for i in range(2)]
+
+
+def diffusers_script_file(folder, position_ids: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict diffusers' convert_diffusers_to_original_sdxl.py writes for an SDXL folder, its renaming
+    re-expressed here (test-only): the UNet and VAE by its fixed tables, CLIP-L as stored under
+    conditioner.embedders.0.transformer., bigG with q/k/v fused into in_proj and text_projection transposed.
+    position_ids: the text encoders as older transformers saved them (with their position_ids buffers)."""
+    from safetensors.torch import load_file
+
+    def part(name: str, file: str = "diffusion_pytorch_model.safetensors") -> dict[str, torch.Tensor]:
+        return load_file(folder / name / file)
+
+    out: dict[str, torch.Tensor] = {}
+    pairs = _script_unet_prefixes()
+    for key, value in part("unet").items():
+        if "resnets" in key:
+            key = _rename(key, RESNET_PARTS)
+        out["model.diffusion_model." + _rename(key, pairs)] = value
+    attn = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+    for key, value in part("vae").items():
+        key = _rename(key, _script_vae_parts())
+        if "mid.attn_1." in key:
+            key = _rename(key, attn)
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    texts = [part("text_encoder", "model.safetensors"), part("text_encoder_2", "model.safetensors")]
+    if position_ids:  # older transformers: CLIP-L under text_model. too (transformers 5 writes it without)
+        texts[0] = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in texts[0].items()}
+        for t in texts:
+            t["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    out.update({"conditioner.embedders.0.transformer." + k: v for k, v in texts[0].items()})
+    qkv: dict[str, list] = {}
+    for key, value in texts[1].items():
+        name = key.rsplit(".", 2)
+        if name[-2] in ("q_proj", "k_proj", "v_proj"):  # ...self_attn.q_proj.weight
+            qkv.setdefault((name[0], name[-1]), [None] * 3)["qkv".index(name[-2][0])] = value
+            continue
+        out["conditioner.embedders.1.model." + _rename(key, OPENCLIP_PARTS)] = value
+    for (prefix, kind), tensors in qkv.items():
+        out[f"conditioner.embedders.1.model.{_rename(prefix, OPENCLIP_PARTS)}.in_proj_{kind}"] = torch.cat(tensors)
+    projection = out.pop("conditioner.embedders.1.model.text_projection.weight")
+    out["conditioner.embedders.1.model.text_projection"] = projection.T.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def script_folder(tmp_path_factory, sdxl_folder):
+    """The tiny SDXL pipeline with a 4-level VAE (the only one the script's fixed tables convert), saved by
+    diffusers."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from sdxl_helpers import perturbed
+
+    torch.manual_seed(7)
+    vae = perturbed(AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=2, latent_channels=4,
+                                  norm_num_groups=32, scaling_factor=0.13025,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4), 7)
+    pipe = StableDiffusionXLPipeline(**{**sdxl_folder[1].components, "vae": vae})
+    folder = tmp_path_factory.mktemp("script") / "pipe"
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+@pytest.mark.parametrize("form", ["safetensors", "half", "ckpt", "position_ids"])
+def test_diffusers_script_single_files_load_exactly(script_folder, tmp_path, form):
+    """convert_diffusers_to_original_sdxl.py's output (safetensors, --half, a .ckpt with its state_dict wrapper;
+    CLIP-L without text_model. as transformers 5 saves it, or with it and position_ids as older versions did) is
+    detected as sdxl and loads to exactly the folder's tensors and config (the head split aside, which no tensor
+    holds: 64 channels per head, right for SDXL's real widths)."""
+    from safetensors.torch import save_file
+
+    import sdengine
+
+    folder, _ = script_folder
+    sd = diffusers_script_file(folder, position_ids=form == "position_ids")
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in sd
+    assert "conditioner.embedders.1.model.logit_scale" not in sd  # the script writes none
+    if form == "half":
+        sd = {k: v.half() for k, v in sd.items()}
+    path = tmp_path / ("model.ckpt" if form == "ckpt" else "model.safetensors")
+    if form == "ckpt":
+        torch.save({"state_dict": sd}, path)
+    else:
+        save_file(sd, path)
+    reference = sdengine.load(folder, dtype=None)
+    model = sdengine.load(path, dtype=None)
+    assert model.config.family == "sdxl" and model.config.unet == reference.config.unet
+    assert model.config.vae == reference.config.vae
+    for found, expected in ((model.config.text, reference.config.text), (model.config.text_2,
+                                                                          reference.config.text_2)):
+        assert found is not None and expected is not None
+        # no tensor holds the head split: a file without metadata gets 64 channels per head (real SDXL's)
+        assert dataclasses.replace(found, heads=expected.heads) == expected
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        expected = value.half() if form == "half" else value
+        assert torch.equal(ours[key], expected), key

@@ -1,7 +1,8 @@
 """Original single-file checkpoints: the key variants found in the wild, normalized to our in-memory names.
 
 Variants handled: a `state_dict` wrapper (io.read_tensors), `model_ema.*` entries (dropped, or used as the
-UNet with use_ema=True), text-encoder keys with or without `text_model.` and with `position_ids`, VAE attention
+UNet with use_ema=True), text-encoder keys with or without `text_model.` (SD1's and SDXL's CLIP-L) and with
+`position_ids`, VAE attention
 stored as linears instead of 1x1 convs, schedule buffers and training losses (dropped), and standalone VAE
 files in original or diffusers naming.
 """
@@ -11,7 +12,9 @@ import torch
 
 from ..config import ModelConfig, VAEConfig
 from .detect import UnknownArchitecture, detect_vae
-from .keys import IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers
+from .keys import CONDITIONER, IGNORED_KEYS, IGNORED_PREFIXES, TEXT, UNET, VAE, from_diffusers
+
+CLIP_PREFIXES = (TEXT + "transformer.", CONDITIONER + "0.transformer.")  # SD1's and SDXL's CLIP-L
 
 
 def normalize(sd: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -19,12 +22,14 @@ def normalize(sd: dict[str, torch.Tensor], use_ema: bool = False) -> dict[str, t
     if use_ema:
         sd = _take_ema(sd)
     out: dict[str, torch.Tensor] = {}
-    old_clip = TEXT + "transformer."
     for key, value in sd.items():
         if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.endswith(".position_ids"):
             continue
-        if key.startswith(old_clip) and not key.startswith(old_clip + "text_model."):
-            key = old_clip + "text_model." + key[len(old_clip):]  # transformers < 4.20 had no text_model level
+        # transformers < 4.20, and transformers 5's CLIPTextModel files (which diffusers' SDXL conversion script
+        # copies under conditioner.embedders.0.transformer.), have no text_model level
+        clip = next((c for c in CLIP_PREFIXES if key.startswith(c)), None)
+        if clip is not None and not key.startswith(clip + "text_model."):
+            key = clip + "text_model." + key[len(clip):]
         if key.startswith(VAE) and ".mid.attn_1." in key and key.endswith("weight") and value.ndim == 2:
             value = value[:, :, None, None]  # attention projections saved as linears
         out[key] = value
