@@ -413,6 +413,19 @@ def test_control_panel_takes_ip_adapter_units(server, web, tmp_path):
     expect(page.get_by_role("button", name="Preview preprocessor")).to_be_enabled()
 
 
+def assert_values_resolve(axis: str, values: list[str]) -> None:
+    from sdengine.server.samplers import SCHEDULER_KEYS, resolve_sampler
+
+    assert len(values) > 1 or axis == "Checkpoint name", values
+    for value in values:
+        if axis == "Sampler":
+            resolve_sampler(value, None)
+        elif axis == "Schedule type":
+            assert value.lower() == "automatic" or value.lower() in SCHEDULER_KEYS, value
+        else:
+            assert value == "tiny", value
+
+
 def test_xyz_grid_from_the_page(server, web, tmp_path):
     info = {(s["name"], s["is_img2img"]): s["args"] for s in server.get("/sdapi/v1/script-info").json()}
     axes = info[("x/y/z plot", False)][0]["choices"]
@@ -425,7 +438,11 @@ def test_xyz_grid_from_the_page(server, web, tmp_path):
     page.get_by_label("Make a grid").check()
     page.get_by_label("X axis").select_option("Steps")
     page.get_by_label("X values").fill("1-2")
-    page.get_by_label("Y axis").select_option("Sampler")
+    for axis in ("Schedule type", "Checkpoint name", "Sampler"):  # "All": every name, as the server takes it
+        page.get_by_label("Y axis").select_option(axis)
+        page.get_by_role("button", name="Every Y value").click()
+        assert_values_resolve(axis, page.get_by_label("Y values").input_value().split(", "))
+    expect(page.get_by_role("button", name="Every X value")).to_be_disabled()  # Steps: no list to take
     page.get_by_label("Y values").fill("Euler, DPM++ 2M")
     with page.expect_request("**/sdapi/v1/txt2img") as sent:
         page.get_by_role("button", name="Generate").click()

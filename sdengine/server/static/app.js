@@ -29,6 +29,7 @@
     xyz: $("xyz-section"), xyzEnabled: $("xyz-enabled"), xyzCells: $("xyz-cells"),
     xyzType: ["x", "y", "z"].map((a) => $(`xyz-${a}-type`)),
     xyzValues: ["x", "y", "z"].map((a) => $(`xyz-${a}-values`)),
+    xyzFill: ["x", "y", "z"].map((a) => $(`xyz-${a}-fill`)),
   };
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
   const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
@@ -339,10 +340,16 @@
     syncAxes();
   }
 
+  function choices(label) { // a choice axis's values: the page's own lists, as the server names them
+    const select = { "Sampler": el.sampler, "Schedule type": el.scheduler, "Checkpoint name": el.model }[label];
+    return select ? [...select.options].map((o) => (label === "Sampler" ? o.value : o.text)) : null;
+  }
+
   function syncAxes() {
     el.xyzType.forEach((select, i) => {
       el.xyzValues[i].placeholder = XYZ_AXES[select.value] ? `e.g. ${XYZ_AXES[select.value]}` : "";
       el.xyzValues[i].disabled = select.value === "Nothing";
+      el.xyzFill[i].disabled = !choices(select.value);
     });
   }
 
@@ -834,6 +841,10 @@
   el.controlModule.addEventListener("change", () => { el.controlDetected.hidden = true; syncControl(false); });
   el.controlDetect.addEventListener("click", detectControl);
   for (const select of el.xyzType) select.addEventListener("change", syncAxes);
+  el.xyzFill.forEach((b, i) => b.addEventListener("click", () => {
+    el.xyzValues[i].value = (choices(el.xyzType[i].value) || []).join(", ");
+    el.xyzValues[i].focus();
+  }));
   for (const box of [el.prompt, el.negative]) box.addEventListener("focus", () => { state.lastPrompt = box; });
 
   restore(saved());
