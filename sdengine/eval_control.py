@@ -34,14 +34,12 @@ RUNS = ("without", "with")  # the baseline, then the ControlNet
 
 def _generate(pipe: Pipeline, prompt: str, group: list[EvalItem], unit: ControlUnit | None, layouts: list,
               **sampling) -> list[Image.Image]:
-    """The images of one prompt's seeds: one batch without control (image i has seed + i, as `sdengine eval`
-    batches), one generation per seed with it (each seed has its own layout)."""
-    if unit is None:
-        return pipe.generate(prompt, seed=group[0].seed, batch_size=len(group), **sampling)
+    """The images of one prompt's seeds, one generation per seed with the ControlNet (each seed has its own layout)
+    and without it alike, so that a ControlNet whose residuals are zero gives the baseline's images bit for bit."""
     out = []
     for it, layout in zip(group, layouts):
-        control = ControlUnit(unit.model, Image.fromarray(layout), weight=unit.weight)
-        out += pipe.generate(prompt, seed=it.seed, controls=[control], **sampling)
+        controls = [] if unit is None else [ControlUnit(unit.model, Image.fromarray(layout), weight=unit.weight)]
+        out += pipe.generate(prompt, seed=it.seed, controls=controls, **sampling)
     return out
 
 
