@@ -361,16 +361,18 @@ def test_control_panel_sends_a_unit_the_server_applies(server, web, tmp_path):
     page.get_by_label("Starting step").fill("0.2")
     page.get_by_label("Ending step").fill("0.8")
     page.get_by_label("Control mode").select_option(label="ControlNet first")
+    page.get_by_label("Resize mode").select_option("Just Resize")
     with page.expect_request("**/sdapi/v1/txt2img") as sent:
         page.get_by_role("button", name="Generate").click()
     [unit] = sent.value.post_data_json["alwayson_scripts"]["controlnet"]["args"]
     assert (unit["module"], unit["weight"], unit["guidance_start"], unit["guidance_end"], unit["control_mode"]) == \
         ("invert", 0.8, 0.2, 0.8, "ControlNet is more important")
-    assert unit["enabled"] is True and unit["model"].startswith("cn_tiny [")
+    assert unit["enabled"] is True and unit["model"].startswith("cn_tiny [") and unit["resize_mode"] == "Just Resize"
     assert decode_data_url(unit["image"]).size == (128, 128)
     text = page.locator("#gallery li .infotext").first
     expect(text).to_contain_text('ControlNet 0: "Module: invert, Model: cn_tiny [', timeout=WAIT_MS)
-    for part in ("Weight: 0.8", "Guidance Start: 0.2", "Guidance End: 0.8", "Control Mode: ControlNet is more"):
+    for part in ("Weight: 0.8", "Resize Mode: Just Resize", "Guidance Start: 0.2", "Guidance End: 0.8",
+                 "Control Mode: ControlNet is more"):
         expect(text).to_contain_text(part)
     page.screenshot(path=str(tmp_path / "control.png"), full_page=True)
     shutil.copyfile(tmp_path / "control.png", CONTROL_SCREENSHOT)

@@ -24,7 +24,8 @@
     loraHidden: $("lora-hidden"), loraAll: $("lora-all"), loraAllLabel: $("lora-all-label"),
     control: $("control-section"), controlEnabled: $("control-enabled"), controlFile: $("control-file"),
     controlPreview: $("control-preview"), controlDetected: $("control-detected"), controlNet: $("control-net"),
-    controlModule: $("control-module"), controlWeight: $("control-weight"), controlMode: $("control-mode"),
+    controlModule: $("control-module"), controlResize: $("control-resize"), controlWeight: $("control-weight"),
+    controlMode: $("control-mode"),
     controlStart: $("control-start"), controlEnd: $("control-end"), controlDetect: $("control-detect"),
     xyz: $("xyz-section"), xyzEnabled: $("xyz-enabled"), xyzCells: $("xyz-cells"),
     xyzType: ["x", "y", "z"].map((a) => $(`xyz-${a}-type`)),
@@ -306,7 +307,7 @@
     const unit = { enabled: true, module: el.controlModule.value || "none", model: el.controlNet.value,
       weight: parseFloat(el.controlWeight.value), guidance_start: parseFloat(el.controlStart.value),
       guidance_end: parseFloat(el.controlEnd.value), control_mode: el.controlMode.value,
-      resize_mode: "Crop and Resize", pixel_perfect: false };
+      resize_mode: el.controlResize.value, pixel_perfect: false };
     if (state.controlImage) unit.image = state.controlImage; // else the server takes img2img's source
     if (![unit.weight, unit.guidance_start, unit.guidance_end].every(Number.isFinite)) {
       throw new Error("The ControlNet's weight, starting and ending step must be numbers.");
