@@ -262,9 +262,17 @@ def scales(unit: ControlUnit, n: int) -> tuple[float, ...]:
 
 def features(net: T2IAdapter, hint: torch.Tensor) -> list[torch.Tensor]:
     """The adapter's features for a control image (1, 3, H, W) in [0, 1]; a one-channel adapter reads the first
-    channel (A1111's extension; a greyscale image's value)."""
+    channel (A1111's extension; a greyscale image's value). A size the unshuffle factor does not divide (SDXL's 16
+    at a multiple of 8) is padded at the right and bottom edges: the features then have the sizes of the UNet's
+    levels, which round up as the adapter's pooling does."""
     import torch
+    import torch.nn.functional as F
 
     param = next(net.parameters())
+    f = net.config.unshuffle
+    hint = hint[:, :net.config.in_channels].to(param.device, param.dtype)
+    pad_w, pad_h = -hint.shape[-1] % f, -hint.shape[-2] % f
+    if pad_w or pad_h:
+        hint = F.pad(hint, (0, pad_w, 0, pad_h), mode="replicate")
     with torch.no_grad():
-        return net(hint[:, :net.config.in_channels].to(param.device, param.dtype))
+        return net(hint)

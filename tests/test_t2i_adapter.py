@@ -248,6 +248,10 @@ def test_unit_interfaces(sd, tmp_path, capsys):
     shutil.copy(sd["file"], folder / "t2iadapter_color.safetensors")
     shutil.copytree(sd["adapter"], folder / "t2i-adapter-folder")
     assert control_module.list_controlnets(folder) == ["t2i-adapter-folder", "t2iadapter_color"]
+    from sdengine.server.controlnet import folder_names  # /controlnet/model_list, as the extension lists adapters
+
+    names = folder_names(folder)
+    assert names[0] == "t2i-adapter-folder" and names[1].startswith("t2iadapter_color [")
     control_image().save(tmp_path / "map.png")
     out = tmp_path / "out.png"
     assert run(["generate", "a red circle", "--model", str(sd["folder"]), "--steps", "2", "--seed", "4", "--width",
@@ -311,3 +315,18 @@ def test_sdxl_pipeline_matches_diffusers(sdxl, sd):
     assert max_rel_error(plain, expected) > 1e-2
     with pytest.raises(ControlError, match="a T2I-Adapter for SD1.x/SD2.x .* the model is SDXL"):
         load_control_model(sd["file"], pipe.model.config.unet, latent_factor=2)
+
+
+def test_sdxl_adapter_at_a_multiple_of_8(sdxl, sd):
+    """SDXL's adapter unshuffles by twice the VAE's factor (16; here 4): an image whose latents have an odd side is
+    padded at the edge, and the features take the sizes of the UNet's levels (which round up)."""
+    if sd["layout"] != "sd1":
+        pytest.skip("one run suffices")
+    model = sdxl["pipe"].model
+    net = load_control_model(sdxl["file"], model.config.unet, latent_factor=2)
+    feats = t2i_adapter.features(net, torch.rand(1, 3, 38, 44))
+    cfg = model.config.unet
+    x, context = torch.randn(1, 4, 19, 22), torch.randn(1, 77, cfg.context_dim)
+    with torch.no_grad():
+        out = model.unet(x, torch.tensor([500]), context, y=torch.zeros(1, cfg.adm_in_channels), adapter=feats)
+    assert out.shape == x.shape and [tuple(f.shape[-2:]) for f in feats] == [(10, 11), (10, 11), (5, 6), (5, 6)]
