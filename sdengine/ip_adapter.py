@@ -378,8 +378,9 @@ class IPAdapters:
     """The IP-Adapters and image encoders a pipeline has loaded, on the model's device and precision. `encoder`: the
     image encoder to use when a prompt names none (the CLI's --ip-adapter-encoder)."""
 
-    def __init__(self, unet: nn.Module, device: torch.device, dtype: torch.dtype, keep: int = 2):
-        self.unet, self.device, self.dtype, self.keep = unet, device, dtype, keep
+    def __init__(self, unet: nn.Module, device: torch.device, dtype: torch.dtype, keep: int = MAX_ADAPTERS,
+                 keep_encoders: int = 2):
+        self.unet, self.device, self.dtype, self.keep, self.keep_encoders = unet, device, dtype, keep, keep_encoders
         self.folder: Path | None = None
         self.encoder: str | None = None
         self._adapters: dict[tuple[str, str | None], tuple[IPAdapter, Path, str]] = {}
@@ -404,7 +405,7 @@ class IPAdapters:
 
     def image_encoder(self, path: Path) -> CLIPVisionModelWithProjection:
         if path not in self._encoders:
-            while len(self._encoders) >= self.keep:
+            while len(self._encoders) >= self.keep_encoders:  # ViT-H is 0.6 B parameters, bigG 1.8 B
                 self._encoders.pop(next(iter(self._encoders)))
             self._encoders[path] = load_image_encoder(path, self.device, self.dtype)
         return self._encoders[path]

@@ -389,10 +389,10 @@ def test_sdxl_pipeline_matches_diffusers(ipa, tmp_path, kind):
         load_ip_adapter(folder / name, ipa["model"].unet)
 
 
-def test_cuda_graphs_step_aside(ipa):
-    """A UNet replaying CUDA graphs (cuda_graphs.py; graphs=False runs the same plumbing on a CPU) runs its plain
-    forward while an adapter is attached (a replayed graph would leave the image attention out), and gets its
-    wrapper back after."""
+def test_cuda_graphs_and_compile_step_aside(ipa):
+    """A UNet replaying CUDA graphs (cuda_graphs.py; graphs=False runs the same plumbing on a CPU) or compiled runs
+    its plain forward while an adapter is attached (a replayed graph would leave the image attention out), and gets
+    its wrappers back after."""
     from sdengine.cuda_graphs import use_cuda_graphs
 
     model = sdengine.load(ipa["root"] / "pipe")
@@ -401,3 +401,8 @@ def test_cuda_graphs_step_aside(ipa):
                   image_prompts=[ImagePrompt(str(ipa["files"]["plain"]), reference_image())])
     assert torch.equal(Pipeline(model).sample(req), ipa["pipe"].sample(req))
     assert wrapper.captures == 0 and model.unet.forward is wrapper
+    # torch.compile's wrapper, under the graphs' (as compile.py and cuda_graphs.py stack them), steps aside too
+    compiled = torch.compile(wrapper.fn)
+    wrapper.fn = compiled
+    assert torch.equal(Pipeline(model).sample(req), ipa["pipe"].sample(req))
+    assert model.unet.forward is wrapper and wrapper.fn is compiled and wrapper.captures == 0

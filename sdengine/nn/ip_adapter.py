@@ -166,7 +166,8 @@ class IPAdapter(nn.Module):
     def attached(self, unet: nn.Module, tokens: torch.Tensor, scale: float) -> Iterator[None]:
         """The UNet's cross-attention layers each add `scale` x their attention over `tokens` (b, m, cross_dim),
         for the duration; restored exactly on exit (several adapters nest). Scale 0: nothing is attached (as
-        diffusers skips the layer). A UNet whose forward replays CUDA graphs runs its plain forward meanwhile."""
+        diffusers skips the layer). A UNet whose forward is compiled or replays CUDA graphs runs its plain forward
+        meanwhile."""
         layers = cross_attentions(unet)
         if len(layers) != len(self.ip_adapter):
             raise ValueError(f"the IP-Adapter has {len(self.ip_adapter)} cross-attention layers; the UNet has "
@@ -176,16 +177,21 @@ class IPAdapter(nn.Module):
             return
         saved = [(layer, layer.__dict__.get("extra")) for layer in layers]
         base = unwrap(unet)
-        graphed = base.__dict__.get("forward")  # cuda_graphs.GraphedForward: a replayed graph would skip the term
+        # A forward replaced by CUDA graphs (cuda_graphs.GraphedForward: a replayed graph would leave the term out)
+        # or by torch.compile (compile.py: frozen, and re-traced at every new term): the plain one runs meanwhile
+        replaced = base.__dict__.get("forward")
+        plain = replaced
+        while hasattr(plain, "fn") or hasattr(plain, "_torchdynamo_orig_callable"):
+            plain = getattr(plain, "fn", None) or plain._torchdynamo_orig_callable  # type: ignore[union-attr]
         try:
-            if graphed is not None and hasattr(graphed, "fn"):
-                base.forward = graphed.fn
+            if plain is not replaced:
+                base.forward = plain
             for layer, kv in zip(layers, self.ip_adapter.values()):
                 layer.extra = (*layer.extra, functools.partial(kv, tokens, scale))
             yield
         finally:
-            if graphed is not None:
-                base.forward = graphed
+            if plain is not replaced:
+                base.forward = replaced
             for layer, before in saved:
                 if before is None:
                     layer.__dict__.pop("extra", None)  # back to the class's empty default
