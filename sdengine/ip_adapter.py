@@ -151,6 +151,23 @@ def read_ip_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], IPAdapte
     return tensors, detect_ip_adapter(tensors, str(path))
 
 
+def adapter_config(path: str | Path) -> IPAdapterConfig:
+    """An IP-Adapter file's variant and sizes: from a .safetensors header's shapes alone (no tensor read), else
+    read_ip_adapter's."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        import torch
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - a safe_open handle
+        except (SafetensorError, OSError) as e:
+            raise IPAdapterError(f"{path}: corrupt .safetensors file ({e})") from None
+        return detect_ip_adapter({k: torch.empty(v, device="meta") for k, v in shapes.items()}, str(path))
+    return read_ip_adapter(path)[1]
+
+
 def load_ip_adapter(path: str | Path, unet: nn.Module, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> IPAdapter:
     """An IP-Adapter for the UNet `unet` (it must be made for its family), on `device` in `dtype`, frozen."""

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from sampler_harness import SD15_SCHEDULER_CONFIG, max_rel_error
 
 import sdengine
-from sdengine.ip_adapter import ImagePrompt, IPAdapterError, load_image_encoder, load_ip_adapter
+from sdengine.ip_adapter import ImagePrompt, IPAdapterError, adapter_config, load_image_encoder, load_ip_adapter
 from sdengine.nn.clip_vision import preprocess
 from sdengine.nn.ip_adapter import cross_attentions
 from sdengine.pipeline import Pipeline
@@ -194,6 +194,9 @@ def test_bin_file_and_refused_pickle(ipa, tmp_path):
     a = load_ip_adapter(tmp_path / "ip-adapter.bin", ipa["model"].unet)
     b = load_ip_adapter(ipa["files"]["plain"], ipa["model"].unet)
     assert a.config == b.config and torch.equal(a.image_proj.proj.weight, sd["image_proj.proj.weight"])
+    for kind in KINDS:  # the header alone tells the variant (the CLI finds the encoder before the model loads)
+        assert adapter_config(ipa["files"][kind]) == load_ip_adapter(ipa["files"][kind], ipa["model"].unet).config
+    assert adapter_config(tmp_path / "ip-adapter.bin") == a.config
     torch.save({"image_proj": {"x": torch.zeros(1)}, "ip_adapter": shutil.rmtree}, tmp_path / "evil.bin")
     with pytest.raises(IPAdapterError, match="refused"):
         load_ip_adapter(tmp_path / "evil.bin", ipa["model"].unet)

@@ -248,7 +248,7 @@ def control_options(args: argparse.Namespace) -> tuple:
 def ip_adapter_options(args: argparse.Namespace) -> tuple:
     """The ImagePrompts --ip-adapter asks for: every adapter read, its image encoder found and every image read
     before the model loads."""
-    from ..ip_adapter import ImagePrompt, IPAdapterError, find_image_encoder, read_ip_adapter, resolve_ip_adapter
+    from ..ip_adapter import ImagePrompt, IPAdapterError, adapter_config, find_image_encoder, resolve_ip_adapter
 
     values = getattr(args, "ip_adapter", [])
     if not values:
@@ -267,7 +267,7 @@ def ip_adapter_options(args: argparse.Namespace) -> tuple:
             raise CLIError(f"--ip-adapter {value}: expected MODEL:IMAGE or MODEL:IMAGE:SCALE") from None
         try:
             path = resolve_ip_adapter(name, args.ip_adapter_dir)
-            encoder = find_image_encoder(path, read_ip_adapter(path)[1], args.ip_adapter_encoder, args.ip_adapter_dir)
+            encoder = find_image_encoder(path, adapter_config(path), args.ip_adapter_encoder, args.ip_adapter_dir)
             images = [open_image(Path(i), "reference image") for i in image.split(",")]
             prompts.append(ImagePrompt(str(path), images, scale=numbers[0] if numbers else 1.0, encoder=str(encoder)))
         except IPAdapterError as e:
