@@ -12,7 +12,7 @@ _EXPORTS = {
     "load": "weights", "save": "weights", "convert": "weights", "merge": "weights", "CheckpointError": "weights",
     "UnknownArchitecture": "weights", "StableDiffusion": "model", "ModelConfig": "config", "UNetConfig": "config",
     "VAEConfig": "config", "TextConfig": "config", "PRESETS": "config", "Pipeline": "pipeline",
-    "Request": "request", "HiresFix": "hires", "ControlUnit": "control",
+    "Request": "request", "HiresFix": "hires", "ControlUnit": "control", "ImagePrompt": "ip_adapter",
     "compile_unet": "compile", "keep_freed_memory": "cpu_memory",
 }
 __all__ = sorted(_EXPORTS)
