@@ -202,11 +202,22 @@ def test_pipeline_matches_diffusers(sd, window):
     expected = ref("a red circle", image=control_image(), negative_prompt="blue", num_inference_steps=steps,
                    guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
                    adapter_conditioning_scale=0.7, output_type="latent").images
-    ours = sd["pipe"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=steps, cfg_scale=7.5,
-                                     seed=7, width=W, height=H, batch_size=2, controls=[unit]))
+    req = Request(prompt="a red circle", negative_prompt="blue", steps=steps, cfg_scale=7.5, seed=7, width=W,
+                  height=H, batch_size=2, controls=[unit])
+    ours = sd["pipe"].sample(req)
     error = max_rel_error(ours, expected)
     print(f"parity {sd['layout']} window={window}: {error:.2e}")  # the figures docs/control.md quotes (pytest -s)
     assert error < 1e-3
+    if window != (0.0, 1.0):  # the decoded images too
+        unet.calls = 0
+        gens = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+        pixels = ref("a red circle", image=control_image(), negative_prompt="blue", num_inference_steps=steps,
+                     guidance_scale=7.5, generator=gens, height=H, width=W, num_images_per_prompt=2,
+                     adapter_conditioning_scale=0.7, output_type="np").images
+        ours_px = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in sd["pipe"].run(req)])
+        mean = np.abs(ours_px - pixels).mean()
+        print(f"parity {sd['layout']} images: mean {mean * 255:.3f}/255")
+        assert mean <= 1 / 255
     plain = sd["pipe"].sample(Request(prompt="a red circle", negative_prompt="blue", steps=steps, cfg_scale=7.5,
                                       seed=7, width=W, height=H, batch_size=2))
     assert max_rel_error(plain, expected) > 1e-2  # the adapter changed the result
