@@ -341,3 +341,53 @@ def test_sdxl_adapter_at_a_multiple_of_8(sdxl, sd):
     with torch.no_grad():
         out = model.unet(x, torch.tensor([500]), context, y=torch.zeros(1, cfg.adm_in_channels), adapter=feats)
     assert out.shape == x.shape and [tuple(f.shape[-2:]) for f in feats] == [(10, 11), (10, 11), (5, 6), (5, 6)]
+
+
+def test_http_unit(tmp_path):
+    """A1111's API: an adapter in the server's ControlNet folder is listed by /controlnet/model_list and used by an
+    alwayson_scripts.controlnet unit like a ControlNet (recorded in the infotext, changes the image)."""
+    import base64
+    import io
+    import json
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sdengine.config import TINY
+    from sdengine.model import StableDiffusion
+    from sdengine.nn.t2i_adapter import AdapterConfig, T2IAdapter
+    from sdengine.prompts import BUNDLED_STYLES, load_styles
+    from sdengine.server.app import create_app
+    from sdengine.server.registry import ModelRegistry
+    from sdengine.server.service import Service
+    from sdengine.server.validation import Limits
+    from sdengine.weights import save
+
+    for name in ("models", "controlnet"):
+        (tmp_path / name).mkdir()
+    save(StableDiffusion(TINY).init_weights(seed=0), tmp_path / "models" / "tiny.safetensors")
+    cfg = TINY.unet
+    torch.manual_seed(0)
+    net = perturb(T2IAdapter(AdapterConfig("full", 3, tuple(cfg.model_channels * m for m in cfg.channel_mult), 2,
+                                           TINY.vae.downscale)), 1, scale=0.5)
+    t2i_adapter.save_adapter(net, tmp_path / "controlnet" / "t2i_tiny.safetensors")
+    registry = ModelRegistry(tmp_path / "models", None, torch.device("cpu"), torch.float32, lora_dirs=[],
+                             embedding_dirs=[], controlnet_dir=tmp_path / "controlnet")
+    registry.ensure("tiny.safetensors")
+    registry.default_name = registry.current.name
+    service = Service(registry, Limits(max_width=64, max_height=64, max_steps=3, max_batch=4, queue_size=4),
+                      load_styles(BUNDLED_STYLES), threads=1)
+    buffer = io.BytesIO()
+    control_image().resize((64, 64)).save(buffer, format="PNG")
+    unit = {"enabled": True, "module": "none", "model": "t2i_tiny", "weight": 0.8, "guidance_end": 0.5,
+            "image": base64.b64encode(buffer.getvalue()).decode()}
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        listed = client.get("/controlnet/model_list").json()["model_list"]
+        assert len(listed) == 1 and listed[0].startswith("t2i_tiny [")
+        r = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        plain = client.post("/sdapi/v1/txt2img", json=body)
+    info = json.loads(r.json()["info"])
+    assert "Model: t2i_tiny [" in info["infotexts"][0] and "Guidance End: 0.5" in info["infotexts"][0]
+    assert r.json()["images"][0] != plain.json()["images"][0]
