@@ -116,6 +116,29 @@ def test_features_and_unet_match_diffusers(sd, layout):
         plain = sd["parts"]["unet"](x, t, encoder_hidden_states=context).sample
         assert_close(sd["model"].unet(x, t, context, adapter=got), reference_out)
         assert (reference_out - plain).abs().max() > 1e-2 * plain.abs().max()  # the features changed the output
+        # with ControlNet residuals at the same time (diffusers takes both: the features inside the down blocks, the
+        # residuals on the skips and the middle block)
+        residuals = [torch.randn(2, c, *size, generator=g) for c, size in skip_shapes(unet_cfg, x)]
+        both = sd["parts"]["unet"](x, t, encoder_hidden_states=context,
+                                   down_intrablock_additional_residuals=[f.clone() for f in expected],
+                                   down_block_additional_residuals=residuals[:-1],
+                                   mid_block_additional_residual=residuals[-1]).sample
+        assert_close(sd["model"].unet(x, t, context, control=residuals, adapter=got), both)
+
+
+def skip_shapes(cfg, x: torch.Tensor) -> list[tuple[int, tuple[int, int]]]:
+    """(channels, size) of each input block's output and of the middle block's, for latents x."""
+    from sdengine.nn.unet import Downsample, Encoder
+
+    enc = Encoder(cfg)
+    with torch.device("meta"):
+        blocks = enc.input_blocks()
+    out, (h, w) = [], x.shape[-2:]
+    for block, channels in zip(blocks, enc.skip_channels):
+        if isinstance(block[0], Downsample):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        out.append((channels, (h, w)))
+    return [*out, (enc.channels, (h, w))]
 
 
 @pytest.mark.parametrize("kind", ["light_adapter", "full_adapter_xl"])
@@ -280,6 +303,12 @@ def test_unit_interfaces(sd, tmp_path, capsys):
     controls, uncontrols = pipe.controlnets.controls((ControlUnit(str(sd["file"]), control_image(), mode="control"),),
                                                      W, H, 4, 2, guided=True)
     assert controls[0].adapter and controls[0].rows is None and uncontrols[0].rows == (False, False)
+    # a hires fix's second pass re-fits the control image and recomputes the features at its own size
+    from sdengine.hires import HiresFix
+
+    out = pipe.generate("a red circle", steps=2, seed=1, width=W, height=H, controls=[unit],
+                        hires=HiresFix(2.0, steps=2, denoising_strength=0.5))[0]
+    assert out.size == (2 * W, 2 * H) and "ControlNet 0:" in out.info["parameters"]
 
 
 @pytest.fixture(scope="module")
