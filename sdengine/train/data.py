@@ -30,6 +30,11 @@ class Source(Protocol):
         ...
 
 
+# SDXL's size conditioning of a training image: its original size (width, height) and the top-left corner
+# (left, top) of the crop taken from it, in the pixels of the image scaled to the training size
+Geometry = tuple[tuple[int, int], tuple[int, int]]
+
+
 def item_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for item `index` of a run seeded `seed` (SplitMix64)."""
     z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
@@ -140,17 +145,32 @@ class FolderSource:
             self._epoch, self._perm = epoch, rng.permutation(len(self.items))
         return self._perm
 
+    def _entry(self, index: int) -> tuple[Path, str]:
+        epoch, position = divmod(index, len(self.items))
+        return self.items[self._order(epoch)[position]]
+
     def item(self, index: int) -> tuple[np.ndarray, str]:
-        n = len(self.items)
-        epoch, position = divmod(index, n)
-        order = self._order(epoch)
-        path, caption = self.items[order[position]]
+        path, caption = self._entry(index)
         with Image.open(path) as img:
             img = img.convert("RGB")
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
+            left, top, side = square_crop(*img.size)
             img = img.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.LANCZOS)
             return np.asarray(img, dtype=np.uint8), caption
+
+    def geometry(self, index: int) -> Geometry:
+        """Item `index`'s original size and crop, as SDXL's trainers record them (the image scaled so that its short
+        side is `size`, then the centred square taken): only the file's header is read."""
+        with Image.open(self._entry(index)[0]) as img:
+            width, height = img.size
+        left, top, side = square_crop(width, height)
+        scale = self.size / side
+        return (width, height), (round(left * scale), round(top * scale))
+
+
+def square_crop(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square FolderSource trains on."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
 
 
 def shapes_spec(data: str) -> dict | None:
@@ -192,9 +212,23 @@ def make_source(data: str, size: int, seed: int, kinds: tuple[str, ...] | None =
     return FolderSource(data, size, seed)
 
 
+def item_index(step: int, position: int) -> int:
+    """The source index of batch position `position` of global step `step`."""
+    return step * 1_000_003 + position
+
+
 def batch_items(source: Source, step: int, indices: range) -> list[tuple[np.ndarray, str]]:
     """The items of global step `step` at batch positions `indices` (every stage reads its data this way)."""
-    return [source.item(step * 1_000_003 + i) for i in indices]
+    return [source.item(item_index(step, i)) for i in indices]
+
+
+def batch_geometry(source: Source, step: int, indices: range) -> list[Geometry]:
+    """The SDXL size conditioning of those items: a source without `geometry` (the shapes world) draws its images
+    at the training size, uncropped."""
+    geometry = getattr(source, "geometry", None)
+    if geometry is None:
+        return [((source.size, source.size), (0, 0))] * len(indices)
+    return [geometry(item_index(step, i)) for i in indices]
 
 
 _worker_source: Source | None = None

@@ -13,7 +13,8 @@ from torch import nn
 from ...diffusion.schedule import SD_SCHEDULE, NoiseSchedule
 from ...images import images_to_tensor
 from ...model import StableDiffusion
-from ..data import Source, batch_items
+from ...nn.unet import sdxl_vector
+from ..data import Geometry, Source, batch_geometry, batch_items
 from ..draws import BatchDraws, Draw
 from ..plots import image_grid
 
@@ -38,6 +39,9 @@ def read_text_layer(model: StableDiffusion, clip_skip: int) -> StableDiffusion:
     skip_last_layers, so the saved model reads that layer by default in sdengine (other programs need their clip
     skip set to match); the layers after it stay in the file, unread."""
     text = model.config.text
+    if model.config.conditioner:
+        raise ValueError("--clip-skip is for SD1/SD2 models: SDXL's UNet reads both text encoders' penultimate "
+                         "layers")
     if clip_skip < 1 or clip_skip > text.hidden_layers_used:
         raise ValueError(f"--clip-skip must be 1 to {text.hidden_layers_used}, the text encoder's layers in use "
                          f"(got {clip_skip})")
@@ -64,8 +68,12 @@ class UNetStage:
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
         self.sample_prompts = sample_prompts or ["a red circle", "two blue squares", "a green triangle above a "
                                                  "yellow circle", "a big purple square on a black background"]
+        self.sdxl = model.config.conditioner  # conditioned on both text encoders and the vector y
+        if self.sdxl and train_text:
+            raise ValueError("--train-text-encoder is for SD1/SD2 models: SDXL's text encoders stay frozen here")
         model.vae.requires_grad_(False).eval()
-        model.text_encoder.requires_grad_(train_text).train(train_text)
+        for encoder in model.text_encoders:
+            encoder.requires_grad_(train_text).train(train_text)
         for layer in model.text_encoder.layer_list()[model.config.text.hidden_layers_used:]:
             layer.requires_grad_(False)  # the layers after the one the UNet reads get no gradient (SD2, clip skip)
         for name, p in model.text_encoder.named_parameters():  # OpenCLIP's contrastive head: the UNet never reads it
@@ -84,6 +92,9 @@ class UNetStage:
 
     def use_cache(self, cache: LatentCache) -> None:
         """Train on pre-encoded latents (latent_cache.py): each batch position draws a row of the cache."""
+        if self.sdxl:
+            raise ValueError("--cache-latents is not supported for SDXL: the cache holds one text encoder's ids and "
+                             "no image sizes")
         self.cache = cache
         self.draws = self._draws(tuple(cache.mean.shape[1:]), rows=len(cache))
         self.empty_ids = self.model.tokenizer([""], max_length=cache.ids.shape[1])[0].to(cache.ids.device)
@@ -94,6 +105,21 @@ class UNetStage:
     def _condition(self, ids: torch.Tensor) -> torch.Tensor:
         """What a batch carries for the text: the frozen encoder's features, or the ids when it is trained."""
         return ids if self.train_text else self.model.text_encoder.to(ids.device)(ids)[0].float()
+
+    def sdxl_condition(self, captions: list[str], geometry: list[Geometry], device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's (context, y) for captions as generation feeds them: both text encoders' features side by side, and
+        y from bigG's pooled output with each image's original size and crop (batch_geometry) and the training
+        size as the target (Pipeline.vector builds it with the same sdxl_vector)."""
+        contexts, pooled = [], None
+        for encoder, tokenizer in zip(self.model.text_encoders, self.model.tokenizers):
+            z, pooled = encoder.to(device)(tokenizer(captions, max_length=encoder.config.max_positions).to(device))
+            contexts.append(z.float())
+        assert pooled is not None and self.source is not None
+        original = torch.tensor([[h, w] for (w, h), _ in geometry])  # rows of (height, width), as generation
+        crop = torch.tensor([[top, left] for _, (left, top) in geometry])
+        target = torch.tensor([[self.source.size, self.source.size]] * len(geometry))
+        return torch.cat(contexts, dim=-1), sdxl_vector(pooled.float(), original, crop, target)
 
     def _timesteps(self, u: torch.Tensor) -> torch.Tensor:
         return shift_timesteps(u, self.timestep_shift, self.schedule.num_train_timesteps)
@@ -107,23 +133,31 @@ class UNetStage:
             rows = draws["row"].to(self.cache.mean.device)
             mean, std = self.cache.mean[rows].to(device).float(), self.cache.std[rows].to(device).float()
             ids = self.cache.ids[rows].to(device).long()
-            ids = torch.where(drop[:, None], self.empty_ids.to(device), ids)
+            cond = self._condition(torch.where(drop[:, None], self.empty_ids.to(device), ids))
         else:
             items = items if items is not None else batch_items(self.source, step, indices)
             vae = self.model.vae.to(device)
             post = vae.encode(images_to_tensor([im for im, _ in items], device).to(next(vae.parameters()).dtype))
             mean, std = post.mean.float(), post.std.float()
             captions = ["" if d else c for d, (_, c) in zip(drop.tolist(), items)]
-            ids = self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device)
+            if self.sdxl:
+                cond = self.sdxl_condition(captions, batch_geometry(self.source, step, indices), device)
+            else:
+                cond = self._condition(
+                    self.model.tokenizer(captions, max_length=self.model.config.text.max_positions).to(device))
         z0 = (mean + std * draws["posterior"]) * self.model.config.vae.scaling_factor
-        return z0, self._condition(ids), self._timesteps(draws["u"]), draws["noise"]
+        return z0, cond, self._timesteps(draws["u"]), draws["noise"]
 
     def loss(self, batch, step: int):
         z0, cond, t, noise = batch
-        context = self.model.text_encoder(cond)[0].float() if self.train_text else cond
+        y = None
+        if self.sdxl:
+            context, y = cond
+        else:
+            context = self.model.text_encoder(cond)[0].float() if self.train_text else cond
         x_t = self.schedule.q_sample(z0, t, noise)
         target = noise if self.model.config.prediction == "eps" else self.schedule.velocity(z0, t, noise)
-        out = self.model.unet(x_t, t, context)
+        out = self.model.unet(x_t, t, context, y)
         per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
         if self.snr_gamma > 0:  # min-SNR weighting (Hang et al. 2023): no step dominates the gradient
             abar = self.schedule.alphas_cumprod.to(z0.device)[t]
