@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CLIError
-from .options import add_runtime_args, size_pair
+from .options import add_runtime_args, positive_float, size_pair
 
 # `--vae-tiny` given without a file: the tiny autoencoder shipped for the shipped model (resolved once the model is)
 SHIPPED_TINY = Path("<shipped>")
@@ -463,7 +463,10 @@ def run_generation(args: argparse.Namespace) -> None:
                                                   f"the image's {init.size[0]}x{init.size[1]}"]))
             mask = mask.resize(init.size)
     model_path = runtime.resolve_model(args.model)
-    if init is not None:
+    sd_upscale = getattr(args, "sd_upscale", None)
+    if sd_upscale is not None:  # the tiles are the request's size: by default the model's, as A1111's 512
+        width = height = runtime.native_size(model_path)
+    elif init is not None:
         width, height = init.width // 8 * 8, init.height // 8 * 8
     else:  # the size the model file records, read from its header: the Request is checked before any load
         width = height = runtime.native_size(model_path)
@@ -479,11 +482,21 @@ def run_generation(args: argparse.Namespace) -> None:
             runtime.resolve_model(req.refiner)
     # one name per image: its seed, and with a prompts file its line number first (lines may share seeds)
     ids = [f"{number}-{i}" if len(reqs) > 1 else i for number, req in enumerate(reqs, 1)
-           for n in range(req.n_iter) for i in req.iteration(n).image_ids]
+           for n in range(req.n_iter)
+           for i in ([req.seed + n] if sd_upscale is not None else req.iteration(n).image_ids)]
     if args.out_pattern:
         paths = pattern_paths(args, reqs, model_path.stem)
     else:
         paths = output_paths(args.out, ids, args.force, f".{args.format}")
+    if sd_upscale is not None:  # the tiling checked, and a model upscaler found, before any model loads
+        from ..sd_upscale import PLAIN_UPSCALERS, check_plan, upscaled_size
+        from ..upscalers import resolve_upscaler
+
+        if args.upscaler not in PLAIN_UPSCALERS:
+            resolve_upscaler(args.upscaler, args.upscalers_dir or runtime.upscalers_dir())
+        for req in reqs:
+            check_plan(*upscaled_size(init.width, init.height, args.upscaler, sd_upscale), req.width, req.height,
+                       args.sd_upscale_overlap, args.upscaler)
     device = runtime.pick_device(args.device)
     if note:  # only once every check has passed, so an error stays the one line on stderr
         print(note, file=sys.stderr)
@@ -516,7 +529,13 @@ def run_generation(args: argparse.Namespace) -> None:
     for req in reqs:
         callback, bar = progress(args.quiet)
         try:
-            images = pipe.run(req, init=init, mask=mask, callback=callback)
+            if sd_upscale is not None:  # one upscaled image per batch count (sdengine/sd_upscale.py)
+                from ..sd_upscale import sd_upscale as run_sd_upscale
+
+                images = run_sd_upscale(pipe, req, init, args.upscaler, sd_upscale, args.sd_upscale_overlap,
+                                        callback, args.upscalers_dir or runtime.upscalers_dir())
+            else:
+                images = pipe.run(req, init=init, mask=mask, callback=callback)
         finally:
             if bar is not None:
                 bar.close()
@@ -566,6 +585,17 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                        "matched: noise with the image's spectrum and colours, as A1111's outpainting mk2)")
         g.add_argument("--overlap", type=int, default=8, help="pixels of the image repainted along the seam")
         g.add_argument("--mask-blur", type=int, default=8, help="softness of the seam (pixels)")
+    if name == "img2img":
+        g = p.add_argument_group("SD upscale", "A1111's script: upscale, then img2img in overlapping tiles of "
+                                 "--width x --height (default: the model's size) at --strength")
+        g.add_argument("--sd-upscale", type=positive_float, default=None, metavar="SCALE",
+                       help="upscale the image by SCALE first")
+        g.add_argument("--upscaler", default="Lanczos", metavar="NAME",
+                       help="None, Lanczos (default), Nearest, or a model in the upscalers folder")
+        g.add_argument("--sd-upscale-overlap", type=int, default=64, metavar="PX",
+                       help="pixels neighbouring tiles share, cross-faded (64)")
+        g.add_argument("--upscalers-dir", type=Path, default=None,
+                       help="the upscalers folder (default: $SDENGINE_UPSCALERS or $SDENGINE_HOME/upscalers)")
     if name == "inpaint":
         p.add_argument("mask", type=Path)
     add_generation_args(p, name)
