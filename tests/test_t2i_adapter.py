@@ -281,7 +281,7 @@ def test_unit_interfaces(sd, tmp_path, capsys):
     folder.mkdir()
     shutil.copy(sd["file"], folder / "t2iadapter_color.safetensors")
     shutil.copytree(sd["adapter"], folder / "t2i-adapter-folder")
-    assert control_module.list_controlnets(folder) == ["t2i-adapter-folder", "t2iadapter_color"]
+    assert control_module.list_controlnets(folder)[:2] == ["t2i-adapter-folder", "t2iadapter_color"]
     from sdengine.server.controlnet import folder_names  # /controlnet/model_list, as the extension lists adapters
 
     names = folder_names(folder)
@@ -296,6 +296,14 @@ def test_unit_interfaces(sd, tmp_path, capsys):
     unit = ControlUnit(str(folder / "t2iadapter_color.safetensors"), control_image(), weight=0.5)
     ours = sd["pipe"].generate("a red circle", steps=2, seed=4, width=W, height=H, controls=[unit])[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ours))
+    xl = make_adapter("full_adapter_xl", (32, 64, 64, 64), 4, seed=3)  # made for SDXL: one line, non-zero exit
+    xl.save_pretrained(folder / "xl-adapter")
+    capsys.readouterr()
+    assert run(["generate", "a red circle", "--model", str(sd["folder"]), "--steps", "2", "--width", str(W),
+                "--height", str(H), "--quiet", "--controlnet-dir", str(folder),
+                "--control", f"xl-adapter:{tmp_path / 'map.png'}", "--out", str(tmp_path / "bad.png")]) != 0
+    err = capsys.readouterr().err
+    assert "a T2I-Adapter for SDXL" in err and err.count("\n") == 1, err
     assert t2i_adapter.scales(ControlUnit("m", "x.png", weight=2.0, mode="prompt"), 2) == (2 * 0.825, 2.0)
     assert t2i_adapter.scales(ControlUnit("m", "x.png", weight=0.5), 4) == (0.5,) * 4
     # "control" mode: the features on the conditional half only
