@@ -344,6 +344,7 @@ def test_control_panel_sends_a_unit_the_server_applies(server, web, tmp_path):
     modules = page.locator("#control-module option").all_inner_texts()
     assert "canny" in modules and "invert" in modules and page.get_by_label("Preprocessor").input_value() == "none"
     fill_small(page, "a yellow square", steps=5, seed=11)
+    page.locator("#control-section").evaluate("details => { details.open = true; }")  # Chromium may keep it open
     page.get_by_label("Use ControlNet").check()
     page.get_by_role("button", name="Generate").click()  # no control image in txt2img: said so, nothing sent
     expect(page.get_by_role("alert")).to_contain_text("Choose a control image")
@@ -376,11 +377,21 @@ def test_control_panel_sends_a_unit_the_server_applies(server, web, tmp_path):
         expect(text).to_contain_text(part)
     page.screenshot(path=str(tmp_path / "control.png"), full_page=True)
     shutil.copyfile(tmp_path / "control.png", CONTROL_SCREENSHOT)
+    page.reload()  # the unit's settings are kept between visits (not the image, and not switched on)
+    page.wait_for_selector("body[data-ready=true]")
+    assert (page.get_by_label("Preprocessor").input_value(), page.get_by_label("Control weight").input_value(),
+            page.get_by_label("Control mode").input_value()) == ("invert", "0.8", "ControlNet is more important")
+    assert not page.get_by_label("Use ControlNet").is_checked()
+    fill_small(page, "a yellow square", steps=5, seed=11)
+    page.locator("#control-section").evaluate("details => { details.open = true; }")  # Chromium may keep it open
+    page.get_by_label("Use ControlNet").check()
+    page.get_by_role("button", name="Generate").click()  # the image is not kept: asked for again
+    expect(page.get_by_role("alert")).to_contain_text("Choose a control image")
     page.get_by_label("Use ControlNet").uncheck()  # off: no unit sent
     with page.expect_request("**/sdapi/v1/txt2img") as sent:
         page.get_by_role("button", name="Generate").click()
     assert "alwayson_scripts" not in sent.value.post_data_json
-    expect(page.locator("#gallery li")).to_have_count(2, timeout=WAIT_MS)
+    expect(page.locator("#gallery li")).to_have_count(1, timeout=WAIT_MS)
 
 
 def test_control_panel_takes_ip_adapter_units(server, web, tmp_path):
@@ -433,7 +444,7 @@ def test_xyz_grid_from_the_page(server, web, tmp_path):
     axes = info[("x/y/z plot", False)][0]["choices"]
     page = web().open(server.url)
     page.locator("#xyz-section summary").click()
-    offered = page.locator("#xyz-x-type option").all_inner_texts()
+    offered = page.locator("#xyz-x-type option").all_text_contents()
     assert "Steps" in offered and "Sampler" in offered and "Denoising" not in offered  # txt2img's plottable axes
     assert "VAE" not in offered  # A1111 has it; the server cannot plot it
     fill_small(page, "a blue triangle", steps=1, seed=21)
@@ -464,8 +475,13 @@ def test_xyz_grid_from_the_page(server, web, tmp_path):
     assert "Sampler: DPM++ 2M" in items.nth(4).locator(".infotext").inner_text()  # x fastest, as A1111
     page.screenshot(path=str(tmp_path / "grid.png"), full_page=True)
     shutil.copyfile(tmp_path / "grid.png", GRID_SCREENSHOT)
+    page.reload()  # the axes and values are kept between visits; the grid is off again
+    page.wait_for_selector("body[data-ready=true]")
+    assert (page.get_by_label("Y axis").input_value(), page.get_by_label("Y values").input_value()) == \
+        ("Sampler", "Euler, DPM++ 2M")
+    assert page.get_by_label("X values").input_value() == "1-2" and not page.get_by_label("Make a grid").is_checked()
     page.get_by_label("Change an image").check()  # img2img's list: Denoising, and its own indices
-    assert "Denoising" in page.locator("#xyz-x-type option").all_inner_texts()
+    assert "Denoising" in page.locator("#xyz-x-type option").all_text_contents()
     page.get_by_label("Make a grid").uncheck()
 
 

@@ -32,12 +32,15 @@
     xyzValues: ["x", "y", "z"].map((a) => $(`xyz-${a}-values`)),
     xyzFill: ["x", "y", "z"].map((a) => $(`xyz-${a}-fill`)),
   };
+  ["X", "Y", "Z"].forEach((a, i) => { el[`xyzType${a}`] = el.xyzType[i]; el[`xyzValues${a}`] = el.xyzValues[i]; });
   const MASK_COLOR = "#ff2d87"; // what the painted area looks like; it is sent as white on black
   const MASK_MAX_SIDE = 1024; // the mask is drawn at most this large (the server resizes it to the output)
   const POLL_MS = 600;
   const SAVED_KEY = "sdengine.settings";
   const SAVED_FIELDS = ["prompt", "negative", "model", "sampler", "scheduler", "steps", "cfg", "batch", "width",
-    "height", "seed", "hrScale", "hrStrength", "hrSteps", "hrUpscaler", "refiner", "refinerSwitch"];
+    "height", "seed", "hrScale", "hrStrength", "hrSteps", "hrUpscaler", "refiner", "refinerSwitch", "controlNet",
+    "controlModule", "controlWeight", "controlStart", "controlEnd", "controlMode", "controlResize", "xyzTypeX",
+    "xyzTypeY", "xyzTypeZ", "xyzValuesX", "xyzValuesY", "xyzValuesZ"]; // not the on/off boxes: off on each visit
 
   const state = { busy: false, taskId: null, running: false, started: 0, currentModel: null, source: null,
     urls: [], lastPrompt: null, controlImage: null, axes: { txt2img: [], img2img: [] }, loras: [] };
@@ -112,7 +115,11 @@
 
   function restore(data) {
     for (const key of SAVED_FIELDS) {
-      if (typeof data[key] === "string" && el[key].tagName !== "SELECT") el[key].value = data[key];
+      if (typeof data[key] !== "string") continue;
+      // the lists from the server are filled later, each with its saved choice; the page's own ones now
+      if (el[key].tagName !== "SELECT" || [...el[key].options].some((o) => o.value === data[key])) {
+        el[key].value = data[key];
+      }
     }
     if (typeof data.seedRandom === "boolean") el.seedRandom.checked = data.seedRandom;
     if (typeof data.tiling === "boolean") el.tiling.checked = data.tiling;
@@ -232,9 +239,10 @@
       modules = p.module_list || [];
     } catch (_) { /* a server without ControlNet routes: no panel */ }
     el.control.hidden = models.length === 0; // nothing in the server's ControlNet folder
-    fillSelect(el.controlNet, models.map((m) => [m, m]), el.controlNet.value, models[0]);
-    fillSelect(el.controlModule, modules.map((m) => [m, m]), el.controlModule.value, "none");
-    syncControl(true);
+    const keep = saved();
+    fillSelect(el.controlNet, models.map((m) => [m, m]), el.controlNet.value || keep.controlNet, models[0]);
+    fillSelect(el.controlModule, modules.map((m) => [m, m]), el.controlModule.value || keep.controlModule, "none");
+    syncControl(!keep.controlModule);
   }
 
   const isIpAdapter = (name) => /ip[-_]?adapter/i.test(name || "");
@@ -334,8 +342,9 @@
     const usable = state.axes[tab()].filter((label) => label === "Nothing" || (label in XYZ_AXES &&
       (label !== "Denoising" || tab() === "img2img"))); // the server plots Denoising in img2img only
     el.xyz.hidden = usable.length < 2;
+    const keep = saved();
     el.xyzType.forEach((select, i) => {
-      const wanted = select.value || ["Steps", "CFG Scale", "Nothing"][i];
+      const wanted = select.value || keep[`xyzType${"XYZ"[i]}`] || ["Steps", "CFG Scale", "Nothing"][i];
       fillSelect(select, usable.map((label) => [label, label]), wanted, "Nothing");
     });
     syncAxes();
