@@ -509,6 +509,7 @@ def test_train_unet_on_sdxl(capsys, sdxl_folder, odd_images, tmp_path):
                for k, v in tuned.unet.state_dict().items())
     for encoder, ref in zip(tuned.text_encoders, base.text_encoders):
         assert all(torch.equal(v, ref.state_dict()[k].half().float()) for k, v in encoder.state_dict().items())
-    for extra, word in ((("--clip-skip", "2"), "--clip-skip"), (("--train-text-encoder",), "--train-text-encoder")):
+    for extra, word in ((("--clip-skip", "2"), "--clip-skip"), (("--train-text-encoder",), "--train-text-encoder"),
+                        (("--cache-latents", "3"), "--cache-latents")):
         rc, err = run("--out", str(tmp_path / "bad"), *extra)
         assert rc != 0 and word in err and "Traceback" not in err, err
