@@ -85,7 +85,8 @@ def test_loras_are_listed_with_a1111_fields(client, folders):
     loras = {e["name"]: e for e in client.get("/sdapi/v1/loras").json()}
     assert set(loras) == {"broken", "style"}  # the folder's files, never the one outside it
     style = loras["style"]
-    assert set(style) == {"name", "alias", "path", "metadata"}
+    assert set(style) == {"name", "alias", "path", "metadata", "sd_version", "sdengine_context_dim"}  # A1111's + 2
+    assert (style["sd_version"], style["sdengine_context_dim"]) == ("Unknown", 64)  # the tiny model's width
     assert style["alias"] == "style-v1" and style["metadata"] == {"ss_output_name": "style-v1"}
     assert style["path"] == str(folders / "loras" / "style.safetensors")  # the server's own folder, as A1111 shows
     assert loras["broken"]["metadata"] == {} and loras["broken"]["alias"] == "broken"
