@@ -262,7 +262,7 @@ def xyz_args(x_type: int, x_values: str, y_type: int = 0, y_values: str = "", lo
 def test_scripts_are_listed(client):
     listed = client.get("/sdapi/v1/scripts").json()
     assert listed["txt2img"] == ["x/y/z plot"]
-    assert set(listed["img2img"]) == {"x/y/z plot", "outpainting mk2", "poor man's outpainting"}
+    assert set(listed["img2img"]) == {"x/y/z plot", "outpainting mk2", "poor man's outpainting", "sd upscale"}
 
 
 def test_xyz_plot_returns_the_grid_then_the_cells(client):
@@ -334,3 +334,42 @@ def test_hires_fix_takes_an_upscaler_from_the_listing(client):
     images, info = generate(client, width=32, height=32, enable_hr=True, hr_scale=2, hr_upscaler=names[-1],
                             hr_second_pass_steps=1, denoising_strength=0.5)
     assert images[0].size == (64, 64) and f"Hires upscaler: {names[-1]}" in info["infotexts"][0]
+
+
+def test_sd_upscale_script_upscales_then_repaints_tiles(client):
+    """A1111's "sd upscale" script_args [info, overlap, upscaler_index, scale]: the index into /sdapi/v1/upscalers;
+    the image is the engine's sd_upscale of the first init image, tiles of the request's size."""
+    from sdengine.sd_upscale import sd_upscale
+
+    names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    source = pattern(40, 24, seed=6)
+    images, info = generate(client, "/sdapi/v1/img2img", init_images=[b64(source)], width=32, height=32, seed=5,
+                            script_name="sd upscale", script_args=["", 16, names.index("tiny-x2"), 2],
+                            denoising_strength=0.6)
+    assert len(images) == 1 and images[0].size == (80, 48)
+    assert "SD upscale upscaler: tiny-x2" in info["infotexts"][0] and "Size: 32x32" in info["infotexts"][0]
+    from sdengine.metadata import parse_parameters
+    from sdengine.request import Request, fields_from_parameters
+
+    # the same request from the image's own parameters (Size: the tile's, the strength, the sampler...)
+    req = Request(**fields_from_parameters(parse_parameters(info["infotexts"][0])))
+    assert (req.width, req.height, req.strength, req.seed) == (32, 32, 0.6, 5)
+    want = sd_upscale(client.service.registry.pipeline, req.a1111_img2img(), source, "tiny-x2", 2.0, overlap=16)[0]
+    assert np.abs(pixels(images[0]) - pixels(want)).max() <= 1
+
+
+@pytest.mark.parametrize("args,fields,why", [
+    (["", 16, 99, 2], {}, "upscaler"), (["", 300, 1, 2], {}, "overlap"), (["", 16, 1, 0], {}, "scale factor"),
+    (["", 16, 1, 1], {"width": 64, "height": 64}, "smaller than a tile"),
+    (["", 16, 1, 8], {"size": (64, 48)}, "pixels"),
+    (["", 16, 1, 2], {"mask": "x"}, "mask"),
+])
+def test_bad_sd_upscale_is_a_422(client, args, fields, why):
+    fields = dict(fields)
+    size = fields.pop("size", (40, 24))
+    body = {**SMALL, "init_images": [b64(pattern(*size))], "width": 32, "height": 32, "script_name": "sd upscale",
+            "script_args": args, **fields}
+    if "mask" in fields:
+        body["mask"] = b64(pattern(40, 24))
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422 and why in r.json()["detail"], r.text

@@ -1,5 +1,6 @@
 """A1111's scripts through `script_name` + positional `script_args`: "x/y/z plot" (sdengine/xyz.py) in txt2img and
-img2img, "outpainting mk2" and "poor man's outpainting" (sdengine/outpaint.py) in img2img.
+img2img, "outpainting mk2" and "poor man's outpainting" (sdengine/outpaint.py) and "sd upscale"
+(sdengine/sd_upscale.py) in img2img.
 
 script_args are read in A1111's layouts (the order of each script's ui() values); an axis type is an index into
 A1111's axis list for that tab, as its API takes it. Axes without an sdengine equivalent are a 422 naming them.
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from .service import Service
     from .validation import GenJob
 
-XYZ, MK2, POOR = "x/y/z plot", "outpainting mk2", "poor man's outpainting"
-SCRIPTS = {"txt2img": [XYZ], "img2img": [XYZ, MK2, POOR]}  # as /sdapi/v1/scripts lists them (lower case)
+XYZ, MK2, POOR, SDU = "x/y/z plot", "outpainting mk2", "poor man's outpainting", "sd upscale"
+SCRIPTS = {"txt2img": [XYZ], "img2img": [XYZ, MK2, POOR, SDU]}  # as /sdapi/v1/scripts lists them (lower case)
+MAX_SD_UPSCALE = 8.0
 DIRECTIONS = ("left", "right", "up", "down")
 
 # A1111's X/Y/Z axis options in its order (scripts/xyz_grid.py); "t"/"i": on the txt2img/img2img tab only. Each
@@ -75,6 +77,56 @@ class OutpaintPlan:
 
         amounts = {d: self.pixels if d in self.directions else 0 for d in DIRECTIONS}
         return extend(image, fill=self.fill, mask_blur=self.mask_blur, seed=seed, **amounts)
+
+
+@dataclass(frozen=True)
+class SDUpscalePlan:
+    overlap: int
+    upscaler: str  # a name as /sdapi/v1/upscalers lists it
+    scale: float
+
+
+def sd_upscale_plan(args: list[Any]) -> SDUpscalePlan:
+    """"sd upscale"'s script_args: [info, overlap, upscaler_index, scale_factor] (A1111's ui order, defaults 64, 0,
+    2.0); the index is into /sdapi/v1/upscalers' list (None, Lanczos, Nearest, then the folder's models), as A1111's
+    is into its own; a name is taken too."""
+    from .. import upscalers
+    from ..sd_upscale import PLAIN_UPSCALERS
+
+    overlap, index, scale = _arg(args, 1, 64), _arg(args, 2, 0), _arg(args, 3, 2.0)
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 256:
+        raise BadInput(f"{SDU}: script_args[1] (tile overlap) must be an integer from 0 to 256, got {overlap!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_SD_UPSCALE:
+        raise BadInput(f"{SDU}: script_args[3] (scale factor) must be a number in (0, {MAX_SD_UPSCALE:g}], got "
+                       f"{scale!r}")
+    names = [*PLAIN_UPSCALERS, *upscalers.list_upscalers()]
+    if isinstance(index, str) and index in names:
+        name = index
+    elif not isinstance(index, bool) and isinstance(index, int) and 0 <= index < len(names):
+        name = names[index]
+    else:
+        raise BadInput(f"{SDU}: script_args[2] (upscaler) must be an index into /sdapi/v1/upscalers (0 to "
+                       f"{len(names) - 1}) or a name there, got {index!r}")
+    return SDUpscalePlan(overlap, name, float(scale))
+
+
+def run_sd_upscale(job: Job, gen: GenJob, pipe: Any, req: Request) -> list[Image.Image]:
+    """The upscaled image of each batch count: its tiles' img2img steps reported as the job's progress."""
+    from .. import runtime
+    from ..sd_upscale import sd_upscale
+
+    def callback(step: int, total: int, x: Any, denoised: Any) -> None:
+        job.step, job.steps = step + 1, total
+        job.preview, job.preview_step = denoised[:1], job.preview_step + 1
+        job.check()
+
+    plan = gen.upscale
+    assert plan is not None and gen.init
+    try:
+        return sd_upscale(pipe, req, gen.init[0], plan.upscaler, plan.scale, plan.overlap, callback,
+                          runtime.upscalers_dir())
+    except ValueError as e:   # an upscaler file that does not load: the client's choice
+        raise BadInput(f"{SDU}: {e}") from None
 
 
 def script_name(body: dict[str, Any], mode: str) -> str | None:

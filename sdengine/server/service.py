@@ -91,7 +91,10 @@ class Service:
         else:
             pipe, entry = registry.ensure(gen.model)
             job.job_count = gen.request.n_iter
-            images = self.images(job, gen, pipe, self.for_model(gen, pipe), warnings)
+            if gen.upscale is not None:  # "sd upscale" (server/scripts.py)
+                images = scripts.run_sd_upscale(job, gen, pipe, self.for_model(gen, pipe))
+            else:
+                images = self.images(job, gen, pipe, self.for_model(gen, pipe), warnings)
         if "sd_model_checkpoint" in gen.persist:
             for other in self.registries:
                 other.default_name = entry.name

@@ -86,6 +86,7 @@ class GenJob:
     denoising_strength: float | None = None  # as A1111 reports it
     warnings: list[str] = field(default_factory=list)
     script: scripts.XYZPlan | None = None  # script_name "x/y/z plot": the cells run instead of the request
+    upscale: scripts.SDUpscalePlan | None = None  # script_name "sd upscale": init[0] upscaled, then img2img tiles
     # the aesthetic-score options (Request fields) for a refiner run as the model itself (Service.for_model)
     aesthetic: dict[str, float] = field(default_factory=dict)
 
@@ -197,6 +198,8 @@ class BodyReader:
             if script in (scripts.MK2, scripts.POOR):
                 outpaint = scripts.outpaint_plan(script, script_args, _int(body, "inpainting_fill", 0, 0, 3))
                 warnings += outpaint.warnings
+            if script == scripts.SDU:
+                job.upscale = scripts.sd_upscale_plan(script_args)
             self._img2img(body, job, outpaint)
         elif _get(body, "enable_hr", False):
             self._hires(body, job)
@@ -260,10 +263,16 @@ class BodyReader:
             job.warnings.append("resize_mode 3 (latent upscale) is done in pixel space, as resize_mode 0")
         max_pixels = self.limits.max_image_pixels
         masked = _get(body, "mask", None) is not None or outpaint is not None
+        if job.upscale is not None and masked:
+            raise BadInput(f"{scripts.SDU}: a mask does not go with it (it repaints the whole upscaled image)")
         with self._decoding:  # one full-size image alive at a time, two requests decoding at a time
             originals = [decode_image(s, f"init_images[{i}]", max_pixels).convert("RGB") for i, s in enumerate(sources)]
-            if not masked or outpaint is not None:  # the originals are needed only for a masked request's paste-back
+            # the originals are needed only for a masked request's paste-back, and for SD upscale (it enlarges them)
+            if (not masked or outpaint is not None) and job.upscale is None:
                 originals = [resize_image(im, req.width, req.height, mode) for im in originals]
+        if job.upscale is not None:
+            self._sd_upscale(job, originals)
+            return
         if outpaint is not None:
             self._outpaint(body, job, outpaint, originals)
             return
@@ -286,6 +295,27 @@ class BodyReader:
             originals, mask, req.width, req.height, mode, bool(_get(body, "inpaint_full_res", True)),
             _int(body, "inpaint_full_res_padding", 0, 0, 4096), _int(body, "inpainting_fill", 0, 0, 3),
             max(blur_x, blur_y), invert, job.warnings, bool(_get(body, "mask_round", True)))
+
+    def _sd_upscale(self, job: GenJob, originals: list[Image.Image]) -> None:
+        """A1111's SD upscale: the first init image (the others are not used, as there), upscaled, then cut into
+        tiles of the request's width x height; every check before queueing."""
+        from ..sd_upscale import check_plan, upscaled_size
+
+        plan, req = job.upscale, job.request
+        assert plan is not None
+        if len(originals) > 1:
+            job.warnings.append(f"{scripts.SDU}: only the first of {len(originals)} init_images is upscaled")
+        width, height = upscaled_size(originals[0].width, originals[0].height, plan.upscaler, plan.scale)
+        if width * height > self.limits.max_image_pixels:
+            raise BadInput(f"{scripts.SDU}: the upscaled image would be {width}x{height}; at most "
+                           f"{self.limits.max_image_pixels} pixels on this server")
+        try:
+            check_plan(width, height, req.width, req.height, plan.overlap, plan.upscaler)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        job.request = make_request(**{**_fields(req), "strength": job.denoising_strength or 0.75}).a1111_img2img()
+        job.denoising_strength = job.request.strength
+        job.init = originals[:1]
 
     def _outpaint(self, body: dict[str, Any], job: GenJob, plan: scripts.OutpaintPlan,
                   images: list[Image.Image]) -> None:
