@@ -99,3 +99,19 @@ def test_without_credentials_is_refused(api):
     with pytest.raises(RuntimeError) as refused:
         anonymous.txt2img(prompt="x", **SMALL)
     assert refused.value.args[0] == 401
+
+
+def test_scripts_through_the_client(api):
+    """webuiapi's script_name/script_args, in A1111's layouts: the X/Y/Z plot (grid first, then the cells), the
+    outpainting mk2 script and SD upscale (upscaler 1: Lanczos in /sdapi/v1/upscalers' list)."""
+    xyz = [4, "1-2", [], 0, "", [], 0, "", [], True, True, False, False, 0, False, False]   # X: Steps 1, 2
+    grid = api.txt2img(prompt="a cat", seed=3, script_name="x/y/z plot", script_args=xyz, **SMALL)
+    assert len(grid.images) == 3 and grid.images[0].width > 2 * 64
+    assert "X Type: Steps, X Values: 1-2" in grid.info["infotexts"][0]
+    source = Image.new("RGB", (64, 64), (20, 120, 220))
+    out = api.img2img(images=[source], prompt="a cat", seed=3, denoising_strength=0.8, script_name="outpainting mk2",
+                      script_args=["", 16, 4, ["left", "right"], 1.0, 0.05], **SMALL)
+    assert out.image.size == (96, 64)
+    up = api.img2img(images=[source], prompt="a cat", seed=3, denoising_strength=0.3, script_name="sd upscale",
+                     script_args=["", 16, 1, 1.5], steps=2, width=48, height=48)
+    assert up.image.size == (96, 96) and "SD upscale upscaler: Lanczos" in up.info["infotexts"][0]
