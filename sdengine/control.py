@@ -11,7 +11,8 @@ anything loads.
 Files: lllyasviel's single files (`control_model.*` keys, .pth or .safetensors; the same keys without the prefix
 too) and diffusers ControlNetModel folders (config.json + diffusion_pytorch_model.safetensors/.bin). The layout is
 read from tensor shapes and key sets, never file names; a file that is no ControlNet, or one made for another
-model family, is a one-line error that says what was expected.
+model family, is a one-line error that says what was expected. T2I-Adapters share the folder and the units (as
+in A1111's extension): `load_control_model` tells them apart by content and t2i_adapter.py loads them.
 """
 from __future__ import annotations
 
@@ -640,6 +641,7 @@ class ControlNets:
                  guided: bool, mask: torch.Tensor | None = None) -> tuple[tuple[Control, ...], tuple[Control, ...]]:
         """(the controls of the conditional half, of the unconditional half) for a batch at this size and step
         count. In "control" mode the unconditional half gets no residuals (rows marked off)."""
+        from . import t2i_adapter
         from .diffusion.denoiser import Control
         from .nn.t2i_adapter import AdapterFeatures, T2IAdapter
 
@@ -651,8 +653,6 @@ class ControlNets:
                 continue
             hint = hint_tensor(unit, width, height, mask)
             if isinstance(net, T2IAdapter):  # features once per pass: they depend on neither x nor t
-                from . import t2i_adapter
-
                 feats = AdapterFeatures(t2i_adapter.features(net, hint))
                 control = Control(feats, hint, t2i_adapter.scales(unit, len(feats.features)), active, adapter=True)
                 cond.append(control)
