@@ -123,6 +123,8 @@ def add_shared_options(p: argparse.ArgumentParser, stage: str) -> None:
     sched.add_argument("--warmup", type=non_negative_int, default=200, help="linear warmup steps (200)")
     sched.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     sched.add_argument("--ema", type=decay, default=d["ema"], help=f"EMA decay ({d['ema']:g}; 0: none)")
+    sched.add_argument("--shard-optimizer", action="store_true", help="under torchrun: each process keeps the "
+                       "AdamW state of 1/N of the weights (ZeRO-1; checkpoints hold it whole)")
     sched.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="autocast dtype; auto: bf16 on a GPU and on CPUs with bf16 instructions (AVX512-BF16, "
                             "AMX), else fp32 (emulated bf16 runs ~3x slower than fp32); fp16 scales the loss")
@@ -471,7 +473,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                       sample_every=args.sample_every, seed=args.seed, max_bad_steps=args.max_bad_steps,
                       quiet=args.quiet, workers=workers, time_budget=60 * (args.time_budget or 0),
                       module_lr={"text": args.text_lr} if getattr(args, "text_lr", None) is not None
-                      else getattr(stage, "module_lr", {}))
+                      else getattr(stage, "module_lr", {}), shard_optimizer=args.shard_optimizer)
     trainer = Trainer(stage, cfg, device)
     modules = trainer.run(resume=args.resume, stop_at=args.stop_at)
     if trainer.stop_requested:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import runtime
@@ -58,6 +59,7 @@ class TrainConfig:
     workers: int = 0  # processes preparing the data of coming steps (0: in the training process)
     time_budget: float = 0.0  # seconds; > 0 fits the step count to the measured speed (see Trainer.run)
     module_lr: dict[str, float] = field(default_factory=dict)  # a trained module's own peak LR (else lr)
+    shard_optimizer: bool = False  # under torchrun, each process keeps the AdamW state of 1/world of the weights
 
 
 class Stage(Protocol):
@@ -158,8 +160,15 @@ class Trainer:
         if self.world > 1:  # averages gradients in buckets during backward; broadcasts rank 0's weights first
             self.loss_module = DistributedDataParallel(
                 self.loss_module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999))
+        adamw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999)}
+        if cfg.shard_optimizer and self.world > 1:
+            # ZeRO stage 1: each process steps its shard of the parameters and broadcasts them; the gradients are
+            # still all-reduced whole by DDP. Checkpoints hold the whole state (gathered on rank 0 by save), so a run
+            # resumes under any world size, sharded or not.
+            self.optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
+                self._param_groups(), optimizer_class=torch.optim.AdamW, **adamw)
+        else:
+            self.optimizer = torch.optim.AdamW(self._param_groups(), **adamw)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.ema = EMA(self.modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
@@ -224,6 +233,8 @@ class Trainer:
     def save(self) -> None:
         if self.step == self.saved_step:
             return
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)  # every process sends rank 0 its shard of the state
         if self.rank == 0:
             save_checkpoint(self.cfg.run_dir, self.step, self.state(), keep=self.cfg.keep)
         if self.world > 1:
@@ -291,6 +302,19 @@ class Trainer:
             self.ema.update(self.modules, self.step)
         return total, logs
 
+    def _report_optimizer_memory(self) -> None:
+        """--shard-optimizer: the optimizer state this process holds, and all processes together."""
+        if self.world == 1:
+            self.log("--shard-optimizer: one process, nothing to shard")
+            return
+        local = getattr(self.optimizer, "optim", self.optimizer).state  # ZeRO's local optimizer
+        held = torch.tensor([float(sum(v.numel() * v.element_size() for s in local.values() for v in s.values()
+                                       if torch.is_tensor(v)))] * 2, dtype=torch.float64, device=self.device)
+        dist.all_reduce(held[:1], op=dist.ReduceOp.MAX)
+        dist.all_reduce(held[1:])
+        self.log(f"optimizer state sharded over {self.world} processes: {held[0].item() / 2**20:.2f} MiB at most "
+                 f"on one, {held[1].item() / 2**20:.2f} MiB in all")
+
     def _slices(self, step: int) -> list[tuple[int, int, int]]:
         """(step, start, stop) of this process's micro-batches of global step `step`."""
         per_step = self.cfg.batch_size // self.cfg.grad_accum
@@ -345,6 +369,8 @@ class Trainer:
                     self.stop_requested = self.sigterm
                 images += cfg.batch_size
                 self.step += 1  # a skipped step still uses up its batch: the same data would fail again
+                if self.step == start_step + 1 and cfg.shard_optimizer:
+                    self._report_optimizer_memory()  # after the first step: AdamW makes its state lazily
                 if math.isfinite(loss):
                     self.bad_steps = 0
                 else:
