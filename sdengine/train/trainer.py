@@ -302,18 +302,17 @@ class Trainer:
             self.ema.update(self.modules, self.step)
         return total, logs
 
-    def _report_optimizer_memory(self) -> None:
-        """--shard-optimizer: the optimizer state this process holds, and all processes together."""
+    def _optimizer_memory(self) -> str:
+        """--shard-optimizer: the optimizer state the process holding most holds, and all together (a collective)."""
         if self.world == 1:
-            self.log("--shard-optimizer: one process, nothing to shard")
-            return
+            return "--shard-optimizer: one process, nothing to shard"
         local = getattr(self.optimizer, "optim", self.optimizer).state  # ZeRO's local optimizer
         held = torch.tensor([float(sum(v.numel() * v.element_size() for s in local.values() for v in s.values()
                                        if torch.is_tensor(v)))] * 2, dtype=torch.float64, device=self.device)
         dist.all_reduce(held[:1], op=dist.ReduceOp.MAX)
         dist.all_reduce(held[1:])
-        self.log(f"optimizer state sharded over {self.world} processes: {held[0].item() / 2**20:.2f} MiB at most "
-                 f"on one, {held[1].item() / 2**20:.2f} MiB in all")
+        return (f"optimizer state sharded over {self.world} processes: {held[0].item() / 2**20:.2f} MiB at most on "
+                f"one, {held[1].item() / 2**20:.2f} MiB in all")
 
     def _slices(self, step: int) -> list[tuple[int, int, int]]:
         """(step, start, stop) of this process's micro-batches of global step `step`."""
@@ -369,8 +368,12 @@ class Trainer:
                     self.stop_requested = self.sigterm
                 images += cfg.batch_size
                 self.step += 1  # a skipped step still uses up its batch: the same data would fail again
-                if self.step == start_step + 1 and cfg.shard_optimizer:
-                    self._report_optimizer_memory()  # after the first step: AdamW makes its state lazily
+                if self.step == start_step + 1 and cfg.shard_optimizer:  # AdamW makes its state in its first step
+                    message = self._optimizer_memory()
+                    if bar is not None:
+                        bar.write(message, file=sys.stderr)
+                    else:
+                        self.log(message)
                 if math.isfinite(loss):
                     self.bad_steps = 0
                 else:
