@@ -7,8 +7,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,48 @@ def test_two_torchrun_ranks_give_the_same_images(reference, tmp_path):
     assert "[rank 1/2] 0 of 4 items done already; 2 to make here" in proc.stderr
     assert files(tmp_path / "out") == files(done)
     assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == json.loads((done / MANIFEST).read_text())
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """torchrun's worker processes (its children) by their RANK."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+                found[int(env["RANK"])] = int(proc.name)
+        except (OSError, KeyError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_s_items_are_made_on_resume(tmp_path):
+    """Rank 1 killed (SIGKILL) once it has recorded an item: torchrun stops the job; the rerun (one process) makes
+    what neither rank recorded, and every image is what one uninterrupted process makes."""
+    lines = [{"prompt": f"a red circle number {i}", "steps": 3} for i in range(12)]
+    prompts = write_lines(tmp_path / "p.jsonl", lines)
+    env = {k: v for k, v in os.environ.items() if k != "SDENGINE_DEBUG"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "sdengine.cli", "batch", str(prompts), "--out", str(tmp_path / "out"), *RUN],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    part = tmp_path / "out" / f"{PART_PREFIX}rank1.json"
+    deadline = time.time() + 240
+    while not part.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pids = rank_pids(job.pid)
+    assert part.exists() and 1 in pids, job.stderr.read() if job.poll() is not None else "no part file in time"
+    os.kill(pids[1], signal.SIGKILL)
+    assert job.wait(120) != 0
+    recorded = json.loads(part.read_text())["items"]
+    assert 1 <= len(recorded) < 6 and all(int(i) % 2 == 1 for i in recorded)  # rank 1 takes every other item
+    log = rerun(prompts, tmp_path / "out")
+    done = int(log[0].split(" of ")[0])
+    assert done >= len(recorded) and log[0] == f"{done} of 12 items done already; {12 - done} to make here"
+    assert len([m for m in log if m.startswith("wrote")]) == 12 - done
+    assert not list((tmp_path / "out").glob(f"{PART_PREFIX}*"))
+    rerun(prompts, tmp_path / "straight")
+    assert files(tmp_path / "out") == files(tmp_path / "straight")
 
 
 @pytest.mark.slow
