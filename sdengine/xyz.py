@@ -151,12 +151,14 @@ def font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def grid_size(axes: list[Axis | None], width: int, height: int) -> tuple[int, int]:
+def grid_size(axes: list[Axis | None], width: int, height: int, legend: bool = True, margin: int = 0
+              ) -> tuple[int, int]:
     """The grid image's size for cells of width x height: checked before any work."""
     x, y, z = (axes + [None] * 3)[:3]
     cols, rows, pages = (len(a.values) if a else 1 for a in (x, y, z))
-    pad = _padding(width)
-    return (pad[0] + cols * width) * pages, pad[1] + rows * height + (pad[2] if z else 0)
+    left, top, title = _padding(width) if legend else (0, 0, 0)
+    sub_w = left + cols * width + (cols - 1) * margin
+    return sub_w * pages + (pages - 1) * margin, top + rows * height + (rows - 1) * margin + (title if z else 0)
 
 
 def _padding(width: int) -> tuple[int, int, int]:
@@ -164,38 +166,56 @@ def _padding(width: int) -> tuple[int, int, int]:
     return (size * 12, size * 3, size * 2)  # left (y labels), top (x labels), z title
 
 
-def draw_grid(images: dict[tuple[int, int, int], Image.Image], axes: list[Axis | None]) -> Image.Image:
-    """Cells with their axis labels: x above the columns, y left of the rows, z over each sub-grid."""
+def draw_grid(images: dict[tuple[int, int, int], Image.Image], axes: list[Axis | None], legend: bool = True,
+              margin: int = 0) -> Image.Image:
+    """Cells with their axis labels: x above the columns, y left of the rows, z over each sub-grid (the z
+    sub-grids side by side). legend=False: no labels (A1111's draw_legend); margin: pixels between cells and
+    between sub-grids (A1111's margin_size)."""
     x, y, z = (axes + [None] * 3)[:3]
     first = next(iter(images.values()))
     w, h = first.size
-    left, top, title = _padding(w)
-    size = grid_size(axes, w, h)
-    grid = Image.new("RGB", size, "white")
+    left, top, title = _padding(w) if legend else (0, 0, 0)
+    grid = Image.new("RGB", grid_size(axes, w, h, legend, margin), "white")
     draw = ImageDraw.Draw(grid)
     face = font(max(12, w // 16))
     pages = len(z.values) if z else 1
-    sub_w = left + (len(x.values) if x else 1) * w
+    cols = len(x.values) if x else 1
+    sub_w = left + cols * w + (cols - 1) * margin + margin  # a sub-grid and the margin after it
     offset_y = title if z else 0
     for (i, j, k), image in images.items():
-        grid.paste(image.convert("RGB"), (k * sub_w + left + i * w, offset_y + top + j * h))
+        grid.paste(image.convert("RGB"), (k * sub_w + left + i * (w + margin), offset_y + top + j * (h + margin)))
+    if not legend:
+        return grid
     for k in range(pages):
         base_x = k * sub_w
         if z:
-            draw.text((base_x + sub_w // 2, title // 2), z.label(z.values[k]), fill="black", font=face, anchor="mm")
-        for i, value in enumerate(x.values if x else ()):
-            draw.text((base_x + left + i * w + w // 2, offset_y + top // 2), x.label(value), fill="black", font=face,
+            draw.text((base_x + (sub_w - margin) // 2, title // 2), z.label(z.values[k]), fill="black", font=face,
                       anchor="mm")
+        for i, value in enumerate(x.values if x else ()):
+            draw.text((base_x + left + i * (w + margin) + w // 2, offset_y + top // 2), x.label(value), fill="black",
+                      font=face, anchor="mm")
         for j, value in enumerate(y.values if y else ()):
-            draw.text((base_x + left - 6, offset_y + top + j * h + h // 2), y.label(value), fill="black",
+            draw.text((base_x + left - 6, offset_y + top + j * (h + margin) + h // 2), y.label(value), fill="black",
                       font=face, anchor="rm")
     return grid
 
 
+def sub_grids(images: dict[tuple[int, int, int], Image.Image], axes: list[Axis | None], legend: bool = True,
+              margin: int = 0) -> list[Image.Image]:
+    """One x/y grid per z value (A1111's include_sub_grids); [] without a z axis."""
+    x, y, z = (axes + [None] * 3)[:3]
+    if z is None:
+        return []
+    return [draw_grid({(i, j, 0): im for (i, j, kk), im in images.items() if kk == k}, [x, y], legend, margin)
+            for k in range(len(z.values))]
+
+
 def run_grid(base: Request, axes: list[Axis | None], pipeline_for: Callable[[str | None], Any],
-             on_cell: Callable[[Cell, list[Image.Image]], None] | None = None) -> Image.Image:
+             on_cell: Callable[[Cell, list[Image.Image]], None] | None = None, legend: bool = True,
+             margin: int = 0, with_sub_grids: bool = False) -> Image.Image | list[Image.Image]:
     """Generate every cell (pipeline_for(checkpoint) gives the pipeline of a checkpoint axis value, or of the
-    model for None) and return the labelled grid; on_cell gets each cell's images as they are made."""
+    model for None) and return the labelled grid (with_sub_grids: [grid, one grid per z value]); on_cell gets each
+    cell's images as they are made."""
     planned = cells(base, axes)
     made: dict[tuple[int, int, int], Image.Image] = {}
     for cell in planned:
@@ -203,4 +223,5 @@ def run_grid(base: Request, axes: list[Axis | None], pipeline_for: Callable[[str
         if on_cell is not None:
             on_cell(cell, images)
         made[cell.index] = images[0]
-    return draw_grid(made, axes)
+    grid = draw_grid(made, axes, legend, margin)
+    return [grid, *sub_grids(made, axes, legend, margin)] if with_sub_grids else grid

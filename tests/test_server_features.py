@@ -280,6 +280,15 @@ def test_xyz_plot_returns_the_grid_then_the_cells(client):
     assert len(only_grid) == 1
 
 
+def test_xyz_plot_legend_margin_and_sub_grids(client):
+    # X: 4 Steps, Z: 6 CFG Scale; draw_legend off (args[9]), include_sub_grids (args[11]), margin_size 2 (args[13])
+    args = xyz_args(4, "1-2", lone=False)
+    args[6], args[7], args[9], args[11], args[13] = 6, "3, 7", False, True, 2
+    images, info = generate(client, script_name="x/y/z plot", script_args=args)
+    assert [im.size for im in images] == [(2 * (2 * 64 + 2) + 2, 64), (130, 64), (130, 64)]
+    assert np.array_equal(pixels(images[2]), pixels(images[0])[:, 132:])
+
+
 def test_xyz_plot_choice_axes_take_the_dropdown(client):
     # 9: Sampler, 11: Checkpoint name, 17: Schedule type on txt2img's list; values from the dropdown lists
     args = xyz_args(9, "", 17, "", x2=["Euler", "DPM++ 2M"], y5=["Karras", "SGM Uniform"])

@@ -58,6 +58,24 @@ def test_cells_equal_the_single_runs_and_the_grid_is_labelled(pipe):
     assert pixels[:, :20].min() < 128 or pixels[:20, :].min() < 128
 
 
+def test_legend_margin_and_sub_grids_as_a1111_options(pipe):
+    """draw_legend off: the cells alone; margin_size: pixels between cells and between the z sub-grids; sub-grids:
+    one x/y grid per z value, each equal to the matching part of the grid."""
+    base = Request(prompt="a red circle", seed=3, width=16, height=16, steps=1)
+    axes = [parse_axis("seed:1,2"), parse_axis("cfg:1,7"), parse_axis("prompt_sr:red,blue")]
+    made = {}
+    grid, *subs = run_grid(base, axes, lambda checkpoint: pipe, lambda cell, images: made.__setitem__(cell.index,
+                           images), legend=False, margin=4, with_sub_grids=True)
+    assert grid.size == grid_size(axes, 16, 16, legend=False, margin=4) == (2 * (2 * 16 + 4) + 4, 2 * 16 + 4)
+    top_right = np.asarray(grid)[:16, 16 + 4:32 + 4]
+    assert np.array_equal(top_right, np.asarray(made[(1, 0, 0)][0]))   # the cell after a 4-pixel margin
+    assert (np.asarray(grid)[:, 16:20] == 255).all()                     # the margin itself is blank
+    assert len(subs) == 2 and all(sub.size == (36, 36) for sub in subs)
+    assert np.array_equal(np.asarray(subs[1]), np.asarray(grid)[:, 40:])
+    labelled = run_grid(base, axes[:2], lambda checkpoint: pipe, legend=True, margin=0, with_sub_grids=True)
+    assert len(labelled) == 1 and labelled[0].size == grid_size(axes[:2], 16, 16)   # no z: no sub-grids
+
+
 def test_cells_are_checked_before_any_work():
     base = Request(prompt="a red circle", seed=1, width=16, height=16)
     with pytest.raises(ValueError, match="did not find 'green'"):
@@ -79,6 +97,12 @@ def test_grid_command_writes_cells_and_grid(sd1_folder, tmp_path):
     assert parse_parameters(read_parameters(out / "cell-1-1-0.png"))["Seed"] == 2
     assert parse_parameters(read_parameters(out / "grid.png"))["X Values"] == "1, 2"
     assert Image.open(out / "grid.png").size == grid_size([parse_axis("seed:1-2"), parse_axis("cfg:1,7")], 16, 16)
+    proc = run_cli("grid", "a red circle", "--model", sd1_folder, "--x", "seed:1-2", "--z", "cfg:1,7", "--steps",
+                   "1", "--width", "16", "--height", "16", "--out", tmp_path / "z", "--quiet", "--device", "cpu",
+                   "--no-legend", "--margin", "2", "--sub-grids")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "z" / "grid.png").size == (2 * 34 + 2, 16)
+    assert [Image.open(tmp_path / "z" / f"grid-z{k}.png").size for k in (0, 1)] == [(34, 16)] * 2
     assert_cli_error(run_cli("grid", "a", "--model", sd1_folder, "--x", "seed:1-40", "--y", "steps:1-20",
                              "--out", tmp_path / "big"), "at most 16384")
     assert not (tmp_path / "big").exists()

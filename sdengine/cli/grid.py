@@ -30,7 +30,9 @@ def run_grid_command(args: argparse.Namespace) -> None:
         raise CLIError("give at least one axis: --x FIELD:VALUES (and --y, --z)")
     width = max(c.request.width or size for c in planned)
     height = max(c.request.height or size for c in planned)
-    gw, gh = grid_size(axes, width, height)
+    if args.margin < 0 or args.margin > 512:
+        raise CLIError(f"--margin must be 0 to 512 pixels, got {args.margin}")
+    gw, gh = grid_size(axes, width, height, not args.no_legend, args.margin)
     if max(gw, gh) > MAX_GRID_SIDE:
         raise CLIError(f"the grid would be {gw}x{gh} pixels; at most {MAX_GRID_SIDE} a side (fewer values or "
                        "smaller images)")
@@ -67,10 +69,15 @@ def run_grid_command(args: argparse.Namespace) -> None:
         if not args.quiet:
             print(f"cell {i},{j},{k}: {len(images)} image(s)", file=sys.stderr)
 
-    grid = run_grid(base, axes, pipeline_for, on_cell)
+    grids = run_grid(base, axes, pipeline_for, on_cell, not args.no_legend, args.margin, with_sub_grids=True)
+    grid = grids[0]
     axes_text = {f"{name.upper()} Type": a.field for name, a in zip("xyz", axes) if a is not None}
     axes_text.update({f"{name.upper()} Values": ", ".join(map(str, a.values)) for name, a in zip("xyz", axes) if a})
     save_png(grid, out / "grid.png", format_parameters(base.prompt, base.negative_prompt, axes_text), force=True)
+    if args.sub_grids:   # one grid per z value, as A1111's include_sub_grids
+        for k, sub in enumerate(grids[1:]):
+            save_png(sub, out / f"grid-z{k}.png", format_parameters(base.prompt, base.negative_prompt, axes_text),
+                     force=True)
     print(f"wrote {out / 'grid.png'} ({len(planned)} cells) and each cell's PNG in {out}")
 
 
@@ -81,4 +88,7 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                      "take ranges 1-4, 1-10 (+3), 1-10 [4]); --out is a folder")
     for axis in ("x", "y", "z"):
         p.add_argument(f"--{axis}", default=None, metavar="FIELD:VALUES", help=f"the {axis} axis")
+    p.add_argument("--no-legend", action="store_true", help="no axis labels (A1111's draw legend off)")
+    p.add_argument("--margin", type=int, default=0, metavar="PX", help="pixels between cells and sub-grids (0)")
+    p.add_argument("--sub-grids", action="store_true", help="also one grid-zK.png per z value")
     p.set_defaults(func=run_grid_command)

@@ -60,6 +60,9 @@ class XYZPlan:
     texts: list[str]  # the values as sent, for the grid's infotext
     cells: list[xyz.Cell]
     lone_images: bool  # include_lone_images: the cells after the grid
+    legend: bool = True  # draw_legend
+    margin: int = 0  # margin_size: pixels between cells and sub-grids
+    sub_grids: bool = False  # include_sub_grids: each z value's grid after the grid
 
 
 @dataclass
@@ -226,16 +229,14 @@ def xyz_plan(args: list[Any], mode: str, base: Request, registry: ModelRegistry,
         labels.append(label)
         values = _arg(args, 3 * n + 2, None) if label in CHOICE_AXES and not csv_mode else None
         texts.append(", ".join(map(str, values)) if values else str(_arg(args, 3 * n + 1, "")))
-    if _arg(args, 9, True) is False:
-        warnings.append("X/Y/Z plot: draw_legend ignored; the grid is labelled")
-    if _arg(args, 11, False) and axes[2] is not None:
-        warnings.append("X/Y/Z plot: include_sub_grids ignored; one grid")
     if _arg(args, 12, False):
         warnings.append("X/Y/Z plot: no_fixed_seeds ignored; every cell has the request's seed")
     if vary and any(_arg(args, i, False) for i in (13, 14, 15)):
         warnings.append("X/Y/Z plot: vary_seeds ignored")
-    if _arg(args, tail, 0):
-        warnings.append("X/Y/Z plot: margin_size ignored")
+    margin = _arg(args, tail, 0)
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 512:
+        raise BadInput(f"script_args[{tail}] (margin_size) must be an integer from 0 to 512, got {margin!r}")
+    legend = _arg(args, 9, True) is not False
     try:
         planned = xyz.cells(base, axes)
     except ValueError as e:
@@ -243,10 +244,11 @@ def xyz_plan(args: list[Any], mode: str, base: Request, registry: ModelRegistry,
     if len(planned) > max_cells:
         raise BadInput(f"X/Y/Z plot: {len(planned)} cells; at most {max_cells} on this server")
     width, height = base.hires.output_size(base.width, base.height) if base.hires else (base.width, base.height)
-    grid_w, grid_h = xyz.grid_size(axes, width, height)
+    grid_w, grid_h = xyz.grid_size(axes, width, height, legend, margin)
     if max(grid_w, grid_h) > xyz.MAX_GRID_SIDE:
         raise BadInput(f"X/Y/Z plot: the grid would be {grid_w}x{grid_h}; at most {xyz.MAX_GRID_SIDE} a side")
-    return XYZPlan(axes, labels, texts, planned, bool(_arg(args, 10, False)))
+    return XYZPlan(axes, labels, texts, planned, bool(_arg(args, 10, False)), legend, margin,
+                   bool(_arg(args, 11, False)))
 
 
 def run_xyz(service: Service, job: Job, gen: GenJob) -> tuple[list[Image.Image], list[str]]:
@@ -268,7 +270,7 @@ def run_xyz(service: Service, job: Job, gen: GenJob) -> tuple[list[Image.Image],
     first = next(iter(made.values()))
     for cell in plan.cells:
         made.setdefault(cell.index, Image.new("RGB", first.size))
-    grid = xyz.draw_grid(made, plan.axes)
+    grid = xyz.draw_grid(made, plan.axes, plan.legend, plan.margin)
     order = sorted(made, key=lambda i: (i[2], i[1], i[0]))
     text = made[order[0]].info.get("parameters", "")
     extra = [("Script", "X/Y/Z plot")]
@@ -276,4 +278,7 @@ def run_xyz(service: Service, job: Job, gen: GenJob) -> tuple[list[Image.Image],
         if label != "Nothing":
             extra += [(f"{axis} Type", label), (f"{axis} Values", f'"{values}"' if "," in values else values)]
     grid.info["parameters"] = text + ", " + ", ".join(f"{k}: {v}" for k, v in extra) if text else ""
-    return [grid, *([made[i] for i in order] if plan.lone_images else [])], warnings
+    subs = xyz.sub_grids(made, plan.axes, plan.legend, plan.margin) if plan.sub_grids else []
+    for sub in subs:
+        sub.info["parameters"] = grid.info["parameters"]
+    return [grid, *subs, *([made[i] for i in order] if plan.lone_images else [])], warnings
