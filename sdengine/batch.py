@@ -91,8 +91,9 @@ def request_fields(data: Any) -> dict[str, Any]:
 
         if not isinstance(data["parameters"], str):
             raise ValueError("parameters must be an A1111 parameters text")
-        values.update(fields_from_parameters(parse_parameters(data["parameters"])))
-        values.setdefault("prompt", parse_parameters(data["parameters"]).get("Prompt", ""))
+        params = parse_parameters(data["parameters"])
+        values.update(fields_from_parameters(params))
+        values.setdefault("prompt", params.get("Prompt", ""))
     unknown = sorted(set(data) - REQUEST_FIELDS - {"parameters"})
     if unknown:
         raise ValueError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (known: "
@@ -178,16 +179,12 @@ def consolidate(out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]
     if not path.exists() and not parts and out.exists() and any(out.iterdir()):
         raise BatchError(f"output folder {out} holds files but no {MANIFEST}: give a new or empty folder")
     items: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        data = _read_json(path)
+    for record in ([path] if path.exists() else []) + parts:
+        data = _read_json(record)
         if data.get("settings") != settings:
             raise BatchError(f"{out} was made with other settings ({_describe(data.get('settings'))}; now "
                              f"{_describe(settings)}): use those, or another --out")
-        items = data["items"]
-    for part in parts:
-        data = _read_json(part)
-        if data.get("settings") == settings:
-            items.update(data["items"])
+        items.update(data["items"])
     out.mkdir(parents=True, exist_ok=True)
     _write_json(path, {"version": MANIFEST_VERSION, "settings": settings, "items": items})
     for part in parts:
