@@ -513,3 +513,28 @@ def test_train_unet_on_sdxl(capsys, sdxl_folder, odd_images, tmp_path):
                         (("--cache-latents", "3"), "--cache-latents")):
         rc, err = run("--out", str(tmp_path / "bad"), *extra)
         assert rc != 0 and word in err and "Traceback" not in err, err
+
+
+def test_pruned_layouts_sdengine_cannot_hold_are_refused():
+    """Input blocks of one level with different depths (no published model has them) and a UNet without a middle
+    block are refused naming what does not fit, from the keys and from diffusers' config alike."""
+    from diffusers import UNet2DConditionModel
+    from sdxl_helpers import SDXL_UNET
+
+    from sdengine.config import ModelConfig
+    from sdengine.weights.detect import UnknownArchitecture, detect_unet
+    from sdengine.weights.diffusers_folder import unet_config_from_diffusers
+    from sdengine.weights.keys import from_diffusers
+
+    uneven = dict(SDXL_UNET, transformer_layers_per_block=[1, [1, 2], [3, 3]],
+                  reverse_transformer_layers_per_block=[[3, 3, 3], [2, 2, 2], 1])
+    with pytest.raises(UnknownArchitecture, match="differs within a down block"):
+        unet_config_from_diffusers(uneven)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(sample_size=16, **uneven)
+    even = unet_config_from_diffusers(dict(SDXL_UNET, transformer_layers_per_block=[1, 2, 3]))
+    sd = from_diffusers({"unet": {k: v for k, v in ref.state_dict().items()}}, ModelConfig(unet=even))
+    with pytest.raises(UnknownArchitecture, match="input blocks of level 1 have different transformer depths"):
+        detect_unet(sd)
+    with pytest.raises(UnknownArchitecture, match="mid_block_type=None"):
+        unet_config_from_diffusers(dict(SDXL_UNET, mid_block_type=None))
