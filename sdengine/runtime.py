@@ -23,6 +23,7 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_SIZE = 512  # SD1.x/SD2.x-base's training size: what a model that records none is run at
+SDXL_SIZE = 1024  # SDXL's (base and refiner)
 
 
 class UnavailableError(ValueError):
@@ -115,14 +116,25 @@ def resolve_model(name: str | Path | None) -> Path:
 
 
 def native_size(path: Path) -> int:
-    """The image size a model file records (models trained here do), else 512; read from the header only."""
+    """The image size a model records (models trained here do), else its family's (SDXL 1024, SD1/SD2 512), read
+    from the header or a diffusers folder's config only: no tensor is read."""
     from .config import ModelConfig
     from .weights.checkpoint import CONFIG_METADATA
-    from .weights.io import safetensors_metadata
+    from .weights.io import safetensors_header
 
     try:
-        meta = safetensors_metadata(path) if path.is_file() and path.suffix == ".safetensors" else {}
-        return ModelConfig.from_dict(json.loads(meta[CONFIG_METADATA])).image_size
+        if path.is_dir():  # diffusers: the UNet's sample_size is in latents; SDXL folders carry text_encoder_2
+            unet = json.loads((path / "unet" / "config.json").read_text())
+            return int(unet["sample_size"]) * 8 if unet.get("sample_size") else DEFAULT_SIZE
+        if not (path.is_file() and path.suffix == ".safetensors"):
+            return DEFAULT_SIZE
+        header = safetensors_header(path)
+        meta = header.get("__metadata__") or {}
+        if CONFIG_METADATA in meta:
+            return ModelConfig.from_dict(json.loads(meta[CONFIG_METADATA])).image_size
+        # an SDXL single file (base or refiner): the vector conditioning and its embedders (Stability's layout)
+        sdxl = any(k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in header)
+        return SDXL_SIZE if sdxl else DEFAULT_SIZE
     except (KeyError, ValueError, TypeError, OSError, struct.error):
         return DEFAULT_SIZE  # no or unreadable config here: loading the model reports real problems
 

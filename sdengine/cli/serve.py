@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(args.max_width, args.max_height, args.max_steps, args.max_batch, args.max_prompt_chars,
                     args.queue_size)
     for name in ("max_width", "max_height", "max_steps", "max_batch", "max_prompt_chars", "queue_size"):
-        if getattr(limits, name) < 1:
+        if getattr(limits, name) is not None and getattr(limits, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be at least 1")
@@ -188,8 +188,9 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
                    help="CPU threads per generation (default: torch's); 1 can be far faster for small jobs on a "
                         "machine busy with other work")
     p.add_argument("--styles-file", type=Path, default=None, help="an A1111 styles.csv (default: the bundled one)")
-    p.add_argument("--max-width", type=int, default=1024)
-    p.add_argument("--max-height", type=int, default=1024)
+    p.add_argument("--max-width", type=int, default=None,
+                   help="largest width (default: from the model that runs a request: twice its size, at least 1024)")
+    p.add_argument("--max-height", type=int, default=None, help="largest height (default: as --max-width)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-batch", type=int, default=8, help="largest batch_size, and largest n_iter")
     p.add_argument("--max-prompt-chars", type=int, default=4000)

@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from .. import runtime
 from ..diffusion.samplers import SAMPLERS
 from ..hires import HiresFix
 from ..images import empty_mask_note
@@ -50,10 +51,15 @@ LABELS.update({"prompt": "prompt", "negative_prompt": "negative_prompt", "streng
                "clip_skip": "CLIP_stop_at_last_layers", "seed_resize_from": "seed_resize_from_w/h"})
 
 
+# Size caps when the server is not given any: twice the size the model runs at, and at least 1024 (SD1.5 1024, SDXL
+# 2048, the shipped 64-pixel model 1024); the per-request memory estimate refuses what would not fit anyway.
+DERIVED_CAP_MIN = 1024
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_width: int = 1024
-    max_height: int = 1024
+    max_width: int | None = None  # None: from the model that runs the request (caps_for)
+    max_height: int | None = None
     max_steps: int = 150
     max_batch: int = 8  # caps batch_size, and n_iter too
     max_prompt_chars: int = 4000
@@ -65,7 +71,12 @@ class Limits:
     @property
     def max_image_pixels(self) -> int:
         """Init images may be larger than the output (they are resized), within reason."""
-        return 16 * self.max_width * self.max_height
+        return 16 * (self.max_width or DERIVED_CAP_MIN) * (self.max_height or DERIVED_CAP_MIN)
+
+    def caps_for(self, model_size: int) -> tuple[int, int]:
+        """(max width, max height) for a model that runs at `model_size` pixels: the given caps, else derived."""
+        derived = max(DERIVED_CAP_MIN, 2 * model_size)
+        return self.max_width or derived, self.max_height or derived
 
 
 @dataclass
@@ -87,6 +98,7 @@ class GenJob:
     warnings: list[str] = field(default_factory=list)
     script: scripts.XYZPlan | None = None  # script_name "x/y/z plot": the cells run instead of the request
     upscale: scripts.SDUpscalePlan | None = None  # script_name "sd upscale": init[0] upscaled, then img2img tiles
+    caps: tuple[int, int] = (DERIVED_CAP_MIN, DERIVED_CAP_MIN)  # the largest width x height for the job's model
     # the aesthetic-score options (Request fields) for a refiner run as the model itself (Service.for_model)
     aesthetic: dict[str, float] = field(default_factory=dict)
 
@@ -134,14 +146,10 @@ class BodyReader:
             raise BadInput(str(e)) from None
         styled_prompt = self._tags(body, "prompt", styled_prompt)
         values = {request_field: _get(body, key, default) for key, (request_field, default) in A1111_FIELDS.items()}
-        for key, hi in (("width", lim.max_width), ("height", lim.max_height), ("steps", lim.max_steps),
-                        ("batch_size", lim.max_batch), ("n_iter", lim.max_batch)):
+        for key, hi in (("steps", lim.max_steps), ("batch_size", lim.max_batch), ("n_iter", lim.max_batch)):
             value = values[key]
             if isinstance(value, int) and not isinstance(value, bool) and value > hi:
                 raise BadInput(f"{key} must be at most {hi} on this server, got {value}")
-        resize_w = _int(body, "seed_resize_from_w", -1, -1, lim.max_width)
-        resize_h = _int(body, "seed_resize_from_h", -1, -1, lim.max_height)
-        values["seed_resize_from"] = (resize_w, resize_h) if resize_w > 0 and resize_h > 0 else None  # both or none
         values["sampler"], values["schedule"] = resolve_sampler(
             _get(body, "sampler_name", None) or _get(body, "sampler_index", None), _get(body, "scheduler", None))
         values["clip_skip"], model, persist = self.settings["CLIP_stop_at_last_layers"], None, {}
@@ -166,6 +174,15 @@ class BodyReader:
                 persist[key] = {"CLIP_stop_at_last_layers": values["clip_skip"], "sd_model_checkpoint": model,
                                 "token_merging_ratio": values["tome"],
                                 **{k: aesthetic[f] for k, f in AESTHETIC_OPTIONS.items()}}[key]
+        caps = self.caps(model)
+        for key, hi in (("width", caps[0]), ("height", caps[1])):
+            value = values[key]
+            if isinstance(value, int) and not isinstance(value, bool) and value > hi:
+                why = "" if lim.max_width and lim.max_height else " for this model"
+                raise BadInput(f"{key} must be at most {hi} on this server{why}, got {value}")
+        resize_w = _int(body, "seed_resize_from_w", -1, -1, caps[0])
+        resize_h = _int(body, "seed_resize_from_h", -1, -1, caps[1])
+        values["seed_resize_from"] = (resize_w, resize_h) if resize_w > 0 and resize_h > 0 else None  # both or none
         refiner = _get(body, "refiner_checkpoint", None)
         if refiner not in (None, "", "None"):  # A1111 sends "None" for no refiner
             values["refiner"] = self.registry.find(refiner).name  # by name only, as models are chosen
@@ -190,7 +207,7 @@ class BodyReader:
         job = GenJob(mode, make_request(prompt=styled_prompt, negative_prompt=styled_negative, **values), prompt,
                      negative, styles, model=model, persist=persist, send_images=bool(_get(body, "send_images", True)),
                      denoising_strength=_get(body, "denoising_strength", None), warnings=warnings,
-                     aesthetic=aesthetic)
+                     aesthetic=aesthetic, caps=caps)
         if mode == "img2img":
             if _get(body, "enable_hr", False):
                 warnings.append("enable_hr: hires fix is a txt2img option; ignored")
@@ -211,6 +228,19 @@ class BodyReader:
             job.script = scripts.xyz_plan(script_args, mode, job.request, self.registry, lim.max_batch ** 2, warnings)
         self._check_memory(job)
         return job
+
+    def caps(self, model: str | None) -> tuple[int, int]:
+        """The size caps for the model that will run a request (None: the default): the server's, else derived
+        from the size it runs at (the loaded model's config, or what another model's file header says)."""
+        lim, registry = self.limits, self.registry
+        if lim.max_width and lim.max_height:
+            return lim.max_width, lim.max_height
+        name = model or registry.default_name
+        if registry.pipeline is not None and name in (None, getattr(registry.current, "name", None)):
+            return lim.caps_for(registry.pipeline.model.config.image_size)
+        if name is None:
+            return lim.caps_for(DERIVED_CAP_MIN // 2)
+        return lim.caps_for(runtime.native_size(registry.find(name).path))
 
     def _check_memory(self, job: GenJob) -> None:
         """A job that would not fit in the memory available now is a 422 naming what would, not a server killed
@@ -321,15 +351,15 @@ class BodyReader:
                   images: list[Image.Image]) -> None:
         """The outpainting scripts: each init image (at width x height) extended by outpaint.extend, then inpainted
         at the canvas's size (whole picture, as A1111's scripts do); the mask is extend's, already soft."""
-        req, lim = job.request, self.limits
+        req = job.request
         try:
             extended = [plan.extend(image, req.seed) for image in images]
         except ValueError as e:
             raise BadInput(f"{plan.script}: {e}") from None
         width, height = extended[0][0].size
-        if width > lim.max_width or height > lim.max_height:
-            raise BadInput(f"{plan.script}: the extended image is {width}x{height}; at most {lim.max_width}x"
-                           f"{lim.max_height} on this server (send a smaller width/height or fewer pixels)")
+        if width > job.caps[0] or height > job.caps[1]:
+            raise BadInput(f"{plan.script}: the extended image is {width}x{height}; at most {job.caps[0]}x"
+                           f"{job.caps[1]} on this server (send a smaller width/height or fewer pixels)")
         strength = _get(body, "denoising_strength", 0.75)
         batch = len(images) if len(images) > 1 else req.batch_size
         job.request = make_request(**{**_fields(req), "width": width, "height": height, "batch_size": batch,
@@ -365,8 +395,8 @@ class BodyReader:
         except (ValueError, TypeError) as e:
             raise BadInput(str(e)) from None
         width, height = hires.output_size(req.width, req.height)
-        if width > lim.max_width or height > lim.max_height:
-            raise BadInput(f"the hires fix makes {width}x{height} images; at most {lim.max_width}x{lim.max_height} "
+        if width > job.caps[0] or height > job.caps[1]:
+            raise BadInput(f"the hires fix makes {width}x{height} images; at most {job.caps[0]}x{job.caps[1]} "
                            "are allowed")
         job.request = make_request(**{**_fields(req), "hires": hires})
         job.denoising_strength = hires.denoising_strength
