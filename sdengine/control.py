@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from . import control_lora
 from .control_maps import ALIASES, PREPROCESSORS, ControlError, fit, preprocess
 
 if TYPE_CHECKING:
@@ -49,9 +50,6 @@ MODES = {"balanced": "Balanced", "prompt": "My prompt is more important", "contr
 RESIZE_MODES = {"just resize": "Just Resize", "crop and resize": "Crop and Resize",
                 "resize and fill": "Resize and Fill"}
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
-# The marker key of a "diff" ControlNet: its copied-UNet weights are differences to the model's UNet (A1111's
-# extension adds the UNet's weights back on load)
-DIFFERENCE = "difference"
 
 
 def _label_to_name(value: str | int, table: dict[str, str], what: str) -> str:
@@ -285,20 +283,22 @@ def detect_controlnet(sd: dict[str, torch.Tensor], like: UNetConfig | None = Non
     if like is not None and (like.model_channels, like.channel_mult) == (unet.model_channels, unet.channel_mult):
         unet = dataclasses.replace(unet, num_heads=like.num_heads, num_head_channels=like.num_head_channels,
                                    norm_groups=like.norm_groups)
+    return ControlNetConfig(unet, *_hint_layout(sd))
+
+
+def _hint_layout(sd: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(hint channels, hint-encoder widths) of an original-keyed ControlNet."""
     hint = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_hint_block.") and k.endswith(".weight"))
     widths = [sd[f"input_hint_block.{hint[0]}.weight"].shape[0]]
     widths += [sd[f"input_hint_block.{i}.weight"].shape[0] for i in hint[2:-1:2]]
-    return ControlNetConfig(unet=unet, hint_channels=sd[f"input_hint_block.{hint[0]}.weight"].shape[1],
-                            hint_block_channels=tuple(widths))
+    return sd[f"input_hint_block.{hint[0]}.weight"].shape[1], tuple(widths)
 
 
 def _original_keys(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """A single file's tensors under the original names without the `control_model.` prefix."""
     if any(k.startswith(PREFIX) for k in sd):
-        sd = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX) or k == DIFFERENCE}
-    if "lora_controlnet" in sd or any(k.endswith((".up", ".down")) for k in sd):
-        raise ControlError(f"{source}: a Control-LoRA (LoRA factors for a ControlNet copied from the model's UNet): "
-                           "not supported (see docs/control.md)")
+        sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()
+              if k.startswith(PREFIX) or k in control_lora.MARKERS}
     if any(k.startswith("controlnet_cond_embedding.") for k in sd):
         raise ControlError(f"{source}: diffusers-named ControlNet weights without their config.json: put the file in "
                            "a folder as diffusion_pytorch_model.safetensors beside its config.json")
@@ -310,29 +310,11 @@ def _original_keys(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.
     return sd
 
 
-def _undiff(sd: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None, source: str
-            ) -> dict[str, torch.Tensor]:
-    """A "diff" ControlNet's weights: every tensor the UNet also holds is the difference to the UNet's."""
-    if base is None:
-        raise ControlError(f"{source}: a 'diff' ControlNet (differences to a model's UNet weights) needs the model it "
-                           "was made against; load it through a pipeline")
-    out = {}
-    for key, value in sd.items():
-        if key == DIFFERENCE:
-            continue
-        if key in base:
-            if tuple(base[key].shape) != tuple(value.shape):
-                raise ControlError(f"{source}: a 'diff' ControlNet for another UNet ({key}: {tuple(value.shape)}, the "
-                                   f"model's {tuple(base[key].shape)})")
-            value = value.float() + base[key].detach().to("cpu").float()
-        out[key] = value
-    return out
-
-
 def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: dict[str, torch.Tensor] | None = None
                     ) -> tuple[dict[str, torch.Tensor], ControlNetConfig]:
     """(original-keyed state dict without prefix, config) of a ControlNet file or diffusers folder; `tensors`: the
     file's, when already read."""
+    from .nn.controlnet import ControlNetConfig
     from .weights.io import CheckpointError, read_tensors
 
     path = Path(path)
@@ -356,6 +338,10 @@ def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: d
     except (CheckpointError, KeyError, json.JSONDecodeError) as e:
         raise ControlError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     sd = _original_keys(tensors, str(path))
+    if control_lora.LORA in sd:  # too few full tensors to detect the copy from: it is the model's UNet's
+        if like is None:
+            raise ControlError(f"{path}: a Control-LoRA takes its layout from the model's UNet; load it with one")
+        return sd, ControlNetConfig(like, *_hint_layout(sd))
     cfg = detect_controlnet(sd, like)
     return sd, dataclasses.replace(cfg, global_pool=global_pooling(path))
 
@@ -404,18 +390,19 @@ def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | s
                     dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None,
                     base: dict[str, torch.Tensor] | None = None) -> ControlNet:
     """A ControlNet for a model whose UNet is `unet`, on `device` in `dtype`, frozen for inference. base: the
-    model's UNet weights (original names), which a "diff" ControlNet's differences are added to."""
+    model's UNet weights (original names), which "diff" ControlNets and Control-LoRAs are stored relative to
+    (control_lora.py)."""
     import torch
 
     from .nn.controlnet import ControlNet
     from .weights.detect import UnknownArchitecture, check_keys
 
     sd, cfg = read_controlnet(path, unet, tensors)
-    if DIFFERENCE in sd:
-        sd = _undiff(sd, base, str(path))
     check_fits(cfg, unet, str(path))
     with torch.device("meta"):
         net = ControlNet(cfg)
+    if control_lora.is_relative(sd):
+        sd = control_lora.absolute(sd, {k: tuple(v.shape) for k, v in net.state_dict().items()}, base, str(path))
     try:
         check_keys(net, sd, str(path))
     except UnknownArchitecture as e:
@@ -429,7 +416,7 @@ def load_control_model(path: str | Path, unet: UNetConfig, latent_factor: int = 
                        base: dict[str, torch.Tensor] | None = None) -> ControlNet | T2IAdapter:
     """A ControlNet or a T2I-Adapter (t2i_adapter.py), by the file's content: both live in the ControlNet folder
     and are used through the same units, as in A1111's extension. latent_factor: the model's VAE downscale; base:
-    the model's UNet weights (for "diff" ControlNets)."""
+    the model's UNet weights (for "diff" ControlNets and Control-LoRAs)."""
     from . import t2i_adapter
     from .weights.io import CheckpointError, read_tensors
 
@@ -518,7 +505,7 @@ class ControlNets:
                  latent_factor: int = 8, base: torch.nn.Module | None = None):
         self.unet, self.device, self.dtype, self.keep = unet, device, dtype, keep
         self.latent_factor = latent_factor  # the VAE's downscale (a T2I-Adapter's layout is read against it)
-        self.base = base  # the model's UNet: "diff" ControlNets hold differences to its weights
+        self.base = base  # the model's UNet: "diff" ControlNets and Control-LoRAs are stored relative to it
         self.folder: Path | None = None
         self._loaded: dict[str, tuple[ControlNet | T2IAdapter, str]] = {}
         self._labels: dict[str, str] = {}  # kept after a net is let go: the infotext names it without a reload
