@@ -151,16 +151,28 @@ def test_a_folder_from_other_settings_or_files_is_refused(reference, tmp_path):
     ('["x"]', "line 3: expected a JSON object"),
     ('{"prompt": "x", "hires": {"scale": 20}}', "line 3: hires scale must be a number from 1 to 8"),
     ('{"prompt": "x", "cfg_scale": NaN}', "line 3: cfg_scale must be a finite number"),
+    ('{"prompt": "x", "cfg_scale": 1e400}', "line 3: cfg_scale must be a finite number"),
     ('{"prompt": "x", "width": 65}', "line 3: width must be a positive multiple of 8"),
+    ('{"prompt": "\\ud800"}', "line 3: prompt is not valid text: a lone surrogate"),
+    ('{"prompt": "x", "sampler": "nope"}', "line 3: unknown sampler"),
 ])
-def test_a_bad_line_is_one_error_naming_it_before_any_model_loads(tmp_path, line, message):
+def test_a_bad_line_is_named(tmp_path, line, message):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n\n' + line + '\n{"prompt": "also fine"}\n')
+    with pytest.raises(BatchError, match=f"^{prompts}, {message}"):
+        read_items(prompts, 0, 64)
+
+
+def test_a_bad_line_is_one_cli_error_before_any_model_loads(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "x", "steps": "many"}\n')
     proc = run_cli("batch", prompts, "--out", tmp_path / "out", "--model", tmp_path / "missing.safetensors")
-    assert_cli_error(proc, "no model")  # the model is looked up first: nothing to check lines against
+    assert_cli_error(proc, "no model")  # the model is looked up first: its size is what unset sizes become
     proc = run_cli("batch", prompts, "--out", tmp_path / "out", *RUN)
-    assert_cli_error(proc, message)
+    assert_cli_error(proc, "line 2: steps must be a positive integer, got 'many'")
     assert not (tmp_path / "out").exists()  # nothing made, no folder
+    proc = run_cli("batch", tmp_path / "absent.jsonl", "--out", tmp_path / "out", *RUN)
+    assert_cli_error(proc, "absent.jsonl")
 
 
 def test_seeds_are_derived_from_the_index_alone(tmp_path):
