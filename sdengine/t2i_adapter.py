@@ -52,7 +52,8 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def is_adapter(sd: dict[str, torch.Tensor]) -> bool:
     """Whether a state dict (original or diffusers names) holds a T2I-Adapter."""
     keys = set(_strip(sd))
-    return bool({"body.0.block1.weight", "body.0.in_conv.weight", "body.0.resnets.0.block1.weight"} & keys) and \
+    known = {"body.0.block1.weight", "body.0.in_conv.weight", "body.0.resnets.0.block1.weight", "style_embedding"}
+    return bool(known & keys) and \
         not any(k.startswith(("input_blocks.", "control_model.", "input_hint_block.")) for k in keys)
 
 
@@ -77,6 +78,9 @@ def detect_adapter(sd: dict[str, torch.Tensor], latent_factor: int = 8) -> Adapt
     from .nn.t2i_adapter import AdapterConfig
 
     keys = set(sd)
+    if "style_embedding" in keys:
+        raise AdapterError("TencentARC's style adapter (CLIP image tokens added to the prompt, not features): not "
+                           "supported; use an IP-Adapter for image prompts")
     if "conv_in.weight" in keys:
         if any(k.endswith((".skep.weight", ".down_opt.op.weight")) for k in keys):
             raise AdapterError("an adapter with skip convolutions or strided-convolution downsampling (sk=False or "

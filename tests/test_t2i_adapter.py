@@ -263,6 +263,9 @@ def test_bad_files(sd, tmp_path):
     write_safetensors({**sd_orig, "body.0.skep.weight": torch.zeros(1)}, tmp_path / "skep.safetensors")
     with pytest.raises(ControlError, match="skip convolutions"):
         load_control_model(tmp_path / "skep.safetensors", unet_cfg, latent_factor=2)
+    write_safetensors({"style_embedding": torch.zeros(1, 8, 16), "proj": torch.zeros(16, 8)}, tmp_path / "style.pth")
+    with pytest.raises(ControlError, match="style adapter .* not supported"):
+        load_control_model(tmp_path / "style.pth", unet_cfg, latent_factor=2)
     write_safetensors(dict(sd["ref"].state_dict()), tmp_path / "bare.safetensors")  # diffusers names, no config
     with pytest.raises(ControlError, match="without their config.json"):
         load_control_model(tmp_path / "bare.safetensors", unet_cfg, latent_factor=2)
