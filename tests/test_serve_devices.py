@@ -44,6 +44,8 @@ def test_two_workers_share_one_queue_in_order():
     assert {jobs[0].worker, jobs[1].worker} == {0, 1}
     assert [queue.position(job) for job in jobs] == [0, 0, 1]  # c waits for a free worker
     assert queue.running.spec in ("a", "b")  # what /progress shows
+    queue.skip()  # A1111's /skip (and /interrupt): every running job, not the waiting one
+    assert [job.skip for job in jobs] == [True, True, False]
     release.set()
     assert [job.future.result(30) for job in jobs] == ["a", "b", "c"]
     assert [name for name, _ in started] == ["a", "b", "c"]  # started in the order they came
