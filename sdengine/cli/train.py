@@ -419,6 +419,8 @@ def unet_extras(args: argparse.Namespace, stage, device, workers: int) -> int:
         from ..train.data import shapes_spec
         from ..train.latent_cache import prepare_cache
 
+        stage.check_cache()  # before the cache is built
+
         # the shapes world by name (a concept and its share are in the source's mix), a folder by its full path
         data = "shapes" if shapes_spec(args.data) is not None else str(Path(args.data).resolve())
         cache = prepare_cache(args.out, stage.source, {"data": data, "size": args.size, "seed": args.seed,

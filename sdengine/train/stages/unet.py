@@ -90,11 +90,15 @@ class UNetStage:
                   "posterior": Draw("randn", latent), "noise": Draw("randn", latent), "u": Draw("rand")}
         return BatchDraws(self.seed, fields)
 
-    def use_cache(self, cache: LatentCache) -> None:
-        """Train on pre-encoded latents (latent_cache.py): each batch position draws a row of the cache."""
+    def check_cache(self) -> None:
+        """Refuse a latent cache where it cannot serve (asked before the cache is built)."""
         if self.sdxl:
             raise ValueError("--cache-latents is not supported for SDXL: the cache holds one text encoder's ids and "
                              "no image sizes")
+
+    def use_cache(self, cache: LatentCache) -> None:
+        """Train on pre-encoded latents (latent_cache.py): each batch position draws a row of the cache."""
+        self.check_cache()
         self.cache = cache
         self.draws = self._draws(tuple(cache.mean.shape[1:]), rows=len(cache))
         self.empty_ids = self.model.tokenizer([""], max_length=cache.ids.shape[1])[0].to(cache.ids.device)
