@@ -21,7 +21,6 @@ from sdengine.data.shapes import (
     COLORS,
     CONCEPTS,
     NOVEL_COLORS,
-    NOVEL_SHAPES,
     SHAPES,
     VOCABULARY_WORDS,
     Group,

@@ -523,8 +523,9 @@ class SceneSampler:
     kinds: the scene kinds rotated through (SCENE_KINDS; a kind named twice has twice the share);
     color_drop: how often a caption leaves an object's colour unsaid.
     concept: a colour of NOVEL_COLORS or a shape of NOVEL_SHAPES that about `concept_share` of the samples feature
-    (one of their objects in that colour or of that shape, the rest as the stream draws them); the other samples are exactly the stream's without a concept, so a
-    fine-tune on it keeps seeing the world it knows. Which samples feature it depends only on (seed, i)."""
+    (one of their objects in that colour or of that shape, the rest as the stream draws them); the other samples
+    are exactly the stream's without a concept, so a fine-tune on it keeps seeing the world it knows. Which samples
+    feature it depends only on (seed, i)."""
 
     def __init__(self, seed: int = 0, resolution: int = 64, mode: str = "train",
                  held_out: frozenset[tuple[str, str]] = HELD_OUT, supersample: int = 4,
