@@ -315,7 +315,7 @@ def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: d
     """(original-keyed state dict without prefix, config) of a ControlNet file or diffusers folder; `tensors`: the
     file's, when already read."""
     from .nn.controlnet import ControlNetConfig
-    from .weights.io import CheckpointError, read_tensors
+    from .weights.io import CheckpointError, diffusers_weights, read_tensors
 
     path = Path(path)
     if not path.exists():
@@ -327,8 +327,7 @@ def read_controlnet(path: str | Path, like: UNetConfig | None = None, tensors: d
                 raise ControlError(f"{path}: a folder without config.json (a diffusers ControlNetModel folder "
                                    "holds config.json and diffusion_pytorch_model.safetensors)")
             cfg = config_from_diffusers(json.loads(config.read_text()))
-            weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
-            found = next((w for w in weights if w.is_file()), None)
+            found = diffusers_weights(path)
             if found is None:
                 raise ControlError(f"{path}: no diffusion_pytorch_model.safetensors (or .bin) beside config.json")
             tensors, _ = read_tensors(found)

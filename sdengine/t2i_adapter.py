@@ -158,14 +158,13 @@ def read_adapter(path: str | Path, latent_factor: int = 8, tensors: dict[str, to
                  ) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
     """(original-keyed state dict, config) of a T2I-Adapter file or diffusers folder; `tensors`: the file's, when
     already read."""
-    from .weights.io import CheckpointError, read_tensors
+    from .weights.io import CheckpointError, diffusers_weights, read_tensors
 
     path = Path(path)
     try:
         if path.is_dir():
             cfg = config_from_diffusers(json.loads((path / "config.json").read_text()))
-            weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
-            found = next((w for w in weights if w.is_file()), None)
+            found = diffusers_weights(path)
             if found is None:
                 raise AdapterError(f"{path}: no diffusion_pytorch_model.safetensors (or .bin) beside config.json")
             sd, _ = read_tensors(found)

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights.io import CheckpointError, read_tensors
+from ..weights.io import DIFFUSERS_WEIGHTS, CheckpointError, diffusers_weights, read_tensors
 
 ENCODER, DECODER = "taesd_encoder.", "taesd_decoder."  # the halves' prefixes in one combined file
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -269,7 +268,7 @@ def _load_diffusers_folder(folder: Path, device: torch.device | str, dtype: torc
         if config.get(key, want) != want:
             raise CheckpointError(f"{folder}: AutoencoderTiny with {key}={config[key]!r} is not supported "
                                   f"(only {want!r})")
-    weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).exists()), None)
+    weights = diffusers_weights(folder)
     if weights is None:
         raise CheckpointError(f"{folder}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
     model = taesd_from_tensors(read_tensors(weights)[0], str(weights), device, dtype)

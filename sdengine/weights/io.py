@@ -64,6 +64,14 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def diffusers_weights(folder: Path) -> Path | None:
+    """A diffusers model folder's single weights file (.safetensors before .bin); None when it holds neither."""
+    return next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
+
+
 def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of one file (CPU), with the safetensors metadata ({} for pickles). dtype: floating tensors are
     cast to it one at a time as they are read, so a bf16 model from an fp32 file never holds the fp32 copy whole."""
