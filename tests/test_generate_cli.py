@@ -366,6 +366,12 @@ def test_from_png_reruns_an_image_and_options_override(cli, tmp_path):
     assert o["Seed"] == 6 and o["Prompt"] == "a cat" and o["Sampler"] == "DPM++ 2M" and o["Clip skip"] == 2
     code, _, err = cli("generate", "--from-png", write_image(tmp_path / "plain.png"), *FAST)
     assert code != 0 and "holds no generation parameters" in err
+    from sdengine.metadata import save_png
+
+    with Image.open(first) as im:   # an image made with a ControlNet unit: the unit is named, not silently dropped
+        save_png(im.copy(), tmp_path / "unit.png", read_parameters(first) + ', ControlNet 0: "Module: canny"')
+    code, _, err = cli("generate", "--from-png", tmp_path / "unit.png", "--out", tmp_path / "u.png", "--quiet")
+    assert code == 0 and "ControlNet 0 is not re-applied" in err, err
     code, _, err = cli("generate", *FAST)
     assert code != 0 and "a prompt is needed" in err
 

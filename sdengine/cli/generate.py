@@ -333,7 +333,12 @@ def png_fields(path: Path) -> dict[str, Any]:
         raise CLIError(f"--from-png {path}: not a readable PNG ({e.__class__.__name__})") from None
     if text is None:
         raise CLIError(f"--from-png {path}: the image holds no generation parameters")
-    return fields_from_parameters(parse_parameters(text))
+    params = parse_parameters(text)
+    for key in params:  # their images are not in the PNG (nor in A1111's): say so rather than drop them quietly
+        if key.startswith(("ControlNet ", "IP-Adapter ")):
+            print(f"sdengine: warning: --from-png: {key} is not re-applied (its image is not in the PNG); give "
+                  f"--{'control' if key.startswith('ControlNet') else 'ip-adapter'} again", file=sys.stderr)
+    return fields_from_parameters(params)
 
 
 def request_from_args(args: argparse.Namespace, command: str, width: int | None, height: int | None,
