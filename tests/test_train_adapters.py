@@ -6,6 +6,7 @@ token substituted, vectors in place) equals the prompt path that reads the file 
 bad options are one-line errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from reference import assert_close
@@ -85,6 +86,43 @@ def test_lora_file_changes_outputs_as_training_did_in_sdengine_and_diffusers(mod
         assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, hooked_unet)
         if text:
             assert_close(pipe.text_encoder(ids).last_hidden_state, hooked_text)
+
+
+def test_trained_lora_file_gives_diffusers_pipeline_image(model, reference, tmp_path):
+    """The whole image: the file `train lora` writes (UNet and convolutions, its default), read by diffusers'
+    load_lora_weights, gives the image our pipeline gives with it (Euler, 4 steps, one seed)."""
+    from diffusers import StableDiffusionPipeline
+    from sampler_harness import use_scheduler
+
+    from sdengine.pipeline import Pipeline
+
+    stage = LoraStage(model, None, rank=4, alpha=2, conv_rank=2, conv_alpha=1)
+    _randomize_lora(stage, seed=9)
+    stage.trained_steps = 3
+    try:
+        stage.export(stage.trainable(), tmp_path)
+    finally:
+        for network in stage.networks().values():
+            network.detach()
+    ref = StableDiffusionPipeline.from_pretrained(reference["folder"], safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    use_scheduler(ref, "EulerDiscreteScheduler")
+
+    def reference_image():
+        return ref("a red circle", num_inference_steps=4, generator=[torch.Generator().manual_seed(3)], height=32,
+                   width=32, output_type="np").images[0] * 255
+
+    plain = reference_image()
+    ref.load_lora_weights(str(tmp_path / RESULT))
+    want = reference_image()
+    patcher = LoraPatcher(model)
+    try:
+        patcher.apply([LoraUse(read_lora(tmp_path / RESULT))])
+        got = np.asarray(Pipeline(model).generate("a red circle", steps=4, seed=3, width=32, height=32)[0], float)
+    finally:
+        patcher.restore()
+    assert np.abs(got - want.round()).mean() <= 1.0
+    assert np.abs(want - plain).mean() > 2   # the LoRA moves the image well beyond the tolerance
 
 
 def test_embedding_training_path_is_the_prompt_path_and_the_file_reads_back(model, tmp_path):
