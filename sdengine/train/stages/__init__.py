@@ -8,6 +8,7 @@ deterministic batches, a loss, pictures, and what each leaves behind.
   embedding.py  textual inversion on a frozen model -> TOKEN.pt (A1111 layout) or .safetensors (emb_params)
   lcm.py        latent consistency distillation -> model.safetensors (4-step model) or lora.safetensors (LCM-LoRA)
   taesd.py      a tiny autoencoder distilled from a model's VAE -> taesd.safetensors (madebyollin's layout)
+  controlnet.py a ControlNet on a frozen model, from its UNet's encoder -> controlnet.safetensors (lllyasviel's)
 
 A batch's random numbers come from draws.BatchDraws, so results do not depend on how a batch is split.
 """
