@@ -245,18 +245,11 @@ class ControlNetStage(UNetStage):
     def loss(self, batch, step: int):
         z0, context, t, noise, hint = batch
         self.model.to(z0.device)  # the frozen model is not the trainer's to move (a no-op once there)
-        x_t = self.schedule.q_sample(z0, t, noise)
-        target = noise if self.model.config.prediction == "eps" else self.schedule.velocity(z0, t, noise)
-        residuals = self.controlnet(x_t, hint, t, context)
-        out = self.model.unet(x_t, t, context, control=residuals)
-        per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
-        if self.snr_gamma > 0:  # min-SNR weighting, as UNetStage.loss
-            abar = self.schedule.alphas_cumprod.to(z0.device)[t]
-            snr = abar / (1 - abar)
-            weight = snr.clamp(min=self.snr_floor, max=self.snr_gamma) / (
-                snr if self.model.config.prediction == "eps" else snr + 1)
-            per_item = per_item * weight
-        return per_item.mean(), {}
+
+        def predict(x_t: torch.Tensor) -> torch.Tensor:
+            return self.model.unet(x_t, t, context, control=self.controlnet(x_t, hint, t, context))
+
+        return self.denoising_loss(z0, t, noise, predict), {}
 
     @torch.no_grad()
     def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:

@@ -4,6 +4,7 @@ weighting. Leaves model.safetensors: the whole model in the original single-file
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,10 +160,15 @@ class UNetStage:
             context, y = cond
         else:
             context = self.model.text_encoder(cond)[0].float() if self.train_text else cond
+        return self.denoising_loss(z0, t, noise, lambda x_t: self.model.unet(x_t, t, context, y)), {}
+
+    def denoising_loss(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       predict: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The weighted error of predict(x_t) (the UNet's output on z0 noised to t) against eps or v: the one loss of
+        every stage that trains through the UNet (this one, LoRA, embedding, ControlNet)."""
         x_t = self.schedule.q_sample(z0, t, noise)
         target = noise if self.model.config.prediction == "eps" else self.schedule.velocity(z0, t, noise)
-        out = self.model.unet(x_t, t, context, y)
-        per_item = (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+        per_item = (predict(x_t).float() - target).pow(2).mean(dim=(1, 2, 3))
         if self.snr_gamma > 0:  # min-SNR weighting (Hang et al. 2023): no step dominates the gradient
             abar = self.schedule.alphas_cumprod.to(z0.device)[t]
             snr = abar / (1 - abar)
@@ -171,7 +177,7 @@ class UNetStage:
             weight = snr.clamp(min=self.snr_floor, max=self.snr_gamma) / (
                 snr if self.model.config.prediction == "eps" else snr + 1)
             per_item = per_item * weight
-        return per_item.mean(), {}
+        return per_item.mean()
 
     @torch.no_grad()
     def samples(self, modules: dict[str, nn.Module], step: int, out: Path) -> None:
