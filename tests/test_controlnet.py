@@ -168,6 +168,21 @@ def test_single_file_round_trip(cn, tmp_path):
             assert_close(a, b, rel=1e-6)
 
 
+def test_diffusers_single_file_loader_reads_our_files(cn, tmp_path):
+    """diffusers' own reader of the original layout (ControlNetModel.from_single_file: the conversion of its
+    scripts/convert_original_controlnet_to_diffusers.py) takes a file we wrote to the source's tensors exactly. Its
+    conversion knows only the published hint encoder (three stride-2 stages), hence this ControlNet's own."""
+    from diffusers import ControlNetModel
+
+    ref = perturb(ControlNetModel.from_unet(cn["parts"]["unet"], conditioning_embedding_out_channels=(8, 8, 8, 8)), 4)
+    ref.save_pretrained(tmp_path / "folder")
+    save_controlnet(load_controlnet(tmp_path / "folder", cn["model"].config.unet), tmp_path / "cn.safetensors")
+    theirs = ControlNetModel.from_single_file(str(tmp_path / "cn.safetensors"), config=str(tmp_path / "folder"),
+                                              local_files_only=True).state_dict()
+    expected = ref.state_dict()
+    assert set(theirs) == set(expected) and all(torch.equal(theirs[k], expected[k]) for k in expected)
+
+
 def test_bad_files(cn, tmp_path):
     unet_cfg = cn["model"].config.unet
     with pytest.raises(ControlError, match="not a ControlNet"):
