@@ -394,7 +394,7 @@ def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | s
     import torch
 
     from .nn.controlnet import ControlNet
-    from .weights.detect import UnknownArchitecture, check_keys
+    from .weights.detect import load_frozen
 
     sd, cfg = read_controlnet(path, unet, tensors)
     check_fits(cfg, unet, str(path))
@@ -402,12 +402,7 @@ def load_controlnet(path: str | Path, unet: UNetConfig, device: torch.device | s
         net = ControlNet(cfg)
     if control_lora.is_relative(sd):
         sd = control_lora.absolute(sd, {k: tuple(v.shape) for k, v in net.state_dict().items()}, base, str(path))
-    try:
-        check_keys(net, sd, str(path))
-    except UnknownArchitecture as e:
-        raise ControlError(str(e)) from None
-    net.load_state_dict(sd, strict=True, assign=True)
-    return net.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    return load_frozen(net, sd, str(path), ControlError, device, dtype)
 
 
 def load_control_model(path: str | Path, unet: UNetConfig, latent_factor: int = 8,

@@ -174,7 +174,7 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, device: torch.device | st
     import torch
 
     from .nn.ip_adapter import IPAdapter, cross_attentions
-    from .weights.detect import UnknownArchitecture, check_keys
+    from .weights.detect import load_frozen
 
     sd, cfg = read_ip_adapter(path)
     layers = cross_attentions(unet)
@@ -185,12 +185,7 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, device: torch.device | st
                              f"{family(context, len(ours))}: use an IP-Adapter made for it")
     with torch.device("meta"):
         adapter = IPAdapter(cfg)
-    try:
-        check_keys(adapter, sd, f"{path} ({cfg.kind} IP-Adapter)")
-    except UnknownArchitecture as e:
-        raise IPAdapterError(str(e)) from None
-    adapter.load_state_dict(sd, strict=True, assign=True)
-    return adapter.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    return load_frozen(adapter, sd, f"{path} ({cfg.kind} IP-Adapter)", IPAdapterError, device, dtype)
 
 
 # --- image encoders ------------------------------------------------------------------------------------------------
@@ -242,17 +237,12 @@ def load_image_encoder(path: str | Path, device: torch.device | str = "cpu", dty
     import torch
 
     from .nn.clip_vision import CLIPVisionModelWithProjection
-    from .weights.detect import UnknownArchitecture, check_keys
+    from .weights.detect import load_frozen
 
     sd, cfg = read_image_encoder(path)
     with torch.device("meta"):
         encoder = CLIPVisionModelWithProjection(cfg)
-    try:
-        check_keys(encoder, sd, str(path))
-    except UnknownArchitecture as e:
-        raise IPAdapterError(str(e)) from None
-    encoder.load_state_dict(sd, strict=True, assign=True)
-    return encoder.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    return load_frozen(encoder, sd, str(path), IPAdapterError, device, dtype)
 
 
 def encoder_widths(path: Path, load: bool = True) -> tuple[int, int] | None:

@@ -223,18 +223,13 @@ def load_adapter(path: str | Path, unet: UNetConfig, latent_factor: int = 8, dev
     import torch
 
     from .nn.t2i_adapter import T2IAdapter
-    from .weights.detect import UnknownArchitecture, check_keys
+    from .weights.detect import load_frozen
 
     sd, cfg = read_adapter(path, latent_factor, tensors)
     check_fits(cfg, unet, latent_factor, str(path))
     with torch.device("meta"):
         net = T2IAdapter(cfg)
-    try:
-        check_keys(net, sd, str(path))
-    except UnknownArchitecture as e:
-        raise AdapterError(str(e)) from None
-    net.load_state_dict(sd, strict=True, assign=True)
-    return net.to(device, dtype or torch.float32).eval().requires_grad_(False)
+    return load_frozen(net, sd, str(path), AdapterError, device, dtype)
 
 
 def save_adapter(net: T2IAdapter, path: str | Path, layout: str = "original") -> None:

@@ -44,6 +44,19 @@ def check_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str)
         raise UnknownArchitecture(f"{source}: unknown architecture; " + "; ".join(problems))
 
 
+def load_frozen(net: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, error: type[Exception],
+                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`net` (built on the meta device) holding `sd` under check_keys' strict names (its complaint raised as `error`),
+    on `device` in `dtype` (default fp32), frozen for inference: how every add-on network (ControlNet, T2I-Adapter,
+    IP-Adapter, its image encoder) is loaded."""
+    try:
+        check_keys(net, sd, source)
+    except UnknownArchitecture as e:
+        raise error(str(e)) from None
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net.to(device, dtype or torch.float32).eval().requires_grad_(False)
+
+
 def _indices(keys: list[str], pattern: str) -> list[int]:
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
