@@ -78,7 +78,8 @@ def test_listings_options_and_progress(api):
     assert api.get_sd_models()[0]["model_name"] == "tiny"
     assert "photo" in {s["name"] for s in api.get_prompt_styles()}
     assert api.get_scripts() == {"txt2img": ["x/y/z plot"],  # asked at construction (extension check)
-                                 "img2img": ["x/y/z plot", "outpainting mk2", "poor man's outpainting"]}
+                                 "img2img": ["x/y/z plot", "outpainting mk2", "poor man's outpainting",
+                                             "sd upscale"]}
     assert not api.has_controlnet and not api.has_adetailer
 
     api.util_set_model("tiny")  # A1111's way of switching: set sd_model_checkpoint to the closest title
