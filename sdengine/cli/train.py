@@ -478,10 +478,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                       else getattr(stage, "module_lr", {}), shard_optimizer=args.shard_optimizer)
     trainer = Trainer(stage, cfg, device)
     modules = trainer.run(resume=args.resume, stop_at=args.stop_at)
-    if trainer.stop_requested:
-        return
-    if hasattr(stage, "trained_steps"):  # adapters record their step count in the file
-        stage.trained_steps = trainer.step
-    if trainer.rank == 0:
-        stage.export(modules, args.out)
-        print(f"trained {args.stage} for {trainer.step} steps ({trainer.skipped} skipped); wrote {args.out}")
+    if not trainer.stop_requested:
+        if hasattr(stage, "trained_steps"):  # adapters record their step count in the file
+            stage.trained_steps = trainer.step
+        if trainer.rank == 0:
+            stage.export(modules, args.out)
+            print(f"trained {args.stage} for {trainer.step} steps ({trainer.skipped} skipped); wrote {args.out}")
+    trainer.close()

@@ -426,6 +426,14 @@ class Trainer:
             self.log(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume with --resume")
         return self.final_modules()
 
+    def close(self) -> None:
+        """Under torchrun, leave the process group together once all is written: a process that exits with the
+        group's threads still running aborts ("terminate called without an active exception", seen under
+        --shard-optimizer), and torchrun then fails the whole run."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def final_modules(self) -> dict[str, nn.Module]:
         """The trained modules, with EMA weights when an EMA is kept."""
         if self.ema:
