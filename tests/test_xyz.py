@@ -104,5 +104,5 @@ def test_grid_command_writes_cells_and_grid(sd1_folder, tmp_path):
     assert Image.open(tmp_path / "z" / "grid.png").size == (2 * 34 + 2, 16)
     assert [Image.open(tmp_path / "z" / f"grid-z{k}.png").size for k in (0, 1)] == [(34, 16)] * 2
     assert_cli_error(run_cli("grid", "a", "--model", sd1_folder, "--x", "seed:1-40", "--y", "steps:1-20",
-                             "--out", tmp_path / "big"), "at most 16384")
+                             "--width", "512", "--height", "512", "--out", tmp_path / "big"), "at most 16384")
     assert not (tmp_path / "big").exists()
