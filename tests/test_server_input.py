@@ -232,7 +232,8 @@ def test_a_body_with_too_many_items_is_refused_before_it_is_parsed(client):
 def test_a_big_body_is_parsed_off_the_event_loop(client):
     """Issue 34 (5): FastAPI parsed and validated bodies on the event loop, so no other client was answered
     meanwhile. Here, with the item cap lifted so that one body takes a while to parse, /progress keeps answering
-    during it: its slowest answer is a small fraction of the big request's time (on the loop it was most of it)."""
+    during it: its slowest answer is at most half the big request's time (on the loop it was all of it; a quarter
+    was too tight beside other jobs, where one scheduling hiccup of a 0.4 s parse reached 0.16 s)."""
     import dataclasses
     import threading
     import time
@@ -244,7 +245,7 @@ def test_a_big_body_is_parsed_off_the_event_loop(client):
 
     old = client.service
     service = Service(old.registry, dataclasses.replace(old.limits, max_body_items=10**8), old.styles)
-    body = b'{"image": "' + b64png().encode() + b'", "padding": [' + b"1," * 4_000_000 + b"1]}"
+    body = b'{"image": "' + b64png().encode() + b'", "padding": [' + b"1," * 10_000_000 + b"1]}"
     with TestClient(create_app(service)) as c:
         assert c.get("/sdapi/v1/progress").status_code == 200  # the first call's own costs out of the way
         done: dict[str, float] = {}
@@ -264,7 +265,7 @@ def test_a_big_body_is_parsed_off_the_event_loop(client):
             waits.append(time.perf_counter() - start)
         big.join()
     assert done["status"] == 200
-    assert len(waits) >= 5 and max(waits) < 0.25 * done["seconds"], (max(waits), done["seconds"], len(waits))
+    assert len(waits) >= 5 and max(waits) < 0.5 * done["seconds"], (max(waits), done["seconds"], len(waits))
 
 
 def test_a_job_that_does_not_fit_in_memory_is_a_422_before_it_is_queued(client, monkeypatch):
