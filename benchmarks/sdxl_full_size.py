@@ -4,6 +4,13 @@ diffusers SDXL base UNet and of ours holding the same tensors, timed side by sid
 process's peak RSS.
 
     python benchmarks/sdxl_full_size.py [--unet] [--latent 128] [--dtype fp32|bf16]
+    python benchmarks/sdxl_full_size.py --end-to-end DIR [--size 1024] [--dtype bf16]
+
+--end-to-end writes a random-weight SDXL base in the real shapes (`sdengine init sdxl`, in --dtype: ~7 GB in bf16)
+into DIR and times a one-step `sdengine generate` at --size in a fresh process, with that process's peak RSS: the
+whole model read, conditioned, one guided UNet step and the VAE decode, as a user meets it. Measured 2026-12-07 on the
+2-core Zen4 (AVX512-BF16), bf16, 1024²: 80-83 s, peak RSS 9.3 GB for 6.9 GB of weights (`init` alone peaks higher:
+it builds fp32 weights before casting them).
 
 --unet needs ~10.5 GB of RAM in fp32 (the weights are shared, not copied), ~5.5 GB in bf16. Needs the [test]
 extra (diffusers). Measured 2026-12-06 on this 2-core AMD EPYC (no AVX512, no native bf16), fp32, batch 2:
@@ -15,6 +22,7 @@ bf16 here is not a fast path: NCHW bf16 convolutions run ~100x slower than fp32 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -93,12 +101,39 @@ def time_unet(latent: int, dtype: torch.dtype) -> None:
           f"peak RSS {peak_rss_gb():.1f} GB")
 
 
+def end_to_end(folder: str, size: int, dtype: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = Path(folder) / f"sdxl-{dtype}.safetensors"
+    if not model.exists():
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sdengine.cli", "init", "sdxl", str(model), "--dtype", dtype], check=True)
+        print(f"init sdxl ({dtype}): {model.stat().st_size / 1e9:.1f} GB in {time.perf_counter() - start:.0f} s")
+    out = Path(folder) / f"sdxl-{size}.png"
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sdengine.cli", "generate", "a red circle", "--model", str(model),
+                             "--steps", "1", "--width", str(size), "--height", str(size), "--precision", dtype,
+                             "--seed", "0", "--out", str(out), "--force", "--quiet"])
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak (RUSAGE_CHILDREN would count the init too)
+    if status != 0:
+        raise SystemExit(f"generate failed (status {status})")
+    peak = usage.ru_maxrss / 1024 ** 2
+    print(f"generate {size}² SDXL, 1 step, {dtype}: {time.perf_counter() - start:.0f} s, peak RSS {peak:.1f} GB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--unet", action="store_true", help="also time one UNet step against diffusers")
     ap.add_argument("--latent", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--end-to-end", metavar="DIR", default=None, help="a fresh-process generation's time and peak RSS")
+    ap.add_argument("--size", type=int, default=1024)
     args = ap.parse_args()
+    if args.end_to_end:
+        end_to_end(args.end_to_end, args.size, args.dtype)
+        return
     check_detection()
     if args.unet:
         time_unet(args.latent, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
