@@ -9,7 +9,7 @@ process's peak RSS.
 --end-to-end writes a random-weight SDXL base in the real shapes (`sdengine init sdxl`, in --dtype: ~7 GB in bf16)
 into DIR and times a one-step `sdengine generate` at --size in a fresh process, with that process's peak RSS: the
 whole model read, conditioned, one guided UNet step and the VAE decode, as a user meets it. Measured 2026-12-07 on the
-2-core Zen4 (AVX512-BF16), bf16, 1024²: 80-83 s, peak RSS 9.3 GB for 6.9 GB of weights (`init` alone peaks higher:
+2-core Zen4 (AVX512-BF16), bf16, 1024²: 80-83 s, peak RSS 9.3-9.9 GB for 6.9 GB of weights (`init` alone peaks higher:
 it builds fp32 weights before casting them).
 
 --unet needs ~10.5 GB of RAM in fp32 (the weights are shared, not copied), ~5.5 GB in bf16. Needs the [test]
