@@ -16,7 +16,9 @@ it builds fp32 weights before casting them).
 extra (diffusers). Measured 2026-12-06 on this 2-core AMD EPYC (no AVX512, no native bf16), fp32, batch 2:
 256² diffusers 8.3 s / sdengine 8.7 s; 512² 21.8 s / 24.2 s; 1024² 120.9 s / 102.6 s (max difference 4.2e-6 of 1.6,
 peak RSS 11.4 GB).
-bf16 here is not a fast path: NCHW bf16 convolutions run ~100x slower than fp32 (a 320-channel 3x3 conv on
+On the 2-core Zen4 with AVX512-BF16 (2026-12-07), bf16, 1024², batch 2: diffusers 26.5 s / sdengine 24.0 s (max
+difference 0.016 of 1.5: bf16 rounding), peak RSS 5.8 GB. On the EPYC without native bf16 (above), bf16 was not a
+fast path: NCHW bf16 convolutions run ~100x slower than fp32 (a 320-channel 3x3 conv on
 2x32x32: fp32 0.03 s, bf16 3.5 s, bf16 channels_last 0.24 s), and a bf16 step at 256² did not finish in 9 CPU-min.
 """
 from __future__ import annotations
