@@ -529,3 +529,8 @@ def test_size_defaults_to_the_loaded_models(web, tmp_path):
     with serve(tmp_path) as running:
         page = web().open(running.url)
         assert (page.get_by_label("Width").input_value(), page.get_by_label("Height").input_value()) == ("64", "64")
+        # common sizes: the model's square and SDXL's aspect buckets scaled to it (1152x896 at 1024 -> 72x56 here)
+        labels = page.locator("#size-preset option").all_inner_texts()
+        assert "64 × 64 (the model's)" in labels and "72 × 56" in labels and len(labels) == 10
+        page.select_option("#size-preset", "72x56")
+        assert (page.get_by_label("Width").input_value(), page.get_by_label("Height").input_value()) == ("72", "56")

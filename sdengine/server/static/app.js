@@ -7,7 +7,8 @@
   const el = {
     form: $("gen-form"), prompt: $("prompt"), negative: $("negative_prompt"), model: $("model"),
     sampler: $("sampler"), scheduler: $("scheduler"), steps: $("steps"), cfg: $("cfg_scale"),
-    batch: $("batch_size"), width: $("width"), height: $("height"), seed: $("seed"), seedRandom: $("seed-random"),
+    batch: $("batch_size"), width: $("width"), height: $("height"), sizePreset: $("size-preset"),
+    seed: $("seed"), seedRandom: $("seed-random"),
     sourceSection: $("source-section"), sourceFile: $("source-file"), sourceEmpty: $("source-empty"),
     sourcePreview: $("source-preview"), maskEditor: $("mask-editor"), maskImage: $("mask-image"),
     maskCanvas: $("mask-canvas"), brush: $("brush-size"), brushValue: $("brush-size-value"), eraser: $("eraser"),
@@ -147,6 +148,7 @@
       if (typeof keep.width !== "string") el.width.value = String(size);
       if (typeof keep.height !== "string") el.height.value = String(size);
     }
+    fillSizePresets(Number.isInteger(size) && size > 0 ? size : 512);
     if (models.status === "fulfilled") {
       fillSelect(el.model, models.value.map((m) => [m.title, m.model_name]), keep.model, state.currentModel);
       // refiners are chosen by file name, as models are
@@ -429,6 +431,26 @@
     reader.onerror = () => showError("The file could not be read.");
     reader.readAsDataURL(file);
   }
+
+  // SDXL's training buckets (width x height at 1024), scaled to the size the loaded model was trained at
+  const SIZE_BUCKETS = [[1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344],
+    [1536, 640], [640, 1536]];
+
+  function fillSizePresets(size) {
+    const round8 = (v) => Math.max(8, Math.round(v / 8) * 8);
+    const sizes = SIZE_BUCKETS.map(([w, h]) => [round8(w * size / 1024), round8(h * size / 1024)]);
+    el.sizePreset.replaceChildren(new Option("Choose…", ""),
+      ...sizes.map(([w, h]) => new Option(`${w} × ${h}${w === h ? " (the model's)" : ""}`, `${w}x${h}`)));
+  }
+
+  el.sizePreset.addEventListener("change", () => {
+    const [w, h] = el.sizePreset.value.split("x");
+    if (!w || !h) return;
+    el.width.value = w;
+    el.height.value = h;
+    el.sizePreset.value = "";
+    save();
+  });
 
   function matchSize() {
     const src = state.source;
