@@ -382,3 +382,14 @@ def test_bad_sd_upscale_is_a_422(client, args, fields, why):
         body["mask"] = b64(pattern(40, 24))
     r = client.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 422 and why in r.json()["detail"], r.text
+
+
+def test_options_report_the_selected_model_after_an_override(client):
+    """A job's override_settings that restore afterwards (A1111's default) load another model for that job; /options
+    still reports the selected one, the model the next job runs, as A1111 does."""
+    _, info = generate(client, override_settings={"sd_model_checkpoint": "other"})
+    assert "Model: other" in info["infotexts"][0]
+    assert client.service.registry.current.name == "other.safetensors"   # still loaded: nothing reloads eagerly
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny.safetensors [")
+    _, info = generate(client)
+    assert "Model: tiny" in info["infotexts"][0]

@@ -250,7 +250,9 @@ def router(service: Service) -> APIRouter:
     @api.get("/options")
     def get_options() -> dict[str, Any]:
         reg = service.registry
-        name = reg.current.name if reg.current else reg.default_name
+        # the selected checkpoint, as A1111 reports it: the one the next job runs (a job's override_settings that
+        # restore afterwards, or another device's worker, may have loaded another since)
+        name = reg.default_name or (reg.current.name if reg.current else None)
         title, sha = None, None
         if name is not None:
             try:
