@@ -454,18 +454,15 @@ def save_controlnet(net: ControlNet, path: str | Path, layout: str = "original")
 
 def resolve_controlnet(name: str, folder: Path | None = None) -> Path:
     """A path, or a name in the controlnet folder (with or without its suffix; a diffusers folder by its name)."""
-    from .runtime import controlnet_dir
+    from .runtime import controlnet_dir, find_in_folder
 
     path = Path(name).expanduser()
     if path.exists():
         return path
-    if name.endswith("]") and " [" in name:  # A1111's model list names "name [hash]"
-        name = name[:name.rindex(" [")]
     folder = folder or controlnet_dir()
-    candidates = sorted(folder.iterdir()) if folder.is_dir() else []
-    for candidate in candidates:
-        if name in (candidate.name, candidate.stem) and (candidate.suffix in SUFFIXES or candidate.is_dir()):
-            return candidate
+    found = find_in_folder(name, folder, lambda p: p.suffix in SUFFIXES or p.is_dir())
+    if found is not None:
+        return found
     known = ", ".join(list_controlnets(folder)[:10]) or "none"
     raise ControlError(f"no ControlNet {name!r}: not a path, and not in {folder} (found: {known})")
 

@@ -324,17 +324,15 @@ def find_image_encoder(adapter: Path, cfg: IPAdapterConfig, given: str | None = 
 
 def resolve_ip_adapter(name: str, folder: Path | None = None) -> Path:
     """A path, or a name in the ipadapter folder (with or without its suffix; A1111's "name [hash]" too)."""
-    from .runtime import ipadapter_dir
+    from .runtime import find_in_folder, ipadapter_dir
 
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    if name.endswith("]") and " [" in name:
-        name = name[:name.rindex(" [")]
     folder = folder or ipadapter_dir()
-    for candidate in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if name in (candidate.name, candidate.stem) and candidate.is_file() and candidate.suffix in SUFFIXES:
-            return candidate
+    found = find_in_folder(name, folder, lambda p: p.is_file() and p.suffix in SUFFIXES)
+    if found is not None:
+        return found
     known = ", ".join(list_ip_adapters(folder)[:10]) or "none"
     raise IPAdapterError(f"no IP-Adapter {name!r}: not a file, and not in {folder} (found: {known})")
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,17 @@ def shipped_taesd(model: Path | None) -> Path | None:
         return None
     tiny = shipped.with_name("taesd.safetensors")
     return tiny if tiny.exists() else None
+
+
+def find_in_folder(name: str, folder: Path, accept: Callable[[Path], bool]) -> Path | None:
+    """The entry of `folder` called `name` (file name or stem; A1111's list titles "name [hash]" too) that `accept`
+    takes; None if there is none. Add-on files (ControlNets, IP-Adapters) are chosen by name this way."""
+    if name.endswith("]") and " [" in name:
+        name = name[:name.rindex(" [")]
+    for candidate in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if name in (candidate.name, candidate.stem) and accept(candidate):
+            return candidate
+    return None
 
 
 def list_models(folder: Path | None = None) -> list[Path]:
