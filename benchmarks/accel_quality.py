@@ -134,28 +134,38 @@ def sd15_shapes(args: argparse.Namespace) -> None:
 
 
 def tome_512(args: argparse.Namespace) -> None:
+    dtype = runtime.inference_dtype(args.precision, torch.device("cpu"))
     torch.manual_seed(0)
-    unet = UNetModel(SD15.unet).eval()
+    unet = UNetModel(SD15.unet).eval().to(dtype)
     g = torch.Generator().manual_seed(1)
-    x, t, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500, 500]), torch.randn(2, 77, 768, generator=g)
+    latent = args.tome_size // 8
+    x, ctx = torch.randn(2, 4, latent, latent, generator=g), torch.randn(2, 77, 768, generator=g)
+    x, t, ctx = x.to(dtype), torch.tensor([500, 500]), ctx.to(dtype)
 
-    def best(n: int = 2) -> tuple[float, float]:
-        times = []
-        with torch.inference_mode():
-            for _ in range(n):
-                start = time.perf_counter()
-                unet(x, t, ctx)
-                times.append(time.perf_counter() - start)
-            with flop_counter() as counter:
-                unet(x, t, ctx)
-        return min(times), counter.get_total_flops()
+    def once(ratio: float) -> float:
+        with torch.inference_mode(), token_merging(unet, ratio) if ratio else nullcontext():
+            start = time.perf_counter()
+            unet(x, t, ctx)
+            return time.perf_counter() - start
 
-    plain, plain_flops = best()
-    with token_merging(unet, 0.5):
-        merged, merged_flops = best()
-    print(f"\nToMe 0.5, one SD1.5-shape UNet call at 512x512, batch 2: {plain:.2f} s -> {merged:.2f} s "
-          f"({plain / merged:.2f}x), {plain_flops / 1e9:.0f} -> {merged_flops / 1e9:.0f} GFLOP "
-          f"({plain_flops / merged_flops:.2f}x)")
+    def flops(ratio: float) -> float:
+        with torch.inference_mode(), token_merging(unet, ratio) if ratio else nullcontext(), flop_counter() as c:
+            unet(x, t, ctx)
+        return c.get_total_flops()
+
+    ratios = [0.0, *(float(r) for r in args.tome_ratios.split(","))]
+    times: dict[float, list[float]] = {r: [] for r in ratios}
+    for r in ratios:  # warm-up, then interleaved rounds: a busy spell on a shared machine hits every setting alike
+        once(r)
+    for _ in range(args.tome_rounds):
+        for r in ratios:
+            times[r].append(once(r))
+    plain = min(times[0.0])
+    print(f"\nToMe, one SD1.5-shape UNet call at {args.tome_size}x{args.tome_size}, batch 2, {dtype}, "
+          f"{torch.get_num_threads()} threads, best of {args.tome_rounds} interleaved rounds: plain {plain:.2f} s")
+    for r in ratios[1:]:
+        best = min(times[r])
+        print(f"  ratio {r}: {best:.2f} s ({plain / best:.2f}x), FLOPs {flops(0.0) / flops(r):.2f}x fewer")
 
 
 def main() -> None:
@@ -167,7 +177,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-sd15", action="store_true")
-    ap.add_argument("--skip-512", action="store_true")
+    ap.add_argument("--skip-512", action="store_true", help="skip the ToMe timing at full size")
+    ap.add_argument("--tome-size", type=int, default=512, help="image size of the ToMe timing")
+    ap.add_argument("--tome-ratios", default="0.3,0.5", help="ToMe ratios timed against the plain UNet")
+    ap.add_argument("--tome-rounds", type=int, default=3)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the ToMe timing's dtype (auto: what generation uses on this CPU)")
     args = ap.parse_args()
     if not args.skip_eval:
         shapes_eval(args)
