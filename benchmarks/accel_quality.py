@@ -4,10 +4,13 @@
 2. an SD1.5-shaped UNet and VAE with random weights (PyTorch's default init): one txt2img run (DPM++ 2M, CFG 7.5)
    exact vs each acceleration from the same noise: PSNR of the decoded image and of the latents against the exact
    run, UNet FLOPs (torch.utils.flop_counter: convs, linears, attention) and seconds (one run each, timed with the
-   counter on, not a best-of: this machine is shared; read the ratios), and for ToMe one UNet call at 512².
+   counter on, not a best-of: this machine is shared; read the ratios);
+3. ToMe's speed where it is meant to pay: one SD1.5-shape UNet call at 512² in the dtype generation uses here,
+   plain and merged in interleaved rounds.
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 python benchmarks/accel_quality.py [--limit 5] [--seeds 4] [--size 256]
-        [--steps 10] [--skip-eval] [--skip-sd15] [--skip-512]
+        [--steps 10] [--eval-steps 20] [--deepcache 3,5] [--skip-eval] [--skip-sd15] [--skip-512]
+        [--tome-size 512] [--tome-ratios 0.3,0.5] [--precision auto]
 
 Random weights say little about how a trained model's deep features drift between steps (what DeepCache relies
 on): the ShapesEval rows are the quality verdict, the SD1.5-shape rows the cost.
@@ -47,9 +50,9 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=COUNTED)
 
 
-def configs(steps: int) -> dict[str, Accelerations]:
+def configs(steps: int, intervals: list[int]) -> dict[str, Accelerations]:
     k = max(1, steps // 5)  # the last fifth of the steps unguided
-    return {"exact": Accelerations(), "deepcache N=3 b=0": Accelerations(deepcache=3),
+    return {"exact": Accelerations(), **{f"deepcache N={n} b=0": Accelerations(deepcache=n) for n in intervals},
             "tome 0.5": Accelerations(tome=0.5),
             f"cfg-skip last {k}": Accelerations(cfg_skip=k)}
 
@@ -71,22 +74,31 @@ def shapes_eval(args: argparse.Namespace) -> None:
     path = runtime.default_model()
     if path is None:
         raise SystemExit("no shipped model in this install")
-    model = runtime.load_for_inference(path, torch.device("cpu"), torch.float32)
-    print(f"ShapesEval on the shipped model: {args.seeds} seeds, first {args.limit} prompts per category, "
+    dtype = runtime.inference_dtype(args.precision, torch.device("cpu"))
+    model = runtime.load_for_inference(path, torch.device("cpu"), dtype)
+    print(f"ShapesEval on the shipped model, {dtype}: {args.seeds} seeds, first {args.limit} prompts per category, "
           f"{args.eval_steps} Euler steps, CFG 5, 64x64")
     base = None
-    for name, settings in configs(args.eval_steps).items():
-        tome = token_merging(model.unet, settings.tome) if settings.tome else nullcontext()
+    exact_flops = None
+    for name, settings in configs(args.eval_steps, args.deepcache).items():
+        def tome(settings: Accelerations = settings):  # a fresh patch per use
+            return token_merging(model.unet, settings.tome) if settings.tome else nullcontext()
+
+        pipe = AcceleratedPipeline(model, settings)
+        with tome(), flop_counter() as counter:  # one eval-sized generation: the UNet's share of FLOPs dominates
+            pipe.generate("a red circle", steps=args.eval_steps, sampler="euler", cfg_scale=5.0, seed=0, width=64,
+                          height=64, batch_size=args.seeds)
+        exact_flops = exact_flops or counter.get_total_flops()
         start = time.perf_counter()
-        with tome:
-            scores, _, _ = run_eval(AcceleratedPipeline(model, settings), seeds=args.seeds, steps=args.eval_steps,
-                                    limit=args.limit, quiet=True)
+        with tome():
+            scores, _, _ = run_eval(pipe, seeds=args.seeds, steps=args.eval_steps, limit=args.limit, quiet=True)
         seconds = time.perf_counter() - start
         base = base or scores
         cats = " ".join(f"{c[:6]} {scores[c]:.3f}" for c in ("single_object", "two_object", "counting", "colors",
                                                                "position", "color_attr") if c in scores)
         print(f"  {name:<20} overall {scores['overall']:.3f} ({100 * (scores['overall'] - base['overall']):+.1f} "
-              f"points)  {cats}  [{scores['images']} images, {seconds:.0f} s]", flush=True)
+              f"points)  {cats}  [{scores['images']} images, {seconds:.0f} s, "
+              f"{exact_flops / counter.get_total_flops():.2f}x fewer FLOPs]", flush=True)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> float:
@@ -119,7 +131,7 @@ def sd15_shapes(args: argparse.Namespace) -> None:
         return out, counter.get_total_flops(), seconds
 
     rows = {}
-    for name, settings in configs(args.steps).items():
+    for name, settings in configs(args.steps, args.deepcache).items():
         latents, flops, seconds = run(settings)  # timed with the counter on: one run each on a shared machine
         with torch.inference_mode():
             image = (vae.decode(latents / SD15.vae.scaling_factor) / 2 + 0.5).clamp(0, 1)
@@ -170,7 +182,9 @@ def tome_512(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--limit", type=int, default=5, help="ShapesEval prompts per category")
+    ap.add_argument("--limit", type=int, default=5, help="ShapesEval prompts per category (0: all)")
+    ap.add_argument("--deepcache", type=lambda s: [int(n) for n in s.split(",")], default=[3],
+                    help="DeepCache intervals to measure, comma-separated (3)")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
@@ -182,8 +196,9 @@ def main() -> None:
     ap.add_argument("--tome-ratios", default="0.3,0.5", help="ToMe ratios timed against the plain UNet")
     ap.add_argument("--tome-rounds", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the ToMe timing's dtype (auto: what generation uses on this CPU)")
+                    help="the dtype of the ShapesEval runs and the ToMe timing (auto: what generation uses here)")
     args = ap.parse_args()
+    args.limit = args.limit or None
     if not args.skip_eval:
         shapes_eval(args)
     if not args.skip_sd15:
