@@ -249,7 +249,7 @@ class Settings:
     controlnet_dir: Path | None = None
     device: str = "auto"
     precision: str = "auto"
-    compile: bool = False
+    compile: bool | str = False  # True or "inductor", or "openvino"
     threads: int | None = None
 
     def recorded(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Optional TorchInductor compilation of the UNet for generation (`--compile`, `compile_unet`) and for training
-(`sdengine train unet --compile`, `compile_unet_for_training`).
+"""Optional compilation of the UNet: TorchInductor for generation (`--compile`, `compile_unet`) and for training
+(`sdengine train unet --compile`, `compile_unet_for_training`), or OpenVINO for generation on a CPU
+(`--compile openvino`, `compile_unet(model, "openvino")`; openvino_unet.py says what it buys there).
 
 Why: at the small sizes the shipped model runs at (16x16 latents), a UNet call is ~700 small ops and their
 per-op overhead, not arithmetic, sets the speed. Inductor fuses the elementwise work around the convolutions
@@ -19,19 +20,39 @@ if TYPE_CHECKING:
     from .model import StableDiffusion
 
 
-def check_compiler(device: torch.device) -> None:
-    """Inductor writes C++ for CPU kernels: say so up front instead of failing mid-generation."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+BACKENDS = ("inductor", "openvino")
+
+
+def check_compiler(device: torch.device, backend: str = "inductor") -> None:
+    """What a backend needs, checked up front instead of failing mid-generation: inductor writes C++ for CPU
+    kernels; OpenVINO runs on the CPU, from the openvino package."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        from .openvino_unet import openvino_available
+
+        if device.type != "cpu":
+            raise ValueError(f"--compile openvino runs the UNet on the CPU, not on {device}")
+        if not openvino_available():
+            raise RuntimeError("--compile openvino needs the openvino package: pip install openvino")
+    elif device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise RuntimeError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH")
 
 
-def compile_unet(model: StableDiffusion) -> StableDiffusion:
+def compile_unet(model: StableDiffusion, backend: str = "inductor") -> StableDiffusion:
     """Compile the UNet's forward in place; the module, its parameters and its state_dict keys are unchanged.
 
-    The weights are folded into the compiled code (inductor "freezing") when it first runs without gradients, so
+    inductor: the weights are folded into the compiled code ("freezing") when it first runs without gradients, so
     load or change weights before generating: later changes are not seen by inference calls. Calls with
-    gradients enabled (training) use the compiled graph without freezing. Returns `model`.
+    gradients enabled (training) use the compiled graph without freezing. openvino: each input shape is
+    converted on its first call, again after the weights change (openvino_unet.py). Returns `model`.
     """
+    if backend == "openvino":
+        from .openvino_unet import use_openvino
+
+        use_openvino(model)
+        return model
+    check_compiler(model.device, backend)
     return _compile_forward(model, {"freezing": True})
 
 
@@ -55,4 +76,4 @@ def _compile_forward(model: StableDiffusion, options: dict) -> StableDiffusion:
     return model
 
 
-__all__ = ["compile_unet", "compile_unet_for_training", "check_compiler"]
+__all__ = ["BACKENDS", "compile_unet", "compile_unet_for_training", "check_compiler"]

@@ -240,12 +240,14 @@ def training_autocast_dtype(precision: str, device: torch.device) -> torch.dtype
 
 
 def load_for_inference(path: Path, device: torch.device, dtype: torch.dtype, vae: Path | None = None,
-                       compile: bool = False) -> StableDiffusion:
-    """The model at `path` on `device` in `dtype`, frozen for inference, its UNet compiled when asked."""
+                       compile: bool | str = False) -> StableDiffusion:
+    """The model at `path` on `device` in `dtype`, frozen for inference, its UNet compiled when asked (True or
+    "inductor": TorchInductor; "openvino": OpenVINO, on a CPU)."""
     from .compile import check_compiler, compile_unet
     from .weights import load
 
-    if compile:
-        check_compiler(device)
+    backend = "inductor" if compile is True else compile or None
+    if backend:
+        check_compiler(device, backend)
     model = load(path, device=device, dtype=dtype, vae=vae)
-    return compile_unet(model) if compile else model
+    return compile_unet(model, backend) if backend else model

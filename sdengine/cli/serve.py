@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pinned = Path(args.model).expanduser()
     if args.compile:
         for device in devices:
-            check_compiler(device)
+            check_compiler(device, args.compile)
     for flag, value in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir),
                         ("--controlnet-dir", args.controlnet_dir), ("--upscalers-dir", args.upscalers_dir)):
         if value is not None and not value.is_dir():  # the defaults may be absent: nothing to list then

@@ -35,7 +35,7 @@ class ModelEntry:
 
 class ModelRegistry:
     def __init__(self, folder: Path | None, pinned: Path | None, device: torch.device, dtype: torch.dtype,
-                 compile: bool = False, lora_dirs: Sequence[Path] | None = None,
+                 compile: bool | str = False, lora_dirs: Sequence[Path] | None = None,
                  embedding_dirs: Sequence[Path] | None = None, controlnet_dir: Path | None = None,
                  tiny_vae: TinyAutoencoder | None = None):
         """lora_dirs/embedding_dirs: default $SDENGINE_LORAS / $SDENGINE_EMBEDDINGS (see runtime.loras_dir);
