@@ -1,8 +1,8 @@
 """Seconds per 64x64 image (20 Euler steps, CFG 5) with the shipped model, end to end through Pipeline.generate,
-eager and compiled (--compile), fp32 and bf16; and the UNet step against diffusers' UNet2DConditionModel holding
-the same weights, measured in the same run.
+eager and compiled (--compile: TorchInductor, and OpenVINO when it is installed), fp32 and bf16; and the UNet step
+against diffusers' UNet2DConditionModel holding the same weights, measured in the same run.
 
-    python benchmarks/default_model_latency.py [--repeats 5] [--dtypes fp32,bf16] [--no-compile]
+    python benchmarks/default_model_latency.py [--repeats 5] [--dtypes fp32,bf16] [--backends inductor,openvino]
 
 Run by hand on an otherwise idle machine (compilation takes ~20-45 s per dtype on 2 cores). These machines are
 noisy: read the ratios and medians, not single numbers. The issue's target is <= 0.5 s per image on this CPU.
@@ -17,6 +17,7 @@ from functools import partial
 import torch
 
 from sdengine.compile import compile_unet
+from sdengine.openvino_unet import openvino_available
 from sdengine.pipeline import Pipeline
 from sdengine.runtime import default_model
 from sdengine.weights import load
@@ -52,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--backends", default="inductor,openvino", help="compile backends to time ('' for none)")
     args = ap.parse_args()
     from diffusers import UNet2DConditionModel
 
@@ -76,13 +77,16 @@ def main() -> None:
               f"ratio {theirs / ours:.2f}x")
         eager = image_seconds(Pipeline(model), args.repeats)
         print(f"{name}: image eager    median {statistics.median(eager):.3f} s (best {min(eager):.3f})")
-        if not args.no_compile:
+        for backend in filter(None, args.backends.split(",")):
+            if backend == "openvino" and not openvino_available():
+                print(f"{name}: openvino not installed")
+                continue
             start = time.perf_counter()
-            pipe = Pipeline(compile_unet(model))
+            pipe = Pipeline(compile_unet(load(path, dtype=dtype), backend))
             pipe.generate(PROMPT, steps=20, cfg_scale=5.0, seed=0)
             first = time.perf_counter() - start
             compiled = image_seconds(pipe, args.repeats)
-            print(f"{name}: image compiled median {statistics.median(compiled):.3f} s (best {min(compiled):.3f}; "
+            print(f"{name}: image {backend:<9} median {statistics.median(compiled):.3f} s (best {min(compiled):.3f}; "
                   f"first call {first:.1f} s), {statistics.median(eager) / statistics.median(compiled):.2f}x eager")
 
 

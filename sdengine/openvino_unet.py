@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .model import StableDiffusion
 
 Key = tuple[Any, ...]
-MAX_GRAPHS = 4  # compiled shapes kept (each holds its own copy of the weights); the least recently used goes first
+MAX_GRAPHS = 2  # compiled shapes kept (each holds its own packed copy of the weights); the least used goes first
 
 
 def openvino_available() -> bool:
