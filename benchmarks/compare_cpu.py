@@ -2,6 +2,7 @@
 
     python benchmarks/compare_cpu.py [--runs 256:10,512:20] [--rounds 3] [--workdir /tmp/sdengine-bench]
                                      [--contenders sdengine,diffusers-fp32,diffusers-bf16] [--no-components]
+    (contenders also: sdengine-fp32, sdengine-bf16, and sdengine-openvino: `generate --compile openvino`)
 
 End to end: `sdengine generate` with its defaults and a diffusers script (benchmarks/diffusers_generate.py, fp32
 and bf16 autocast) as fresh processes, the same SD1.5-shaped random weights from one diffusers folder, DPM++ 2M,
@@ -28,6 +29,7 @@ from timing import best_seconds
 
 import sdengine
 from sdengine import runtime
+from sdengine.openvino_unet import openvino_available
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "a red circle on a blue background"
@@ -74,7 +76,8 @@ def run_process(cmd: list[str]) -> tuple[float, float]:
 
 def command(contender: str, folder: Path, out: Path, size: int, steps: int) -> list[str]:
     if contender.startswith("sdengine"):
-        extra = ["--precision", contender.split("-", 1)[1]] if "-" in contender else []
+        option = contender.split("-", 1)[1] if "-" in contender else None  # sdengine-fp32, sdengine-openvino
+        extra = [] if option is None else ["--compile", "openvino"] if option == "openvino" else ["--precision", option]
         return [sys.executable, "-m", "sdengine", "generate", PROMPT, "--model", str(folder), "--sampler", "dpmpp_2m",
                 "--steps", str(steps), "--cfg", "7.5", "--seed", "0", "--width", str(size), "--height", str(size),
                 "--out", str(out), "--force", "--quiet", *extra]
@@ -126,12 +129,23 @@ def components(folder: Path, size: int, peaks: dict[torch.dtype, float]) -> None
     theirs = {"text encoder": lambda: ref.text_encoder(tokens),
               "UNet CFG step": lambda: ref.unet(x, t, encoder_hidden_states=ctx),
               "VAE decode": lambda: ref.vae.decode(x[:1])}
+    if openvino_available():  # the same step through `--compile openvino`, its conversion paid before timing
+        from sdengine.openvino_unet import OpenVINOForward
+
+        graph = OpenVINOForward(model.unet, model.unet.forward)
+        with torch.inference_mode():
+            graph(x.to(dtype), t, ctx.to(dtype))
+        ours["UNet, openvino"] = lambda: graph(x.to(dtype), t, ctx.to(dtype))
+        theirs["UNet, openvino"] = theirs["UNet CFG step"]
     print(f"  components at {size}x{size} (best of 3; sdengine {str(dtype).removeprefix('torch.')}):")
+    counted: dict[str, float] = {}
     for part in ours:
         with torch.inference_mode():
             with flop_counter() as counter:
                 ours[part]()
-            flops = counter.get_total_flops()
+            # OpenVINO's kernels are invisible to torch's counter: the same step's FLOPs as PyTorch's
+            flops = counter.get_total_flops() or counted["UNet CFG step"]
+            counted[part] = flops
             mine = best_seconds(ours[part], 3)
             fp32 = best_seconds(theirs[part], 3)
             with torch.autocast("cpu", dtype=torch.bfloat16):
