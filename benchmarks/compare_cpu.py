@@ -132,7 +132,7 @@ def components(folder: Path, size: int, peaks: dict[torch.dtype, float]) -> None
     if openvino_available():  # the same step through `--compile openvino`, its conversion paid before timing
         from sdengine.openvino_unet import OpenVINOForward
 
-        graph = OpenVINOForward(model.unet, model.unet.forward)
+        graph = OpenVINOForward(model.unet, model.unet.forward, cache=False)  # random weights: not kept
         with torch.inference_mode():
             graph(x.to(dtype), t, ctx.to(dtype))
         ours["UNet, openvino"] = lambda: graph(x.to(dtype), t, ctx.to(dtype))

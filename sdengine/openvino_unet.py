@@ -12,15 +12,22 @@ How: for each input signature (the shapes and dtypes of x, timesteps, context an
 runs ~1.3x faster than one dynamic graph, and tracing fixes Python-level shape arithmetic anyway), in bf16 when the
 model runs in bf16, else f32, on torch's thread count. The weights become constants of the compiled graph: when any
 UNet parameter changes in place (a LoRA merged or removed, new weights loaded) the graphs are dropped and the next
-call converts again. Calls the graph does not hold run PyTorch's forward unchanged: ControlNet residuals or
-T2I-Adapter features, gradients enabled, a device other than the CPU, an IP-Adapter term in an attention, and any
-module patched or hooked (token merging, DeepCache's full calls). `fallbacks` counts them.
+call converts again. Converted graphs are kept on disk ($SDENGINE_HOME/cache/openvino, the CACHE_ENTRIES most
+recently used): a later process with the same weights (a SHA-256 of every UNet tensor), input shapes, network code,
+torch and openvino releases reads one in a fraction of a second instead of tracing for up to a minute; an unwritable
+or full disk costs a warning, never the image. Calls the graph does not hold run PyTorch's forward unchanged:
+ControlNet residuals or T2I-Adapter features, gradients enabled, a device other than the CPU, an IP-Adapter term in
+an attention, and any module patched or hooked (token merging, DeepCache's full calls). `fallbacks` counts them.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +40,32 @@ if TYPE_CHECKING:
 
 Key = tuple[Any, ...]
 MAX_GRAPHS = 2  # compiled shapes kept (each holds its own packed copy of the weights); the least used goes first
+CACHE_ENTRIES = 4  # converted graphs kept on disk (an SD1.5 UNet's is ~1.7 GB in bf16)
+
+
+def cache_dir() -> Path:
+    from .runtime import sdengine_home
+
+    return sdengine_home() / "cache" / "openvino"
+
+
+def weights_digest(unet: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, names and shapes included (~1 s for an SD1.5 UNet)."""
+    h = hashlib.sha256()
+    for name, t in unet.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    """The network code the graph was traced from, and the releases that traced and converted it."""
+    import openvino
+
+    h = hashlib.sha256(f"{torch.__version__} {openvino.__version__}".encode())
+    for path in sorted((Path(__file__).parent / "nn").glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def openvino_available() -> bool:
@@ -65,15 +98,20 @@ class _Traced(nn.Module):
 class _Graph:
     """One input signature's compiled UNet and its infer request; writes its output into a fresh torch tensor."""
 
-    def __init__(self, traced: _Traced, args: tuple[torch.Tensor, ...], dtype: torch.dtype):
+    def __init__(self, traced: _Traced, args: tuple[torch.Tensor, ...], dtype: torch.dtype, cached: Path | None):
         import openvino
 
-        with torch.no_grad(), warnings.catch_warnings():  # the tracer's notes on shapes taken as constants: meant
-            warnings.simplefilter("ignore")  # here, since each graph has one fixed input shape
-            model = openvino.convert_model(traced, example_input=args)
-        for port, arg in zip(model.inputs, args):
-            port.get_node().set_partial_shape(openvino.PartialShape(list(arg.shape)))
-        model.validate_nodes_and_infer_types()
+        self.converted = False
+        model = _read_cached(cached)
+        if model is None:
+            with torch.no_grad(), warnings.catch_warnings():  # the tracer's notes on shapes taken as constants:
+                warnings.simplefilter("ignore")  # meant here, since each graph has one fixed input shape
+                model = openvino.convert_model(traced, example_input=args)
+            for port, arg in zip(model.inputs, args):
+                port.get_node().set_partial_shape(openvino.PartialShape(list(arg.shape)))
+            model.validate_nodes_and_infer_types()
+            self.converted = True
+            _write_cached(model, cached)
         config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
                   "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         self.compiled = openvino.Core().compile_model(model, "CPU", config)
@@ -88,15 +126,55 @@ class _Graph:
         return out
 
 
+def _read_cached(path: Path | None) -> Any:
+    if path is None or not path.exists() or not path.with_suffix(".bin").exists():
+        return None
+    import openvino
+
+    try:
+        model = openvino.Core().read_model(str(path))
+    except Exception as e:  # a damaged entry: convert again (and overwrite it)
+        warnings.warn(f"OpenVINO cache entry {path} unreadable ({e}); converting again", stacklevel=3)
+        return None
+    os.utime(path)  # most recently used
+    return model
+
+
+def _write_cached(model: Any, path: Path | None) -> None:
+    """Save the converted graph atomically (both files under temporary names, then renamed, the .xml last: an
+    entry exists only whole), then drop the least recently used entries beyond CACHE_ENTRIES."""
+    if path is None:
+        return
+    import openvino
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.xml")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+        entries = sorted(path.parent.glob("*.xml"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[CACHE_ENTRIES:]:
+            old.with_suffix(".bin").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+    except OSError as e:  # a read-only or full disk: this process keeps its graph, later ones convert again
+        warnings.warn(f"could not keep the OpenVINO graph in {path.parent}: {e}", stacklevel=3)
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+
+
 class OpenVINOForward:
     """The UNet's forward through OpenVINO where the call allows it (see the module's docstring)."""
 
-    def __init__(self, unet: nn.Module, fn: Callable[..., torch.Tensor]):
-        self.unet, self.fn = unet, fn
+    def __init__(self, unet: nn.Module, fn: Callable[..., torch.Tensor], cache: bool = True):
+        self.unet, self.fn, self.cache = unet, fn, cache
+        self.reads = 0  # graphs read from the disk cache rather than converted
         self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
         self.conversions = 0
         self.fallbacks = 0
         self._weights_version: tuple[int, float] | None = None
+        self._digest: str | None = None  # weights_digest of the weights the graphs hold, computed when needed
         self._traced = _Traced(unet, fn)
         self._modules = [m for m in unet.modules() if m is not unet]  # the UNet's own forward is this wrapper
         self._attention = [m for m in self._modules if isinstance(m, CrossAttention)]
@@ -114,6 +192,14 @@ class OpenVINOForward:
         changed = state != self._weights_version
         self._weights_version = state
         return changed
+
+    def _cache_path(self, key: Key) -> Path | None:
+        if not self.cache:
+            return None
+        if self._digest is None:
+            self._digest = weights_digest(self.unet)
+        name = hashlib.sha256(f"{self._digest} {key} {_code_digest()}".encode()).hexdigest()[:32]
+        return cache_dir() / f"{name}.xml"
 
     def _plain(self) -> bool:
         """No module patched or hooked, no IP-Adapter term: the UNet computes what was converted."""
@@ -142,20 +228,22 @@ class OpenVINOForward:
                      if a is not None)
         if self._weights_changed():
             self.graphs.clear()
+            self._digest = None
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         graph = self.graphs.get(key)
         if graph is None:
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.popitem(last=False)
-            graph = self.graphs[key] = _Graph(self._traced, args, dtype)
-            self.conversions += 1
+            graph = self.graphs[key] = _Graph(self._traced, args, dtype, self._cache_path(key))
+            self.conversions += graph.converted
+            self.reads += not graph.converted
         self.graphs.move_to_end(key)
         return graph(args)
 
 
-def use_openvino(model: StableDiffusion) -> OpenVINOForward:
+def use_openvino(model: StableDiffusion, cache: bool = True) -> OpenVINOForward:
     """Run the UNet's forward through OpenVINO, in place (the module, its parameters and state_dict unchanged);
-    returns the wrapper (a second call returns the one in place)."""
+    returns the wrapper (a second call returns the one in place). cache: keep converted graphs on disk."""
     unet = model.unet
     if isinstance(unet.forward, OpenVINOForward):
         return unet.forward
@@ -163,9 +251,10 @@ def use_openvino(model: StableDiffusion) -> OpenVINOForward:
         raise ValueError(f"--compile openvino runs the UNet on the CPU; the model is on {model.device}")
     if not openvino_available():
         raise RuntimeError("--compile openvino needs the openvino package: pip install openvino")
-    wrapper = OpenVINOForward(unet, unet.forward)
+    wrapper = OpenVINOForward(unet, unet.forward, cache)
     unet.forward = wrapper
     return wrapper
 
 
-__all__ = ["MAX_GRAPHS", "OpenVINOForward", "openvino_available", "use_openvino"]
+__all__ = ["CACHE_ENTRIES", "MAX_GRAPHS", "OpenVINOForward", "cache_dir", "openvino_available", "use_openvino",
+           "weights_digest"]

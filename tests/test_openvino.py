@@ -21,6 +21,13 @@ pytest.importorskip("openvino")
 from sdengine.openvino_unet import OpenVINOForward  # noqa: E402  (after the skip: it imports openvino lazily)
 
 
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Each test's own $SDENGINE_HOME: the converted-graph cache starts empty."""
+    monkeypatch.setenv("SDENGINE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 def tiny_unet(dtype: torch.dtype = torch.float32, **changes) -> UNetModel:
     torch.manual_seed(0)
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as a loaded model's are
@@ -111,6 +118,36 @@ def test_weights_made_under_inference_mode_are_watched_too():
     unet(x, t, ctx)
     unet.out[2].weight.add_(0.05)
     assert torch.allclose(unet(x, t, ctx), ov.fn(x, t, ctx), atol=1e-4, rtol=1e-4) and ov.conversions == 2
+
+
+@torch.inference_mode()
+def test_a_later_process_reads_the_converted_graph_from_disk(home, monkeypatch):
+    x, t, ctx = inputs()
+    first = wrapped(unet := tiny_unet())
+    out = unet(x, t, ctx)
+    assert first.conversions == 1 and len(list((home / "cache" / "openvino").glob("*.xml"))) == 1
+    again = wrapped(unet := tiny_unet())  # the same weights in a new wrapper, as in a new process
+    assert torch.equal(unet(x, t, ctx), out) and again.reads == 1 and again.conversions == 0
+    other = wrapped(unet := tiny_unet())
+    with torch.inference_mode(False), torch.no_grad():
+        unet.out[2].bias.add_(0.01)  # other weights: another entry
+    unet(x, t, ctx)
+    assert other.conversions == 1 and other.reads == 0
+    monkeypatch.setattr("sdengine.openvino_unet.CACHE_ENTRIES", 1)
+    unet(*inputs(batch=1))  # a new shape's entry pushes the older ones out
+    assert len(list((home / "cache" / "openvino").glob("*"))) == 2  # one .xml and its .bin
+
+
+@torch.inference_mode()
+def test_an_unwritable_cache_costs_a_warning_not_the_image(home):
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("a file where the cache folder would go")
+    unet = tiny_unet()
+    x, t, ctx = inputs()
+    wrapped(unet)
+    with pytest.warns(UserWarning, match="could not keep the OpenVINO graph"):
+        out = unet(x, t, ctx)
+    assert torch.allclose(out, unet.forward.fn(x, t, ctx), atol=1e-4, rtol=1e-4)
 
 
 def test_calls_the_graph_cannot_hold_run_pytorchs_forward():
