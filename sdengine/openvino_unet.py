@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .home import sdengine_home
 from .nn.attention import CrossAttention
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ CACHE_ENTRIES = 4  # converted graphs kept on disk (an SD1.5 UNet's is ~1.7 GB i
 
 
 def cache_dir() -> Path:
-    from .runtime import sdengine_home
-
     return sdengine_home() / "cache" / "openvino"
 
 

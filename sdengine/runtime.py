@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .home import sdengine_home
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,10 +34,6 @@ class UnavailableError(ValueError):
 
 
 # --- models -------------------------------------------------------------------------------------------------------
-
-def sdengine_home() -> Path:
-    return Path(os.environ.get("SDENGINE_HOME", Path.home() / ".cache" / "sdengine"))
-
 
 def models_dir() -> Path:
     return sdengine_home() / "models"
