@@ -96,9 +96,21 @@ def test_target_is_an_ema_moved_once_per_step(base):
     torch.testing.assert_close(teacher, before[key])  # the teacher stays the model it was
 
 
+def test_timestep_shift_draws_start_steps_towards_the_noisy_end(base):
+    model = sdengine.load(base[0])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+
+    def share_above_750(stage: LCMStage) -> float:
+        return (stage._timesteps(u) >= 750).float().mean().item()
+
+    assert abs(share_above_750(LCMStage(model, None)) - 0.25) < 0.02
+    assert abs(share_above_750(LCMStage(model, None, timestep_shift=3.0)) - 0.5) < 0.02
+
+
 def test_train_lcm_resumes_exactly_loads_and_generates(capsys, tmp_path, base):
     init, data = base
-    args = ["--init", str(init), "--steps", "4", "--batch", "4", "--save-every", "2", "--guidance", "2:4"]
+    args = ["--init", str(init), "--steps", "4", "--batch", "4", "--save-every", "2", "--guidance", "2:4",
+            "--timestep-shift", "3"]
     rc, err = train(capsys, "lcm", tmp_path / "straight", data, *args)
     assert rc == 0, err
     rc, err = train(capsys, "lcm", tmp_path / "paused", data, *args, "--stop-at", "2")
@@ -146,5 +158,7 @@ def test_bad_options(capsys, tmp_path, base):
     one_error(err, "--lora-alpha", "--lora-rank")
     rc, err = train(capsys, "lcm", tmp_path / "d", data, "--init", str(init), "--lora-rank", "2", "--ema-decay", "0.9")
     one_error(err, "--ema-decay 0")
+    rc, err = train(capsys, "lcm", tmp_path / "f", data, "--init", str(init), "--timestep-shift", "0")
+    assert rc == 2 and "--timestep-shift" in err
     rc, err = train(capsys, "lcm", tmp_path / "e", data, "--init", str(init), "--rank", "2")
     assert rc == 2 and "train lora" in err

@@ -176,13 +176,15 @@ def add_unet_options(p: argparse.ArgumentParser) -> None:
                        help="recompute the UNet's activations in backward instead of keeping them (less memory)")
 
 
-def add_loss_options(p: argparse.ArgumentParser) -> None:
-    """Where a stage with the UNet's loss (unet, lora, embedding, controlnet) puts its gradient along the noise
-    levels."""
+def add_loss_options(p: argparse.ArgumentParser, snr_floor: bool = True) -> None:
+    """Where a stage with the UNet's loss (unet, lora, embedding, controlnet; lcm: the shift only) puts its gradient
+    along the noise levels."""
     loss = p.add_argument_group("loss")
     loss.add_argument("--timestep-shift", type=positive_float, default=1.0, metavar="S",
                       help="draw training timesteps towards the noisy end, t/T = S u / (1 + (S - 1) u) for uniform u "
                            "(1: uniform, as SD; 3: half of them above t = 750, where the layout is decided)")
+    if not snr_floor:
+        return
     loss.add_argument("--snr-floor", type=non_negative_float, default=0.0, metavar="F",
                       help="weigh each step's error in x0 by at least F (min-SNR weighting clamps it to at most 5; "
                            "eps prediction weighs it by SNR, ~0.005-0.05 at the steps that settle the layout; the "
@@ -244,6 +246,7 @@ def guidance(text: str) -> tuple[float, float]:
 
 def add_lcm_options(p: argparse.ArgumentParser) -> None:
     model = add_adapter_model_options(p)
+    add_loss_options(p, snr_floor=False)  # the start timesteps' draw (the loss itself is the consistency one)
     model.add_argument("--guidance", type=guidance, default=(5.0, 5.0), metavar="G[:G_MAX]",
                        help="the teacher's classifier-free guidance scale (A1111's CFG scale; diffusers' LCM scripts' "
                             "w is G - 1), or a range drawn from per item; the result is used at CFG 1 (5)")
@@ -393,8 +396,8 @@ def build_lcm(args: argparse.Namespace, source):
     model = load(args.init)
     model.unet.gradient_checkpointing = args.grad_checkpointing
     return LCMStage(model, source, guidance=args.guidance, ema_decay=ema_decay, solver_steps=args.solver_steps,
-                    huber_c=args.huber_c, lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha, seed=args.seed,
-                    init_name=args.init.name)
+                    huber_c=args.huber_c, timestep_shift=args.timestep_shift, lora_rank=args.lora_rank or 0,
+                    lora_alpha=args.lora_alpha, seed=args.seed, init_name=args.init.name)
 
 
 def build_taesd(args: argparse.Namespace, source):

@@ -2,7 +2,8 @@
 as diffusers' train_lcm_distill_sd_wds.py (a whole LCM UNet) and train_lcm_distill_lora_sd_wds.py (an LCM-LoRA) do.
 
 One step, for a batch of latents z0 with captions c:
-  - a start timestep t_n from the 50-step skipping schedule (k = 1000 // 50 = 20; t_n = 19, 39, ..., 999) and
+  - a start timestep t_n from the 50-step skipping schedule (k = 1000 // 50 = 20; t_n = 19, 39, ..., 999; drawn
+    uniformly, or towards the noisy end with timestep_shift as `train unet` draws its timesteps) and
     x_n = q_sample(z0, t_n, noise);
   - the student's consistency estimate f(x_n, t_n) = c_skip(t_n) x_n + c_out(t_n) x0_student(x_n, t_n);
   - the frozen teacher with classifier-free guidance at scale g (fixed, or drawn per item from a range; the
@@ -66,7 +67,8 @@ class LCMStage(UNetStage):
 
     def __init__(self, model: StableDiffusion, source: Source | None, *, guidance: tuple[float, float] = (5.0, 5.0),
                  ema_decay: float = 0.95, solver_steps: int = 50, huber_c: float = 0.001,
-                 timestep_scaling: float = 10.0, lora_rank: int = 0, lora_alpha: float | None = None, seed: int = 0,
+                 timestep_scaling: float = 10.0, timestep_shift: float = 1.0, lora_rank: int = 0,
+                 lora_alpha: float | None = None, seed: int = 0,
                  init_name: str = "", schedule: NoiseSchedule = SD_SCHEDULE,
                  sample_prompts: list[str] | None = None):
         lo, hi = guidance
@@ -80,7 +82,7 @@ class LCMStage(UNetStage):
             raise ValueError("an LCM-LoRA's target network is the student itself (LCM-LoRA recipe): "
                              "pass --ema-decay 0 with --lora-rank")
         super().__init__(model, source, seed=seed, caption_dropout=0.0, snr_gamma=0.0, schedule=schedule,
-                         sample_prompts=sample_prompts)
+                         sample_prompts=sample_prompts, timestep_shift=timestep_shift)
         self.guidance, self.ema_decay, self.huber_c, self.timestep_scaling = (lo, hi), ema_decay, huber_c, \
             timestep_scaling
         self.solver_t = skipping_timesteps(schedule.num_train_timesteps, solver_steps)
